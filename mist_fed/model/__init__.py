@@ -1,0 +1,1 @@
+"""The method in pure torch, no I/O beyond loading weights: backbone, gather, edge networks, cost."""

@@ -1,0 +1,270 @@
+"""The frozen cloud backbone: a timm ViT with its weights and preprocessing, frozen in one place.
+
+Weights come from one of three sources:
+
+* the model hub (timm's own ``pretrained=True`` path; fails offline with a clear message),
+* a local file (``.safetensors``, ``.pth``/``.pt``/``.bin`` or ``.npz``), loaded through timm's own
+  pretrained-file path so its checkpoint filters (position-embedding resize, key renames) apply,
+* random init (for tests and cost figures).
+
+Backbones that need more than a timm name (converted weights, say) register a factory with
+:func:`register_backbone`; they are then usable wherever a timm name is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from mist_fed.errors import BackboneError, WeightsUnavailableError
+from mist_fed.model.hub import hub_reachable
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything needed to rebuild the same backbone: name, weight source, timm kwargs."""
+
+    name: str
+    weights: str | None = None
+    random_init: bool = False
+    seed: int = 0
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and self.random_init:
+            raise BackboneError("give either a weights file or random init, not both")
+
+
+BackboneFactory = Callable[[BackboneSpec], "tuple[nn.Module, str]"]
+_BACKBONES: dict[str, BackboneFactory] = {}
+
+
+def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Register a factory ``spec -> (timm VisionTransformer, weights_id)`` under ``name``."""
+
+    def deco(fn: BackboneFactory) -> BackboneFactory:
+        _BACKBONES[name] = fn
+        return fn
+
+    return deco
+
+
+def registered_backbones() -> list[str]:
+    return sorted(_BACKBONES)
+
+
+def file_digest(path: Path, length: int = 16) -> str:
+    """Short sha256 of a file's content, read in chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+_OFFLINE_HINT = (
+    "Pass --weights PATH to a local checkpoint, use an offline backbone "
+    "(see `mist-fed inspect --help`: dinov2_s14_imgfocus), or --random-init for cost figures and tests."
+)
+
+
+def load_weights_file(model: Any, path: Path) -> None:
+    """Load a local checkpoint into a timm ViT, strictly (the classifier head aside)."""
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"weights file {path} does not exist; pass an existing {'/'.join(WEIGHT_SUFFIXES)} file"
+        )
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise WeightsUnavailableError(
+            f"weights file {path} has suffix {path.suffix!r}; expected one of {', '.join(WEIGHT_SUFFIXES)}"
+        )
+    try:
+        if path.suffix == ".npz":  # big_vision / augreg checkpoints
+            model.load_pretrained(str(path))
+            return
+        state = timm.models.load_state_dict(str(path))
+        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            state = filter_fn(state, model)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise BackboneError(
+            f"weights in {path} do not fit backbone {type(model).__name__}: {e}"
+        ) from e
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise BackboneError(
+            f"weights in {path} do not fit this backbone: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). "
+            "Check that the file holds this architecture's weights."
+        )
+
+
+def _create_timm(spec: BackboneSpec) -> tuple[nn.Module, str]:
+    model: Any
+    kwargs = {"num_classes": 0, **spec.model_kwargs}
+    if spec.random_init:
+        torch.manual_seed(spec.seed)
+        model = timm.create_model(spec.name, pretrained=False, **kwargs)
+        extra = ",".join(f"{k}={v}" for k, v in sorted(spec.model_kwargs.items()))
+        return model, f"random:{spec.name}:seed={spec.seed}:{extra}"
+    if spec.weights is not None:
+        model = timm.create_model(spec.name, pretrained=False, **kwargs)
+        path = Path(spec.weights).expanduser()
+        load_weights_file(model, path)
+        return model, f"file:{file_digest(path)}"
+    if not hub_reachable():
+        raise WeightsUnavailableError(
+            f"cannot fetch pretrained weights for {spec.name!r}: the model hub is not reachable "
+            f"(offline, or HF_HUB_OFFLINE is set). {_OFFLINE_HINT}"
+        )
+    try:
+        model = timm.create_model(spec.name, pretrained=True, **kwargs)
+    except Exception as e:  # the hub client raises many kinds of errors
+        raise WeightsUnavailableError(
+            f"could not fetch pretrained weights for {spec.name!r} from the model hub "
+            f"({type(e).__name__}: {e}). {_OFFLINE_HINT}"
+        ) from e
+    tag = model.pretrained_cfg.get("tag") or "default"
+    return model, f"hub:{spec.name}:{tag}"
+
+
+class Backbone(nn.Module):
+    """A frozen timm ViT. Exposes the pieces gather functions need, under timm's names.
+
+    Frozen in one place: ``eval()`` forever, no parameter requires grad, and every
+    forward runs under ``torch.inference_mode``.
+    """
+
+    model: Any  # a timm VisionTransformer (untyped attributes)
+
+    def __init__(self, model: nn.Module, spec: BackboneSpec, weights_id: str) -> None:
+        super().__init__()
+        for attr in ("patch_embed", "blocks", "norm"):
+            if not hasattr(model, attr):
+                raise BackboneError(
+                    f"backbone {spec.name!r} is not a timm VisionTransformer (no {attr!r}); "
+                    "pick a ViT-family model name"
+                )
+        self.model = model
+        self.spec = spec
+        self.weights_id = weights_id
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> Backbone:
+        """The backbone never leaves eval mode."""
+        return super().train(False)
+
+    # -- shape facts ---------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.embed_dim)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(getattr(self.model, "num_prefix_tokens", 1))
+
+    @property
+    def has_class_token(self) -> bool:
+        return bool(getattr(self.model, "has_class_token", True))
+
+    @property
+    def num_tokens(self) -> int:
+        patches = int(self.model.patch_embed.num_patches)
+        return patches + self.num_prefix_tokens
+
+    @property
+    def img_size(self) -> int:
+        size = self.model.patch_embed.img_size
+        return int(size[0] if isinstance(size, tuple | list) else size)
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm's preprocessing config (input size, mean, std, interpolation, crop)."""
+        cfg = dict(timm.data.resolve_data_config({}, model=self.model))
+        cfg["input_size"] = (3, self.img_size, self.img_size)  # the model's, if kwargs resized it
+        return cfg
+
+    def transform(self) -> Callable[[Any], torch.Tensor]:
+        """The eval transform of this backbone (PIL image -> normalized tensor)."""
+        return timm.data.create_transform(**self.data_config, is_training=False)
+
+    # -- forward pieces ------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``z_0``: token embedding (patch embed, position embed, prefix tokens, norm_pre)."""
+        m = self.model
+        x = m.patch_embed(x)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        return m.norm_pre(x)
+
+    def iter_blocks(self, images: torch.Tensor, upto: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield ``z_0, z_1, ..., z_upto`` (block outputs before the final norm), one pass."""
+        upto = self.num_blocks if upto is None else upto
+        if not 0 <= upto <= self.num_blocks:
+            raise BackboneError(f"k={upto} is outside 0..{self.num_blocks} for {self.name}")
+        x = self.embed(images)
+        yield x
+        for blk in list(self.model.blocks)[:upto]:
+            x = blk(x)
+            yield x
+
+    def final_token(self, z_n: torch.Tensor) -> torch.Tensor:
+        """The final normed class token (mean of patch tokens for class-token-free ViTs)."""
+        x = self.model.norm(z_n)
+        if self.has_class_token:
+            return x[:, 0]
+        return x[:, self.num_prefix_tokens :].mean(dim=1)
+
+
+def create_backbone(
+    name: str,
+    *,
+    weights: str | Path | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    **model_kwargs: Any,
+) -> Backbone:
+    """Create a frozen backbone by timm or registered name (see module docstring for sources)."""
+    spec = BackboneSpec(
+        name=name,
+        weights=None if weights is None else str(weights),
+        random_init=random_init,
+        seed=seed,
+        model_kwargs=dict(model_kwargs),
+    )
+    factory = _BACKBONES.get(name)
+    if factory is None:
+        base = name.split(".")[0]
+        if not timm.is_model(base):
+            raise BackboneError(
+                f"unknown backbone {name!r}: not a timm model and not registered "
+                f"(registered: {', '.join(registered_backbones()) or 'none'})"
+            )
+        factory = _create_timm
+    model, weights_id = factory(spec)
+    log.info("backbone %s ready (%s)", name, weights_id)
+    return Backbone(model, spec, weights_id)

@@ -1,0 +1,110 @@
+"""The separated-tuning methods: which gather the cloud runs and which network the edge trains.
+
+Each method pairs a :class:`GatherSpec` (a function of the backbone depth ``N`` and an optional
+``k``) with a registered edge network. The paper's comparisons and MIST's ablations are rows here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from mist_fed.errors import ConfigError
+from mist_fed.model.backbone import Backbone
+from mist_fed.model.gather import GatherSpec
+from mist_fed.model.lae import create_edge_net
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    gather: Callable[[int, int | None], GatherSpec]  # (N, k or None) -> spec
+    edge: str
+    edge_kwargs: dict[str, Any] = field(default_factory=dict)
+    tunes_k: bool = False  # k is chosen per task from the candidate set
+
+
+def _mist(n: int, k: int | None) -> GatherSpec:
+    return GatherSpec("mist", n if k is None else k)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "linear",
+            "linear probing on the final normed class token",
+            lambda n, k: GatherSpec("final"),
+            "linear",
+        ),
+        Method(
+            "partial1",
+            "Partial-1: last block tuned on the edge, input z_{N-1}",
+            lambda n, k: GatherSpec("block", n - 1),
+            "partial1",
+        ),
+        Method(
+            "side",
+            "LAST-style side tuning on all block outputs [z_0..z_N]",
+            lambda n, k: GatherSpec("side"),
+            "side",
+        ),
+        Method("mist", "MIST: LAE on Gather* = z_0 + ... + z_k", _mist, "lae", tunes_k=True),
+        Method(
+            "gather_linear", "ablation: Gather* + linear head", _mist, "gather_linear", tunes_k=True
+        ),
+        Method("lae_zn", "ablation: LAE on z_N only", lambda n, k: GatherSpec("block", n), "lae"),
+        Method(
+            "mist_mlp",
+            "ablation: MIST with MLP edge blocks",
+            _mist,
+            "lae",
+            {"block": "mlp"},
+            tunes_k=True,
+        ),
+        Method(
+            "mist_dwconv",
+            "ablation: MIST with depthwise-conv edge blocks",
+            _mist,
+            "lae",
+            {"block": "dwconv"},
+            tunes_k=True,
+        ),
+    )
+}
+
+PAPER_METHODS = ("linear", "partial1", "side", "mist")
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_gather(name: str, backbone: Backbone, k: int | None = None) -> GatherSpec:
+    """The gather spec a method asks the cloud for."""
+    return get_method(name).gather(backbone.num_blocks, k)
+
+
+def build_edge_net(name: str, backbone: Backbone, num_classes: int, **overrides: Any) -> nn.Module:
+    """The edge network a method trains, sized for ``backbone``'s features."""
+    method = get_method(name)
+    kw: dict[str, Any] = {
+        "dim": backbone.embed_dim,
+        "tokens": backbone.num_tokens,
+        "num_classes": num_classes,
+        "prefix_tokens": backbone.num_prefix_tokens,
+        **method.edge_kwargs,
+        **overrides,
+    }
+    if method.edge == "partial1":
+        kw["block"] = backbone.model.blocks[-1]
+        kw["norm"] = backbone.model.norm
+    if method.edge == "side":
+        kw["levels"] = backbone.num_blocks + 1
+    return create_edge_net(method.edge, **kw)
