@@ -1,0 +1,1 @@
+"""Arrow transport of features: schema, codec, Flight client, bandwidth shaping, byte accounting."""
