@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -225,7 +226,7 @@ class FeatureServer(flight.FlightServerBase):
             hashes = self._split_hashes(req, split, chunk)
             try:
                 cols = self.embedder.columns(
-                    req.spec, req.dtype, hashes, lambda i, rows=chunk: split.image(rows[i])
+                    req.spec, req.dtype, hashes, partial(_load_row, split, chunk)
                 )
             except MistError as e:
                 raise _bad(e) from e
@@ -312,6 +313,10 @@ class FeatureServer(flight.FlightServerBase):
         if action.type == "health":
             return iter([json.dumps({"ok": True, "weights": self.backbone.weights_id}).encode()])
         raise flight.FlightServerError(f"unknown action {action.type!r}; available: stats, health")
+
+
+def _load_row(split: TaskSplit, rows: list[int], i: int) -> Any:
+    return split.image(rows[i])
 
 
 def _prod(shape: tuple[int, ...]) -> int:
