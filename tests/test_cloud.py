@@ -294,3 +294,23 @@ def test_config_from_toml_and_validation(tmp_path):
         ServeConfig.from_toml(p)
     with pytest.raises(ConfigError, match="tls"):
         ServeConfig(tls_cert="c.pem")
+
+
+def test_bench_measures_both_ratios(tiny_backbone):
+    from mist_fed.cloud.bench import BenchConfig, bench_embed, bench_stream
+    from mist_fed.defaults import DEFAULT_HOST
+
+    cfg = BenchConfig(images=8, batch=4, reps=1, stream_reps=2)
+    stream = bench_stream(tiny_backbone, cfg, DEFAULT_HOST)
+    embed = bench_embed(tiny_backbone, cfg)
+    assert stream["stream_ratio"] > 0 and stream["stream_bytes"] > 0
+    assert embed["embed_ratio"] > 0
+
+
+def test_cli_has_cloud_serve_and_bench():
+    from mist_fed.cli import build_parser
+
+    args = build_parser().parse_args(["cloud", "serve", "--port", "0", "--random-init"])
+    assert args.port == 0 and args.random_init
+    args = build_parser().parse_args(["bench", "cloud", "--images", "8"])
+    assert args.images == 8

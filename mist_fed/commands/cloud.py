@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 from typing import Any
@@ -21,20 +22,16 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         backbone=args.backbone,
-        weights=args.weights,
-        random_init=True if args.random_init else None,
         cache_dir=args.cache_dir,
         tokens=args.tokens,
     )
-    if args.weights is not None and config.random_init:
-        config = config.override(random_init=False)
-    if args.random_init and config.weights is not None:
-        config = ServeConfig(**{**config.__dict__, "weights": None})
+    if args.weights is not None:  # a weights flag replaces the file's weight source
+        config = dataclasses.replace(config, weights=args.weights, random_init=False)
+    elif args.random_init:
+        config = dataclasses.replace(config, weights=None, random_init=True)
     server = FeatureServer(config)
     signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
-    log.warning(
-        "serving features on %s (Ctrl-C stops)", config.location.replace(":0", f":{server.port}")
-    )
+    log.warning("serving features on %s:%d (Ctrl-C stops)", config.host, server.port)
     try:
         server.serve()
     except KeyboardInterrupt:
