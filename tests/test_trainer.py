@@ -120,3 +120,27 @@ def test_device_clock_scales_by_compute_and_link():
     assert dev == pytest.approx(3.0)
     assert link == pytest.approx(2 * rpi4.latency_ms / 1e3 + 40e6 / (rpi4.downlink_mbps * 1e6))
     assert clock.total_device_s == pytest.approx(dev + link)
+
+
+def test_lean_adamw_matches_torch_adamw():
+    # Prepare
+    from mist_fed.edge.optim import LeanAdamW
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    b.load_state_dict(a.state_dict())
+    ref = torch.optim.AdamW(
+        [{"params": [a.weight], "weight_decay": 0.05}, {"params": [a.bias], "weight_decay": 0.0}],
+        lr=3e-3,
+    )
+    lean = LeanAdamW([([b.weight], 0.05), ([b.bias], 0.0)], lr=3e-3)
+    # Execute
+    for i in range(5):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(i))
+        for net, opt in ((a, ref), (b, lean)):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+    # Assert
+    torch.testing.assert_close(a.weight, b.weight)
+    torch.testing.assert_close(a.bias, b.bias)

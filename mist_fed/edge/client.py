@@ -21,7 +21,13 @@ import torch
 
 from mist_fed.edge.checkpoint import EdgeModelConfig, build_net, load_checkpoint, save_checkpoint
 from mist_fed.edge.device import DeviceClock, apply_threads, calibrate_host
-from mist_fed.edge.memory import MemoryGuard, check_fits, estimate_train_mb, rss_mb
+from mist_fed.edge.memory import (
+    MemoryGuard,
+    check_fits,
+    estimate_train_mb,
+    rss_mb,
+    tune_allocator,
+)
 from mist_fed.edge.profiles import DeviceProfile, load_profile, profile_resources
 from mist_fed.edge.trainer import TrainConfig, evaluate, predict, select_k
 from mist_fed.errors import ConfigError, TaskError
@@ -141,6 +147,7 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
     profile = load_profile(cfg.profile)
     plan = profile_resources(profile)
     apply_threads(plan)
+    tune_allocator()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     shaper = LinkShaper(profile.downlink_mbps, profile.latency_ms, cfg.time_scale)

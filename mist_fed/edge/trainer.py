@@ -1,13 +1,17 @@
 """The edge trainer: fit, evaluate and k selection over decoded :class:`FeatureSet` splits.
 
-Pure functions: no network, no Flower, no Ray. Training is AdamW with a per-step cosine schedule
+Pure functions: no network, no Flower, no Ray. Training is AdamW (:class:`~mist_fed.edge.optim.LeanAdamW`, torch's update without its
+import cost) with a per-step cosine schedule
 to zero (optional linear warm-up), batch 32. Memory levers that leave the math unchanged:
 
 * features stay in their wire dtype (fp16 halves the resident set) and are cast to fp32 one
   micro-batch at a time;
 * a batch is split into micro-batches whose gradients are accumulated (loss scaled by the
   micro-batch's share of the labelled rows, so the update equals the full-batch update);
-* edge networks that support it (the LAE) recompute block activations in the backward pass.
+* edge networks that support it (the LAE) can recompute block activations in the backward
+  pass (``grad_checkpointing``; off by default: at micro-batch 8 it costs compute, not memory);
+* :func:`mist_fed.edge.memory.tune_allocator` (called by the client) stops glibc's heap from
+  fragmenting under multi-MB activations.
 
 Rows labelled ``-1`` (unknown) are ignored by the loss and by :func:`evaluate`.
 """
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mist_fed.edge.optim import LeanAdamW
 from mist_fed.errors import ConfigError
 from mist_fed.wire.features import FeatureSet
 
@@ -43,7 +48,7 @@ class TrainConfig:
     warmup_steps: int = 0
     seed: int = 0
     micro_batch: int = 8  # rows per forward/backward; 0 = the whole batch
-    grad_checkpointing: bool = True
+    grad_checkpointing: bool = False  # at micro-batch 8 it saves little (see bench edge)
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
@@ -121,16 +126,10 @@ def fit(
     params = [p for p in net.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-    )
+    opt = LeanAdamW([(decay, cfg.weight_decay), (no_decay, 0.0)], lr=cfg.lr)
     per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total, cfg.warmup_steps))
+    schedule = cosine_lambda(total, cfg.warmup_steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     micro = cfg.micro_batch or cfg.batch_size
     net.train()
@@ -142,7 +141,8 @@ def fit(
         epoch_loss = 0.0
         for b in range(0, len(order), cfg.batch_size):
             batch = order[b : b + cfg.batch_size]
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
+            opt.lr = cfg.lr * schedule(step)
             batch_loss = 0.0
             for m in range(0, len(batch), micro):
                 idx = batch[m : m + micro]
@@ -155,7 +155,6 @@ def fit(
                 batch_loss += float(loss.detach()) * share
                 del x, loss
             opt.step()
-            sched.step()
             step += 1
             epoch_loss += batch_loss * len(batch)
             if on_step is not None:

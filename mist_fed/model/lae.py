@@ -20,9 +20,43 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mist_fed.errors import ConfigError
+
+# -- activation recomputation ---------------------------------------------------------------
+
+
+class _Recompute(torch.autograd.Function):
+    """Run ``fn(x)`` without storing its activations; recompute them in the backward pass.
+
+    A small stand-in for ``torch.utils.checkpoint`` (whose first call imports the compiler
+    stack, ~150 MB of resident memory). ``fn`` must be deterministic (no dropout); the edge
+    blocks are.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fn: nn.Module, *params: torch.Tensor) -> torch.Tensor:
+        ctx.fn = fn
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        x = x.detach().requires_grad_(True)
+        params = [p for p in ctx.fn.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            y = ctx.fn(x)
+        grads = torch.autograd.grad(y, [x, *params], grad, allow_unused=True)
+        return (grads[0], None, *grads[1:])
+
+
+def recompute(fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` with activations recomputed in backward (gradient checkpointing)."""
+    params = [p for p in fn.parameters() if p.requires_grad]
+    return _Recompute.apply(x, fn, *params)
+
 
 # -- block functions ------------------------------------------------------------------------
 
@@ -195,7 +229,7 @@ class LAE(nn.Module):
         x = self.input_norm(x)
         if self.grad_checkpointing and torch.is_grad_enabled():
             for blk in self.blocks:
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = recompute(blk, x)
         else:
             x = self.blocks(x)
         return self.head(self.norm(x)[:, 0])
