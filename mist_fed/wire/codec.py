@@ -15,6 +15,7 @@ float32/float16); int8 is dequantized to float32.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from collections.abc import Iterable, Sequence
@@ -73,6 +74,10 @@ class WireMeta:
     @classmethod
     def from_schema(cls, schema: pa.Schema) -> WireMeta:
         md = schema.metadata or {}
+        if b"mist_fed.version" not in md:
+            raise WireError(
+                "stream has no mist_fed schema metadata: it is not a mist-fed feature stream"
+            )
         try:
             get = {k.decode().removeprefix("mist_fed."): v.decode() for k, v in md.items()}
             if get.get("version") != WIRE_VERSION:
@@ -107,8 +112,9 @@ def scale_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(shape[:-1]) or (1,)
 
 
+@functools.lru_cache(maxsize=256)
 def feature_schema(meta: WireMeta) -> pa.Schema:
-    """The schema of a feature stream (the column layout of :data:`FEATURE_COLUMNS`)."""
+    """The schema of a feature stream (the column layout of :data:`FEATURE_COLUMNS`); cached."""
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("label", pa.int64(), nullable=True),
