@@ -56,3 +56,14 @@ def test_peak_rss_resets():
     if not reset_peak_rss():
         pytest.skip("no /proc/self/clear_refs here")
     assert peak_rss_mb() <= rss_mb() + 5
+
+
+def test_bench_edge_measures_each_case_in_a_fresh_process():
+    # Prepare / Execute: tiny shapes, the same code path as `mist-fed bench edge`
+    from mist_fed.edge.bench import bench_edge, report_lines
+
+    r = bench_edge(tokens=17, dim=48, batch=8, classes=4, steps=2)
+    # Assert
+    for case in ("train-naive", "train", "infer"):
+        assert r[case]["peak_mb"] >= r[case]["baseline_mb"] > 0
+    assert "paper Pi 4 total" in "\n".join(report_lines(r))

@@ -101,3 +101,12 @@ def test_resources_fail_loudly_with_a_hint():
         profile_resources(rpi4, host_cores=4, host_memory_mb=10**6, memory_mb=5000)
     plan = profile_resources(rpi4, host_cores=4, host_memory_mb=1000, memory_mb=600)
     assert plan.ray_memory_bytes == 600 * 2**20
+
+
+def test_profiles_command_lists_every_profile(capsys):
+    from mist_fed.cli import main
+
+    assert main(["profiles", "--sources"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("rpi4", "jetson-nano", "phone-low", "laptop"))
+    assert "gflops:" in out
