@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mist_fed.edge.checkpoint import EdgeModelConfig, build_net, load_checkpoint, save_checkpoint
-from mist_fed.edge.device import DeviceClock, apply_threads, calibrate_host
+from mist_fed.edge.device import DeviceClock, apply_threads, calibrate_lae_step
 from mist_fed.edge.memory import (
     MemoryGuard,
     check_fits,
@@ -72,6 +72,12 @@ def default_task() -> str:
     """The real offline task when this build registers one, else a clear error."""
     from mist_fed.data import registered_tasks
 
+    try:  # the data package's own choice, where this build has it
+        from mist_fed.data.defaults import default_task as data_default  # type: ignore[import-not-found,unused-ignore]
+
+        return str(data_default())
+    except ImportError:
+        pass
     for name in REAL_DEFAULT_TASKS:
         if name in registered_tasks():
             return name
@@ -195,7 +201,7 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
         accuracy = evaluate(net, test)
         eval_s = time.perf_counter() - t0
         guard.check()
-        cal = calibrate_host(net, state["shape"], state["num_classes"], cfg.train.batch_size, micro)
+        cal = calibrate_lae_step(state["shape"], state["num_classes"], cfg.train.batch_size, micro)
         clock.host_gflops = cal.gflops
         clock.add_compute(sel.train_seconds, "train")
         clock.add_compute(eval_s, "evaluate")

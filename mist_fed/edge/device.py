@@ -1,8 +1,9 @@
 """The virtual device clock: what a job would cost on the profiled device.
 
 * Compute: a training run is timed on the host, then scaled by ``host GFLOP/s / device GFLOP/s``
-  where the host figure is a calibration of the *same* edge-network step (same net, input shape
-  and micro-batch), counted with torch's flop counter and timed on this host.
+  where the host figure is a calibration of the LAE training step on the same feature shape,
+  batch and micro-batch (:func:`calibrate_lae_step`), counted with torch's flop counter and timed
+  on this host. The profile's figure is the device's effective rate on that kind of step.
 * Transfer: bytes over the profile's downlink/uplink plus one latency per request.
 * Threads: :func:`apply_threads` sets torch's thread count from the profile's resource plan.
 """
@@ -77,6 +78,33 @@ def calibrate_host(
     cal = HostCalibration(step_flops=flops, step_seconds=seconds, batch=batch)
     log.info("host calibration: %.2f GFLOP/s on this edge step", cal.gflops)
     return cal
+
+
+_CALIBRATIONS: dict[tuple[int, ...], HostCalibration] = {}
+
+
+def calibrate_lae_step(
+    feature_shape: tuple[int, ...],
+    num_classes: int,
+    batch: int = 32,
+    micro_batch: int = 0,
+    default_tokens: int = 197,
+) -> HostCalibration:
+    """The host's speed on the reference LAE step for these features (cached per shape).
+
+    Every method's host time is scaled by this one host/device ratio: the LAE step is
+    compute-bound, so it measures the machine, whereas a linear head's step is all overhead.
+    """
+    from mist_fed.model.lae import LAE
+
+    dim = feature_shape[-1]
+    tokens = feature_shape[-2] if len(feature_shape) >= 2 else default_tokens
+    key = (tokens, dim, num_classes, batch, micro_batch, torch.get_num_threads())
+    if key not in _CALIBRATIONS:
+        torch.manual_seed(0)
+        net = LAE(dim=dim, tokens=tokens, num_classes=num_classes)
+        _CALIBRATIONS[key] = calibrate_host(net, (tokens, dim), num_classes, batch, micro_batch)
+    return _CALIBRATIONS[key]
 
 
 @dataclass
