@@ -15,7 +15,7 @@ from mist_fed.cloud.server import FeatureServer
 from mist_fed.edge.checkpoint import load_checkpoint
 from mist_fed.edge.client import ClientConfig, run_client
 from mist_fed.edge.trainer import TrainConfig, evaluate
-from mist_fed.errors import CloudUnavailableError, ResourceLimitError
+from mist_fed.errors import CloudUnavailableError, ResourceLimitError, WireError
 from mist_fed.wire.client import FeatureClient
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -151,3 +151,22 @@ def test_memory_cap_refuses_an_oversize_job(cloud, tmp_path):
         run_client(cfg)
     assert not (tmp_path / "o" / "lae.safetensors").exists()
     torch.set_num_threads(1)
+
+
+class _WrongK(FeatureServer):
+    """Answers every request with the features of k=1, whatever was asked."""
+
+    def _parse(self, raw, upload=False):
+        from mist_fed.wire.request import FeatureRequest
+
+        req = super()._parse(raw, upload)
+        k = 1 if req.k is not None else None
+        return FeatureRequest(req.task, req.split, req.gather, k, req.dtype, req.ids, req.offset)
+
+
+def test_client_refuses_features_of_another_k(tiny_backbone, tmp_path):
+    with running_cloud(_serve(tmp_path), backbone=tiny_backbone, server_cls=_WrongK) as loc:
+        cfg = ClientConfig(TASK, loc, "rpi4", str(tmp_path / "o"), ks=(3,), train=FAST)
+        with pytest.raises(WireError, match="k 1"):
+            run_client(cfg)
+    assert not (tmp_path / "o" / "lae.safetensors").exists()
