@@ -1,4 +1,4 @@
-"""`mist-fed bench cloud`: feature server and embedder throughput against bare baselines."""
+"""`mist-fed bench cloud|edge`: cloud throughput vs bare baselines; edge peak memory vs the paper."""
 
 from __future__ import annotations
 
@@ -59,3 +59,6 @@ def register(sub: Any) -> None:
     c.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(handler=bench_cloud)
+    from mist_fed.edge.bench import add_parser as add_edge
+
+    add_edge(bsub)

@@ -23,6 +23,41 @@ from torch import nn
 
 from mist_fed.errors import ConfigError
 
+# -- activation recomputation ---------------------------------------------------------------
+
+
+class _Recompute(torch.autograd.Function):
+    """Run ``fn(x)`` without storing its activations; recompute them in the backward pass.
+
+    A small stand-in for ``torch.utils.checkpoint`` (whose first call imports the compiler
+    stack, ~150 MB of resident memory). ``fn`` must be deterministic (no dropout); the edge
+    blocks are.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fn: nn.Module, *params: torch.Tensor) -> torch.Tensor:
+        ctx.fn = fn
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        x = x.detach().requires_grad_(True)
+        params = [p for p in ctx.fn.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            y = ctx.fn(x)
+        grads = torch.autograd.grad(y, [x, *params], grad, allow_unused=True)
+        return (grads[0], None, *grads[1:])
+
+
+def recompute(fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` with activations recomputed in backward (gradient checkpointing)."""
+    params = [p for p in fn.parameters() if p.requires_grad]
+    return _Recompute.apply(x, fn, *params)
+
+
 # -- block functions ------------------------------------------------------------------------
 
 BlockFactory = Callable[..., nn.Module]
@@ -184,9 +219,19 @@ class LAE(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations (timm's name)."""
+        self.grad_checkpointing = enable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.input_norm(x))
+        x = self.input_norm(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for blk in self.blocks:
+                x = recompute(blk, x)
+        else:
+            x = self.blocks(x)
         return self.head(self.norm(x)[:, 0])
 
 
