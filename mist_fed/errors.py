@@ -27,3 +27,15 @@ class WireError(MistError):
 
 class ResourceLimitError(MistError):
     """A job does not fit the device profile's resources."""
+
+
+class CloudUnavailableError(WireError):
+    """The cloud feature service cannot be reached (after retries)."""
+
+
+class CloudRequestError(WireError):
+    """The cloud refused a request (bad ticket, unknown task, k out of range, limits)."""
+
+
+class CloudAuthError(CloudRequestError):
+    """The cloud refused the token (missing, wrong, or not scoped to the task)."""

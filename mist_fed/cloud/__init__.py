@@ -1,0 +1,1 @@
+"""The cloud side: Arrow Flight feature server, feature store, batched embedding, auth."""

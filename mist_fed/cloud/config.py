@@ -1,0 +1,112 @@
+"""``ServeConfig``: the cloud service's frozen, validated configuration (``cloud/serve.toml``).
+
+The TOML file has sections ``[server]``, ``[backbone]``, ``[store]``, ``[limits]`` and ``[tls]``;
+their keys map one to one onto the flat dataclass fields below (unknown keys are errors).
+Command-line flags override with :meth:`ServeConfig.override`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mist_fed import defaults
+from mist_fed.errors import ConfigError
+from mist_fed.wire.codec import DTYPES
+
+SECTIONS = ("server", "backbone", "store", "limits", "tls")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    # [server]
+    host: str = defaults.DEFAULT_HOST
+    port: int = defaults.DEFAULT_PORT
+    tokens: str | None = None  # TOML file of [tokens.<name>] entries; None = open server
+    tasks: tuple[str, ...] = ("synthetic",)  # offered in list_flights
+    # [backbone]
+    backbone: str = defaults.DEFAULT_BACKBONE
+    weights: str | None = None
+    random_init: bool = False
+    seed: int = 0
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # [store]
+    cache_dir: str | None = None  # None = <MIST_FED_CACHE>/features
+    batch_size: int = 32  # images per backbone forward
+    rows_per_batch: int = 64  # rows per streamed record batch
+    default_dtype: str = "float32"
+    # [limits]
+    max_ticket_bytes: int = 1 << 20
+    max_ids_per_ticket: int = 100_000
+    max_upload_images: int = 10_000
+    max_image_bytes: int = 16 << 20
+    # [tls]
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is outside 0..65535 (0 picks a free port)")
+        for name in ("batch_size", "rows_per_batch", "max_ticket_bytes", "max_ids_per_ticket"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_upload_images < 1 or self.max_image_bytes < 1:
+            raise ConfigError("max_upload_images and max_image_bytes must be >= 1")
+        if self.default_dtype not in DTYPES:
+            raise ConfigError(f"default_dtype {self.default_dtype!r} is not one of {DTYPES}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both tls_cert and tls_key (or neither)")
+        if self.weights is not None and self.random_init:
+            raise ConfigError("give either weights or random_init = true, not both")
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def store_dir(self) -> Path:
+        if self.cache_dir is not None:
+            return Path(self.cache_dir).expanduser()
+        return defaults.cache_dir() / "features"
+
+    @property
+    def location(self) -> str:
+        scheme = "grpc+tls" if self.tls else "grpc+tcp"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def override(self, **changes: Any) -> ServeConfig:
+        """A copy with the non-``None`` ``changes`` applied (flags override the file)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServeConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        flat: dict[str, Any] = {}
+        for section, body in data.items():
+            if section not in SECTIONS or not isinstance(body, dict):
+                raise ConfigError(
+                    f"unknown section [{section}] in the serve config; use {', '.join(SECTIONS)}"
+                )
+            for key, value in body.items():
+                if key not in names:
+                    raise ConfigError(f"unknown key {key!r} in [{section}]; known: {sorted(names)}")
+                flat[key] = tuple(value) if key == "tasks" else value
+        try:
+            return cls(**flat)
+        except TypeError as e:
+            raise ConfigError(f"bad serve config: {e}") from e
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> ServeConfig:
+        p = Path(path)
+        try:
+            with p.open("rb") as f:
+                return cls.from_dict(tomllib.load(f))
+        except FileNotFoundError as e:
+            raise ConfigError(f"serve config {p} does not exist; pass --config PATH") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"serve config {p} is not valid TOML: {e}") from e

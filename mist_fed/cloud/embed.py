@@ -1,0 +1,144 @@
+"""Batched embedding: images -> encoded feature columns, through the store.
+
+For each request the embedder looks every image hash up in the :class:`FeatureStore`,
+runs the frozen backbone once per batch of misses, and stores every spec of the request's
+*family* from that one pass (for ``mist``/``block`` at depth ``k``: all candidate depths
+``{N/3, 2N/3, N}`` and ``k``), so a later request for another candidate ``k`` is a store hit.
+Images are preprocessed with the backbone's own eval transform.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mist_fed.cloud.store import FeatureStore, content_hash
+from mist_fed.errors import WireError
+from mist_fed.model.backbone import Backbone
+from mist_fed.model.gather import GatherSpec, candidate_ks, gather_many
+from mist_fed.wire.codec import WireMeta, encode_arrays
+
+log = logging.getLogger(__name__)
+
+ImageLoader = Callable[[int], Image.Image]
+
+
+def image_hash(img: Image.Image) -> str:
+    """Content hash of a decoded RGB image (same pixels -> same key, whatever the file format)."""
+    img = img.convert("RGB")
+    return content_hash(f"{img.mode}:{img.size}:".encode() + img.tobytes())
+
+
+def decode_image(data: bytes, max_bytes: int) -> Image.Image:
+    """Decode uploaded PNG/JPEG bytes into an RGB image, or raise ``WireError`` naming why."""
+    if len(data) > max_bytes:
+        raise WireError(f"image is {len(data)} bytes, over the limit of {max_bytes}")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise WireError(f"image does not decode ({type(e).__name__}: {e})") from e
+    return img.convert("RGB")
+
+
+@dataclass
+class EmbedCounters:
+    images_embedded: int = 0
+    forward_batches: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Embedder:
+    """The frozen backbone behind the store: ``columns(spec, dtype, hashes, load)``."""
+
+    def __init__(self, backbone: Backbone, store: FeatureStore, batch_size: int = 32) -> None:
+        self.backbone = backbone
+        self.store = store
+        self.batch_size = batch_size
+        self.transform = backbone.transform()
+        self.counters = EmbedCounters()
+        self._forward_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        n, t, d = backbone.num_blocks, backbone.num_tokens, backbone.embed_dim
+        self._dims = (n, t, d)
+
+    def meta(self, spec: GatherSpec, dtype: str) -> WireMeta:
+        n, t, d = self._dims
+        return WireMeta(
+            backbone=self.backbone.name,
+            weights=self.backbone.weights_id,
+            gather=spec.kind,
+            k=spec.k,
+            dtype=dtype,
+            shape=spec.shape(n, t, d),
+        )
+
+    def family(self, spec: GatherSpec) -> list[GatherSpec]:
+        """Every spec one pass for ``spec`` computes and stores."""
+        if spec.kind in ("mist", "block"):
+            ks = sorted({*candidate_ks(self.backbone.num_blocks), spec.k or 0})
+            return [GatherSpec(spec.kind, k) for k in ks]
+        return [spec]
+
+    def columns(
+        self, spec: GatherSpec, dtype: str, hashes: Sequence[str], load: ImageLoader
+    ) -> dict[str, pa.Array]:
+        """Encoded columns for the images ``hashes[i]`` (``load(i)`` gives image ``i`` on a miss)."""
+        locs = self.store.lookup(spec, dtype, hashes)
+        miss = [i for i, loc in enumerate(locs) if loc is None]
+        with self._count_lock:
+            self.counters.cache_hits += len(hashes) - len(miss)
+            self.counters.cache_misses += len(miss)
+        if miss:
+            self._compute(spec, dtype, hashes, miss, load)
+            locs = self.store.lookup(spec, dtype, hashes)
+        missing = [hashes[i] for i, loc in enumerate(locs) if loc is None]
+        if missing:
+            raise WireError(f"feature store lost {len(missing)} rows just written; check the disk")
+        return self.store.columns(spec, dtype, [loc for loc in locs if loc is not None])
+
+    def _compute(
+        self,
+        spec: GatherSpec,
+        dtype: str,
+        hashes: Sequence[str],
+        miss: Sequence[int],
+        load: ImageLoader,
+    ) -> None:
+        unique: dict[str, int] = {}
+        for i in miss:
+            unique.setdefault(hashes[i], i)
+        family = self.family(spec)
+        items = list(unique.items())
+        with self._forward_lock:
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start : start + self.batch_size]
+                # another request may have filled these while we waited for the lock
+                todo = [
+                    (h, i)
+                    for (h, i), loc in zip(
+                        chunk, self.store.lookup(spec, dtype, [h for h, _ in chunk]), strict=True
+                    )
+                    if loc is None
+                ]
+                if not todo:
+                    continue
+                x = torch.stack([self.transform(load(i).convert("RGB")) for _, i in todo])
+                out = gather_many(self.backbone, x, family)
+                for s in family:
+                    self.store.put(
+                        s, dtype, [h for h, _ in todo], encode_arrays(self.meta(s, dtype), out[s])
+                    )
+                with self._count_lock:
+                    self.counters.images_embedded += len(todo)
+                    self.counters.forward_batches += 1
+                log.debug("embedded %d images (%s)", len(todo), ",".join(s.label() for s in family))

@@ -1,0 +1,39 @@
+"""``running_cloud``: a feature server in a background thread, for tests and simulations."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from mist_fed.cloud.config import ServeConfig
+from mist_fed.cloud.server import FeatureServer
+from mist_fed.model.backbone import Backbone
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def running_cloud(
+    config: ServeConfig | None = None,
+    backbone: Backbone | None = None,
+    server_cls: type[FeatureServer] = FeatureServer,
+) -> Iterator[str]:
+    """Serve on ``config.host`` (port 0 picks a free one) until the block exits; yields the location.
+
+    ``backbone`` reuses an already built backbone (it must match ``config``'s); ``server_cls``
+    lets tests inject faults.
+    """
+    config = config or ServeConfig(port=0)
+    server = server_cls(config, backbone=backbone)
+    thread = threading.Thread(target=server.serve, name="mist-fed-cloud", daemon=True)
+    thread.start()
+    scheme = "grpc+tls" if config.tls else "grpc+tcp"
+    location = f"{scheme}://{config.host}:{server.port}"
+    try:
+        yield location
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        log.debug("feature server at %s stopped", location)

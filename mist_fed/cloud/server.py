@@ -1,0 +1,334 @@
+"""The Arrow Flight feature server behind ``mist-fed cloud serve``.
+
+* ``do_get`` with a JSON :class:`~mist_fed.wire.request.FeatureRequest` ticket streams the
+  features of a registered task's split (all rows, an ``ids`` subset, or from ``offset``).
+* ``do_exchange`` takes a device's own images (:data:`~mist_fed.wire.codec.UPLOAD_SCHEMA`)
+  batch by batch and answers each with its features; images that do not decode are reported
+  per id in the reply's app metadata (``{"errors": {id: message}}``), the rest are served.
+* ``list_flights`` / ``get_flight_info`` describe the feature sets on offer;
+  ``do_action("stats")`` returns the counters as JSON.
+
+Bad requests fail with a ``FlightServerError`` naming the problem; they never stop the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from mist_fed.cloud.auth import (
+    MIDDLEWARE_KEY,
+    BearerAuthFactory,
+    Principal,
+    TokenTable,
+    principal_of,
+)
+from mist_fed.cloud.config import ServeConfig
+from mist_fed.cloud.embed import Embedder, decode_image, image_hash
+from mist_fed.cloud.store import FeatureStore
+from mist_fed.data import get_task
+from mist_fed.data.registry import Task, TaskSplit
+from mist_fed.errors import MistError, WireError
+from mist_fed.model.backbone import Backbone, create_backbone
+from mist_fed.wire.codec import UPLOAD_SCHEMA, Stats, assemble_batch, feature_schema, scale_shape
+from mist_fed.wire.request import FeatureRequest
+
+log = logging.getLogger(__name__)
+
+
+def _bad(e: Exception) -> flight.FlightServerError:
+    return flight.FlightServerError(f"bad request: {e}")
+
+
+def build_backbone(config: ServeConfig) -> Backbone:
+    return create_backbone(
+        config.backbone,
+        weights=config.weights,
+        random_init=config.random_init,
+        seed=config.seed,
+        **config.model_kwargs,
+    )
+
+
+class FeatureServer(flight.FlightServerBase):
+    """Serves Gather* (and baseline) features of a frozen backbone over Arrow Flight."""
+
+    def __init__(self, config: ServeConfig, backbone: Backbone | None = None) -> None:
+        self.config = config
+        self.backbone = backbone if backbone is not None else build_backbone(config)
+        self.store = FeatureStore(config.store_dir, self.backbone.weights_id)
+        self.embedder = Embedder(self.backbone, self.store, config.batch_size)
+        self.served = Stats()
+        self.requests = {"do_get": 0, "do_exchange": 0, "refused": 0}
+        self._tasks: dict[str, Task] = {}
+        self._hashes: dict[tuple[str, str], list[str | None]] = {}
+        self._lock = threading.Lock()
+        middleware = {}
+        if config.tokens is not None:
+            middleware[MIDDLEWARE_KEY] = BearerAuthFactory(TokenTable.from_toml(config.tokens))
+        tls = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            with open(config.tls_cert, "rb") as c, open(config.tls_key, "rb") as k:
+                tls = [(c.read(), k.read())]
+        super().__init__(config.location, tls_certificates=tls, middleware=middleware or None)
+        log.info(
+            "feature server on %s:%d (backbone %s, %s, store %s, auth %s)",
+            config.host,
+            self.port,
+            self.backbone.name,
+            self.backbone.weights_id,
+            self.store.root,
+            "tokens" if config.tokens else "open",
+        )
+
+    # -- helpers -------------------------------------------------------------------------
+    def _client(self, context: Any, principal: Principal) -> str:
+        return principal.name if principal.name != "open" else str(context.peer())
+
+    def _task(self, spec: str) -> Task:
+        with self._lock:
+            task = self._tasks.get(spec)
+        if task is None:
+            task = get_task(spec)
+            with self._lock:
+                self._tasks[spec] = task
+        return task
+
+    def _parse(self, raw: bytes, upload: bool = False) -> FeatureRequest:
+        req = FeatureRequest.from_json(raw, self.config.max_ticket_bytes, upload=upload)
+        req.check_depth(self.backbone.num_blocks)
+        if req.ids is not None and len(req.ids) > self.config.max_ids_per_ticket:
+            raise WireError(
+                f"{len(req.ids)} ids in one request, over the limit of {self.config.max_ids_per_ticket}"
+            )
+        return req
+
+    def _rows(self, req: FeatureRequest) -> tuple[TaskSplit, list[int]]:
+        assert req.task is not None and req.split is not None
+        split = self._task(req.task).split(req.split)
+        if req.ids is None:
+            rows = list(range(req.offset, len(split)))
+        else:
+            where = {i: n for n, i in enumerate(split.ids)}
+            unknown = [i for i in req.ids if i not in where]
+            if unknown:
+                raise WireError(
+                    f"{len(unknown)} ids are not in {req.task}/{req.split} (e.g. {unknown[:3]})"
+                )
+            rows = [where[i] for i in req.ids[req.offset :]]
+        return split, rows
+
+    def _split_hashes(self, req: FeatureRequest, split: TaskSplit, rows: list[int]) -> list[str]:
+        key = (str(req.task), str(req.split))
+        with self._lock:
+            cache = self._hashes.setdefault(key, [None] * len(split))
+        out = []
+        for r in rows:
+            h = cache[r]
+            if h is None:
+                h = cache[r] = image_hash(split.image(r))
+            out.append(h)
+        return out
+
+    def _check_scope(self, context: Any, req: FeatureRequest) -> Principal:
+        principal = principal_of(context)
+        if req.task is not None:
+            principal.check(req.task)
+        return principal
+
+    def _info(self, req: FeatureRequest) -> flight.FlightInfo:
+        _, rows = self._rows(req)
+        meta = self.embedder.meta(req.spec, req.dtype)
+        schema = feature_schema(meta)
+        width = {"float32": 4, "float16": 2, "int8": 1}[req.dtype]
+        per_row = width * _prod(meta.shape)
+        if req.dtype == "int8":
+            per_row += 4 * _prod(scale_shape(meta.shape))
+        ticket = flight.Ticket(req.to_json())
+        return flight.FlightInfo(
+            schema,
+            flight.FlightDescriptor.for_command(req.to_json()),
+            [flight.FlightEndpoint(ticket, [])],
+            total_records=len(rows),
+            total_bytes=len(rows) * per_row,
+        )
+
+    def _guard(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except (flight.FlightUnauthenticatedError, flight.FlightUnauthorizedError):
+            self.requests["refused"] += 1
+            raise
+        except MistError as e:
+            self.requests["refused"] += 1
+            log.info("refused request: %s", e)
+            raise _bad(e) from e
+
+    # -- Flight methods ------------------------------------------------------------------
+    def list_flights(self, context: Any, criteria: bytes) -> Iterator[flight.FlightInfo]:
+        principal = principal_of(context)
+        n = self.backbone.num_blocks
+        for spec in self.config.tasks:
+            if not principal.allows(spec):
+                continue
+            for split in ("train", "val", "test"):
+                req = FeatureRequest(spec, split, "mist", n, self.config.default_dtype)
+                try:
+                    yield self._info(req)
+                except MistError as e:
+                    log.warning("task %s/%s is not on offer: %s", spec, split, e)
+                    break
+
+    def get_flight_info(
+        self, context: Any, descriptor: flight.FlightDescriptor
+    ) -> flight.FlightInfo:
+        def run() -> flight.FlightInfo:
+            req = self._parse(descriptor.command or b"")
+            self._check_scope(context, req)
+            return self._info(req)
+
+        return self._guard(run)
+
+    def do_get(self, context: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
+        def run() -> flight.FlightDataStream:
+            req = self._parse(ticket.ticket)
+            principal = self._check_scope(context, req)
+            split, rows = self._rows(req)
+            self.requests["do_get"] += 1
+            meta = self.embedder.meta(req.spec, req.dtype)
+            return flight.GeneratorStream(
+                feature_schema(meta), self._stream(context, principal, req, split, rows, meta)
+            )
+
+        return self._guard(run)
+
+    def _stream(
+        self,
+        context: Any,
+        principal: Principal,
+        req: FeatureRequest,
+        split: TaskSplit,
+        rows: list[int],
+        meta: Any,
+    ) -> Iterator[pa.RecordBatch]:
+        client = self._client(context, principal)
+        ids, labels = split.ids, split.labels
+        step = self.config.rows_per_batch
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            hashes = self._split_hashes(req, split, chunk)
+            try:
+                cols = self.embedder.columns(
+                    req.spec, req.dtype, hashes, partial(_load_row, split, chunk)
+                )
+            except MistError as e:
+                raise _bad(e) from e
+            batch = assemble_batch(meta, [ids[r] for r in chunk], [labels[r] for r in chunk], cols)
+            with self._lock:
+                self.served.add(batch, client)
+            yield batch
+
+    def do_exchange(
+        self, context: Any, descriptor: flight.FlightDescriptor, reader: Any, writer: Any
+    ) -> None:
+        def setup() -> FeatureRequest:
+            return self._parse(descriptor.command or b"{}", upload=True)
+
+        req = self._guard(setup)
+        principal = principal_of(context)
+        client = self._client(context, principal)
+        self.requests["do_exchange"] += 1
+        meta = self.embedder.meta(req.spec, req.dtype)
+        writer.begin(feature_schema(meta))
+        seen = 0
+        for chunk in reader:
+            batch = chunk.data
+            if batch is None:
+                continue
+            if not batch.schema.equals(UPLOAD_SCHEMA, check_metadata=False):
+                raise _bad(WireError(f"upload schema must be {UPLOAD_SCHEMA}, got {batch.schema}"))
+            seen += batch.num_rows
+            if seen > self.config.max_upload_images:
+                raise _bad(
+                    WireError(f"more than {self.config.max_upload_images} images in one upload")
+                )
+            ids = batch.column("id").to_pylist()
+            blobs = batch.column("image").to_pylist()
+            errors: dict[str, str] = {}
+            good_ids, images = [], []
+            for i, blob in zip(ids, blobs, strict=True):
+                try:
+                    images.append(decode_image(blob or b"", self.config.max_image_bytes))
+                    good_ids.append(i)
+                except WireError as e:
+                    errors[i] = str(e)
+            if errors:
+                log.info("upload from %s: %d images did not decode", client, len(errors))
+            try:
+                cols = (
+                    self.embedder.columns(
+                        req.spec, req.dtype, [image_hash(im) for im in images], images.__getitem__
+                    )
+                    if images
+                    else _empty_columns(feature_schema(meta))
+                )
+            except MistError as e:
+                raise _bad(e) from e
+            out = assemble_batch(meta, good_ids, [None] * len(good_ids), cols)
+            with self._lock:
+                self.served.add(out, client)
+            writer.write_with_metadata(out, pa.py_buffer(json.dumps({"errors": errors}).encode()))
+
+    def stats(self) -> dict[str, Any]:
+        c = self.embedder.counters
+        with self._lock:
+            served = self.served.as_dict()
+        return {
+            "backbone": self.backbone.name,
+            "weights": self.backbone.weights_id,
+            "images_embedded": c.images_embedded,
+            "forward_batches": c.forward_batches,
+            "cache_hits": c.cache_hits,
+            "cache_misses": c.cache_misses,
+            "requests": dict(self.requests),
+            "bytes_served": served["bytes"],
+            "rows_served": served["rows"],
+            "batches_served": served["batches"],
+            "bytes_per_client": served["per_client"],
+        }
+
+    def list_actions(self, context: Any) -> list[tuple[str, str]]:
+        return [("stats", "server counters as JSON"), ("health", "ok and the backbone")]
+
+    def do_action(self, context: Any, action: flight.Action) -> Iterator[bytes]:
+        if action.type == "stats":
+            return iter([json.dumps(self.stats()).encode()])
+        if action.type == "health":
+            return iter([json.dumps({"ok": True, "weights": self.backbone.weights_id}).encode()])
+        raise flight.FlightServerError(f"unknown action {action.type!r}; available: stats, health")
+
+
+def _load_row(split: TaskSplit, rows: list[int], i: int) -> Any:
+    return split.image(rows[i])
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def _empty_columns(schema: pa.Schema) -> dict[str, pa.Array]:
+    return {
+        f.name: pa.ExtensionArray.from_storage(f.type, pa.array([], f.type.storage_type))
+        for f in schema
+        if f.name in ("features", "scale")
+    }

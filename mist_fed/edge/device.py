@@ -1,0 +1,132 @@
+"""The virtual device clock: what a job would cost on the profiled device.
+
+* Compute: a training run is timed on the host, then scaled by ``host GFLOP/s / device GFLOP/s``
+  where the host figure is a calibration of the *same* edge-network step (same net, input shape
+  and micro-batch), counted with torch's flop counter and timed on this host.
+* Transfer: bytes over the profile's downlink/uplink plus one latency per request.
+* Threads: :func:`apply_threads` sets torch's thread count from the profile's resource plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from mist_fed.edge.profiles import DeviceProfile, ResourcePlan
+
+log = logging.getLogger(__name__)
+
+
+def apply_threads(plan: ResourcePlan) -> int:
+    """Limit torch to the plan's threads (the device's cores, at most the host's)."""
+    torch.set_num_threads(plan.torch_threads)
+    return plan.torch_threads
+
+
+@dataclass(frozen=True)
+class HostCalibration:
+    step_flops: int  # forward + backward FLOPs of one step
+    step_seconds: float  # median host time of one step
+    batch: int
+
+    @property
+    def gflops(self) -> float:
+        return self.step_flops / self.step_seconds / 1e9
+
+
+def _step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, micro: int) -> None:
+    for m in range(0, len(x), micro):
+        loss = F.cross_entropy(net(x[m : m + micro]), y[m : m + micro])
+        loss.backward()
+
+
+def calibrate_host(
+    net: nn.Module,
+    feature_shape: tuple[int, ...],
+    num_classes: int,
+    batch: int = 32,
+    micro_batch: int = 0,
+    repeats: int = 3,
+) -> HostCalibration:
+    """Count and time one training step of a copy of ``net`` on random features."""
+    probe = copy.deepcopy(net).train()
+    x = torch.randn(batch, *feature_shape)
+    y = torch.randint(0, num_classes, (batch,))
+    micro = micro_batch or batch
+    counter = FlopCounterMode(display=False)
+    # The fused CPU attention kernels are invisible to the counter; the math kernel is not.
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        _step(probe, x, y, micro)
+    flops = int(counter.get_total_flops())
+    _step(probe, x, y, micro)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _step(probe, x, y, micro)
+        times.append(time.perf_counter() - t)
+    seconds = sorted(times)[len(times) // 2]
+    cal = HostCalibration(step_flops=flops, step_seconds=seconds, batch=batch)
+    log.info("host calibration: %.2f GFLOP/s on this edge step", cal.gflops)
+    return cal
+
+
+@dataclass
+class DeviceClock:
+    """Accumulates measured host time and the profiled device's simulated time."""
+
+    profile: DeviceProfile
+    host_gflops: float | None = None  # None: compute is not scaled (device time = host time)
+    time_scale: float = 1.0  # >1 runs the shaped network faster than real time
+    compute_host_s: float = 0.0
+    compute_device_s: float = 0.0
+    transfer_s: float = 0.0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def scale(self, host_seconds: float) -> float:
+        """Device seconds for work that took ``host_seconds`` on this host."""
+        if self.host_gflops is None:
+            return host_seconds
+        return host_seconds * self.host_gflops / self.profile.gflops
+
+    def add_compute(self, host_seconds: float, what: str = "train") -> float:
+        dev = self.scale(host_seconds)
+        self.compute_host_s += host_seconds
+        self.compute_device_s += dev
+        self.events.append({"what": what, "host_s": host_seconds, "device_s": dev})
+        return dev
+
+    def add_download(self, nbytes: int, requests: int = 1, what: str = "features") -> float:
+        s = self.profile.downlink_seconds(nbytes, requests)
+        self.bytes_down += nbytes
+        self.transfer_s += s
+        self.events.append({"what": what, "bytes": nbytes, "device_s": s})
+        return s
+
+    def add_upload(self, nbytes: int, requests: int = 1, what: str = "upload") -> float:
+        s = self.profile.uplink_seconds(nbytes, requests)
+        self.bytes_up += nbytes
+        self.transfer_s += s
+        self.events.append({"what": what, "bytes": nbytes, "device_s": s})
+        return s
+
+    @property
+    def total_device_s(self) -> float:
+        return self.compute_device_s + self.transfer_s
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("events")
+        d["profile"] = self.profile.name
+        d["total_device_s"] = self.total_device_s
+        return d

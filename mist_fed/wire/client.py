@@ -1,0 +1,265 @@
+"""``FeatureClient``: the device's side of the cloud feature service (Arrow Flight).
+
+* ``get(task, split, gather, k, dtype, ids)`` streams a registered task's features;
+* ``embed(images, gather, k, dtype)`` uploads ``(id, PNG/JPEG bytes)`` pairs and gets theirs.
+
+Both return a :class:`FeatureSet` whose ``meta["wire"]`` holds the bytes, rows and batches
+received (also in ``client.last``; ``client.total`` sums every call). ``on_batch(nbytes)`` is
+called after each received batch (a bandwidth shaper may sleep in it).
+
+Robustness: an unreachable cloud is retried with exponential backoff, then
+:class:`~mist_fed.errors.CloudUnavailableError`; a stream cut midway resumes from the rows
+already received (only whole batches are ever kept); a stream whose schema metadata names
+another backbone, gather, k or dtype than asked is refused with :class:`WireError`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from mist_fed.errors import CloudAuthError, CloudRequestError, CloudUnavailableError, WireError
+from mist_fed.wire.codec import UPLOAD_SCHEMA, Stats, WireMeta, batch_nbytes, decode
+from mist_fed.wire.features import FeatureSet
+from mist_fed.wire.request import FeatureRequest
+
+log = logging.getLogger(__name__)
+
+#: Errors after which a call is retried (or a stream resumed).
+TRANSIENT = (
+    flight.FlightUnavailableError,
+    flight.FlightTimedOutError,
+    flight.FlightInternalError,
+    flight.FlightCancelledError,
+)
+
+
+class FeatureClient:
+    """A Flight client for ``mist-fed cloud serve``; see the module docstring."""
+
+    def __init__(
+        self,
+        location: str,
+        token: str | None = None,
+        *,
+        expect_backbone: str | None = None,
+        expect_weights: str | None = None,
+        on_batch: Callable[[int], None] | None = None,
+        retries: int = 4,
+        backoff_s: float = 0.25,
+        timeout_s: float | None = 60.0,
+        upload_batch: int = 64,
+        tls_root_certs: bytes | None = None,
+    ) -> None:
+        self.location = location
+        self.expect_backbone = expect_backbone
+        self.expect_weights = expect_weights
+        self.on_batch = on_batch
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.upload_batch = upload_batch
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        self._options = flight.FlightCallOptions(timeout=timeout_s, headers=headers)
+        kw: dict[str, Any] = {}
+        if tls_root_certs is not None:
+            kw["tls_root_certs"] = tls_root_certs
+        self._client = flight.FlightClient(location, **kw)
+        self.last = Stats()
+        self.total = Stats()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> FeatureClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers -------------------------------------------------------------------------
+    def _sleep(self, attempt: int) -> None:
+        time.sleep(self.backoff_s * (2**attempt))
+
+    def _refused(self, e: flight.FlightError) -> WireError:
+        msg = str(e).split(". Detail:")[0]
+        if isinstance(e, flight.FlightUnauthenticatedError | flight.FlightUnauthorizedError):
+            return CloudAuthError(f"cloud at {self.location} refused the token: {msg}")
+        return CloudRequestError(f"cloud at {self.location} refused the request: {msg}")
+
+    def _unavailable(self, e: Exception) -> CloudUnavailableError:
+        return CloudUnavailableError(
+            f"cloud at {self.location} unreachable after {self.retries + 1} tries "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check that "
+            "`mist-fed cloud serve` runs there and the address and port are right"
+        )
+
+    def _check(self, schema: pa.Schema, req: FeatureRequest) -> WireMeta:
+        meta = WireMeta.from_schema(schema)
+        wrong = []
+        if self.expect_backbone is not None and meta.backbone != self.expect_backbone:
+            wrong.append(f"backbone {meta.backbone!r} (expected {self.expect_backbone!r})")
+        if self.expect_weights is not None and meta.weights != self.expect_weights:
+            wrong.append(f"weights {meta.weights!r} (expected {self.expect_weights!r})")
+        for name in ("gather", "k", "dtype"):
+            if getattr(meta, name) != getattr(req, name):
+                wrong.append(f"{name} {getattr(meta, name)!r} (asked {getattr(req, name)!r})")
+        if wrong:
+            raise WireError(
+                f"cloud at {self.location} answered {', '.join(wrong)}; refusing these features. "
+                "Point the device at the cloud that serves the backbone it was set up for."
+            )
+        return meta
+
+    def _account(self, stats: Stats, batch: pa.RecordBatch) -> None:
+        nbytes = batch_nbytes(batch)
+        stats.add(batch)
+        self.total.add(batch)
+        if self.on_batch is not None:
+            self.on_batch(nbytes)
+
+    def _finish(self, batches: list[pa.RecordBatch], schema: pa.Schema, stats: Stats) -> FeatureSet:
+        fs = decode(pa.Table.from_batches(batches, schema=schema))
+        fs.meta["wire"] = {"bytes": stats.bytes, "rows": stats.rows, "batches": stats.batches}
+        self.last = stats
+        return fs
+
+    # -- calls ---------------------------------------------------------------------------
+    def get(
+        self,
+        task: str,
+        split: str,
+        gather: str = "mist",
+        k: int | None = None,
+        dtype: str = "float32",
+        ids: Sequence[str] | None = None,
+    ) -> FeatureSet:
+        """Stream the features of ``task``/``split`` (or just ``ids``), resuming cut streams."""
+        req = FeatureRequest(task, split, gather, k, dtype, None if ids is None else tuple(ids))
+        batches: list[pa.RecordBatch] = []
+        stats = Stats()
+        schema: pa.Schema | None = None
+        attempt = 0
+        received = 0
+        while True:
+            ticket = FeatureRequest(
+                task, split, gather, k, dtype, req.ids, offset=received
+            ).to_json()
+            try:
+                reader = self._client.do_get(flight.Ticket(ticket), self._options)
+                if schema is None:
+                    schema = reader.schema
+                    self._check(schema, req)
+                for chunk in reader:
+                    batch = chunk.data
+                    batches.append(batch)  # a chunk is a whole batch, never a partial one
+                    received += batch.num_rows
+                    self._account(stats, batch)
+                break
+            except TRANSIENT as e:
+                if attempt >= self.retries:
+                    raise self._unavailable(e) from e
+                log.warning(
+                    "stream from %s broke after %d rows (%s); resuming",
+                    self.location,
+                    received,
+                    type(e).__name__,
+                )
+                self._sleep(attempt)
+                attempt += 1
+            except flight.FlightError as e:
+                raise self._refused(e) from e
+        assert schema is not None
+        return self._finish(batches, schema, stats)
+
+    def embed(
+        self,
+        images: Sequence[tuple[str, bytes]],
+        gather: str = "mist",
+        k: int | None = None,
+        dtype: str = "float32",
+    ) -> FeatureSet:
+        """Upload ``(id, encoded image)`` pairs and receive their features.
+
+        Images that the cloud could not decode are left out of the result and listed in
+        ``meta["errors"]`` (``{id: reason}``).
+        """
+        req = FeatureRequest(None, None, gather, k, dtype)
+        attempt = 0
+        while True:
+            try:
+                return self._embed_once(req, images)
+            except TRANSIENT as e:
+                if attempt >= self.retries:
+                    raise self._unavailable(e) from e
+                self._sleep(attempt)
+                attempt += 1
+            except flight.FlightError as e:
+                raise self._refused(e) from e
+
+    def _embed_once(self, req: FeatureRequest, images: Sequence[tuple[str, bytes]]) -> FeatureSet:
+        descriptor = flight.FlightDescriptor.for_command(req.to_json())
+        writer, reader = self._client.do_exchange(descriptor, self._options)
+        stats = Stats()
+        batches: list[pa.RecordBatch] = []
+        errors: dict[str, str] = {}
+        with writer:
+            writer.begin(UPLOAD_SCHEMA)
+            schema = reader.schema
+            self._check(schema, req)
+            for start in range(0, len(images), self.upload_batch):
+                part = images[start : start + self.upload_batch]
+                writer.write_batch(
+                    pa.record_batch(
+                        [
+                            pa.array([i for i, _ in part]),
+                            pa.array([b for _, b in part], pa.binary()),
+                        ],
+                        schema=UPLOAD_SCHEMA,
+                    )
+                )
+                chunk = reader.read_chunk()
+                if chunk.app_metadata is not None:
+                    errors.update(json.loads(chunk.app_metadata.to_pybytes()).get("errors", {}))
+                batches.append(chunk.data)
+                self._account(stats, chunk.data)
+            writer.done_writing()
+        fs = self._finish(batches, schema, stats)
+        fs.meta["errors"] = errors
+        return fs
+
+    def stats(self) -> dict[str, Any]:
+        """The server's counters (``do_action("stats")``)."""
+        try:
+            results = list(self._client.do_action(flight.Action("stats", b""), self._options))
+        except TRANSIENT as e:
+            raise self._unavailable(e) from e
+        except flight.FlightError as e:
+            raise self._refused(e) from e
+        return dict(json.loads(results[0].body.to_pybytes()))
+
+    def list_sets(self) -> list[dict[str, Any]]:
+        """The feature sets on offer: request fields, rows and bytes of each."""
+        out = []
+        try:
+            for info in self._client.list_flights(b"", self._options):
+                d = json.loads(info.descriptor.command)
+                d.update(rows=info.total_records, bytes=info.total_bytes)
+                out.append(d)
+        except flight.FlightError as e:
+            raise self._refused(e) from e
+        return out
+
+
+def encode_png(img: Any) -> bytes:
+    """PNG bytes of a PIL image (helper for ``embed``)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,250 @@
+"""The Arrow wire format of features: one schema layout, pure encode/decode, a ``Stats`` record.
+
+Every feature batch has the columns of :data:`FEATURE_COLUMNS`:
+
+* ``id`` (string), ``label`` (int64, null where unknown),
+* ``features``: ``arrow.fixed_shape_tensor`` of the per-image shape (``[tokens, dim]`` for
+  ``mist``/``block``, ``[N+1, tokens, dim]`` for ``side``, ``[dim]`` for ``final``),
+* ``scale`` (int8 only): float32 absmax scale per token (shape = feature shape minus ``dim``;
+  ``[1]`` for ``final``), so ``x ~= q * scale / 127``.
+
+Schema metadata records ``backbone``, ``weights`` (``Backbone.weights_id``), ``gather``, ``k``,
+``dtype`` and the format version. Decoding is zero-copy where pyarrow allows (one chunk of
+float32/float16); int8 is dequantized to float32.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from mist_fed.errors import WireError
+from mist_fed.wire.features import FeatureSet
+
+WIRE_VERSION = "1"
+DTYPES = ("float32", "float16", "int8")
+FEATURE_COLUMNS = ("id", "label", "features", "scale")
+META_KEYS = ("backbone", "weights", "gather", "k", "dtype", "shape")
+
+#: What a device uploads to ``do_exchange``: its own encoded images (PNG/JPEG bytes).
+UPLOAD_SCHEMA = pa.schema(
+    [pa.field("id", pa.string(), nullable=False), pa.field("image", pa.binary())]
+)
+
+_ARROW_DTYPE = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.int8()}
+_NP_DTYPE = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+
+
+@dataclass(frozen=True)
+class WireMeta:
+    """What a feature stream claims to hold; lives in the schema metadata."""
+
+    backbone: str
+    weights: str
+    gather: str
+    k: int | None
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise WireError(
+                f"unknown feature dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}"
+            )
+
+    def to_metadata(self) -> dict[bytes, bytes]:
+        return {
+            b"mist_fed.version": WIRE_VERSION.encode(),
+            b"mist_fed.backbone": self.backbone.encode(),
+            b"mist_fed.weights": self.weights.encode(),
+            b"mist_fed.gather": self.gather.encode(),
+            b"mist_fed.k": b"" if self.k is None else str(self.k).encode(),
+            b"mist_fed.dtype": self.dtype.encode(),
+            b"mist_fed.shape": json.dumps(list(self.shape)).encode(),
+        }
+
+    @classmethod
+    def from_schema(cls, schema: pa.Schema) -> WireMeta:
+        md = schema.metadata or {}
+        try:
+            get = {k.decode().removeprefix("mist_fed."): v.decode() for k, v in md.items()}
+            if get.get("version") != WIRE_VERSION:
+                raise WireError(
+                    f"wire format version {get.get('version')!r} is not {WIRE_VERSION!r}; "
+                    "update the client or the server so they match"
+                )
+            return cls(
+                backbone=get["backbone"],
+                weights=get["weights"],
+                gather=get["gather"],
+                k=int(get["k"]) if get["k"] else None,
+                dtype=get["dtype"],
+                shape=tuple(json.loads(get["shape"])),
+            )
+        except (KeyError, ValueError) as e:
+            raise WireError(f"feature stream has no valid mist_fed schema metadata ({e})") from e
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "gather": self.gather,
+            "k": self.k,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+        }
+
+
+def scale_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """Shape of the int8 per-token scales for a feature shape."""
+    return tuple(shape[:-1]) or (1,)
+
+
+def feature_schema(meta: WireMeta) -> pa.Schema:
+    """The schema of a feature stream (the column layout of :data:`FEATURE_COLUMNS`)."""
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("label", pa.int64(), nullable=True),
+        pa.field("features", pa.fixed_shape_tensor(_ARROW_DTYPE[meta.dtype], list(meta.shape))),
+    ]
+    if meta.dtype == "int8":
+        fields.append(
+            pa.field("scale", pa.fixed_shape_tensor(pa.float32(), list(scale_shape(meta.shape))))
+        )
+    return pa.schema(fields, metadata=meta.to_metadata())
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Absmax int8 per token (over the last axis): ``(q [n,*shape], scale [n,*scale_shape])``."""
+    x = np.asarray(x, dtype=np.float32)
+    absmax = np.abs(x).max(axis=-1, keepdims=True)
+    scale = np.where(absmax > 0, absmax, 1.0).astype(np.float32)
+    q = np.clip(np.rint(x / scale * 127.0), -127, 127).astype(np.int8)
+    # final ([n, dim]) keeps one scale per row as [n, 1]; token maps drop the last axis
+    return q, scale if x.ndim == 2 else scale[..., 0]
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    s = np.asarray(scale, dtype=np.float32).reshape(*q.shape[:-1], 1)
+    return q.astype(np.float32) * (s / np.float32(127.0))
+
+
+def encode_arrays(meta: WireMeta, features: np.ndarray | torch.Tensor) -> dict[str, pa.Array]:
+    """Encode ``[n, *shape]`` float features as the ``features`` (and ``scale``) columns."""
+    if isinstance(features, torch.Tensor):
+        features = features.detach().to("cpu", torch.float32).numpy()
+    if tuple(features.shape[1:]) != tuple(meta.shape):
+        raise WireError(
+            f"features of shape {tuple(features.shape[1:])} do not match the stream's {meta.shape}"
+        )
+    if meta.dtype == "int8":
+        q, scale = quantize_int8(features)
+        return {
+            "features": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(q)),
+            "scale": pa.FixedShapeTensorArray.from_numpy_ndarray(
+                np.ascontiguousarray(scale.reshape(len(q), *scale_shape(meta.shape)))
+            ),
+        }
+    arr = np.ascontiguousarray(features, dtype=_NP_DTYPE[meta.dtype])
+    return {"features": pa.FixedShapeTensorArray.from_numpy_ndarray(arr)}
+
+
+def assemble_batch(
+    meta: WireMeta,
+    ids: Sequence[str],
+    labels: Sequence[int | None],
+    columns: dict[str, pa.Array],
+) -> pa.RecordBatch:
+    """A record batch from ids, labels (``None`` or negative = unknown) and encoded columns."""
+    schema = feature_schema(meta)
+    arrays: list[pa.Array] = [
+        pa.array(list(ids), pa.string()),
+        pa.array([None if (v is None or v < 0) else int(v) for v in labels], pa.int64()),
+    ]
+    for name in schema.names[2:]:
+        arrays.append(columns[name])
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def encode(
+    meta: WireMeta,
+    ids: Sequence[str],
+    labels: Sequence[int | None],
+    features: np.ndarray | torch.Tensor,
+) -> pa.RecordBatch:
+    """Pure encoder: one record batch of features in ``meta.dtype``."""
+    return assemble_batch(meta, ids, labels, encode_arrays(meta, features))
+
+
+def _tensor_numpy(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    if isinstance(col, pa.ChunkedArray):
+        if col.num_chunks == 1:
+            col = col.chunk(0)
+        else:
+            col = pa.concat_arrays(col.chunks) if col.num_chunks else col.type.wrap_array([])
+    return np.asarray(col.to_numpy_ndarray())
+
+
+def decode(data: pa.RecordBatch | pa.Table | Iterable[pa.RecordBatch]) -> FeatureSet:
+    """Pure decoder: record batch(es) -> :class:`FeatureSet` (int8 dequantized to float32)."""
+    if not isinstance(data, pa.RecordBatch | pa.Table):
+        batches = list(data)
+        if not batches:
+            raise WireError("cannot decode an empty list of batches: the schema is unknown")
+        data = pa.Table.from_batches(batches)
+    meta = WireMeta.from_schema(data.schema)
+    n = data.num_rows
+    ids = data.column("id").to_pylist()
+    labels = torch.from_numpy(
+        np.asarray(data.column("label").fill_null(-1).to_numpy(), dtype=np.int64).copy()
+    )
+    if n == 0:
+        torch_dtype = torch.float16 if meta.dtype == "float16" else torch.float32
+        feats = torch.empty((0, *meta.shape), dtype=torch_dtype)
+    else:
+        x = _tensor_numpy(data.column("features"))
+        if meta.dtype == "int8":
+            x = dequantize_int8(x, _tensor_numpy(data.column("scale")))
+        with warnings.catch_warnings():  # Arrow buffers are read-only; share them, do not copy
+            warnings.simplefilter("ignore", UserWarning)
+            feats = torch.from_numpy(x)
+    return FeatureSet(ids, labels, feats, meta.as_dict())
+
+
+@dataclass
+class Stats:
+    """Wire byte accounting: bytes, rows and batches seen on one stream (or summed)."""
+
+    bytes: int = 0
+    rows: int = 0
+    batches: int = 0
+    per_client: dict[str, int] = field(default_factory=dict)
+
+    def add(self, batch: pa.RecordBatch, client: str | None = None) -> int:
+        nbytes = batch_nbytes(batch)
+        self.bytes += nbytes
+        self.rows += batch.num_rows
+        self.batches += 1
+        if client is not None:
+            self.per_client[client] = self.per_client.get(client, 0) + nbytes
+        return nbytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bytes": self.bytes,
+            "rows": self.rows,
+            "batches": self.batches,
+            "per_client": dict(self.per_client),
+        }
+
+
+def batch_nbytes(batch: pa.RecordBatch) -> int:
+    """Bytes a batch occupies in Arrow buffers (what crosses the wire, framing aside)."""
+    return int(batch.nbytes)
