@@ -73,6 +73,10 @@ class WireMeta:
     @classmethod
     def from_schema(cls, schema: pa.Schema) -> WireMeta:
         md = schema.metadata or {}
+        if b"mist_fed.version" not in md:
+            raise WireError(
+                "stream has no mist_fed schema metadata: it is not a mist-fed feature stream"
+            )
         try:
             get = {k.decode().removeprefix("mist_fed."): v.decode() for k, v in md.items()}
             if get.get("version") != WIRE_VERSION:

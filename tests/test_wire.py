@@ -1,0 +1,123 @@
+"""The pure wire codec and request parsing: no server."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from mist_fed.errors import WireError
+from mist_fed.model.gather import GatherSpec, gather_many
+from mist_fed.wire.codec import DTYPES, Stats, WireMeta, decode, encode, feature_schema
+from mist_fed.wire.request import FeatureRequest
+
+SPECS = [GatherSpec("mist", 2), GatherSpec("side"), GatherSpec("final"), GatherSpec("block", 1)]
+
+
+def _meta(bb, spec, dtype):
+    shape = spec.shape(bb.num_blocks, bb.num_tokens, bb.embed_dim)
+    return WireMeta(bb.name, bb.weights_id, spec.kind, spec.k, dtype, shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label())
+def test_round_trip_each_dtype_and_gather(tiny_backbone, spec, dtype):
+    # Prepare: real gathered features of the tiny backbone
+    torch.manual_seed(0)
+    x = gather_many(tiny_backbone, torch.randn(3, 3, 32, 32), [spec])[spec]
+    meta = _meta(tiny_backbone, spec, dtype)
+    # Execute: encode, then decode through IPC bytes as on the wire
+    batch = encode(meta, ["a", "b", "c"], [1, None, 2], x)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as w:
+        w.write_batch(batch)
+    fs = decode(pa.ipc.open_stream(sink.getvalue()).read_all())
+    # Assert
+    assert fs.ids == ["a", "b", "c"]
+    assert fs.labels.tolist() == [1, -1, 2]
+    assert tuple(fs.features.shape) == (3, *meta.shape)
+    assert fs.meta["gather"] == spec.kind and fs.meta["k"] == spec.k and fs.meta["dtype"] == dtype
+    assert fs.meta["weights"] == tiny_backbone.weights_id
+    rel = (fs.features.float() - x).norm() / x.norm()
+    bound = {"float32": 0.0, "float16": 1e-3, "int8": 0.01}[dtype]
+    assert rel <= bound
+
+
+def test_int8_is_quarter_of_fp32_plus_scales(tiny_backbone):
+    # Prepare
+    spec = GatherSpec("mist", 3)
+    x = torch.randn(4, tiny_backbone.num_tokens, tiny_backbone.embed_dim)
+    # Execute
+    f32 = encode(_meta(tiny_backbone, spec, "float32"), list("abcd"), [0] * 4, x)
+    i8 = encode(_meta(tiny_backbone, spec, "int8"), list("abcd"), [0] * 4, x)
+    # Assert
+    feat32 = f32.column("features").nbytes
+    assert i8.column("features").nbytes == feat32 // 4
+    assert i8.column("scale").nbytes == 4 * 4 * tiny_backbone.num_tokens
+
+
+def test_decode_is_zero_copy_for_float32():
+    # Prepare
+    meta = WireMeta("b", "w", "mist", 1, "float32", (5, 8))
+    batch = encode(meta, ["x", "y"], [0, 1], np.ones((2, 5, 8), np.float32))
+    # Execute
+    fs = decode(batch)
+    # Assert: the tensor shares the Arrow buffer
+    buf = batch.column("features").storage.values.buffers()[1]
+    assert fs.features.data_ptr() == buf.address
+
+
+def test_decode_rejects_foreign_schema():
+    # Prepare
+    table = pa.table({"id": ["a"], "label": [1], "features": [[1.0]]})
+    # Execute / Assert
+    with pytest.raises(WireError, match="metadata"):
+        decode(table)
+
+
+def test_encode_rejects_wrong_shape_and_dtype():
+    meta = WireMeta("b", "w", "mist", 1, "float32", (5, 8))
+    with pytest.raises(WireError, match="shape"):
+        encode(meta, ["a"], [0], np.zeros((1, 5, 7), np.float32))
+    with pytest.raises(WireError, match="dtype"):
+        WireMeta("b", "w", "mist", 1, "bfloat16", (5, 8))
+
+
+def test_schema_records_backbone_and_request():
+    meta = WireMeta("vit", "file:abc", "mist", 4, "int8", (5, 8))
+    schema = feature_schema(meta)
+    assert schema.names == ["id", "label", "features", "scale"]
+    assert WireMeta.from_schema(schema) == meta
+
+
+def test_stats_counts_bytes_rows_batches():
+    meta = WireMeta("b", "w", "final", None, "float16", (8,))
+    batch = encode(meta, ["a", "b"], [0, 1], np.zeros((2, 8), np.float32))
+    stats = Stats()
+    stats.add(batch, "dev1")
+    stats.add(batch, "dev1")
+    assert (stats.rows, stats.batches) == (4, 2)
+    assert stats.bytes == 2 * batch.nbytes == stats.per_client["dev1"]
+
+
+def test_request_round_trip_and_errors():
+    req = FeatureRequest("synthetic", "train", "mist", 2, "int8", ("a", "b"), offset=1)
+    assert FeatureRequest.from_json(req.to_json()) == req
+    bad = {
+        b"{nope": "not JSON",
+        b"[]": "JSON object",
+        json.dumps({"split": "train"}).encode(): "'task'",
+        json.dumps({"task": "t", "split": "dev", "k": 1}).encode(): "split",
+        json.dumps({"task": "t", "split": "val", "gather": "x"}).encode(): "gather",
+        json.dumps({"task": "t", "split": "val", "k": 1, "dtype": "int4"}).encode(): "dtype",
+        json.dumps({"task": "t", "split": "val", "k": "1"}).encode(): "integer",
+        json.dumps({"task": "t", "split": "val"}).encode(): "needs an integer k",
+        json.dumps({"task": "t", "split": "val", "k": 1, "zz": 1}).encode(): "unknown keys",
+        json.dumps({"task": "t", "split": "val", "k": 1, "offset": -1}).encode(): "offset",
+    }
+    for raw, match in bad.items():
+        with pytest.raises(WireError, match=match):
+            FeatureRequest.from_json(raw)
+    with pytest.raises(WireError, match="over the limit"):
+        FeatureRequest.from_json(b" " * 100, max_bytes=10)
