@@ -228,4 +228,3 @@ def profile_resources(
         capped_cores=threads < profile.cores,
         max_parallel=max(1, min(cores // threads, mem_host // need_mb)),
     )
-

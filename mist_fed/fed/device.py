@@ -18,25 +18,19 @@ import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mist_fed.fed._standins import (
-    FeatureClient,
-    TrainConfig,
-    compute_seconds,
-    evaluate,
-    fit,
-    load_profile,
-    profile_resources,
-    transfer_seconds,
-)
+from mist_fed.edge.device import DeviceClock, calibrate_host
+from mist_fed.edge.memory import estimate_train_mb, peak_rss_mb, reset_peak_rss, rss_mb
+from mist_fed.edge.profiles import load_profile, profile_resources
+from mist_fed.edge.trainer import TrainConfig, evaluate, fit
 from mist_fed.fed.spec import BackboneConfig
 from mist_fed.model.backbone import Backbone, create_backbone
 from mist_fed.model.methods import build_edge_net, method_gather
+from mist_fed.wire.client import FeatureClient
 from mist_fed.wire.features import FeatureSet
 
 log = logging.getLogger(__name__)
@@ -105,6 +99,7 @@ class DeviceResult:
     peak_mem_mb: float = 0.0
     mem_cap_mb: float = 0.0
     num_examples: int = 0
+    feature_bytes: int = 0
     images_down: int = 0
     accuracy: float = float("nan")
     train_loss: float = float("nan")
@@ -122,7 +117,7 @@ class DeviceResult:
         names = {f.name for f in dataclasses.fields(cls)} - {"status", "reason", "extra"}
         kw = {k: m[k] for k in names if k in m}
         kw["device"], kw["round"] = int(kw["device"]), int(kw["round"])
-        for key in ("bytes_down", "bytes_up", "num_examples", "images_down"):
+        for key in ("bytes_down", "bytes_up", "num_examples", "images_down", "feature_bytes"):
             kw[key] = int(kw.get(key, 0))
         return cls(status=status, reason=reason, **kw)
 
@@ -162,66 +157,55 @@ def _fetch(job: DeviceJob, split: str, ids: tuple[str, ...]) -> tuple[FeatureSet
     if hit is not None:
         _FEATURES.move_to_end(key)
         return hit
-    client = FeatureClient(job.cloud)
-    fs = client.get(
-        job.task,
-        split,
-        spec.kind,
-        spec.k,
-        job.wire_dtype,
-        ids=list(ids),
-        backbone=get_backbone(job.backbone),
-    )
-    nbytes = int(client.bytes_received)
+    with FeatureClient(job.cloud) as client:
+        fs = client.get(job.task, split, spec.kind, spec.k, job.wire_dtype, ids=list(ids))
+    nbytes = int(fs.meta.get("wire", {}).get("bytes", fs.features.nbytes))
     _FEATURES[key] = (fs, nbytes)
     while sum(f.features.nbytes for f, _ in _FEATURES.values()) > _FEATURE_CACHE_BYTES:
         _FEATURES.popitem(last=False)
     return fs, nbytes
 
 
+_CALIBRATION: dict[tuple[Any, ...], float] = {}
+
+
+def host_gflops(
+    job: DeviceJob, net: nn.Module, feature_shape: tuple[int, ...], cfg: TrainConfig
+) -> float:
+    """This host's GFLOP/s on this edge net's training step (measured once per process)."""
+    key = (job.method, feature_shape, job.num_classes, cfg.batch_size, cfg.micro_batch)
+    if key not in _CALIBRATION:
+        _CALIBRATION[key] = calibrate_host(
+            net, feature_shape, job.num_classes, batch=cfg.batch_size, micro_batch=cfg.micro_batch
+        ).gflops
+    return _CALIBRATION[key]
+
+
 # -- memory ------------------------------------------------------------------------------------
 
 
-def _status_kb(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 class PeakMemory:
-    """Peak resident memory this job adds to its process (Linux: reset ``VmHWM``, read it back).
+    """Peak resident memory this job adds to its worker (the kernel's ``VmHWM``, reset first).
 
-    Elsewhere it falls back to the largest RSS seen at the points :meth:`sample` is called.
+    A worker process hosts many devices in turn, so its runtime and other devices' cached
+    features are the baseline, not part of this device's peak.
     """
 
-    def __init__(self) -> None:
-        self.linux = Path("/proc/self/clear_refs").exists()
-        self.base_kb = 0
-        self.seen_kb = 0
-
     def __enter__(self) -> PeakMemory:
-        if self.linux:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                self.linux = False
-        self.base_kb = _status_kb("VmRSS") if Path("/proc/self/status").exists() else 0
-        self.seen_kb = self.base_kb
+        reset_peak_rss()
+        self.base_mb = rss_mb()
+        self.peak = self.base_mb
         return self
 
     def sample(self) -> None:
-        if Path("/proc/self/status").exists():
-            self.seen_kb = max(self.seen_kb, _status_kb("VmRSS"))
+        self.peak = max(self.peak, rss_mb(), peak_rss_mb())
 
     def __exit__(self, *exc: object) -> None:
         self.sample()
-        if self.linux:
-            self.seen_kb = max(self.seen_kb, _status_kb("VmHWM"))
 
     @property
     def peak_mb(self) -> float:
-        return max(0, self.seen_kb - self.base_kb) / 1024
+        return max(0.0, self.peak - self.base_mb)
 
 
 def state_bytes(state: StateDict) -> int:
@@ -231,56 +215,69 @@ def state_bytes(state: StateDict) -> int:
 # -- the round ---------------------------------------------------------------------------------
 
 
+def train_config(job: DeviceJob) -> TrainConfig:
+    return TrainConfig.for_method(
+        job.method,
+        epochs=job.epochs,
+        batch_size=job.batch_size,
+        lr=job.lr,
+        seed=job.seed + 1009 * job.device + job.round,
+    )
+
+
 def run_device(job: DeviceJob, state: StateDict | None) -> tuple[DeviceResult, StateDict | None]:
     """Train and evaluate one device for one round. Never raises for the device's own failures:
     they come back as ``status="failed"`` with the reason."""
-    profile = load_profile(job.profile)
-    plan = profile_resources(profile)
     result = DeviceResult(device=job.device, round=job.round, status=OK)
-    result.mem_cap_mb = float(plan.memory_mb)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(plan.torch_threads)))
     try:
+        profile = load_profile(job.profile)
+        plan = profile_resources(profile)
+        result.mem_cap_mb = float(profile.memory_mb)
+        torch.set_num_threads(plan.torch_threads)
+        clock = DeviceClock(profile)
+        if state is not None:
+            clock.add_download(state_bytes(state), what="weights")
         train, b_train = _fetch(job, "train", job.train_ids)
         test, b_test = _fetch(job, "test", job.test_ids)
-        if job.first_contact:
-            result.bytes_down = b_train + b_test
+        if job.first_contact:  # the device keeps its features for the later rounds
+            clock.add_download(b_train + b_test, requests=2)
+            result.feature_bytes = b_train + b_test
             result.images_down = len(train) + len(test)
         result.num_examples = len(train)
-        feature_mb = (train.features.nbytes + test.features.nbytes) / 2**20
+        resident_mb = (train.features.nbytes + test.features.nbytes) / 2**20
+        cfg = train_config(job)
+        net = build_net(job, state)
+        clock.host_gflops = host_gflops(job, net, tuple(train.features.shape[1:]), cfg)
         with PeakMemory() as mem:
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            net = build_net(job, state)
-            stats = fit(
-                net,
-                train,
-                TrainConfig(
-                    epochs=job.epochs,
-                    batch_size=job.batch_size,
-                    lr=job.lr,
-                    seed=job.seed + 1009 * job.device + job.round,
-                ),
-            )
-            mem.sample()
+            t0 = time.perf_counter()
+            fitted = fit(net, train, cfg, on_step=lambda *_: mem.sample())
             result.accuracy = float(evaluate(net, test))
-            cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
-        result.train_loss = float(stats.get("loss", float("nan")))
-        # CPU time, not wall: other engineers' and other actors' load must not slow the device.
-        result.host_compute_s = min(cpu_s, wall_s * max(1, int(plan.torch_threads)))
-        result.compute_s = float(compute_seconds(profile, result.host_compute_s))
-        result.peak_mem_mb = mem.peak_mb + feature_mb
-        new_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        result.bytes_up = state_bytes(new_state)
-        result.transfer_s = float(transfer_seconds(profile, result.bytes_down, result.bytes_up))
-        if result.peak_mem_mb > plan.memory_mb:
+            host_s = time.perf_counter() - t0
+        result.train_loss = fitted.losses[-1] if fitted.losses else float("nan")
+        result.host_compute_s = host_s
+        clock.add_compute(host_s)
+        # A long-lived worker reuses freed pages, which hides allocations from RSS: the
+        # measured rise is floored at the trainer's own working-set estimate.
+        estimate = estimate_train_mb(
+            len(train) + len(test),
+            tuple(train.features.shape[1:]),
+            train.features.element_size(),
+            cfg.micro_batch or cfg.batch_size,
+            edge_params=sum(p.numel() for p in net.parameters() if p.requires_grad),
+            grad_checkpointing=cfg.grad_checkpointing,
+        )
+        result.peak_mem_mb = max(mem.peak_mb + resident_mb, estimate)
+        if result.peak_mem_mb > profile.memory_mb:
             result.status = FAILED
             result.reason = (
-                f"memory: peak {result.peak_mem_mb:.1f} MB > {profile.name} cap "
-                f"{plan.memory_mb:.1f} MB"
+                f"exceeds device memory: peak {result.peak_mem_mb:.1f} MB > "
+                f"{profile.name} {profile.memory_mb} MB"
             )
-            result.bytes_up = 0
-            return result, None
-        return result, new_state
+            return _finish(result, clock), None
+        new_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        clock.add_upload(state_bytes(new_state), what="weights")
+        return _finish(result, clock), new_state
     except Exception as e:  # a device's own failure is data, not a crash of the run
         log.debug("device %d failed:\n%s", job.device, traceback.format_exc())
         result.status = FAILED
@@ -290,11 +287,17 @@ def run_device(job: DeviceJob, state: StateDict | None) -> tuple[DeviceResult, S
         torch.set_num_threads(threads)
 
 
+def _finish(result: DeviceResult, clock: DeviceClock) -> DeviceResult:
+    result.bytes_down, result.bytes_up = clock.bytes_down, clock.bytes_up
+    result.transfer_s, result.compute_s = clock.transfer_s, clock.compute_device_s
+    return result
+
+
 def evaluate_device(job: DeviceJob, state: StateDict) -> float:
     """Accuracy of the fleet's aggregated weights on this device's test images."""
     test, _ = _fetch(job, "test", job.test_ids)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(profile_resources(load_profile(job.profile)).torch_threads)))
+    torch.set_num_threads(profile_resources(load_profile(job.profile)).torch_threads)
     try:
         return float(evaluate(build_net(job, state), test))
     finally:

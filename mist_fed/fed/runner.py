@@ -273,8 +273,9 @@ class FleetRunner:
                     ),
                     "bytes_down": sum(r.bytes_down for r in rs),
                     "bytes_up": sum(r.bytes_up for r in rs),
+                    "feature_bytes": sum(r.feature_bytes for r in rs),
                     "images_down": images,
-                    "bytes_per_image": (sum(r.bytes_down for r in rs) / images)
+                    "bytes_per_image": (sum(r.feature_bytes for r in rs) / images)
                     if images
                     else math.nan,
                     "transfer_s": float(np.mean([r.transfer_s for r in ok])) if ok else math.nan,

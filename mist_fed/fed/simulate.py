@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mist_fed.cloud.config import ServeConfig
+from mist_fed.cloud.runner import running_cloud
+from mist_fed.edge.profiles import load_profile, profile_resources
 from mist_fed.errors import BackboneError, MistError, TaskError
-from mist_fed.fed._standins import load_profile, profile_resources, running_cloud
 from mist_fed.fed.device import DeviceResult, get_backbone
 from mist_fed.fed.runner import (
     FleetRunner,
@@ -31,9 +33,11 @@ from mist_fed.fed.runner import (
     plan_devices,
 )
 from mist_fed.fed.spec import FleetSpec, spec_to_dict
+from mist_fed.wire.client import FeatureClient
 
 log = logging.getLogger(__name__)
 
+CLOUD_FACTS = ("images_embedded", "cache_hits", "cache_misses", "bytes_served", "rows_served")
 StatsFn = Callable[[], dict[str, Any]]
 
 
@@ -79,15 +83,40 @@ def resolve_assets(spec: FleetSpec) -> FleetSpec:
         )
 
 
+def serve_config(spec: FleetSpec) -> ServeConfig:
+    """The embedded cloud's config: the spec's backbone, a free port on 127.0.0.1."""
+    b = spec.backbone
+    return ServeConfig(
+        port=0,
+        backbone=b.name,
+        weights=b.weights,
+        random_init=b.random_init,
+        seed=b.seed,
+        model_kwargs=dict(b.model_kwargs),
+        tasks=tuple(dict.fromkeys(f.task for f in spec.fleets)),
+        default_dtype=spec.wire_dtype,
+    )
+
+
+def cloud_stats(location: str) -> dict[str, Any]:
+    """The service's counters (images embedded, cache hits, bytes served)."""
+    try:
+        with FeatureClient(location, retries=1) as c:
+            return c.stats()
+    except MistError as e:
+        log.warning("could not read the cloud's counters: %s", e)
+        return {}
+
+
 @contextlib.contextmanager
 def cloud_service(spec: FleetSpec, address: str | None) -> Iterator[tuple[str, StatsFn]]:
     """Yield ``(location, stats)``: ``address`` when given, else an embedded cloud for the run."""
     if address:
-        yield address, lambda: {}
+        yield address, lambda: cloud_stats(address)
         return
-    with running_cloud(spec.backbone) as location:
+    with running_cloud(serve_config(spec), backbone=get_backbone(spec.backbone)) as location:
         log.info("embedded cloud feature service at %s", location)
-        yield location, lambda: {}
+        yield location, lambda: cloud_stats(location)
 
 
 def client_resources(spec: FleetSpec) -> dict[str, float]:
@@ -98,9 +127,9 @@ def client_resources(spec: FleetSpec) -> dict[str, float]:
     """
     plans = [profile_resources(load_profile(name)) for name, _ in spec.profiles]
     return {
-        "num_cpus": float(max(p.num_cpus for p in plans)),
+        "num_cpus": max(p.ray_num_cpus for p in plans),
         "num_gpus": 0.0,
-        "memory": float(max(p.memory_mb for p in plans)) * 2**20,
+        "memory": float(max(p.ray_memory_bytes for p in plans)),
     }
 
 
@@ -211,11 +240,12 @@ def simulate(
         with ray_runtime(ray_address, ray_cpus, verbose):
             res = _fit_memory(client_resources(spec))
             log.info("Ray client resources per device: %s", res)
+            backend_config: dict[str, Any] = {"client_resources": res, "init_args": {}}
             run_simulation(
                 server_app=make_server_app(spec, location, sink, bar),
                 client_app=client_app,
                 num_supernodes=spec.num_devices,
-                backend_config={"client_resources": res, "init_args": {}},  # type: ignore[typeddict-item]
+                backend_config=backend_config,
                 verbose_logging=verbose,
             )
         cloud_stats = stats()
@@ -260,7 +290,7 @@ def finish_run(
         "wall_s": round(wall_s, 2),
         "devices": spec.num_devices,
         "rounds": spec.rounds,
-        **{f"cloud_{k}": v for k, v in cloud_stats.items()},
+        **{f"cloud_{k}": v for k, v in cloud_stats.items() if k in CLOUD_FACTS},
     }
     write_run(run_dir, spec_to_dict(spec), records.devices, records.fleets, all_facts)
     plot_run(run_dir, device_frame(records.devices), fleet_frame(records.fleets))

@@ -17,12 +17,12 @@ def plot_accuracy_vs_bytes(fleets: pd.DataFrame, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     tot = fleets.groupby("fleet").agg(
         method=("method", "first"),
-        bytes_down=("bytes_down", "sum"),
+        feature_bytes=("feature_bytes", "sum"),
         images=("images_down", "sum"),
     )
     last = fleets.sort_values("round").groupby("fleet").tail(1).set_index("fleet")["accuracy"]
     tot["accuracy"] = last
-    tot["kb"] = tot["bytes_down"] / tot["images"].where(tot["images"] > 0) / 1e3
+    tot["kb"] = tot["feature_bytes"] / tot["images"].where(tot["images"] > 0) / 1e3
     for method, g in tot.groupby("method"):
         ax.scatter(g["kb"], g["accuracy"], label=str(method), s=40)
         for name, r in g.iterrows():

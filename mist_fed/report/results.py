@@ -37,6 +37,7 @@ DEVICE_COLUMNS = (
     "accuracy",
     "global_accuracy",
     "num_examples",
+    "feature_bytes",
     "images_down",
 )
 FLEET_COLUMNS = (
@@ -98,7 +99,7 @@ def summary_table(fleets: pd.DataFrame) -> pd.DataFrame:
             "dropped": last["dropped"],
             "late": last["stragglers"],
             "accuracy": last["accuracy"],
-            "KB/image": total["bytes_down"].sum()
+            "KB/image": total["feature_bytes"].sum()
             / total["images_down"].sum().where(lambda s: s > 0)
             / 1e3,
             "MB down": total["bytes_down"].sum() / 1e6,
@@ -162,8 +163,9 @@ def write_run(
         format_table(summary_table(fl)),
         "",
         "Accuracy: last round, on the devices' test images (fedavg: the fleet's averaged model;",
-        "local: each device's own). KB/image: feature bytes streamed per image. Times are",
-        "device seconds (transfer from the profile's bandwidth, compute scaled to the device).",
+        "local: each device's own). KB/image: feature bytes streamed per image; MB down also",
+        "counts the weights each device receives every round. Times are device seconds",
+        "(transfer from the profile's link, compute measured here and scaled to the device).",
         "",
         "## Run",
         "",
