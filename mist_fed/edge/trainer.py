@@ -115,8 +115,9 @@ def fit(
     rows = _labelled(train)
     if len(rows) == 0:
         raise ConfigError("the training split has no labelled rows; check the task's labels")
-    if hasattr(net, "set_grad_checkpointing"):
-        net.set_grad_checkpointing(cfg.grad_checkpointing)
+    set_ckpt = getattr(net, "set_grad_checkpointing", None)
+    if callable(set_ckpt):
+        set_ckpt(cfg.grad_checkpointing)
     params = [p for p in net.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -185,24 +186,24 @@ def evaluate(net: nn.Module, data: FeatureSet, batch_size: int = 64) -> float:
 
 @dataclass
 class KSelection:
-    k: int
-    val_acc: dict[int, float]  # validation accuracy per candidate k
+    k: int | None
+    val_acc: dict[int | None, float]  # validation accuracy per candidate k
     net: nn.Module  # the net trained at the chosen k
     fit: FitResult  # its training record
-    fits: dict[int, FitResult] = field(default_factory=dict)
+    fits: dict[int | None, FitResult] = field(default_factory=dict)
 
     @property
     def train_seconds(self) -> float:
         return sum(f.seconds for f in self.fits.values())
 
 
-SplitsForK = Callable[[int], tuple[FeatureSet, FeatureSet]]  # k -> (train, val)
+SplitsForK = Callable[[Any], tuple[FeatureSet, FeatureSet]]  # k -> (train, val)
 
 
 def select_k(
     build_net: Callable[[], nn.Module],
-    splits: Mapping[int, tuple[FeatureSet, FeatureSet]] | SplitsForK,
-    ks: Sequence[int],
+    splits: Mapping[Any, tuple[FeatureSet, FeatureSet]] | SplitsForK,
+    ks: Sequence[int | None],
     cfg: TrainConfig,
     on_step: StepHook | None = None,
 ) -> KSelection:
@@ -210,21 +211,21 @@ def select_k(
 
     ``splits`` maps ``k`` to its ``(train, val)`` FeatureSets, or is a function fetching them
     (so a client need hold only one k's features at a time). Each net starts from the same
-    seed.
+    seed. A method without k passes ``ks=[None]``: one fit, its validation accuracy recorded.
     """
     if not ks:
         raise ConfigError("select_k needs at least one candidate k")
     fetch: SplitsForK = splits.__getitem__ if isinstance(splits, Mapping) else splits
-    best: tuple[float, int, nn.Module, FitResult] | None = None
-    val_acc: dict[int, float] = {}
-    fits: dict[int, FitResult] = {}
-    for k in sorted(ks):
+    best: tuple[float, int | None, nn.Module, FitResult] | None = None
+    val_acc: dict[int | None, float] = {}
+    fits: dict[int | None, FitResult] = {}
+    for k in sorted(ks, key=lambda v: -1 if v is None else v):
         train, val = fetch(k)
         torch.manual_seed(cfg.seed)
         net = build_net()
         fits[k] = fit(net, train, cfg, on_step)
         val_acc[k] = evaluate(net, val)
-        log.info("k=%d: val accuracy %.4f", k, val_acc[k])
+        log.info("k=%s: val accuracy %.4f", k, val_acc[k])
         if best is None or val_acc[k] > best[0]:
             best = (val_acc[k], k, net, fits[k])
         del train, val

@@ -1,0 +1,126 @@
+"""`mist-fed client`: one edge device: pull features, train the edge net, evaluate, save.
+
+``mist-fed client predict --model DIR --cloud URL IMAGE...`` classifies local images with a
+saved model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from mist_fed.defaults import cloud_location
+
+TOKEN_ENV = "MIST_FED_TOKEN"
+
+
+def run(args: argparse.Namespace) -> int:
+    from mist_fed.edge.client import ClientConfig, default_task, run_client
+    from mist_fed.edge.trainer import TrainConfig, with_overrides
+    from mist_fed.errors import ConfigError
+
+    if not args.out:
+        raise ConfigError("mist-fed client needs --out DIR (where lae.safetensors goes)")
+    train = with_overrides(
+        TrainConfig.for_method(args.method),
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        micro_batch=args.micro_batch,
+        seed=args.seed,
+    )
+    cfg = ClientConfig(
+        task=args.task or default_task(),
+        cloud=args.cloud,
+        profile=args.profile,
+        out=args.out,
+        method=args.method,
+        dtype=args.dtype,
+        token=args.token or os.environ.get(TOKEN_ENV),
+        ks=tuple(int(k) for k in args.k.split(",")) if args.k else None,
+        upload=args.upload,
+        time_scale=args.time_scale,
+        hard_memory_limit=not args.no_hard_memory_limit,
+        train=train,
+    )
+    m = run_client(cfg)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    print(
+        f"{m['task']} / {m['method']} on {m['profile']['name']}: test accuracy {m['accuracy']:.4f} "
+        f"(k={m['k']}, val {m['val_accuracy']})\n"
+        f"  down {m['bytes_down'] / 1e6:.2f} MB, up {m['bytes_up'] / 1e6:.2f} MB, "
+        f"transfer {m['transfer_s']:.1f} s on the device link "
+        f"(waited {m['transfer_wait_s']:.1f} s at time scale {m['time_scale']:g})\n"
+        f"  train {m['train_s']:.1f} s here, {m['train_device_s']:.1f} s on the device; "
+        f"peak RSS {m['peak_rss_mb']:.0f} MB of {m['memory_cap_mb']} MB; "
+        f"{m['edge_params']} edge params\n"
+        f"  wrote {args.out}/lae.safetensors and {args.out}/metrics.json"
+    )
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from mist_fed.edge.client import predict_images
+    from mist_fed.edge.profiles import load_profile
+
+    profile = load_profile(args.profile) if args.profile else None
+    token = args.token or os.environ.get(TOKEN_ENV)
+    results = predict_images(args.model, args.cloud, args.images, token, args.top, profile)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        if "error" in r:
+            print(f"{r['image']}: error: {r['error']}")
+            continue
+        top = ", ".join(f"{name} {p:.3f}" for name, p in r["top"])
+        print(f"{r['image']}: {top}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cloud", default=cloud_location(), help="Flight location of the cloud")
+    p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def register(sub: Any) -> None:
+    from mist_fed.model.methods import METHODS
+
+    p = sub.add_parser(
+        "client", help="one edge device: pull features, train, evaluate (or `client predict`)"
+    )
+    p.add_argument("--task", help="task spec (default: the real offline task when available)")
+    p.add_argument("--profile", default="rpi4", help="device profile name or .toml path")
+    p.add_argument("--out", help="output directory for lae.safetensors and metrics.json")
+    p.add_argument("--method", default="mist", choices=list(METHODS))
+    p.add_argument("--epochs", type=int, help="training epochs (default 30)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+    p.add_argument("--batch-size", type=int, help="batch size (default 32)")
+    p.add_argument("--micro-batch", type=int, help="rows per forward/backward (0 = whole batch)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8"])
+    p.add_argument("--k", help="candidate k values, comma-separated (default {N/3, 2N/3, N})")
+    p.add_argument("--upload", action="store_true", help="upload this device's own images")
+    p.add_argument(
+        "--time-scale", type=float, default=1.0, help="run the shaped link N x faster than real"
+    )
+    p.add_argument(
+        "--no-hard-memory-limit",
+        action="store_true",
+        help="measure the memory cap but do not set RLIMIT_DATA",
+    )
+    _common(p)
+    p.set_defaults(handler=run)
+    actions = p.add_subparsers(dest="action", required=False)
+    pp = actions.add_parser("predict", help="classify local images with a saved edge model")
+    pp.add_argument("--model", required=True, help="directory written by `mist-fed client --out`")
+    pp.add_argument("--profile", help="shape the link as this device profile")
+    pp.add_argument("--top", type=int, default=5)
+    pp.add_argument("images", nargs="+", help="image files")
+    _common(pp)
+    pp.set_defaults(handler=run_predict)

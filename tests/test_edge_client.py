@@ -1,0 +1,153 @@
+"""`mist-fed client` end to end against a real local feature server on a synthetic task."""
+
+import json
+import socket
+from typing import ClassVar
+
+import pyarrow.flight as flight
+import pytest
+import torch
+
+from mist_fed.cli import main
+from mist_fed.cloud.config import ServeConfig
+from mist_fed.cloud.runner import running_cloud
+from mist_fed.cloud.server import FeatureServer
+from mist_fed.edge.checkpoint import load_checkpoint
+from mist_fed.edge.client import ClientConfig, run_client
+from mist_fed.edge.trainer import TrainConfig, evaluate
+from mist_fed.errors import CloudUnavailableError, ResourceLimitError
+from mist_fed.wire.client import FeatureClient
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+TASK = "synthetic:train=24,val=8,test=12"
+FAST = TrainConfig(epochs=3, micro_batch=0, grad_checkpointing=False)
+
+
+def _serve(tmp_path, **kw):
+    return ServeConfig(
+        port=0,
+        random_init=True,
+        cache_dir=str(tmp_path / "store"),
+        rows_per_batch=8,
+        tasks=(TASK,),
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def cloud(tiny_backbone, tmp_path_factory):
+    with running_cloud(_serve(tmp_path_factory.mktemp("cloud")), backbone=tiny_backbone) as loc:
+        yield loc
+
+
+def test_client_command_trains_evaluates_and_saves(cloud, tiny_backbone, tmp_path, capsys):
+    # Prepare
+    out = tmp_path / "run"
+    argv = ["client", "--task", TASK, "--cloud", cloud, "--profile", "rpi4", "--out", str(out)]
+    argv += ["--epochs", "3", "--micro-batch", "8", "--time-scale", "1000", "--dtype", "float16"]
+    # Execute
+    rc = main(argv)
+    # Assert
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["k"] in (1, 2, 3) and set(m["val_accuracy"]) == {"1", "2", "3"}
+    assert 0.0 <= m["accuracy"] <= 1.0 and m["test_rows"] == 12
+    rows = 3 * (24 + 8) + 12
+    per_row = tiny_backbone.num_tokens * tiny_backbone.embed_dim * 2
+    assert rows * per_row <= m["bytes_down"] <= rows * (per_row + 64)
+    assert m["requests"] == 7 and m["bytes_up"] == 0
+    rpi4 = m["profile"]
+    want = 7 * rpi4["latency_ms"] / 1e3 + m["bytes_down"] * 8 / (rpi4["downlink_mbps"] * 1e6)
+    assert m["transfer_s"] == pytest.approx(want)
+    assert m["train_device_s"] == pytest.approx(m["train_s"] * m["host_gflops"] / rpi4["gflops"])
+    assert m["peak_rss_mb"] >= m["baseline_rss_mb"] > 0
+    net, cfg = load_checkpoint(out)
+    assert cfg.k == m["k"] and cfg.backbone == tiny_backbone.name and cfg.dtype == "float16"
+    test = FeatureClient(cloud).get(TASK, "test", "mist", m["k"], "float16")
+    assert evaluate(net, test) == pytest.approx(m["accuracy"])
+    assert "test accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["linear", "side"])
+def test_client_runs_the_baselines(cloud, tmp_path, method):
+    cfg = ClientConfig(TASK, cloud, "phone-mid", str(tmp_path), method=method, train=FAST)
+    m = run_client(cfg)
+    assert m["k"] is None and m["edge_params"] > 0
+    assert (tmp_path / "lae.safetensors").is_file()
+
+
+def test_client_upload_and_predict(cloud, tmp_path, capsys):
+    # Prepare
+    cfg = ClientConfig(TASK, cloud, "laptop", str(tmp_path), upload=True, ks=(2,), train=FAST)
+    m = run_client(cfg)
+    from mist_fed.data import get_task
+
+    img = tmp_path / "x.png"
+    get_task(TASK).split("test").image(1).save(img)
+    # Execute
+    rc = main(["client", "predict", "--model", str(tmp_path), "--cloud", cloud, str(img)])
+    # Assert
+    assert m["bytes_up"] > 0 and m["k"] == 2
+    assert rc == 0
+    assert capsys.readouterr().out.startswith(f"{img}: c")
+
+
+def test_unreachable_cloud_retries_then_fails_clearly(tmp_path):
+    # Prepare: a port nobody listens on
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = ClientConfig(
+        TASK, f"grpc+tcp://127.0.0.1:{port}", "rpi4", str(tmp_path), retries=2, backoff_s=0.01
+    )
+    # Execute / Assert
+    with pytest.raises(CloudUnavailableError, match="unreachable after 3 tries"):
+        run_client(cfg)
+
+
+class _CutFirstStreams(FeatureServer):
+    """Drops every first-try stream after one batch, as a flaky link would."""
+
+    offsets: ClassVar[list[int]] = []
+
+    def _stream(self, context, principal, req, split, rows, meta):
+        type(self).offsets.append(req.offset)
+        inner = super()._stream(context, principal, req, split, rows, meta)
+        if req.offset:
+            yield from inner
+            return
+        yield next(inner)
+        raise flight.FlightUnavailableError("connection dropped")
+
+
+def test_client_resumes_cut_streams_and_trains_on_whole_data(tiny_backbone, tmp_path):
+    # Prepare
+    with running_cloud(
+        _serve(tmp_path), backbone=tiny_backbone, server_cls=_CutFirstStreams
+    ) as loc:
+        cfg = ClientConfig(TASK, loc, "rpi4", str(tmp_path / "o"), ks=(3,), backoff_s=0.01)
+        # Execute
+        m = run_client(ClientConfig(**{**cfg.__dict__, "train": FAST}))
+    # Assert: each split cut after 8 rows and resumed there; every row arrived once
+    assert _CutFirstStreams.offsets == [0, 8, 0, 8, 0, 8]
+    assert m["test_rows"] == 12 and m["train_steps"] == 3  # 24 rows / 32 per batch x 3 epochs
+
+
+def test_memory_cap_refuses_an_oversize_job(cloud, tmp_path):
+    # Prepare: a device with less memory than the runtime itself
+    prof = tmp_path / "tiny.toml"
+    src = "[sources]\n" + "".join(
+        f'{k} = "test"\n'
+        for k in ("cores", "memory_mb", "downlink_mbps", "uplink_mbps", "latency_ms", "gflops")
+    )
+    prof.write_text(
+        'name = "watch"\ncores = 1\nmemory_mb = 64\ndownlink_mbps = 1.0\nuplink_mbps = 1.0\n'
+        "latency_ms = 10\ngflops = 1.0\n" + src
+    )
+    cfg = ClientConfig(TASK, cloud, str(prof), str(tmp_path / "o"), train=FAST)
+    # Execute / Assert
+    with pytest.raises(ResourceLimitError, match=r"exceeds device memory.*measured peak RSS"):
+        run_client(cfg)
+    assert not (tmp_path / "o" / "lae.safetensors").exists()
+    torch.set_num_threads(1)

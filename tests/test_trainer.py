@@ -1,0 +1,122 @@
+"""The edge trainer, checkpoints and the device clock, on random features and tiny LAEs."""
+
+import pytest
+import torch
+
+from mist_fed.edge.checkpoint import EdgeModelConfig, build_net, load_checkpoint, save_checkpoint
+from mist_fed.edge.device import DeviceClock, calibrate_host
+from mist_fed.edge.profiles import load_profile
+from mist_fed.edge.trainer import TrainConfig, evaluate, fit, select_k
+from mist_fed.errors import ConfigError
+from mist_fed.model.lae import LAE
+from mist_fed.wire.features import FeatureSet
+
+SHAPE = (5, 16)  # tokens, dim
+
+
+def _data(n=48, classes=3, seed=0, signal=3.0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    x = torch.randn(n, *SHAPE, generator=g)
+    x[:, 0, :classes] += signal * torch.nn.functional.one_hot(labels, classes)
+    return FeatureSet([f"r{i}" for i in range(n)], labels, x.half())
+
+
+def _net(classes=3):
+    torch.manual_seed(0)
+    return LAE(dim=SHAPE[1], tokens=SHAPE[0], num_classes=classes, depth=2, qkv_dim=8)
+
+
+def test_fit_learns_and_ignores_unlabelled_rows():
+    # Prepare
+    data = _data()
+    data.labels[:6] = -1
+    net = _net()
+    # Execute
+    result = fit(
+        net, data, TrainConfig(epochs=15, lr=1e-2, micro_batch=0, grad_checkpointing=False)
+    )
+    # Assert
+    assert result.losses[-1] < result.losses[0] / 2
+    assert result.steps == 15 * 2 and result.samples == 15 * 42
+    assert evaluate(net, _data(seed=1)) > 0.6  # chance is 1/3
+
+
+def test_micro_batches_and_checkpointing_keep_the_math():
+    # Prepare
+    data = _data(n=32)
+    base = dict(epochs=1, lr=1e-2, batch_size=32)
+    grads = {}
+
+    def grab(name, net):
+        return lambda step, loss: grads.setdefault(name, [p.grad.clone() for p in net.parameters()])
+
+    # Execute: one step each; gradients are compared before AdamW normalises them
+    whole, lean = _net(), _net()
+    fit(whole, data, TrainConfig(**base, micro_batch=0, grad_checkpointing=False), grab("w", whole))
+    fit(lean, data, TrainConfig(**base, micro_batch=5, grad_checkpointing=True), grab("l", lean))
+    # Assert
+    for a, b in zip(grads["w"], grads["l"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_select_k_keeps_the_best_on_validation():
+    # Prepare: k=2 carries the signal, k=1 is noise
+    good = (_data(seed=0), _data(seed=1))
+    bad = (_data(seed=0, signal=0.0), _data(seed=1, signal=0.0))
+    # Execute
+    sel = select_k(_net, {1: bad, 2: good}, [2, 1], TrainConfig(epochs=10, lr=1e-2, micro_batch=0))
+    # Assert
+    assert sel.k == 2 and sel.val_acc[2] > sel.val_acc[1]
+    assert set(sel.fits) == {1, 2} and sel.train_seconds > 0
+
+
+def test_train_config_validates_and_reads_kebab_case():
+    assert TrainConfig.from_dict({"batch-size": 8, "epochs": 2}).batch_size == 8
+    assert TrainConfig.for_method("linear").lr > TrainConfig.for_method("mist").lr
+    with pytest.raises(ConfigError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="bogus"):
+        TrainConfig.from_dict({"bogus": 1})
+
+
+def test_checkpoint_round_trip(tmp_path):
+    # Prepare
+    cfg = EdgeModelConfig(
+        method="mist",
+        num_classes=3,
+        backbone="tiny",
+        weights_id="random:tiny",
+        num_blocks=3,
+        tokens=SHAPE[0],
+        dim=SHAPE[1],
+        k=2,
+        edge_kwargs={"depth": 2, "qkv_dim": 8},
+        classes=["a", "b", "c"],
+    )
+    net = build_net(cfg)
+    fit(net, _data(), TrainConfig(epochs=2))
+    # Execute
+    save_checkpoint(net, cfg, tmp_path)
+    again, cfg2 = load_checkpoint(tmp_path)
+    # Assert
+    assert cfg2 == cfg
+    x = _data(seed=3).features.float()
+    torch.testing.assert_close(net.eval()(x), again(x))
+    with pytest.raises(ConfigError, match="not an edge model"):
+        load_checkpoint(tmp_path / "missing")
+
+
+def test_device_clock_scales_by_compute_and_link():
+    # Prepare
+    rpi4 = load_profile("rpi4")
+    cal = calibrate_host(_net(), SHAPE, 3, batch=8, micro_batch=4, repeats=1)
+    clock = DeviceClock(rpi4, host_gflops=2 * rpi4.gflops)
+    # Execute
+    dev = clock.add_compute(1.5)
+    link = clock.add_download(5_000_000, requests=2)
+    # Assert
+    assert cal.step_flops > 0 and cal.gflops > 0
+    assert dev == pytest.approx(3.0)
+    assert link == pytest.approx(2 * rpi4.latency_ms / 1e3 + 40e6 / (rpi4.downlink_mbps * 1e6))
+    assert clock.total_device_s == pytest.approx(dev + link)
