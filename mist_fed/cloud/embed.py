@@ -120,25 +120,24 @@ class Embedder:
         family = self.family(spec)
         items = list(unique.items())
         with self._forward_lock:
-            for start in range(0, len(items), self.batch_size):
-                chunk = items[start : start + self.batch_size]
-                # another request may have filled these while we waited for the lock
-                todo = [
-                    (h, i)
-                    for (h, i), loc in zip(
-                        chunk, self.store.lookup(spec, dtype, [h for h, _ in chunk]), strict=True
-                    )
-                    if loc is None
-                ]
-                if not todo:
-                    continue
-                x = torch.stack([self.transform(load(i).convert("RGB")) for _, i in todo])
+            # another request may have filled these while we waited for the lock
+            found = self.store.lookup(spec, dtype, [h for h, _ in items])
+            todo = [item for item, loc in zip(items, found, strict=True) if loc is None]
+            parts: dict[GatherSpec, list[torch.Tensor]] = {s: [] for s in family}
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start : start + self.batch_size]
+                x = torch.stack([self.transform(load(i).convert("RGB")) for _, i in chunk])
                 out = gather_many(self.backbone, x, family)
                 for s in family:
-                    self.store.put(
-                        s, dtype, [h for h, _ in todo], encode_arrays(self.meta(s, dtype), out[s])
-                    )
+                    parts[s].append(out[s])
                 with self._count_lock:
-                    self.counters.images_embedded += len(todo)
+                    self.counters.images_embedded += len(chunk)
                     self.counters.forward_batches += 1
-                log.debug("embedded %d images (%s)", len(todo), ",".join(s.label() for s in family))
+            if not todo:
+                return
+            # one shard per request chunk: served later as one zero-copy slice
+            hashes_done = [h for h, _ in todo]
+            for s in family:
+                feats = torch.cat(parts[s])
+                self.store.put(s, dtype, hashes_done, encode_arrays(self.meta(s, dtype), feats))
+            log.debug("embedded %d images (%s)", len(todo), ",".join(s.label() for s in family))

@@ -69,6 +69,7 @@ class FeatureServer(flight.FlightServerBase):
         self.requests = {"do_get": 0, "do_exchange": 0, "refused": 0}
         self._tasks: dict[str, Task] = {}
         self._hashes: dict[tuple[str, str], list[str | None]] = {}
+        self._columns: dict[tuple[str, str], tuple[list[str], list[int]]] = {}
         self._lock = threading.Lock()
         middleware = {}
         if config.tokens is not None:
@@ -116,7 +117,7 @@ class FeatureServer(flight.FlightServerBase):
         if req.ids is None:
             rows = list(range(req.offset, len(split)))
         else:
-            where = {i: n for n, i in enumerate(split.ids)}
+            where = {i: n for n, i in enumerate(self._ids_labels(req, split)[0])}
             unknown = [i for i in req.ids if i not in where]
             if unknown:
                 raise WireError(
@@ -124,6 +125,17 @@ class FeatureServer(flight.FlightServerBase):
                 )
             rows = [where[i] for i in req.ids[req.offset :]]
         return split, rows
+
+    def _ids_labels(self, req: FeatureRequest, split: TaskSplit) -> tuple[list[str], list[int]]:
+        """A split's ids and labels, listed once (tasks may build them on each access)."""
+        key = (str(req.task), str(req.split))
+        with self._lock:
+            cached = self._columns.get(key)
+        if cached is None:
+            cached = (list(split.ids), list(split.labels))
+            with self._lock:
+                self._columns[key] = cached
+        return cached
 
     def _split_hashes(self, req: FeatureRequest, split: TaskSplit, rows: list[int]) -> list[str]:
         key = (str(req.task), str(req.split))
@@ -219,7 +231,7 @@ class FeatureServer(flight.FlightServerBase):
         meta: Any,
     ) -> Iterator[pa.RecordBatch]:
         client = self._client(context, principal)
-        ids, labels = split.ids, split.labels
+        ids, labels = self._ids_labels(req, split)
         step = self.config.rows_per_batch
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]

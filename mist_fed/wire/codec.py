@@ -15,6 +15,7 @@ float32/float16); int8 is dequantized to float32.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from collections.abc import Iterable, Sequence
@@ -111,8 +112,9 @@ def scale_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(shape[:-1]) or (1,)
 
 
+@functools.lru_cache(maxsize=256)
 def feature_schema(meta: WireMeta) -> pa.Schema:
-    """The schema of a feature stream (the column layout of :data:`FEATURE_COLUMNS`)."""
+    """The schema of a feature stream (the column layout of :data:`FEATURE_COLUMNS`); cached."""
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("label", pa.int64(), nullable=True),

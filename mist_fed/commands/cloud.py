@@ -1,0 +1,64 @@
+"""`mist-fed cloud serve`: the Arrow Flight feature service (config from cloud/serve.toml)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from typing import Any
+
+from mist_fed.defaults import DEFAULT_BACKBONE
+
+log = logging.getLogger(__name__)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from mist_fed.cloud.config import ServeConfig
+    from mist_fed.cloud.server import FeatureServer
+
+    base = ServeConfig.from_toml(args.config) if args.config else ServeConfig()
+    config = base.override(
+        host=args.host,
+        port=args.port,
+        backbone=args.backbone,
+        weights=args.weights,
+        random_init=True if args.random_init else None,
+        cache_dir=args.cache_dir,
+        tokens=args.tokens,
+    )
+    if args.weights is not None and config.random_init:
+        config = config.override(random_init=False)
+    if args.random_init and config.weights is not None:
+        config = ServeConfig(**{**config.__dict__, "weights": None})
+    server = FeatureServer(config)
+    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+    log.warning(
+        "serving features on %s (Ctrl-C stops)", config.location.replace(":0", f":{server.port}")
+    )
+    try:
+        server.serve()
+    except KeyboardInterrupt:
+        server.shutdown()
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("cloud", help="the cloud feature service (Arrow Flight)")
+    csub = p.add_subparsers(dest="cloud_command", required=True)
+    s = csub.add_parser(
+        "serve", help="serve Gather* features of a frozen backbone over Arrow Flight"
+    )
+    s.add_argument("--config", help="serve config TOML (e.g. cloud/serve.toml); flags override it")
+    s.add_argument("--host", help="address to bind (default from config: loopback)")
+    s.add_argument("--port", type=int, help="port (0 = any free port)")
+    s.add_argument(
+        "--backbone", help=f"timm ViT name or registered backbone (default {DEFAULT_BACKBONE})"
+    )
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--weights", help="local weights file (.safetensors, .pth, .npz)")
+    src.add_argument(
+        "--random-init", action="store_true", help="random weights (tests, cost figures)"
+    )
+    s.add_argument("--cache-dir", help="feature store directory")
+    s.add_argument("--tokens", help="TOML file of [tokens.<name>] bearer tokens scoped to tasks")
+    s.set_defaults(handler=serve)
