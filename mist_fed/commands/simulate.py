@@ -13,9 +13,13 @@ DEFAULT_FLEET = Path(__file__).resolve().parents[2] / "simulations" / "fleets" /
 
 
 def add_fleet_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fleet", default=str(DEFAULT_FLEET), help="fleet spec TOML (default: %(default)s)")
+    p.add_argument(
+        "--fleet", default=str(DEFAULT_FLEET), help="fleet spec TOML (default: %(default)s)"
+    )
     p.add_argument("--devices", type=int, help="devices in all, spread over the fleets")
-    p.add_argument("--profile", help="profile mix: `rpi4` or `rpi4:30,phone-low:20` (or .toml paths)")
+    p.add_argument(
+        "--profile", help="profile mix: `rpi4` or `rpi4:30,phone-low:20` (or .toml paths)"
+    )
     p.add_argument("--tasks", help="comma-separated tasks, one fleet each (replaces the spec's)")
     p.add_argument("--method", choices=["mist", "linear", "partial1", "side"])
     p.add_argument("--aggregation", choices=["fedavg", "local"])
@@ -45,7 +49,7 @@ def load_spec(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from mist_fed.fed.simulate import simulate
-    from mist_fed.report.results import format_table, fleet_frame, summary_table
+    from mist_fed.report.results import fleet_frame, format_table, summary_table
 
     result = simulate(
         load_spec(args),
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         ray_cpus=args.ray_cpus,
         progress=not args.no_progress,
-        verbose=args.verbose > 0,
+        verbose=args.verbose,
     )
     print(format_table(summary_table(fleet_frame(result.records.fleets))))
     print(f"\n{result.wall_s:.1f} s wall; results in {result.run_dir}")
@@ -94,7 +98,7 @@ def bench(args: argparse.Namespace) -> int:
             ray_address=args.ray_address,
             ray_cpus=args.ray_cpus,
             progress=False,
-            verbose=args.verbose > 0,
+            verbose=args.verbose,
         )
         after = stats()
     ratio = sim.wall_s / plain_s

@@ -17,7 +17,7 @@ import os
 import time
 import traceback
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -103,18 +103,16 @@ class DeviceResult:
     images_down: int = 0
     accuracy: float = float("nan")
     train_loss: float = float("nan")
-    extra: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float | int]:
         d = dataclasses.asdict(self)
         d.pop("status")
         d.pop("reason")
-        d.update(d.pop("extra"))
         return d
 
     @classmethod
     def from_metrics(cls, status: str, reason: str, m: Any) -> DeviceResult:
-        names = {f.name for f in dataclasses.fields(cls)} - {"status", "reason", "extra"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"status", "reason"}
         kw = {k: m[k] for k in names if k in m}
         kw["device"], kw["round"] = int(kw["device"]), int(kw["round"])
         for key in ("bytes_down", "bytes_up", "num_examples", "images_down", "feature_bytes"):

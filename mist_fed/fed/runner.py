@@ -10,6 +10,7 @@ process. Dropouts and stragglers are decided here, recorded, and never averaged 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -48,6 +49,15 @@ class PlannedDevice:
     train_ids: tuple[str, ...]
     test_ids: tuple[str, ...]
     num_classes: int
+
+
+def state_digest(state: StateDict) -> str:
+    """A short content hash of a state dict (equal weights, equal digest)."""
+    h = hashlib.sha1()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def plan_devices(spec: FleetSpec) -> list[PlannedDevice]:
@@ -155,7 +165,9 @@ class FleetRunner:
             dropped = self.dropped(rnd)
             active = [d for d in self.devices if d.device not in dropped]
             jobs = [self.job(d, rnd) for d in active]
-            outs = train(jobs, [self.state_for(d) for d in active]) if jobs else []
+            sent = [self.state_for(d) for d in active]
+            received = {d.device: state_digest(s) for d, s in zip(active, sent, strict=True)}
+            outs = train(jobs, sent) if jobs else []
             self.contacted.update(d.device for d in active)
             results: dict[int, tuple[DeviceResult, StateDict | None]] = {}
             for res, st in outs:
@@ -186,9 +198,10 @@ class FleetRunner:
                     **{
                         k: v
                         for k, v in dataclasses.asdict(res).items()
-                        if k not in ("device", "round", "extra")
+                        if k not in ("device", "round")
                     },
                     "global_accuracy": global_acc.get(dev, math.nan),
+                    "received_digest": received.get(dev, ""),
                 }
                 rec.devices.append(row)
             rec.fleets.extend(self._fleet_rows(rnd, results, by_id, global_acc))

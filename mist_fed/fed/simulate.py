@@ -166,14 +166,14 @@ def worker_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def ray_runtime(address: str | None, num_cpus: int | None, verbose: bool) -> Iterator[None]:
+def ray_runtime(address: str | None, num_cpus: int | None, verbose: int) -> Iterator[None]:
     import ray
 
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
     kw: dict[str, Any] = {
         "include_dashboard": False,
         "logging_level": logging.INFO if verbose else logging.ERROR,
-        "log_to_driver": verbose,
+        "log_to_driver": verbose > 0,
         "runtime_env": {"env_vars": worker_env()},
     }
     if address:
@@ -222,16 +222,18 @@ def simulate(
     ray_address: str | None = None,
     ray_cpus: int | None = None,
     progress: bool = True,
-    verbose: bool = False,
+    verbose: int = 0,
 ) -> SimulationResult:
-    """Run ``spec`` on Flower's Ray backend and write ``results_dir/<run-id>/``."""
+    """Run ``spec`` on Flower's Ray backend and write ``results_dir/<run-id>/``.
+
+    ``verbose``: 0 keeps Flower and Ray quiet, 1 lets Ray workers log, 2 adds Flower's debug log.
+    """
     from flwr.simulation import run_simulation
 
     from mist_fed.fed.client_app import app as client_app
     from mist_fed.fed.server_app import make_server_app
 
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+    logging.getLogger("flwr").setLevel(logging.DEBUG if verbose > 1 else logging.ERROR)
     spec = resolve_assets(spec)
     t0 = time.perf_counter()
     bar = Progress(spec.rounds * spec.num_devices, progress)
@@ -246,7 +248,7 @@ def simulate(
                 client_app=client_app,
                 num_supernodes=spec.num_devices,
                 backend_config=backend_config,
-                verbose_logging=verbose,
+                verbose_logging=verbose > 1,
             )
         cloud_stats = stats()
     bar.close()

@@ -39,6 +39,7 @@ DEVICE_COLUMNS = (
     "num_examples",
     "feature_bytes",
     "images_down",
+    "received_digest",
 )
 FLEET_COLUMNS = (
     "round",
