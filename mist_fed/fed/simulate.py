@@ -180,6 +180,9 @@ def ray_runtime(address: str | None, num_cpus: int | None, verbose: int) -> Iter
         kw["address"] = address
     else:
         kw["num_cpus"] = num_cpus or min(os.cpu_count() or 1, 4)
+        # Ray starts workers at niceness 15; on a busy host that starves the devices against
+        # the driver (and the embedded cloud), so local workers run at the driver's priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(**kw)
     try:
         yield
