@@ -46,7 +46,7 @@ class GridTransport:
         self.on_reply: Callable[[], None] | None = None
 
     def _exchange(
-        self, jobs: Sequence[DeviceJob], states: Sequence[StateDict], kind: str
+        self, jobs: Sequence[DeviceJob], states: Sequence[StateDict], kind: str, live: bool = False
     ) -> dict[int, Message]:
         msgs = [
             job_message(j, s, self.node_ids[j.device], kind)
@@ -63,7 +63,7 @@ class GridTransport:
                 mid = m.metadata.reply_to_message_id
                 pending.discard(mid)
                 replies[device_of[mid]] = m
-                if self.on_reply:
+                if live and self.on_reply:
                     self.on_reply()
             if not got:
                 time.sleep(POLL_S)
@@ -72,7 +72,7 @@ class GridTransport:
     def train(
         self, jobs: Sequence[DeviceJob], states: Sequence[StateDict]
     ) -> list[tuple[DeviceResult, StateDict | None]]:
-        replies = self._exchange(jobs, states, TRAIN)
+        replies = self._exchange(jobs, states, TRAIN, live=True)
         out: list[tuple[DeviceResult, StateDict | None]] = []
         for j in jobs:
             if j.device in replies:
@@ -110,6 +110,7 @@ def run_fleet(
     check_devices(spec, len(node_ids))
     devices = plan_devices(spec)
     transport = GridTransport(grid, node_ids)
+    transport.on_reply = getattr(progress, "tick", None)
     runner = FleetRunner(spec, devices, cloud)
     return runner.run(transport.train, transport.evaluate, on_result=progress)
 

@@ -170,6 +170,7 @@ def ray_runtime(address: str | None, num_cpus: int | None, verbose: int) -> Iter
     import ray
 
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU-only; quiets a warning
     kw: dict[str, Any] = {
         "include_dashboard": False,
         "logging_level": logging.INFO if verbose else logging.ERROR,
@@ -195,7 +196,11 @@ def ray_runtime(address: str | None, num_cpus: int | None, verbose: int) -> Iter
 
 
 class Progress:
-    """A tqdm bar over device-rounds (off when ``enabled`` is false)."""
+    """A tqdm bar over device-rounds (off when ``enabled`` is false).
+
+    :meth:`tick` advances it as each reply arrives; calling it with a round's results
+    (after stragglers and dropouts are decided) updates the status counts.
+    """
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar: Any = None
@@ -204,12 +209,22 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="dev-round", dynamic_ncols=True, leave=False)
         self.counts: dict[str, int] = {}
+        self.ticked = 0
+        self.done = 0
+
+    def tick(self) -> None:
+        self.ticked += 1
+        if self.bar is not None and self.ticked > self.done:
+            self.bar.update(1)
 
     def __call__(self, res: DeviceResult) -> None:
         self.counts[res.status] = self.counts.get(res.status, 0) + 1
+        self.done += 1
         if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(self.counts, refresh=False)
+            if self.done > self.ticked:
+                self.bar.update(1)
+                self.ticked = self.done
+            self.bar.set_postfix(self.counts, refresh=True)
 
     def close(self) -> None:
         if self.bar is not None:
