@@ -139,7 +139,9 @@ def main(grid: Grid, context: Context) -> None:
     """Entry of ``flwr run .``: run-config -> spec, then the same path as ``simulate``."""
     from mist_fed.fed.simulate import cloud_service, finish_run, resolve_assets
 
-    spec = resolve_assets(spec_from_run_config(context.run_config, base_dir=Path.cwd()))
+    # Relative fleet paths resolve against the app's root (the FAB, or this checkout).
+    app_root = Path(__file__).resolve().parents[2]
+    spec = resolve_assets(spec_from_run_config(context.run_config, base_dir=app_root))
     cloud = str(context.run_config.get("cloud", "") or "")
     results = Path(str(context.run_config.get("results-dir", "results")))
     t0 = time.perf_counter()
