@@ -11,7 +11,7 @@ from pathlib import Path
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mist_fed.cli import main  # noqa: E402
+from mist_fed.cli import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]
