@@ -83,13 +83,13 @@ def bench(args: argparse.Namespace) -> int:
     with cloud_service(spec, args.cloud) as (location, stats):
         log.info("warming the cloud's store (untimed plain run)")
         t = time.perf_counter()
-        run_plain(spec, location)
+        first_rec = run_plain(spec, location)
         warm_s = time.perf_counter() - t
         first = stats()
         device_mod._FEATURES.clear()  # the plain loop starts as cold as a fresh Ray worker
         device_mod._CALIBRATION.clear()
         t = time.perf_counter()
-        run_plain(spec, location)
+        plain_rec = run_plain(spec, location)
         plain_s = time.perf_counter() - t
         sim = simulate(
             spec,
@@ -107,6 +107,12 @@ def bench(args: argparse.Namespace) -> int:
     print(f"first plain run (cold)    {warm_s:8.1f} s  (fills the cloud's store)")
     print(f"plain loop, one process   {plain_s:8.1f} s")
     print(f"Flower + Ray simulation   {sim.wall_s:8.1f} s")
+    for name, rec in (("first plain", first_rec), ("plain", plain_rec), ("flower", sim.records)):
+        counts: dict[str, int] = {}
+        for row in rec.devices:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        reasons = {row["reason"][:80] for row in rec.devices if row["reason"]}
+        print(f"  {name:<12} device-rounds {counts} {sorted(reasons)[:3]}")
     print(f"overhead ratio            {ratio:8.2f}  (target <= 1.30)")
     print(
         f"cloud: {embedded} images embedded for {len(distinct)} distinct images requested "
