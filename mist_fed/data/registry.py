@@ -49,14 +49,54 @@ class Task:
 
 
 TaskFactory = Callable[..., Task]
-_TASKS: dict[str, TaskFactory] = {}
 
 
-def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
-    """Register ``factory(arg: str | None, **options) -> Task`` under ``name``."""
+@dataclass(frozen=True)
+class Availability:
+    """Whether a task's data is here: where it looked, and how to get it when it is not."""
+
+    available: bool
+    where: str
+    how: str = ""
+    downloadable: bool = False  # not here, but its download host is reachable
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """A registered task: its factory and what is known before loading any data."""
+
+    name: str
+    factory: TaskFactory
+    num_classes: int | None = None  # None: depends on the spec's argument (imagefolder, synthetic)
+    splits: tuple[str, ...] = SPLITS
+    locate: Callable[[], Availability] | None = None
+    description: str = ""
+
+    def availability(self) -> Availability:
+        if self.locate is None:
+            return Availability(True, "generated or given by the spec")
+        return self.locate()
+
+
+_TASKS: dict[str, TaskEntry] = {}
+
+
+def register_task(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    splits: tuple[str, ...] = SPLITS,
+    locate: Callable[[], Availability] | None = None,
+    description: str = "",
+) -> Callable[[TaskFactory], TaskFactory]:
+    """Register ``factory(arg: str | None, **options) -> Task`` under ``name``.
+
+    ``options`` are the protocol options (``protocol``, ``shots``, ``seed``, ``download``);
+    ``locate`` tells, without loading, whether the data is here.
+    """
 
     def deco(fn: TaskFactory) -> TaskFactory:
-        _TASKS[name] = fn
+        _TASKS[name] = TaskEntry(name, fn, num_classes, splits, locate, description)
         return fn
 
     return deco
@@ -66,9 +106,19 @@ def registered_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
+def task_entry(name: str) -> TaskEntry:
+    if name not in _TASKS:
+        raise TaskError(f"unknown task {name!r}; registered: {', '.join(registered_tasks())}")
+    return _TASKS[name]
+
+
 def get_task(spec: str, **options: Any) -> Task:
-    """Build the task named by ``spec`` (``name`` or ``prefix:arg``)."""
+    """Build the task named by ``spec`` (``name`` or ``prefix:arg``).
+
+    Options: ``protocol`` (``vtab-1k`` default, ``few-shot``, ``full``), ``shots`` (few-shot),
+    ``seed`` (split seed, default 0), ``download`` (allow a download when online, default True).
+    """
     name, _, arg = spec.partition(":")
     if name not in _TASKS:
         raise TaskError(f"unknown task {spec!r}; registered: {', '.join(registered_tasks())}")
-    return _TASKS[name](arg or None, **options)
+    return _TASKS[name].factory(arg or None, **options)

@@ -1,0 +1,1 @@
+"""Federation of edge devices: fleet specs, the device round, Flower ClientApp / ServerApp, runs."""

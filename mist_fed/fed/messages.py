@@ -1,0 +1,72 @@
+"""Packing and unpacking the Flower Messages of a fleet run (jobs, weights, results).
+
+Federation messages carry only edge-net weights and small configs, never features.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from mist_fed.fed.aggregate import StateDict
+from mist_fed.fed.device import FAILED, DeviceJob, DeviceResult
+
+TRAIN, EVALUATE = "train", "evaluate"
+
+
+def job_message(job: DeviceJob, state: StateDict, node_id: int, kind: str = TRAIN) -> Message:
+    content = RecordDict(
+        {
+            "job": ConfigRecord(job.to_config()),
+            "weights": ArrayRecord.from_torch_state_dict(state),
+        }
+    )
+    return Message(content=content, dst_node_id=node_id, message_type=kind)
+
+
+def unpack_job(msg: Message) -> tuple[DeviceJob, StateDict]:
+    job = DeviceJob.from_config(msg.content.config_records["job"])
+    state = dict(msg.content.array_records["weights"].to_torch_state_dict())
+    return job, state
+
+
+def train_reply(msg: Message, result: DeviceResult, state: StateDict | None) -> Message:
+    content = RecordDict(
+        {
+            "result": MetricRecord(result.metrics()),  # type: ignore[arg-type]
+            "status": ConfigRecord({"status": result.status, "reason": result.reason}),
+        }
+    )
+    if state is not None:
+        content["weights"] = ArrayRecord.from_torch_state_dict(state)
+    return Message(content=content, reply_to=msg)
+
+
+def unpack_train_reply(reply: Message, job: DeviceJob) -> tuple[DeviceResult, StateDict | None]:
+    if reply.has_error():
+        return (
+            DeviceResult(job.device, job.round, FAILED, f"client error: {reply.error.reason}"),
+            None,
+        )
+    c = reply.content
+    status: dict[str, Any] = dict(c.config_records["status"])
+    result = DeviceResult.from_metrics(
+        str(status["status"]), str(status["reason"]), c.metric_records["result"]
+    )
+    state = (
+        dict(c.array_records["weights"].to_torch_state_dict())
+        if "weights" in c.array_records
+        else None
+    )
+    return result, state
+
+
+def eval_reply(msg: Message, accuracy: float) -> Message:
+    return Message(RecordDict({"eval": MetricRecord({"accuracy": accuracy})}), reply_to=msg)
+
+
+def unpack_eval_reply(reply: Message) -> float:
+    if reply.has_error():
+        return float("nan")
+    return float(reply.content.metric_records["eval"]["accuracy"])  # type: ignore[arg-type]

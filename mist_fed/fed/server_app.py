@@ -1,0 +1,151 @@
+"""The Flower ServerApp of a fleet run: send jobs to the devices' ClientApps, gather replies.
+
+The round logic lives in :class:`mist_fed.fed.runner.FleetRunner`; this module only moves
+:class:`DeviceJob` s and weights through Flower's Grid and back. ``app`` is the component
+``flwr run .`` loads (its run-config is converted into a :class:`FleetSpec` once, here);
+:func:`make_server_app` builds the same app around a ready spec for :mod:`mist_fed.fed.simulate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from mist_fed.fed.aggregate import StateDict
+from mist_fed.fed.device import FAILED, DeviceJob, DeviceResult
+from mist_fed.fed.messages import (
+    EVALUATE,
+    TRAIN,
+    job_message,
+    unpack_eval_reply,
+    unpack_train_reply,
+)
+from mist_fed.fed.runner import FleetRunner, RunRecords, check_devices, plan_devices
+from mist_fed.fed.spec import FleetSpec, spec_from_run_config
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+log = logging.getLogger(__name__)
+
+POLL_S = 0.05
+
+
+class GridTransport:
+    """Train / evaluate callables for :class:`FleetRunner` that go through a Flower Grid."""
+
+    def __init__(self, grid: Grid, node_ids: Sequence[int], timeout_s: float | None = None):
+        self.grid = grid
+        self.node_ids = list(node_ids)
+        self.timeout_s = timeout_s
+        self.on_reply: Callable[[], None] | None = None
+
+    def _exchange(
+        self, jobs: Sequence[DeviceJob], states: Sequence[StateDict], kind: str, live: bool = False
+    ) -> dict[int, Message]:
+        msgs = [
+            job_message(j, s, self.node_ids[j.device], kind)
+            for j, s in zip(jobs, states, strict=True)
+        ]
+        ids = list(self.grid.push_messages(msgs))
+        device_of = dict(zip(ids, (j.device for j in jobs), strict=True))
+        pending = set(ids)
+        replies: dict[int, Message] = {}
+        end = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        while pending and (end is None or time.monotonic() < end):
+            got = list(self.grid.pull_messages(list(pending)))
+            for m in got:
+                mid = m.metadata.reply_to_message_id
+                pending.discard(mid)
+                replies[device_of[mid]] = m
+                if live and self.on_reply:
+                    self.on_reply()
+            if not got:
+                time.sleep(POLL_S)
+        return replies
+
+    def train(
+        self, jobs: Sequence[DeviceJob], states: Sequence[StateDict]
+    ) -> list[tuple[DeviceResult, StateDict | None]]:
+        replies = self._exchange(jobs, states, TRAIN, live=True)
+        out: list[tuple[DeviceResult, StateDict | None]] = []
+        for j in jobs:
+            if j.device in replies:
+                out.append(unpack_train_reply(replies[j.device], j))
+            else:
+                out.append((DeviceResult(j.device, j.round, FAILED, "no reply in time"), None))
+        return out
+
+    def evaluate(self, jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list[float]:
+        replies = self._exchange(jobs, states, EVALUATE)
+        return [
+            unpack_eval_reply(replies[j.device]) if j.device in replies else float("nan")
+            for j in jobs
+        ]
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout_s: float = 120.0) -> list[int]:
+    """Node ids once ``wanted`` nodes have registered (virtual nodes appear asynchronously)."""
+    end = time.monotonic() + timeout_s
+    node_ids = sorted(grid.get_node_ids())
+    while len(node_ids) < wanted and time.monotonic() < end:
+        time.sleep(POLL_S)
+        node_ids = sorted(grid.get_node_ids())
+    return node_ids
+
+
+def run_fleet(
+    grid: Grid,
+    spec: FleetSpec,
+    cloud: str,
+    progress: Callable[[DeviceResult], None] | None = None,
+) -> RunRecords:
+    """Plan the devices, map them onto the grid's nodes, and run every round."""
+    node_ids = wait_for_nodes(grid, spec.num_devices)
+    check_devices(spec, len(node_ids))
+    devices = plan_devices(spec)
+    transport = GridTransport(grid, node_ids)
+    transport.on_reply = getattr(progress, "tick", None)
+    runner = FleetRunner(spec, devices, cloud)
+    return runner.run(transport.train, transport.evaluate, on_result=progress)
+
+
+def make_server_app(
+    spec: FleetSpec,
+    cloud: str,
+    sink: dict[str, Any],
+    progress: Callable[[DeviceResult], None] | None = None,
+) -> ServerApp:
+    """A ServerApp around a ready spec; the records land in ``sink["records"]``."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        sink["records"] = run_fleet(grid, spec, cloud, progress)
+
+    return server
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry of ``flwr run .``: run-config -> spec, then the same path as ``simulate``."""
+    from mist_fed.fed.simulate import cloud_service, finish_run, resolve_assets
+
+    # Relative fleet paths resolve against the app's root (the FAB, or this checkout).
+    app_root = Path(__file__).resolve().parents[2]
+    spec = resolve_assets(spec_from_run_config(context.run_config, base_dir=app_root))
+    cloud = str(context.run_config.get("cloud", "") or "")
+    results = Path(str(context.run_config.get("results-dir", "results")))
+    t0 = time.perf_counter()
+    with cloud_service(spec, cloud or None) as (location, stats):
+        records = run_fleet(grid, spec, location)
+        cloud_stats = stats()
+    finish_run(spec, records, results, wall_s=time.perf_counter() - t0, cloud_stats=cloud_stats)

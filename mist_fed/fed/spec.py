@@ -1,0 +1,312 @@
+"""Fleet specs: which task fleets run, on which device profiles, for how many rounds.
+
+A :class:`FleetSpec` is a frozen, validated dataclass loaded from ``simulations/fleets/*.toml``
+with :func:`load_fleet`. Command-line flags and Flower's kebab-case run-config override it
+through one function each (:func:`apply_overrides`, :func:`spec_from_run_config`), at the
+boundary; everything past that boundary sees only the dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mist_fed.errors import ConfigError
+
+SPLITS = ("iid", "dirichlet")
+AGGREGATIONS = ("fedavg", "local")
+FLEET_METHODS = ("mist", "linear", "partial1", "side")
+WIRE_DTYPES = ("float32", "float16", "int8")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The cloud backbone every fleet of a run shares (see :func:`create_backbone`)."""
+
+    name: str = "dinov2_s14_imgfocus"
+    weights: str | None = None
+    random_init: bool = False
+    seed: int = 0
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and self.random_init:
+            raise ConfigError("backbone: give either `weights` or `random_init = true`, not both")
+
+
+@dataclass(frozen=True)
+class TaskFleet:
+    """Devices sharing one task (and one method): they federate or stay local."""
+
+    task: str
+    devices: int
+    method: str = "mist"
+    aggregation: str = "fedavg"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise ConfigError(f"fleet {self.task!r}: devices must be >= 1, got {self.devices}")
+        if self.method not in FLEET_METHODS:
+            raise ConfigError(
+                f"fleet {self.task!r}: unknown method {self.method!r}; "
+                f"choose one of {', '.join(FLEET_METHODS)}"
+            )
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(
+                f"fleet {self.task!r}: aggregation must be one of {', '.join(AGGREGATIONS)}, "
+                f"got {self.aggregation!r}"
+            )
+        if not self.name:
+            object.__setattr__(self, "name", f"{self.task}/{self.method}")
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """Everything a fleet simulation needs; ``config.toml`` of a run is this, written out."""
+
+    fleets: tuple[TaskFleet, ...]
+    profiles: tuple[tuple[str, int], ...] = (("rpi4", 1),)
+    backbone: BackboneConfig = BackboneConfig()
+    split: str = "iid"
+    dirichlet_alpha: float = 0.5
+    train_per_device: int = 20
+    test_per_device: int = 10
+    rounds: int = 3
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 2e-3
+    k: int | None = None  # gather depth for mist; None = N (all blocks)
+    wire_dtype: str = "float16"
+    dropout: float = 0.0
+    deadline_s: float | None = None  # round deadline in device seconds (stragglers miss it)
+    seed: int = 0
+    fallback_task: str | None = None  # used with fallback_backbone when real assets are missing
+    fallback_backbone: BackboneConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not self.fleets:
+            raise ConfigError("a fleet spec needs at least one [[fleets]] entry")
+        names = [f.name for f in self.fleets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"fleet names must be unique; got {names} (set `name` per fleet)")
+        if not self.profiles or any(n <= 0 for _, n in self.profiles):
+            raise ConfigError(f"profile mix needs positive counts, got {self.profiles}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.dirichlet_alpha <= 0:
+            raise ConfigError("dirichlet_alpha must be > 0")
+        for key in ("train_per_device", "test_per_device", "rounds", "local_epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(
+                f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout is a probability in [0, 1), got {self.dropout}")
+        if self.deadline_s is not None and self.deadline_s <= 0:
+            raise ConfigError("deadline_s must be > 0 (or left out for no deadline)")
+        if self.lr <= 0:
+            raise ConfigError("lr must be > 0")
+
+    @property
+    def num_devices(self) -> int:
+        return sum(f.devices for f in self.fleets)
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+
+def parse_profile_mix(text: str) -> tuple[tuple[str, int], ...]:
+    """``"rpi4"`` or ``"rpi4:30,phone-low:20"`` -> ``(("rpi4", 30), ("phone-low", 20))``."""
+    mix: list[tuple[str, int]] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, count = part.partition(":")
+        if not name or (sep and not count.strip().isdigit()):
+            raise ConfigError(
+                f"bad profile mix entry {part!r}; write `rpi4` or `rpi4:30,phone-low:20`"
+            )
+        mix.append((name.strip(), int(count) if sep else 1))
+    if not mix:
+        raise ConfigError("empty profile mix; write `rpi4` or `rpi4:30,phone-low:20`")
+    return tuple(mix)
+
+
+def format_profile_mix(mix: tuple[tuple[str, int], ...]) -> str:
+    return ",".join(f"{n}:{c}" for n, c in mix)
+
+
+def assign_profiles(mix: tuple[tuple[str, int], ...], devices: int) -> list[str]:
+    """One profile name per device. Counts summing to ``devices`` are exact; otherwise they are
+    proportions, rounded by largest remainder. Order interleaves the kinds evenly."""
+    total = sum(c for _, c in mix)
+    if total == devices:
+        counts = [c for _, c in mix]
+    else:
+        raw = [c * devices / total for _, c in mix]
+        counts = [int(r) for r in raw]
+        for i in sorted(range(len(raw)), key=lambda i: counts[i] - raw[i])[: devices - sum(counts)]:
+            counts[i] += 1
+    # Interleave: device j takes the kind whose quota is furthest behind.
+    out: list[str] = []
+    given = [0] * len(mix)
+    for j in range(devices):
+        i = max(range(len(mix)), key=lambda i: counts[i] * (j + 1) / devices - given[i])
+        given[i] += 1
+        out.append(mix[i][0])
+    return out
+
+
+def _backbone(d: Mapping[str, Any], where: str) -> BackboneConfig:
+    allowed = {f.name for f in dataclasses.fields(BackboneConfig)}
+    _reject_unknown(d, allowed, where)
+    return BackboneConfig(**{k: v for k, v in d.items()})
+
+
+def _reject_unknown(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(d) - allowed
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(sorted(unknown))} in {where}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def spec_from_dict(d: Mapping[str, Any]) -> FleetSpec:
+    """Build a spec from parsed TOML (snake_case keys, as in ``simulations/fleets/*.toml``)."""
+    d = dict(d)
+    d.pop("run", None)  # a results config.toml records how it ran under [run]
+    allowed = {f.name for f in dataclasses.fields(FleetSpec)}
+    _reject_unknown(d, allowed, "fleet spec")
+    fleets_raw = d.pop("fleets", None)
+    if not isinstance(fleets_raw, list) or not fleets_raw:
+        raise ConfigError("a fleet spec needs at least one [[fleets]] table")
+    fleet_fields = {f.name for f in dataclasses.fields(TaskFleet)}
+    fleets = []
+    for i, f in enumerate(fleets_raw):
+        _reject_unknown(f, fleet_fields, f"[[fleets]] #{i + 1}")
+        fleets.append(TaskFleet(**f))
+    kw: dict[str, Any] = {"fleets": tuple(fleets)}
+    if "profiles" in d:
+        p = d.pop("profiles")
+        kw["profiles"] = (
+            parse_profile_mix(p)
+            if isinstance(p, str)
+            else tuple((str(n), int(c)) for n, c in (p.items() if isinstance(p, dict) else p))
+        )
+    if "backbone" in d:
+        kw["backbone"] = _backbone(d.pop("backbone"), "[backbone]")
+    if d.get("fallback_backbone") is not None:
+        kw["fallback_backbone"] = _backbone(d.pop("fallback_backbone"), "[fallback_backbone]")
+    kw.update(d)
+    try:
+        return FleetSpec(**kw)
+    except TypeError as e:
+        raise ConfigError(f"bad fleet spec: {e}") from e
+
+
+def load_fleet(path: str | Path) -> FleetSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"fleet spec {p} not found; see simulations/fleets/ for examples")
+    with p.open("rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from e
+    return spec_from_dict(data)
+
+
+def spec_to_dict(spec: FleetSpec) -> dict[str, Any]:
+    """The TOML-ready form (``None`` fields left out), round-tripping through spec_from_dict."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if v is not None}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    d = dataclasses.asdict(spec)
+    d["profiles"] = format_profile_mix(spec.profiles)
+    return clean(d)
+
+
+# -- overrides: command-line flags and Flower run-config -------------------------------------
+
+OVERRIDES = (
+    "devices",
+    "profile",
+    "tasks",
+    "method",
+    "aggregation",
+    "split",
+    "dirichlet_alpha",
+    "rounds",
+    "local_epochs",
+    "lr",
+    "k",
+    "wire_dtype",
+    "dropout",
+    "deadline_s",
+    "seed",
+    "train_per_device",
+    "test_per_device",
+)
+
+
+def spread(total: int, parts: int) -> list[int]:
+    """``total`` devices over ``parts`` fleets, as evenly as possible."""
+    if total < parts:
+        raise ConfigError(f"{total} devices cannot cover {parts} fleets; give --devices >= {parts}")
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def apply_overrides(spec: FleetSpec, **kw: Any) -> FleetSpec:
+    """Override a spec from flags. ``devices`` is the total, spread over the fleets;
+    ``tasks`` (comma-separated) replaces the fleets' tasks; ``profile`` is a mix string."""
+    kw = {k: v for k, v in kw.items() if v is not None}
+    unknown = set(kw) - set(OVERRIDES)
+    if unknown:
+        raise ConfigError(f"unknown override(s): {', '.join(sorted(unknown))}")
+    fleets = list(spec.fleets)
+    if "tasks" in kw:
+        tasks = [t.strip() for t in str(kw.pop("tasks")).split(",") if t.strip()]
+        base = fleets[0]
+        fleets = [TaskFleet(t, base.devices, base.method, base.aggregation, name="") for t in tasks]
+    fleet_kw = {k: kw.pop(k) for k in ("method", "aggregation") if k in kw}
+    if fleet_kw:
+        fleets = [dataclasses.replace(f, name="", **fleet_kw) for f in fleets]
+    if "devices" in kw:
+        counts = spread(int(kw.pop("devices")), len(fleets))
+        fleets = [dataclasses.replace(f, devices=n) for f, n in zip(fleets, counts, strict=True)]
+    if "profile" in kw:
+        kw["profiles"] = parse_profile_mix(str(kw.pop("profile")))
+    if kw.get("k") is not None and int(kw["k"]) < 0:
+        kw["k"] = None
+    return dataclasses.replace(spec, fleets=tuple(fleets), **kw)
+
+
+def spec_from_run_config(run_config: Mapping[str, Any], base_dir: Path | None = None) -> FleetSpec:
+    """Flower's kebab-case run-config (``[tool.flwr.app.config]``) -> a spec, once, at the edge.
+
+    ``fleet`` names the TOML spec; any of the kebab-case forms of :data:`OVERRIDES` override it;
+    ``spec-json`` (set by :mod:`mist_fed.fed.simulate`) carries a complete spec instead.
+    """
+    rc = {str(k).replace("-", "_"): v for k, v in run_config.items()}
+    if rc.get("spec_json"):
+        return spec_from_dict(json.loads(str(rc["spec_json"])))
+    fleet = Path(str(rc.get("fleet", "simulations/fleets/default.toml")))
+    if not fleet.is_absolute() and base_dir is not None:
+        fleet = base_dir / fleet
+    spec = load_fleet(fleet)
+    over = {k: rc[k] for k in OVERRIDES if k in rc and rc[k] != ""}
+    if "deadline_s" in over and float(over["deadline_s"]) <= 0:
+        over["deadline_s"] = None
+    return apply_overrides(spec, **over)

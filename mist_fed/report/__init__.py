@@ -1,0 +1,1 @@
+"""Results of runs: the Parquet schema, the writer, summary tables and plots."""

@@ -1,0 +1,169 @@
+"""Real-asset check: linear probing vs MIST on a real task with the offline DINOv2 backbone.
+
+Embeds the task once (every candidate k of Gather* plus the final normed class token, one
+backbone pass per image) and caches the features as fp16 under the mist-fed cache, so reruns
+only train. Training is a minimal loop (AdamW, batch 32, cosine to zero); k is chosen on val.
+
+    python simulations/check_real.py --task fashion-mnist --test-limit 1000 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mist_fed.data import get_task
+from mist_fed.defaults import cache_dir
+from mist_fed.model.backbone import Backbone, create_backbone
+from mist_fed.model.gather import GatherSpec, candidate_ks, gather_many
+from mist_fed.model.methods import build_edge_net
+
+log = logging.getLogger("check_real")
+
+
+def embed(backbone: Backbone, task_name: str, test_limit: int, batch: int = 16) -> dict:
+    """Features for train / val / test: ``{split: {"final": [n, d], k: [n, t, d], "y": [n]}}``."""
+    out_path = cache_dir() / "check_real" / f"{backbone.name}-{task_name}-test{test_limit}.pt"
+    if out_path.is_file():
+        return torch.load(out_path)
+    task = get_task(task_name, protocol="vtab-1k", seed=0)
+    tf = backbone.transform()
+    ks = candidate_ks(backbone.num_blocks)
+    specs = [GatherSpec("final"), *[GatherSpec("mist", k) for k in ks]]
+    feats: dict = {}
+    t0 = time.time()
+    for name in ("train", "val", "test"):
+        split = task.split(name)
+        n = len(split) if name != "test" else min(len(split), test_limit)
+        parts: dict = {s: [] for s in specs}
+        for start in range(0, n, batch):
+            x = torch.stack([tf(split.image(i)) for i in range(start, min(n, start + batch))])
+            for s, v in gather_many(backbone, x, specs).items():
+                parts[s].append(v.to(torch.float16))
+            log.info(
+                "%s %d/%d (%.1f img/s)",
+                name,
+                start + len(x),
+                n,
+                (start + len(x)) / (time.time() - t0),
+            )
+        feats[name] = {"y": torch.tensor(list(split.labels)[:n])}
+        for s in specs:
+            feats[name]["final" if s.kind == "final" else s.k] = torch.cat(parts[s])
+        t0 = time.time()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(feats, out_path)
+    return feats
+
+
+def train_eval(net, xtr, ytr, evals, *, lr, epochs=30, batch=32, wd=1e-4, seed=0):
+    """AdamW + cosine to zero; returns accuracy on each (x, y) in ``evals``."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
+    steps = epochs * math.ceil(len(xtr) / batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(xtr), generator=gen).split(batch):
+            loss = F.cross_entropy(net(xtr[idx].float()), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    accs = []
+    with torch.inference_mode():
+        for x, y in evals:
+            pred = torch.cat([net(c.float()).argmax(-1) for c in x.split(256)])
+            accs.append(float((pred == y).float().mean()))
+    return accs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="fashion-mnist")
+    p.add_argument("--backbone", default="dinov2_s14_imgfocus")
+    p.add_argument("--test-limit", type=int, default=1000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--linear-lr", type=float, default=3e-2)
+    p.add_argument("--mist-lr", type=float, default=2e-3)
+    p.add_argument("--ks", type=int, nargs="*", help="candidate k (default: N/3, 2N/3, N)")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    backbone = create_backbone(args.backbone)
+    f = embed(backbone, args.task, args.test_limit)
+    nc = int(max(f["train"]["y"].max(), f["test"]["y"].max())) + 1
+    tr, va, te = f["train"], f["val"], f["test"]
+    ks = args.ks or list(candidate_ks(backbone.num_blocks))
+    results: dict = {
+        "task": args.task,
+        "backbone": backbone.weights_id,
+        "n_test": len(te["y"]),
+        "runs": [],
+    }
+    for seed in args.seeds:
+        lin = build_edge_net("linear", backbone, nc)
+        lv, lt = train_eval(
+            lin,
+            tr["final"],
+            tr["y"],
+            [(va["final"], va["y"]), (te["final"], te["y"])],
+            lr=args.linear_lr,
+            epochs=args.epochs,
+            seed=seed,
+        )
+        log.info("seed %d linear: val %.4f test %.4f", seed, lv, lt)
+        per_k = {}
+        for k in ks:
+            net = build_edge_net("mist", backbone, nc)
+            per_k[k] = train_eval(
+                net,
+                tr[k],
+                tr["y"],
+                [(va[k], va["y"]), (te[k], te["y"])],
+                lr=args.mist_lr,
+                epochs=args.epochs,
+                seed=seed,
+            )
+            log.info("seed %d mist k=%d: val %.4f test %.4f", seed, k, *per_k[k])
+        best = max(ks, key=lambda k: (per_k[k][0], k))
+        run = {
+            "seed": seed,
+            "linear": {"val": lv, "test": lt},
+            "mist": {str(k): {"val": v[0], "test": v[1]} for k, v in per_k.items()},
+            "k": best,
+            "mist_test": per_k[best][1],
+        }
+        results["runs"].append(run)
+        log.info("seed %d: linear %.4f, MIST (k=%d on val) %.4f", seed, lt, best, per_k[best][1])
+    lin_mean = sum(r["linear"]["test"] for r in results["runs"]) / len(results["runs"])
+    mist_mean = sum(r["mist_test"] for r in results["runs"]) / len(results["runs"])
+    results["mean"] = {"linear": lin_mean, "mist": mist_mean}
+    text = json.dumps(results, indent=2)
+    if args.out:
+        args.out.write_text(text)
+    log.info(
+        "mean test accuracy over %d seeds: linear %.4f, MIST %.4f",
+        len(args.seeds),
+        lin_mean,
+        mist_mean,
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

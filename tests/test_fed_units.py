@@ -1,0 +1,218 @@
+"""Fast unit tests of the fleet pieces, without Flower or Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from mist_fed.errors import ConfigError
+from mist_fed.fed.aggregate import aggregate_fleet, fedavg
+from mist_fed.fed.device import DeviceJob, DeviceResult
+from mist_fed.fed.partition import dirichlet_split, iid_split, sample_pool
+from mist_fed.fed.spec import (
+    BackboneConfig,
+    apply_overrides,
+    assign_profiles,
+    load_fleet,
+    parse_profile_mix,
+    spec_from_dict,
+    spec_from_run_config,
+    spec_to_dict,
+)
+from mist_fed.report.results import DEVICE_COLUMNS, FLEET_COLUMNS, summary_table, write_run
+
+FLEETS = Path(__file__).resolve().parents[1] / "simulations" / "fleets"
+
+MINIMAL = {"fleets": [{"task": "synthetic", "devices": 4}], "profiles": "rpi4"}
+
+
+# -- fleet spec ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["default.toml", "mixed.toml", "synthetic.toml"])
+def test_shipped_fleets_load(name: str) -> None:
+    # Execute
+    spec = load_fleet(FLEETS / name)
+    # Assert
+    assert spec.num_devices >= 1
+
+
+def test_spec_round_trips_through_its_toml_dict() -> None:
+    # Prepare
+    spec = spec_from_dict({**MINIMAL, "k": 3, "backbone": {"name": "x", "random_init": True}})
+    # Execute
+    again = spec_from_dict(spec_to_dict(spec))
+    # Assert
+    assert again == spec
+
+
+def test_spec_rejects_unknown_keys_and_bad_values() -> None:
+    with pytest.raises(ConfigError, match="unknown key"):
+        spec_from_dict({**MINIMAL, "roundz": 3})
+    with pytest.raises(ConfigError, match="aggregation"):
+        spec_from_dict({"fleets": [{"task": "t", "devices": 2, "aggregation": "median"}]})
+    with pytest.raises(ConfigError, match="dropout"):
+        spec_from_dict({**MINIMAL, "dropout": 1.5})
+    with pytest.raises(ConfigError, match="weights"):
+        BackboneConfig(weights="w.safetensors", random_init=True)
+
+
+def test_overrides_spread_devices_and_replace_tasks() -> None:
+    # Prepare
+    spec = spec_from_dict(MINIMAL)
+    # Execute
+    out = apply_overrides(spec, tasks="a,b", devices=5, profile="rpi4:3,phone-low:2", rounds=7)
+    # Assert
+    assert [(f.task, f.devices) for f in out.fleets] == [("a", 3), ("b", 2)]
+    assert out.profiles == (("rpi4", 3), ("phone-low", 2)) and out.rounds == 7
+
+
+def test_run_config_is_converted_once_from_kebab_case() -> None:
+    # Execute
+    spec = spec_from_run_config(
+        {"fleet": str(FLEETS / "default.toml"), "devices": 6, "local-epochs": 1, "deadline-s": 0}
+    )
+    # Assert
+    assert spec.num_devices == 6 and spec.local_epochs == 1 and spec.deadline_s is None
+
+
+def test_profile_mix_parsing_and_assignment() -> None:
+    # Execute
+    mix = parse_profile_mix("rpi4:30, phone-low:20")
+    exact = assign_profiles(mix, 50)
+    scaled = assign_profiles((("a", 1), ("b", 3)), 8)
+    # Assert
+    assert mix == (("rpi4", 30), ("phone-low", 20))
+    assert exact.count("rpi4") == 30 and exact.count("phone-low") == 20
+    assert exact[:5] != ["rpi4"] * 5  # interleaved, not blocked
+    assert scaled.count("a") == 2 and scaled.count("b") == 6
+    assert assign_profiles(parse_profile_mix("rpi4"), 3) == ["rpi4"] * 3
+    with pytest.raises(ConfigError, match="profile mix"):
+        parse_profile_mix("rpi4:lots")
+
+
+# -- splits --------------------------------------------------------------------------------------
+
+
+def test_iid_split_covers_every_item_once() -> None:
+    # Execute
+    parts = iid_split(103, 10, seed=0)
+    # Assert
+    flat = sorted(i for p in parts for i in p)
+    assert flat == list(range(103)) and {len(p) for p in parts} <= {10, 11}
+    assert parts == iid_split(103, 10, seed=0) != iid_split(103, 10, seed=1)
+
+
+def test_dirichlet_split_is_label_skewed_and_complete() -> None:
+    # Prepare
+    labels = [i % 10 for i in range(400)]
+    # Execute
+    skewed = dirichlet_split(labels, 8, alpha=0.1, seed=0)
+    even = dirichlet_split(labels, 8, alpha=100.0, seed=0)
+    # Assert
+    assert sorted(i for p in skewed for i in p) == list(range(400))
+    assert min(len(p) for p in skewed) >= 1
+
+    def classes(parts: list[list[int]]) -> float:
+        return sum(len({labels[i] for i in p}) for p in parts) / len(parts)
+
+    assert classes(skewed) < classes(even)
+
+
+def test_sample_pool_nests_and_refuses_too_many() -> None:
+    assert sample_pool(100, 10, 0) == sample_pool(100, 30, 0)[:10]
+    with pytest.raises(ConfigError, match="fewer devices"):
+        sample_pool(10, 11, 0)
+
+
+# -- FedAvg per task -----------------------------------------------------------------------------
+
+
+def test_fedavg_weights_by_examples_and_keeps_int_buffers() -> None:
+    # Prepare
+    a = {"w": torch.zeros(2), "n": torch.tensor(3)}
+    b = {"w": torch.ones(2), "n": torch.tensor(5)}
+    # Execute
+    avg = fedavg([a, b], [1, 3])
+    # Assert
+    assert torch.allclose(avg["w"], torch.full((2,), 0.75)) and int(avg["n"]) == 3
+
+
+def test_aggregate_fleet_fedavg_shares_local_keeps() -> None:
+    # Prepare
+    results = [(0, {"w": torch.zeros(1)}, 1.0), (1, {"w": torch.ones(1)}, 1.0)]
+    # Execute
+    shared = aggregate_fleet("fedavg", results)
+    kept = aggregate_fleet("local", results)
+    # Assert
+    assert torch.allclose(shared["w"], torch.tensor([0.5]))  # type: ignore[index]
+    assert set(kept) == {0, 1} and float(kept[1]["w"]) == 1.0  # type: ignore[index]
+    with pytest.raises(ConfigError):
+        fedavg([{"w": torch.zeros(1)}, {"w": torch.zeros(2)}], [1, 1])
+
+
+# -- messages' payloads and results --------------------------------------------------------------
+
+
+def test_device_job_round_trips_through_a_config_dict() -> None:
+    # Prepare
+    job = DeviceJob(
+        device=3, fleet="f", task="synthetic", method="mist", profile="rpi4", round=2,
+        train_ids=("a", "b"), test_ids=("c",), num_classes=4, cloud="grpc+tcp://127.0.0.1:1",
+        backbone=BackboneConfig("vit_tiny_patch16_224", random_init=True, model_kwargs={"depth": 3}),
+    )  # fmt: skip
+    # Execute
+    again = DeviceJob.from_config(job.to_config())
+    # Assert
+    assert again == job and DeviceJob.from_config(dataclasses.replace(job, k=2).to_config()).k == 2
+
+
+def _rows() -> tuple[list[dict], list[dict]]:
+    devices = []
+    for rnd in (1, 2):
+        for dev, status in ((0, "ok"), (1, "failed")):
+            r = DeviceResult(dev, rnd, status, "" if status == "ok" else "exceeds device memory")
+            r.bytes_down, r.feature_bytes, r.images_down, r.accuracy = 100, 80, 4, 0.5
+            devices.append(
+                {"fleet": "t/mist", "task": "t", "method": "mist", "aggregation": "fedavg",
+                 "profile": "rpi4", "global_accuracy": math.nan, **dataclasses.asdict(r)}
+            )  # fmt: skip
+    fleets = [
+        {"round": rnd, "fleet": "t/mist", "task": "t", "method": "mist", "aggregation": "fedavg",
+         "devices": 2, "ok": 1, "failed": 1, "dropped": 0, "stragglers": 0, "accuracy": 0.5 * rnd,
+         "bytes_down": 200, "bytes_up": 50, "feature_bytes": 80, "images_down": 4,
+         "bytes_per_image": 20.0, "transfer_s": 1.0, "compute_s": 2.0, "round_time_s": 3.0,
+         "peak_mem_mb": 10.0}
+        for rnd in (1, 2)
+    ]  # fmt: skip
+    return devices, fleets
+
+
+def test_results_writer_writes_the_documented_files(tmp_path: Path) -> None:
+    # Prepare
+    devices, fleets = _rows()
+    # Execute
+    paths = write_run(
+        tmp_path / "run", spec_to_dict(spec_from_dict(MINIMAL)), devices, fleets, {"wall_s": 1.0}
+    )
+    # Assert
+    dev = pd.read_parquet(paths["devices"])
+    assert list(dev.columns[: len(DEVICE_COLUMNS)]) == list(DEVICE_COLUMNS) and len(dev) == 4
+    assert list(pd.read_parquet(paths["fleets"]).columns[: len(FLEET_COLUMNS)]) == list(
+        FLEET_COLUMNS
+    )
+    assert load_fleet(paths["config"]) == spec_from_dict(MINIMAL)  # rerunnable
+    summary = paths["summary"].read_text()
+    assert "t/mist" in summary and "exceeds device memory" in summary
+
+
+def test_summary_table_takes_the_last_round() -> None:
+    # Execute
+    table = summary_table(pd.DataFrame(_rows()[1]))
+    # Assert
+    assert table.loc[0, "accuracy"] == 1.0 and table.loc[0, "KB/image"] == pytest.approx(0.02)
