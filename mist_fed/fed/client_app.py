@@ -8,6 +8,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from mist_fed.fed.device import evaluate_device, run_device
+from mist_fed.fed.faults import maybe_fault
 from mist_fed.fed.messages import eval_reply, train_reply, unpack_job
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -18,6 +19,7 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     job, state = unpack_job(msg)
+    maybe_fault(job.device, job.round)
     result, new_state = run_device(job, state)
     return train_reply(msg, result, new_state)
 

@@ -159,7 +159,7 @@ def worker_env() -> dict[str, str]:
         "FLWR_TELEMETRY_ENABLED": "0",
         "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),
     }
-    for key in ("MIST_FED_CACHE", "MIST_FED_WORKER_CACHE_MB", "HF_HUB_OFFLINE"):
+    for key in ("MIST_FED_CACHE", "MIST_FED_WORKER_CACHE_MB", "HF_HUB_OFFLINE", "MIST_FED_FAULTS"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
@@ -248,6 +248,7 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
+    from mist_fed.fed import ray_pool
     from mist_fed.fed.client_app import app as client_app
     from mist_fed.fed.server_app import make_server_app
 
@@ -260,6 +261,7 @@ def simulate(
         with ray_runtime(ray_address, ray_cpus, verbose):
             res = _fit_memory(client_resources(spec))
             log.info("Ray client resources per device: %s", res)
+            ray_pool.install()
             backend_config: dict[str, Any] = {"client_resources": res, "init_args": {}}
             run_simulation(
                 server_app=make_server_app(spec, location, sink, bar),

@@ -1,0 +1,56 @@
+"""Test-only fault injection for fleet runs, selected by the ``MIST_FED_FAULTS`` variable.
+
+``MIST_FED_FAULTS="exit:device=1,round=1"`` makes that device's ClientApp end its worker
+process with ``os._exit`` (no cleanup, as a killed Ray worker) when it receives that round's
+train job. Unset (the default), :func:`maybe_fault` does nothing. The variable travels to Ray
+workers with the run's environment (:func:`mist_fed.fed.simulate.worker_env`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from mist_fed.errors import ConfigError
+
+ENV = "MIST_FED_FAULTS"
+KINDS = ("exit",)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    device: int
+    round: int
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        kind, _, rest = text.strip().partition(":")
+        if kind not in KINDS:
+            raise ConfigError(f"{ENV}: unknown fault {kind!r}; known: {', '.join(KINDS)}")
+        opts: dict[str, int] = {}
+        for part in filter(None, rest.split(",")):
+            key, _, value = part.partition("=")
+            if key not in ("device", "round") or not value.strip().lstrip("-").isdigit():
+                raise ConfigError(f"{ENV}: expected 'exit:device=N,round=R', got {text!r}")
+            opts[key] = int(value)
+        if set(opts) != {"device", "round"}:
+            raise ConfigError(f"{ENV}: expected 'exit:device=N,round=R', got {text!r}")
+        return cls(kind, opts["device"], opts["round"])
+
+
+def configured() -> list[Fault]:
+    """The faults of ``MIST_FED_FAULTS`` (``;``-separated), none when it is unset."""
+    raw = os.environ.get(ENV, "")
+    return [Fault.parse(t) for t in raw.split(";") if t.strip()]
+
+
+def maybe_fault(device: int, rnd: int) -> None:
+    """Inject the configured fault for ``device`` in round ``rnd``, if any."""
+    for f in configured():
+        if f.device == device and f.round == rnd and f.kind == "exit":
+            log.warning("fault injection: device %d exits its worker in round %d", device, rnd)
+            os._exit(17)
