@@ -8,7 +8,6 @@ import os
 
 import numpy as np
 import pyarrow as pa
-import pytest
 
 from mist_fed.cloud.store import SHARD_PREFIX, FeatureStore
 from mist_fed.model.gather import GatherSpec
@@ -88,14 +87,29 @@ def test_a_full_disk_keeps_serving_from_memory_with_a_clear_error(tmp_path, capl
     assert list(part.iterdir()) == []  # no temp file and no half shard left behind
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
-def test_read_only_cache_dir_serves_from_memory_and_reads_what_is_there(tmp_path, caplog):
+def _make_read_only(root, monkeypatch) -> list:
+    """chmod the tree read-only; as root (which ignores modes) make every write fail with EROFS."""
+    if os.geteuid() != 0:
+        dirs = [p for p in root.rglob("*") if p.is_dir()] + [root]
+        for d in dirs:
+            d.chmod(0o555)
+        return dirs
+
+    def erofs(*args: object, **kw: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr("pathlib.Path.write_text", erofs)
+    monkeypatch.setattr("mist_fed.cloud.store.open", erofs, raising=False)
+    return []
+
+
+def test_read_only_cache_dir_serves_from_memory_and_reads_what_is_there(
+    tmp_path, caplog, monkeypatch
+):
     # Prepare: a store written earlier, then the directory tree made read-only
     hashes, cols, x = _rows(3, 0)
     FeatureStore(tmp_path, "w0").put(SPEC, "float32", hashes, cols)
-    dirs = [p for p in tmp_path.rglob("*") if p.is_dir()] + [tmp_path]
-    for d in dirs:
-        d.chmod(0o555)
+    dirs = _make_read_only(tmp_path, monkeypatch)
     try:
         # Execute
         with caplog.at_level(logging.ERROR, logger="mist_fed.cloud.store"):
