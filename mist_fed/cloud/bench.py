@@ -70,7 +70,7 @@ def bench_stream(backbone: Backbone, cfg: BenchConfig, host: str) -> dict[str, f
     k = backbone.num_blocks
     ticket = flight.Ticket(FeatureRequest(task, "train", "mist", k, cfg.dtype).to_json())
     with tempfile.TemporaryDirectory() as store:
-        serve = ServeConfig(host=host, port=0, cache_dir=store, random_init=True)
+        serve = ServeConfig(host=host, port=0, cache_dir=store, random_init=True, tasks=(task,))
         with running_cloud(serve, backbone=backbone) as loc:
             ours = flight.connect(loc)
             table = ours.do_get(ticket).read_all()  # warms the store

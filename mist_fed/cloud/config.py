@@ -26,7 +26,7 @@ class ServeConfig:
     host: str = defaults.DEFAULT_HOST
     port: int = defaults.DEFAULT_PORT
     tokens: str | None = None  # TOML file of [tokens.<name>] entries; None = open server
-    tasks: tuple[str, ...] = ("synthetic",)  # offered in list_flights
+    tasks: tuple[str, ...] = ("synthetic",)  # the task specs served ("*": any registered one)
     # [backbone]
     backbone: str = defaults.DEFAULT_BACKBONE
     weights: str | None = None

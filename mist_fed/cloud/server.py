@@ -35,7 +35,7 @@ from mist_fed.cloud.embed import Embedder, decode_image, image_hash
 from mist_fed.cloud.store import FeatureStore
 from mist_fed.data import get_task
 from mist_fed.data.registry import Task, TaskSplit
-from mist_fed.errors import MistError, WireError
+from mist_fed.errors import MistError, TaskError, WireError
 from mist_fed.model.backbone import Backbone, create_backbone
 from mist_fed.wire.codec import UPLOAD_SCHEMA, Stats, assemble_batch, feature_schema, scale_shape
 from mist_fed.wire.request import FeatureRequest
@@ -97,6 +97,13 @@ class FeatureServer(flight.FlightServerBase):
         with self._lock:
             task = self._tasks.get(spec)
         if task is None:
+            # Only the tasks the operator offers: a task spec from the network must not make
+            # the server build arbitrary tasks (huge synthetic splits, any image folder).
+            if "*" not in self.config.tasks and spec not in self.config.tasks:
+                raise TaskError(
+                    f"unknown task {spec!r} on this server; it serves "
+                    f"{', '.join(self.config.tasks)} (the operator lists them in [server] tasks)"
+                )
             task = get_task(spec)
             with self._lock:
                 self._tasks[spec] = task
@@ -188,7 +195,7 @@ class FeatureServer(flight.FlightServerBase):
         principal = principal_of(context)
         n = self.backbone.num_blocks
         for spec in self.config.tasks:
-            if not principal.allows(spec):
+            if spec == "*" or not principal.allows(spec):
                 continue
             for split in ("train", "val", "test"):
                 req = FeatureRequest(spec, split, "mist", n, self.config.default_dtype)

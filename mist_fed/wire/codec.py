@@ -150,6 +150,10 @@ def encode_arrays(meta: WireMeta, features: np.ndarray | torch.Tensor) -> dict[s
         raise WireError(
             f"features of shape {tuple(features.shape[1:])} do not match the stream's {meta.shape}"
         )
+    if not np.isfinite(features).all():  # int8 would turn NaN into silent garbage
+        raise WireError(
+            "features hold NaN or Inf; refusing to encode them (check the backbone's weights)"
+        )
     if meta.dtype == "int8":
         q, scale = quantize_int8(features)
         return {
@@ -198,14 +202,57 @@ def _tensor_numpy(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.asarray(col.to_numpy_ndarray())
 
 
+def check_schema(schema: pa.Schema, meta: WireMeta) -> None:
+    """Raise ``WireError`` unless ``schema`` has exactly the columns ``meta`` promises."""
+    want = feature_schema(meta)
+    if schema.names != want.names:
+        raise WireError(
+            f"feature stream has columns {schema.names}, expected {want.names} for {meta.dtype}"
+        )
+    for got, exp in zip(schema, want, strict=True):
+        if not got.type.equals(exp.type):
+            raise WireError(
+                f"feature column {got.name!r} is {got.type}, expected {exp.type} "
+                f"(shape {list(meta.shape)} in the stream's metadata)"
+            )
+
+
+def decode_ipc(data: bytes | pa.Buffer) -> FeatureSet:
+    """Decode an Arrow IPC stream of feature batches (e.g. bytes saved from the wire)."""
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise WireError(f"not a readable Arrow IPC feature stream ({type(e).__name__}: {e})") from e
+    return decode(table)
+
+
 def decode(data: pa.RecordBatch | pa.Table | Iterable[pa.RecordBatch]) -> FeatureSet:
-    """Pure decoder: record batch(es) -> :class:`FeatureSet` (int8 dequantized to float32)."""
-    if not isinstance(data, pa.RecordBatch | pa.Table):
-        batches = list(data)
-        if not batches:
-            raise WireError("cannot decode an empty list of batches: the schema is unknown")
-        data = pa.Table.from_batches(batches)
-    meta = WireMeta.from_schema(data.schema)
+    """Pure decoder: record batch(es) -> :class:`FeatureSet` (int8 dequantized to float32).
+
+    Refuses with :class:`WireError` a stream whose columns or tensor shapes differ from its
+    metadata, and features that are not finite (NaN or Inf).
+    """
+    try:
+        if not isinstance(data, pa.RecordBatch | pa.Table):
+            batches = list(data)
+            if not batches:
+                raise WireError("cannot decode an empty list of batches: the schema is unknown")
+            data = pa.Table.from_batches(batches)
+        meta = WireMeta.from_schema(data.schema)
+        check_schema(data.schema, meta)
+        fs = _decode_checked(data, meta)
+    except (pa.ArrowException, ValueError, TypeError, KeyError, RecursionError) as e:
+        raise WireError(f"feature stream does not decode ({type(e).__name__}: {e})") from e
+    if fs.features.numel() and not bool(torch.isfinite(fs.features).all()):
+        bad = int((~torch.isfinite(fs.features)).flatten(1).any(1).sum())
+        raise WireError(
+            f"{bad} of {len(fs)} feature rows hold NaN or Inf; refusing them "
+            "(the cloud's backbone or encoder is broken: report it to its operator)"
+        )
+    return fs
+
+
+def _decode_checked(data: pa.RecordBatch | pa.Table, meta: WireMeta) -> FeatureSet:
     n = data.num_rows
     ids = data.column("id").to_pylist()
     labels = torch.from_numpy(

@@ -73,8 +73,10 @@ class FeatureRequest:
             raise WireError(f"request is {len(raw)} bytes, over the limit of {max_bytes}")
         try:
             d = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, ValueError) as e:  # also ints over Python's digit limit
             raise WireError(f"malformed request: not JSON ({e})") from e
+        except RecursionError as e:
+            raise WireError("malformed request: JSON nested too deeply") from e
         if not isinstance(d, dict):
             raise WireError("malformed request: expected a JSON object")
         unknown = set(d) - _KEYS
