@@ -32,7 +32,7 @@ def embed(backbone: Backbone, task_name: str, test_limit: int, batch: int = 16) 
     """Features for train / val / test: ``{split: {"final": [n, d], k: [n, t, d], "y": [n]}}``."""
     out_path = cache_dir() / "check_real" / f"{backbone.name}-{task_name}-test{test_limit}.pt"
     if out_path.is_file():
-        return torch.load(out_path)
+        return torch.load(out_path, weights_only=True)
     task = get_task(task_name, protocol="vtab-1k", seed=0)
     tf = backbone.transform()
     ks = candidate_ks(backbone.num_blocks)

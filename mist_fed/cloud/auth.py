@@ -1,7 +1,7 @@
 """Bearer-token auth for the Flight server, each token scoped to its tasks.
 
-The tokens file is TOML: ``[tokens.<name>]`` with ``token = "..."`` and ``tasks = [...]``
-(``["*"]`` for every task). Clients send the gRPC header ``authorization: Bearer <token>``.
+The tokens file is TOML: ``[tokens.<name>]`` with ``token = "..."`` and ``tasks = [...]`` (exact task specs;
+``["*"]`` for every task). Clients send the gRPC header ``authorization: Bearer <token>``.
 A missing or wrong token is refused with ``FlightUnauthenticatedError``; a task outside the
 token's scope with ``FlightUnauthorizedError``. Tokens are compared in constant time and never
 logged; logs name the entry (``<name>``) only.
@@ -30,9 +30,9 @@ class Principal:
     tasks: tuple[str, ...]
 
     def allows(self, task: str) -> bool:
-        if "*" in self.tasks:
-            return True
-        return task in self.tasks or task.partition(":")[0] in self.tasks
+        # Exact specs only: "synthetic" must not grant "synthetic:seed=7" (other data), nor
+        # "imagefolder:/a" grant "imagefolder:/b".
+        return "*" in self.tasks or task in self.tasks
 
     def check(self, task: str) -> None:
         if not self.allows(task):

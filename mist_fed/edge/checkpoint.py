@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -130,7 +131,14 @@ def load_checkpoint(
         raise ConfigError(f"{cpath}: format version {cfg.version}, expected {FORMAT_VERSION}")
     net = build_net(cfg, backbone)
     try:
-        net.load_state_dict(load_file(str(wpath)))
+        state = load_file(str(wpath))  # safetensors only: nothing is unpickled
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(
+            f"{wpath} is not a readable safetensors file ({e}); save models with "
+            "`mist-fed client --out DIR` (pickled .pt/.pth checkpoints are not loaded)"
+        ) from e
+    try:
+        net.load_state_dict(state)
     except RuntimeError as e:
         raise ConfigError(f"{wpath} does not match its config {cpath}: {e}") from e
     return net.eval(), cfg
