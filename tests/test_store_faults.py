@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from mist_fed.cloud.store import SHARD_PREFIX, FeatureStore
 from mist_fed.model.gather import GatherSpec
@@ -125,3 +126,22 @@ def test_read_only_cache_dir_serves_from_memory_and_reads_what_is_there(
     np.testing.assert_array_equal(old, x)
     np.testing.assert_array_equal(new, new_x)
     assert not store.persistent and "not writable" in caplog.text
+
+
+@pytest.mark.network
+def test_server_with_an_unwritable_cache_dir_serves_from_memory(tiny_backbone, caplog):
+    from mist_fed.cloud.config import ServeConfig
+    from mist_fed.cloud.runner import running_cloud
+    from mist_fed.wire.client import FeatureClient
+
+    # Prepare: /proc refuses new directories, even to root
+    cfg = ServeConfig(port=0, random_init=True, cache_dir="/proc/self/mist-fed-store")
+    # Execute
+    with caplog.at_level(logging.ERROR), running_cloud(cfg, backbone=tiny_backbone) as loc:
+        client = FeatureClient(loc)
+        first = client.get("synthetic", "val", "mist", 2)
+        again = client.get("synthetic", "val", "mist", 2)
+        stats = client.stats()
+    # Assert
+    assert "not writable" in caplog.text
+    assert (first.features == again.features).all() and stats["cache_hits"] == len(first)
