@@ -256,6 +256,27 @@ def test_cut_stream_resumes_from_last_received_row(tiny_backbone, tmp_path):
     assert _CutOnce.offsets == [0, 8]  # resumed after the one whole batch it kept
 
 
+class _CutEveryStream(FeatureServer):
+    """Breaks every stream after one batch: a flaky link that still makes progress."""
+
+    def _stream(self, context, principal, req, split, rows, meta):
+        inner = super()._stream(context, principal, req, split, rows, meta)
+        yield next(inner)
+        for _ in inner:
+            raise flight.FlightUnavailableError("connection dropped")
+
+
+def test_retry_budget_renews_while_a_cut_stream_makes_progress(tiny_backbone, tmp_path):
+    # Prepare: more cuts than retries, but every attempt delivers one more batch
+    want = list(get_task(TASK).split("train").ids)
+    with running_cloud(_config(tmp_path), backbone=tiny_backbone, server_cls=_CutEveryStream) as loc:
+        # Execute
+        fs = FeatureClient(loc, retries=1, backoff_s=0.01).get(TASK, "train", "mist", 1)
+    # Assert
+    assert len(want) > 2 * 8  # at least three batches, so at least two cuts
+    assert fs.ids == want
+
+
 class _WrongK(FeatureServer):
     def _parse(self, raw, upload=False):
         req = super()._parse(raw, upload)

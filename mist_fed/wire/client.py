@@ -148,6 +148,7 @@ class FeatureClient:
         schema: pa.Schema | None = None
         attempt = 0
         received = 0
+        received_at_break = 0
         while True:
             ticket = FeatureRequest(
                 task, split, gather, k, dtype, req.ids, offset=received
@@ -164,6 +165,9 @@ class FeatureClient:
                     self._account(stats, batch)
                 break
             except TRANSIENT as e:
+                if received > received_at_break:
+                    attempt = 0  # the stream made progress since its last break: a fresh budget
+                received_at_break = received
                 if attempt >= self.retries:
                     raise self._unavailable(e) from e
                 log.warning(
