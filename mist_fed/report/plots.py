@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_accuracy_vs_bytes(fleets: pd.DataFrame, path: Path) -> Path:
@@ -45,6 +46,7 @@ def plot_accuracy_per_round(fleets: pd.DataFrame, path: Path) -> Path:
         g = g.sort_values("round")
         ax.plot(g["round"], g["accuracy"], marker="o", label=str(name))
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy per round, per task fleet")
     ax.legend(fontsize=7)
