@@ -80,7 +80,7 @@ def train_eval(net, xtr, ytr, evals, *, lr, epochs=30, batch=32, wd=1e-4, seed=0
             loss.backward()
             opt.step()
             sched.step()
-        log.debug("epoch done, last loss %.4f", float(loss))
+        log.debug("epoch done, last loss %.4f", loss.item())
     net.eval()
     accs = []
     with torch.inference_mode():
@@ -164,7 +164,7 @@ def main() -> None:
             "mist_test": final[1],
         }
         results["runs"].append(run)
-        log.info("seed %d: linear %.4f, MIST (k=%d on val) %.4f", seed, lt, best, per_k[best][1])
+        log.info("seed %d: linear %.4f, MIST (k=%d on val) %.4f", seed, lt, best, final[1])
     lin_mean = sum(r["linear"]["test"] for r in results["runs"]) / len(results["runs"])
     mist_mean = sum(r["mist_test"] for r in results["runs"]) / len(results["runs"])
     results["mean"] = {"linear": lin_mean, "mist": mist_mean}
