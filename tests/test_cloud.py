@@ -269,7 +269,9 @@ class _CutEveryStream(FeatureServer):
 def test_retry_budget_renews_while_a_cut_stream_makes_progress(tiny_backbone, tmp_path):
     # Prepare: more cuts than retries, but every attempt delivers one more batch
     want = list(get_task(TASK).split("train").ids)
-    with running_cloud(_config(tmp_path), backbone=tiny_backbone, server_cls=_CutEveryStream) as loc:
+    with running_cloud(
+        _config(tmp_path), backbone=tiny_backbone, server_cls=_CutEveryStream
+    ) as loc:
         # Execute
         fs = FeatureClient(loc, retries=1, backoff_s=0.01).get(TASK, "train", "mist", 1)
     # Assert

@@ -1,4 +1,5 @@
-"""`mist-fed bench cloud|edge`: cloud throughput vs bare baselines; edge peak memory vs the paper."""
+"""`mist-fed bench cloud|edge|sim`: cloud throughput vs bare baselines; edge peak memory vs the
+paper; simulation overhead vs a plain loop."""
 
 from __future__ import annotations
 
@@ -62,3 +63,6 @@ def register(sub: Any) -> None:
     from mist_fed.edge.bench import add_parser as add_edge
 
     add_edge(bsub)
+    from mist_fed.commands.simulate import add_bench_parser as add_sim
+
+    add_sim(bsub)

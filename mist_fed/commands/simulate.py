@@ -1,5 +1,5 @@
 """`mist-fed simulate`: a fleet of virtual edge devices on Flower's Ray backend (also
-``python simulations/run.py``), and `mist-fed bench-sim`: its overhead against a plain loop."""
+``python simulations/run.py``), and `mist-fed bench sim`: its overhead against a plain loop."""
 
 from __future__ import annotations
 
@@ -131,6 +131,10 @@ def register(sub: Any) -> None:
     p.add_argument("--run-id", help="name of the run's folder (default: fleet-<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
-    b = sub.add_parser("bench-sim", help="simulation overhead: Flower + Ray vs a plain loop")
+
+
+def add_bench_parser(bsub: Any) -> None:
+    """`mist-fed bench sim`, registered by the bench command."""
+    b = bsub.add_parser("sim", help="simulation overhead: Flower + Ray vs a plain loop")
     add_fleet_args(b)
     b.set_defaults(handler=bench)
