@@ -1,5 +1,6 @@
 """The Flight feature server on 127.0.0.1 (ephemeral ports), its store, auth and client."""
 
+import dataclasses
 import json
 import socket
 from typing import ClassVar
@@ -337,3 +338,20 @@ def test_cli_has_cloud_serve_and_bench():
     assert args.port == 0 and args.random_init
     args = build_parser().parse_args(["bench", "cloud", "--images", "8"])
     assert args.images == 8
+
+
+def test_backbone_device_is_validated_and_cpu_serves(tiny_backbone, tmp_path):
+    import torch
+
+    with pytest.raises(ConfigError, match="device"):
+        ServeConfig(device="tpu")
+    assert ServeConfig(device="auto").torch_device().type == (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            ServeConfig(device="cuda").torch_device()
+    cfg = dataclasses.replace(_config(tmp_path), device="cpu")
+    with running_cloud(cfg, backbone=tiny_backbone) as loc:
+        fs = FeatureClient(loc).get(TASK, "val", "mist", 1)
+    assert len(fs) == len(get_task(TASK).split("val"))

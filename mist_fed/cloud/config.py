@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mist_fed import defaults
 from mist_fed.errors import ConfigError
 from mist_fed.wire.codec import DTYPES
@@ -33,6 +35,7 @@ class ServeConfig:
     random_init: bool = False
     seed: int = 0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"  # where the backbone runs: cpu, cuda, cuda:N, or auto (cuda when present)
     # [store]
     cache_dir: str | None = None  # None = <MIST_FED_CACHE>/features
     batch_size: int = 32  # images per backbone forward
@@ -57,11 +60,24 @@ class ServeConfig:
             raise ConfigError("max_upload_images and max_image_bytes must be >= 1")
         if self.default_dtype not in DTYPES:
             raise ConfigError(f"default_dtype {self.default_dtype!r} is not one of {DTYPES}")
+        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device {self.device!r} is not cpu, cuda, cuda:N or auto")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both tls_cert and tls_key (or neither)")
         if self.weights is not None and self.random_init:
             raise ConfigError("give either weights or random_init = true, not both")
         object.__setattr__(self, "tasks", tuple(self.tasks))
+
+    def torch_device(self) -> torch.device:
+        """The device the backbone runs on; ``auto`` picks CUDA when this host has it."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {self.device!r} asked for, but torch sees no CUDA device here; "
+                "use device = 'cpu' (or 'auto') in [backbone], or --device cpu"
+            )
+        return torch.device(self.device)
 
     @property
     def tls(self) -> bool:

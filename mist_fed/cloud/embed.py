@@ -60,8 +60,15 @@ class EmbedCounters:
 class Embedder:
     """The frozen backbone behind the store: ``columns(spec, dtype, hashes, load)``."""
 
-    def __init__(self, backbone: Backbone, store: FeatureStore, batch_size: int = 32) -> None:
-        self.backbone = backbone
+    def __init__(
+        self,
+        backbone: Backbone,
+        store: FeatureStore,
+        batch_size: int = 32,
+        device: torch.device | None = None,
+    ) -> None:
+        self.device = device or torch.device("cpu")
+        self.backbone = backbone.to(self.device)
         self.store = store
         self.batch_size = batch_size
         self.transform = backbone.transform()
@@ -127,9 +134,9 @@ class Embedder:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
                 x = torch.stack([self.transform(load(i).convert("RGB")) for _, i in chunk])
-                out = gather_many(self.backbone, x, family)
+                out = gather_many(self.backbone, x.to(self.device), family)
                 for s in family:
-                    parts[s].append(out[s])
+                    parts[s].append(out[s].cpu())
                 with self._count_lock:
                     self.counters.images_embedded += len(chunk)
                     self.counters.forward_batches += 1

@@ -64,7 +64,9 @@ class FeatureServer(flight.FlightServerBase):
         self.config = config
         self.backbone = backbone if backbone is not None else build_backbone(config)
         self.store = FeatureStore(config.store_dir, self.backbone.weights_id)
-        self.embedder = Embedder(self.backbone, self.store, config.batch_size)
+        self.embedder = Embedder(
+            self.backbone, self.store, config.batch_size, config.torch_device()
+        )
         self.served = Stats()
         self.requests = {"do_get": 0, "do_exchange": 0, "refused": 0}
         self._tasks: dict[str, Task] = {}

@@ -24,6 +24,7 @@ def serve(args: argparse.Namespace) -> int:
         backbone=args.backbone,
         cache_dir=args.cache_dir,
         tokens=args.tokens,
+        device=args.device,
     )
     if args.weights is not None:  # a weights flag replaces the file's weight source
         config = dataclasses.replace(config, weights=args.weights, random_init=False)
@@ -56,6 +57,7 @@ def register(sub: Any) -> None:
     src.add_argument(
         "--random-init", action="store_true", help="random weights (tests, cost figures)"
     )
+    s.add_argument("--device", help="where the backbone runs: cpu, cuda, cuda:N or auto")
     s.add_argument("--cache-dir", help="feature store directory")
     s.add_argument("--tokens", help="TOML file of [tokens.<name>] bearer tokens scoped to tasks")
     s.set_defaults(handler=serve)
