@@ -27,9 +27,10 @@ data:
 		echo "could not apt-get dataset-fashion-mnist; torchvision will download Fashion-MNIST when online"; \
 	fi
 
+# The main job: 50 Raspberry Pi 4s learning Fashion-MNIST with MIST on Flower + Ray, against
+# an embedded cloud feature service (real offline data and weights; synthetic where missing).
 demo: $(STAMP) data
-	$(BIN)/mist-fed tasks
-	$(BIN)/mist-fed inspect --backbone vit_base_patch16_224 --random-init --num-classes 100
+	$(BIN)/python simulations/run.py --devices 50 --profile rpi4
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest -q
