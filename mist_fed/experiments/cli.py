@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", action="store_true", help="random backbone (tests, demos)")
     p.add_argument("--seeds", type=int, default=None, help="seeds (default 1; 3 with --few-shot)")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--micro-batch", type=int, default=0, help="0 = the whole batch of 32")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=0, help="0 = the whole batch")
     p.add_argument("--train-limit", type=int, help="first N train images (default all 800)")
     p.add_argument("--val-limit", type=int, help="first N val images (default all 200)")
     p.add_argument("--test-limit", type=int, default=1000, help="first N test images")
@@ -68,6 +69,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         seeds=args.seeds or (3 if few else 1),
         epochs=args.epochs,
         micro_batch=args.micro_batch,
+        batch_size=args.batch_size,
         limits={"train": args.train_limit, "val": args.val_limit, "test": args.test_limit},
         variants=tuple(variants),
         few_shot=few,
@@ -97,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         header = (
             f"# Separated tuning through the pipeline\n\n`{command.strip()}`\n\n"
-            f"backbone `{cfg.backbone}`, {cfg.seeds} seed(s), {cfg.epochs} epochs, limits "
+            f"backbone `{cfg.backbone}`, {cfg.seeds} seed(s), {cfg.epochs} epochs of batch {cfg.batch_size}, limits "
             f"{ {k: v for k, v in cfg.limits.items() if v} }; accuracy in % (mean ± std over "
             "seeds); MB/img measured from the bytes streamed; edge train peak = peak RSS rise "
             "during fit (features resident before it are not counted)."

@@ -88,6 +88,7 @@ class CompareConfig:
     seeds: int = 1
     epochs: int = 30
     micro_batch: int = 0
+    batch_size: int = 32
     limits: dict[str, int | None] = field(default_factory=dict)  # split -> max images
     variants: tuple[Variant, ...] = ()
     few_shot: tuple[int, ...] = ()  # shots per class; empty = the VTAB-1k protocol
@@ -242,7 +243,11 @@ class Comparison:
         val = fetch.get("val", self.ids["val"], spec, v.dtype, resident)
         feature_mb = train.features.element_size() * train.features.nelement() / 2**20
         tcfg = TrainConfig.for_method(
-            v.method, epochs=self.cfg.epochs, seed=seed, micro_batch=self.cfg.micro_batch
+            v.method,
+            epochs=self.cfg.epochs,
+            seed=seed,
+            micro_batch=self.cfg.micro_batch,
+            batch_size=self.cfg.batch_size,
         )
         torch.manual_seed(seed)
         net = build_edge_net(v.method, self.backbone, self.task.num_classes)
