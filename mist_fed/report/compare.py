@@ -33,6 +33,7 @@ COMPARE_COLUMNS = (
     "accuracy",
 )
 _KEYS = ["label", "method", "wire_dtype", "group"]
+_MARKERS = "osD^vP*Xh<>p"
 
 
 def seeds_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -154,10 +155,18 @@ def plot_accuracy_vs_mb(agg: pd.DataFrame, path: Path) -> Path:
     )
     g["mb"] = g["mb"] / 1e6
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for _, r in g.iterrows():
+    colors = plt.get_cmap("tab20").colors
+    for i, (_, r) in enumerate(g.iterrows()):
         name = f"{r['label']} [{r['wire_dtype']}]"
         ax.errorbar(
-            r["mb"], 100 * r["acc"], yerr=100 * r["std"], fmt="o", ms=5, capsize=2, label=name
+            r["mb"],
+            100 * r["acc"],
+            yerr=100 * r["std"],
+            fmt=_MARKERS[i % len(_MARKERS)],
+            color=colors[i % len(colors)],
+            ms=6,
+            capsize=2,
+            label=name,
         )
     front = pareto_front(list(zip(g["mb"], g["acc"], strict=True)))
     fr = g.iloc[front]
