@@ -155,7 +155,8 @@ def plot_accuracy_vs_mb(agg: pd.DataFrame, path: Path) -> Path:
     )
     g["mb"] = g["mb"] / 1e6
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    colors = plt.get_cmap("tab20").colors
+    cmap = plt.get_cmap("tab20")
+    colors = [cmap(i / 20) for i in range(20)]
     for i, (_, r) in enumerate(g.iterrows()):
         name = f"{r['label']} [{r['wire_dtype']}]"
         ax.errorbar(
