@@ -55,6 +55,8 @@ def table_rows(tmp_path_factory):
     return cfg, rows
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_every_method_and_wire_has_a_row_per_seed(table_rows):
     # Prepare / Execute: the module fixture ran every default variant for 2 seeds
     _, rows = table_rows
@@ -69,6 +71,8 @@ def test_every_method_and_wire_has_a_row_per_seed(table_rows):
     assert (df["edge_params"] > 0).all() and (df["cloud_macs"] > 0).all()
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_table_bytes_equal_the_bytes_streamed(table_rows, tiny_backbone):
     # Prepare: the rows' bytes per image, and a fresh client on the same store
     cfg, rows = table_rows
@@ -99,6 +103,8 @@ def test_table_bytes_equal_the_bytes_streamed(table_rows, tiny_backbone):
     assert stats["images_embedded"] == 0  # everything came from the precomputed store
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_wire_formats_order_bytes(table_rows):
     _, rows = table_rows
     df = pd.DataFrame(rows)
@@ -112,6 +118,8 @@ def test_wire_formats_order_bytes(table_rows):
     assert linear < mist["int8"]
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_mist_row_is_the_k_row_best_on_validation(table_rows):
     _, rows = table_rows
     df = pd.DataFrame(rows)
@@ -126,6 +134,8 @@ def test_mist_row_is_the_k_row_best_on_validation(table_rows):
         assert set(g[(g["label"] == "mist")]["k"]) == {mist["k"]}
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_write_compare_outputs(table_rows, tmp_path):
     _, rows = table_rows
     paths = write_compare(rows, tmp_path / "run", header="# test")
@@ -137,6 +147,8 @@ def test_write_compare_outputs(table_rows, tmp_path):
     assert paths["plot"].stat().st_size > 0
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_few_shot_mode(tmp_path):
     cfg = _cfg(
         tmp_path,
@@ -196,6 +208,8 @@ def test_aggregate_mean_and_spread():
     assert "60.0 ± 14.1" in markdown_table(agg)
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_fetcher_counts_every_chunk(tmp_path, tiny_backbone):
     # Prepare: a store filled by precompute
     task = get_task(TASK)
