@@ -1,0 +1,1 @@
+"""Experiments that run the whole pipeline: the paper-table comparison."""

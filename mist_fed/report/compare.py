@@ -1,0 +1,231 @@
+"""The comparison's outputs: ``compare.parquet`` / ``compare.md`` (Table 1's shape) and plots.
+
+* ``compare_seeds.parquet``: one row per variant, task, seed (and shots in few-shot mode);
+* ``compare.parquet``: one row per variant (method x wire dtype) and task, accuracy as mean
+  and spread (sample std) over seeds, with :data:`COMPARE_COLUMNS` first;
+* ``compare.md``: method, wire, MB per image, edge params, edge and cloud GMACs, edge
+  training peak memory, accuracy per task (mean ± std) and their mean;
+* ``accuracy_vs_mb.png``: accuracy against MB per image (log x), Pareto front marked;
+* few-shot mode: ``fewshot.md`` and ``accuracy_vs_shots.png`` instead of the table above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+
+COMPARE_COLUMNS = (
+    "method",
+    "wire_dtype",
+    "task",
+    "transfer_bytes_per_image",
+    "edge_params",
+    "edge_macs",
+    "cloud_macs",
+    "edge_peak_mem_mb",
+    "accuracy",
+)
+_KEYS = ["label", "method", "wire_dtype", "group"]
+_MARKERS = "osD^vP*Xh<>p"
+
+
+def seeds_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(list(rows))
+
+
+def aggregate(seeds: pd.DataFrame) -> pd.DataFrame:
+    """Mean and spread over seeds: one row per (variant, task[, shots])."""
+    keys = _KEYS + ["task"] + (["shots"] if seeds["shots"].notna().any() else [])
+    g = seeds.groupby(keys, sort=False, dropna=False)
+    df = g.agg(
+        transfer_bytes_per_image=("transfer_bytes_per_image", "mean"),
+        edge_params=("edge_params", "first"),
+        edge_macs=("edge_macs", "first"),
+        cloud_macs=("cloud_macs", "first"),
+        edge_peak_mem_mb=("edge_peak_mem_mb", "max"),
+        edge_feature_mb=("edge_feature_mb", "max"),
+        accuracy=("accuracy", "mean"),
+        accuracy_std=("accuracy", "std"),
+        seeds=("seed", "nunique"),
+        ks=("k", lambda s: ",".join(sorted({str(int(v)) for v in s.dropna()}))),
+        train_seconds=("train_seconds", "mean"),
+    ).reset_index()
+    df["accuracy_std"] = df["accuracy_std"].fillna(0.0)
+    first = [c for c in COMPARE_COLUMNS if c in df.columns]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def _pm(mean: float, std: float, seeds: int) -> str:
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if seeds > 1 else "")
+
+
+def markdown_table(agg: pd.DataFrame) -> str:
+    """Table 1's shape: one line per variant, accuracy per task and the mean over tasks."""
+    tasks = list(dict.fromkeys(agg["task"]))
+    head = [
+        "method",
+        "wire",
+        "k",
+        "MB/img",
+        "edge params (M)",
+        "edge GMACs",
+        "cloud GMACs",
+        "edge train peak (MB)",
+        *tasks,
+    ]
+    if len(tasks) > 1:
+        head.append("mean")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, g in agg.groupby(_KEYS, sort=False):
+        r = g.iloc[0]
+        cells = [
+            str(r["label"]),
+            str(r["wire_dtype"]),
+            str(r["ks"]) or "-",
+            f"{g['transfer_bytes_per_image'].mean() / 1e6:.4f}",
+            f"{r['edge_params'] / 1e6:.3f}",
+            f"{r['edge_macs'] / 1e9:.4f}",
+            f"{r['cloud_macs'] / 1e9:.3f}",
+            f"{g['edge_peak_mem_mb'].max():.0f}",
+        ]
+        by_task = g.set_index("task")
+        for t in tasks:
+            if t in by_task.index:
+                row = by_task.loc[t]
+                cells.append(_pm(row["accuracy"], row["accuracy_std"], int(row["seeds"])))
+            else:
+                cells.append("-")
+        if len(tasks) > 1:
+            cells.append(f"{100 * g['accuracy'].mean():.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fewshot_table(agg: pd.DataFrame) -> str:
+    """Accuracy (mean ± std over seeds) per variant and shots, one block per task."""
+    out = []
+    for task, g in agg.groupby("task", sort=False):
+        shots = sorted(int(s) for s in g["shots"].dropna().unique())
+        out.append(f"### {task}\n")
+        out.append("| method | wire | " + " | ".join(f"{s}-shot" for s in shots) + " |")
+        out.append("|" + "---|" * (2 + len(shots)))
+        for _, v in g.groupby(_KEYS, sort=False):
+            by = v.set_index("shots")
+            cells = [
+                _pm(by.loc[s, "accuracy"], by.loc[s, "accuracy_std"], int(by.loc[s, "seeds"]))
+                if s in by.index
+                else "-"
+                for s in shots
+            ]
+            out.append(
+                f"| {v.iloc[0]['label']} | {v.iloc[0]['wire_dtype']} | " + " | ".join(cells) + " |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats (fewer or equal bytes AND higher accuracy)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_accuracy_vs_mb(agg: pd.DataFrame, path: Path) -> Path:
+    """Accuracy (mean over tasks) vs MB per image, log x; the Pareto front as a line."""
+    g = (
+        agg.groupby(_KEYS, sort=False)
+        .agg(
+            mb=("transfer_bytes_per_image", "mean"),
+            acc=("accuracy", "mean"),
+            std=("accuracy_std", "mean"),
+        )
+        .reset_index()
+    )
+    g["mb"] = g["mb"] / 1e6
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    cmap = plt.get_cmap("tab20")
+    colors = [cmap(i / 20) for i in range(20)]
+    for i, (_, r) in enumerate(g.iterrows()):
+        name = f"{r['label']} [{r['wire_dtype']}]"
+        ax.errorbar(
+            r["mb"],
+            100 * r["acc"],
+            yerr=100 * r["std"],
+            fmt=_MARKERS[i % len(_MARKERS)],
+            color=colors[i % len(colors)],
+            ms=6,
+            capsize=2,
+            label=name,
+        )
+    front = pareto_front(list(zip(g["mb"], g["acc"], strict=True)))
+    fr = g.iloc[front]
+    ax.plot(fr["mb"], 100 * fr["acc"], "k--", lw=1, label="Pareto front")
+    ax.scatter(fr["mb"], 100 * fr["acc"], s=140, facecolors="none", edgecolors="k")
+    ax.set_xscale("log")
+    ax.set_xlabel("transfer MB per image (measured on the wire, log)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, loc="best", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_shots(agg: pd.DataFrame, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for (label, _m, dtype, _g), v in agg.groupby(_KEYS, sort=False):
+        v = v.groupby("shots").agg(acc=("accuracy", "mean"), std=("accuracy_std", "mean"))
+        ax.errorbar(
+            v.index,
+            100 * v["acc"],
+            yerr=100 * v["std"],
+            marker="o",
+            capsize=2,
+            label=f"{label} [{dtype}]",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_compare(
+    rows: Sequence[Mapping[str, Any]], run_dir: Path, header: str = ""
+) -> dict[str, Path]:
+    """Write the parquet files, the markdown table and the plot(s) into ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seeds = seeds_frame(rows)
+    agg = aggregate(seeds)
+    paths = {
+        "seeds": run_dir / "compare_seeds.parquet",
+        "table": run_dir / "compare.parquet",
+        "markdown": run_dir / "compare.md",
+    }
+    seeds.to_parquet(paths["seeds"], index=False)
+    agg.to_parquet(paths["table"], index=False)
+    few = "shots" in agg.columns
+    body = fewshot_table(agg) if few else markdown_table(agg)
+    paths["markdown"].write_text((header + "\n\n" if header else "") + body)
+    if few:
+        paths["plot"] = plot_accuracy_vs_shots(agg, run_dir / "accuracy_vs_shots.png")
+    else:
+        paths["plot"] = plot_accuracy_vs_mb(agg, run_dir / "accuracy_vs_mb.png")
+    return paths
