@@ -1,7 +1,8 @@
-"""Is the model hub reachable? A fast check, so offline machines fail in seconds, not minutes.
+"""Is a download host reachable? A fast check, so offline machines fail in seconds, not minutes.
 
-The hub client retries with backoff for most of a minute when there is no network; asking
-first keeps the real download path for online machines and a prompt, clear error offline.
+Hub and dataset clients retry with backoff for most of a minute when there is no network;
+one short TCP connect first keeps the real download path for online machines and a prompt,
+clear error offline. :func:`url_reachable` serves any host; :func:`hub_reachable` the model hub.
 """
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ def _can_connect(host: str, port: int, timeout: float) -> bool:
         return False
 
 
+def url_reachable(url: str, timeout: float = 3.0) -> bool:
+    """True when ``url``'s host accepts a TCP connection (asked once per process)."""
+    u = urlparse(url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    return bool(u.hostname) and _can_connect(u.hostname or "", port, timeout)
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True when the Hugging Face hub endpoint accepts a TCP connection (and offline mode is off)."""
     if _offline_flag():
         return False
     from huggingface_hub import constants
 
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    return _can_connect(url.hostname or "", port, timeout)
+    return url_reachable(constants.ENDPOINT, timeout)
