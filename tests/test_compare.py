@@ -80,6 +80,7 @@ def test_table_bytes_equal_the_bytes_streamed(table_rows, tiny_backbone):
     task = get_task(TASK)
     serve = ServeConfig(
         port=0,
+        tasks=(TASK,),
         cache_dir=cfg.cache_dir,
         random_init=True,
         backbone=cfg.backbone,
@@ -215,6 +216,7 @@ def test_fetcher_counts_every_chunk(tmp_path, tiny_backbone):
     task = get_task(TASK)
     serve = ServeConfig(
         port=0,
+        tasks=(TASK,),
         cache_dir=str(tmp_path),
         random_init=True,
         model_kwargs=dict(TINY_VIT),
