@@ -21,6 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from mist_fed.report.plots import save_figure
+
 COMPARE_COLUMNS = (
     "method",
     "wire_dtype",
@@ -178,10 +180,7 @@ def plot_accuracy_vs_mb(agg: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, loc="best", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_shots(agg: pd.DataFrame, path: Path) -> Path:
@@ -201,10 +200,7 @@ def plot_accuracy_vs_shots(agg: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_compare(

@@ -10,7 +10,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Lay out, write as PNG at 120 dpi, and free the figure (every report plot ends here)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_accuracy_vs_bytes(fleets: pd.DataFrame, path: Path) -> Path:
@@ -34,10 +43,7 @@ def plot_accuracy_vs_bytes(fleets: pd.DataFrame, path: Path) -> Path:
     ax.set_title("Accuracy vs transfer per image")
     ax.legend(title="method", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_accuracy_per_round(fleets: pd.DataFrame, path: Path) -> Path:
@@ -51,10 +57,7 @@ def plot_accuracy_per_round(fleets: pd.DataFrame, path: Path) -> Path:
     ax.set_title("Accuracy per round, per task fleet")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_device_time(devices: pd.DataFrame, path: Path) -> Path:
@@ -72,10 +75,7 @@ def plot_device_time(devices: pd.DataFrame, path: Path) -> Path:
     ax.set_title("Device time: transfer vs compute")
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_run(run_dir: Path, devices: pd.DataFrame, fleets: pd.DataFrame) -> list[Path]:
