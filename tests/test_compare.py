@@ -117,6 +117,11 @@ def test_wire_formats_order_bytes(table_rows):
     assert side / mist["float32"] == pytest.approx(levels, rel=0.05)
     linear = df[df["method"] == "linear"]["transfer_bytes_per_image"].mean()
     assert linear < mist["int8"]
+    # 2x2 pooling keeps the class token and a quarter of the 4x4 patch grid: 5 of 17 tokens
+    # (plus the per-row ids and labels, a few % here)
+    pool = df[df["label"] == "mist_pool"].groupby("wire_dtype")["transfer_bytes_per_image"].mean()
+    for dtype in ("float16", "int8"):
+        assert pool[dtype] / mist[dtype] == pytest.approx(5 / 17, rel=0.1)  # + row overhead
 
 
 @pytest.mark.slow
@@ -130,7 +135,7 @@ def test_mist_row_is_the_k_row_best_on_validation(table_rows):
         mist = g[(g["label"] == "mist") & (g["wire_dtype"] == "float32")].iloc[0]
         assert mist["k"] == best["k"] and mist["accuracy"] == best["accuracy"]
         # ablation blocks and compressed wires run at MIST's k
-        for label in ("mist_mlp", "mist_dwconv"):
+        for label in ("mist_mlp", "mist_dwconv", "mist_pool"):
             assert g[g["label"] == label].iloc[0]["k"] == mist["k"]
         assert set(g[(g["label"] == "mist")]["k"]) == {mist["k"]}
 

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from mist_fed.errors import ConfigError
-from mist_fed.model.gather import GatherSpec, candidate_ks, gather, gather_many
+from mist_fed.model.gather import (
+    GatherSpec,
+    candidate_ks,
+    feature_shape,
+    gather,
+    gather_many,
+    pooled_grid,
+)
 
 
 def hand_loop(model, x):
@@ -84,6 +91,28 @@ def test_gather_many_is_one_pass_and_matches_single_specs(tiny_backbone, images)
     assert len(calls) == tiny_backbone.num_blocks  # every block ran exactly once
     for spec in specs:
         torch.testing.assert_close(out[spec], gather(tiny_backbone, images, spec))
+
+
+def test_pooled_gather_star_averages_2x2_patch_windows(tiny_backbone, images):
+    # Prepare: Gather* at k=2 over the tiny ViT's 4x4 patch grid (one class token)
+    spec = GatherSpec("mistpool", 2)
+    full = gather(tiny_backbone, images, GatherSpec("mist", 2))
+    grid = full[:, 1:].reshape(4, 4, 4, -1)  # [batch, row, col, dim]
+    # Execute
+    got = gather(tiny_backbone, images, spec)
+    # Assert: class token untouched, each pooled token the mean of its 2x2 window, row-major
+    assert got.shape == (4, *feature_shape(tiny_backbone, spec)) == (4, 5, 48)
+    torch.testing.assert_close(got[:, 0], full[:, 0])
+    for i, (r, c) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
+        want = grid[:, r : r + 2, c : c + 2].mean(dim=(1, 2))
+        torch.testing.assert_close(got[:, 1 + i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_pooled_grid_keeps_a_partial_last_window_and_needs_a_square():
+    assert pooled_grid(16 * 16) == 8
+    assert pooled_grid(7 * 7) == 4
+    with pytest.raises(ConfigError, match="square patch grid"):
+        pooled_grid(12)
 
 
 def test_candidate_ks_follow_thirds():

@@ -22,7 +22,13 @@ from PIL import Image, UnidentifiedImageError
 from mist_fed.cloud.store import FeatureStore, content_hash
 from mist_fed.errors import WireError
 from mist_fed.model.backbone import Backbone
-from mist_fed.model.gather import GatherSpec, candidate_ks, gather_many
+from mist_fed.model.gather import (
+    DEPTH_GATHERS,
+    GatherSpec,
+    candidate_ks,
+    feature_shape,
+    gather_many,
+)
 from mist_fed.wire.codec import WireMeta, encode_arrays
 
 log = logging.getLogger(__name__)
@@ -75,23 +81,20 @@ class Embedder:
         self.counters = EmbedCounters()
         self._forward_lock = threading.Lock()
         self._count_lock = threading.Lock()
-        n, t, d = backbone.num_blocks, backbone.num_tokens, backbone.embed_dim
-        self._dims = (n, t, d)
 
     def meta(self, spec: GatherSpec, dtype: str) -> WireMeta:
-        n, t, d = self._dims
         return WireMeta(
             backbone=self.backbone.name,
             weights=self.backbone.weights_id,
             gather=spec.kind,
             k=spec.k,
             dtype=dtype,
-            shape=spec.shape(n, t, d),
+            shape=feature_shape(self.backbone, spec),
         )
 
     def family(self, spec: GatherSpec) -> list[GatherSpec]:
         """Every spec one pass for ``spec`` computes and stores."""
-        if spec.kind in ("mist", "block"):
+        if spec.kind in DEPTH_GATHERS:
             ks = sorted({*candidate_ks(self.backbone.num_blocks), spec.k or 0})
             return [GatherSpec(spec.kind, k) for k in ks]
         return [spec]

@@ -20,7 +20,7 @@ from mist_fed.cloud.embed import image_hash
 from mist_fed.cloud.store import FeatureStore
 from mist_fed.data.registry import TaskSplit
 from mist_fed.model.backbone import Backbone
-from mist_fed.model.gather import GatherSpec, gather_many
+from mist_fed.model.gather import GatherSpec, feature_shape, gather_many
 from mist_fed.wire.codec import WireMeta, encode_arrays
 
 log = logging.getLogger(__name__)
@@ -36,30 +36,33 @@ def precompute(
 ) -> int:
     """Store every ``(spec, dtype)`` of ``pairs`` for ``split``'s ``rows``; returns images embedded.
 
-    Images already stored for every pair are skipped (reruns only fill what is missing).
+    Images already stored for every pair are skipped, and a pair is written only for the images
+    it lacks (reruns, or a new pair, fill what is missing without duplicating the rest).
     """
     store = FeatureStore(store_dir, backbone.weights_id)
     tf = backbone.transform()
-    n, t, d = backbone.num_blocks, backbone.num_tokens, backbone.embed_dim
     hashes = [image_hash(split.image(r)) for r in rows]
+    missing: dict[tuple[GatherSpec, str], set[str]] = {}
     todo: dict[str, int] = {}
-    for spec, dtype in pairs:
-        for h, r, loc in zip(hashes, rows, store.lookup(spec, dtype, hashes), strict=True):
-            if loc is None:
-                todo.setdefault(h, r)
+    for pair in pairs:
+        locs = store.lookup(*pair, hashes)
+        missing[pair] = {h for h, loc in zip(hashes, locs, strict=True) if loc is None}
+        todo.update((h, r) for h, r in zip(hashes, rows, strict=True) if h in missing[pair])
     items = list(todo.items())
-    specs = sorted({s for s, _ in pairs}, key=lambda s: s.label())
     start = time.perf_counter()
     for b in range(0, len(items), batch_size):
         chunk = items[b : b + batch_size]
+        keys = [h for h, _ in chunk]
+        needed = {p: [i for i, h in enumerate(keys) if h in missing[p]] for p in pairs}
+        needed = {p: idx for p, idx in needed.items() if idx}
+        specs = sorted({s for s, _ in needed}, key=lambda s: s.label())
         x = torch.stack([tf(split.image(r).convert("RGB")) for _, r in chunk])
         out = gather_many(backbone, x, specs)
-        keys = [h for h, _ in chunk]
-        for spec, dtype in pairs:
-            meta = WireMeta(
-                backbone.name, backbone.weights_id, spec.kind, spec.k, dtype, spec.shape(n, t, d)
-            )
-            store.put(spec, dtype, keys, encode_arrays(meta, out[spec]))
+        for (spec, dtype), idx in needed.items():  # only what the store lacks: no duplicates
+            shape = feature_shape(backbone, spec)
+            meta = WireMeta(backbone.name, backbone.weights_id, spec.kind, spec.k, dtype, shape)
+            batch = encode_arrays(meta, out[spec][idx])
+            store.put(spec, dtype, [keys[i] for i in idx], batch)
         done = b + len(chunk)
         log.info(
             "precompute %d/%d images (%.1f img/s)",

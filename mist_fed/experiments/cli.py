@@ -85,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("mist_fed.cloud", "mist_fed.wire"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("mist_fed.cloud.precompute").setLevel(logging.INFO)  # embedding progress
     try:
         cfg = config_from_args(args)
         run_dir = args.out / (args.run_id or new_run_id("compare"))

@@ -76,6 +76,7 @@ def default_variants(wire_dtypes: Sequence[str] = ("float16", "int8")) -> list[V
     ]
     out += [Variant(f"mist k={f}", "mist", k=i, group="k") for i, f in enumerate(K_NAMES)]
     out += [Variant("mist", "mist", dtype=d, k="mist", group="wire") for d in wire_dtypes]
+    out += [Variant("mist_pool", "mist_pool", dtype=d, k="mist", group="wire") for d in wire_dtypes]
     return out
 
 

@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mist_fed.model.backbone import Backbone
-from mist_fed.model.gather import gather
+from mist_fed.model.gather import feature_shape, gather
 from mist_fed.model.methods import build_edge_net, method_gather
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
@@ -65,7 +65,7 @@ def method_cost(
     size = backbone.img_size
     image = torch.zeros(1, 3, size, size)
     cloud_macs = count_macs(lambda x: gather(backbone, x, spec), image)
-    shape = spec.shape(backbone.num_blocks, backbone.num_tokens, backbone.embed_dim)
+    shape = feature_shape(backbone, spec)
     net = build_edge_net(method, backbone, num_classes).eval()
     edge_macs = count_macs(net, torch.zeros(1, *shape))
     blocks = (

@@ -7,6 +7,9 @@ all tokens, prefix tokens included.
 * ``side``: ``[z_0, ..., z_N]`` stacked, shape ``[N+1, tokens, dim]`` (LST/LAST-style side tuning).
 * ``final``: the final normed class token, shape ``[dim]`` (linear probing).
 * ``block``: ``z_k`` alone, shape ``[tokens, dim]`` (Partial-1 uses ``k = N-1``).
+* ``mistpool``: Gather* with the patch grid average-pooled ``POOL x POOL`` on the cloud (prefix
+  tokens kept): about ``1/POOL**2`` of the tokens, hence of the bytes on the wire. Not in the
+  paper: a wire compression measured beside it.
 
 :func:`gather_many` serves several specs (e.g. every candidate ``k``) from one pass that
 stops at the deepest block any of them needs.
@@ -14,15 +17,19 @@ stops at the deepest block any of them needs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mist_fed.errors import ConfigError
 from mist_fed.model.backbone import Backbone
 
-GATHERS = ("mist", "side", "final", "block")
+GATHERS = ("mist", "mistpool", "side", "final", "block")
+DEPTH_GATHERS = ("mist", "mistpool", "block")  # the kinds that take a depth k
+POOL = 2  # mistpool's pooling window and stride on the patch grid
 
 
 @dataclass(frozen=True)
@@ -35,9 +42,9 @@ class GatherSpec:
     def __post_init__(self) -> None:
         if self.kind not in GATHERS:
             raise ConfigError(f"unknown gather {self.kind!r}; choose one of {', '.join(GATHERS)}")
-        if self.kind in ("mist", "block") and self.k is None:
+        if self.kind in DEPTH_GATHERS and self.k is None:
             raise ConfigError(f"gather {self.kind!r} needs a depth k")
-        if self.kind in ("side", "final") and self.k is not None:
+        if self.kind not in DEPTH_GATHERS and self.k is not None:
             raise ConfigError(f"gather {self.kind!r} always uses every block; do not give k")
 
     def depth(self, num_blocks: int) -> int:
@@ -47,16 +54,38 @@ class GatherSpec:
             raise ConfigError(f"k={k} is outside 0..{num_blocks}")
         return k
 
-    def shape(self, num_blocks: int, tokens: int, dim: int) -> tuple[int, ...]:
-        """Per-image feature shape."""
+    def shape(self, num_blocks: int, tokens: int, dim: int, prefix: int = 1) -> tuple[int, ...]:
+        """Per-image feature shape (``prefix``: class and register tokens among ``tokens``)."""
         if self.kind == "side":
             return (num_blocks + 1, tokens, dim)
         if self.kind == "final":
             return (dim,)
+        if self.kind == "mistpool":
+            return (prefix + pooled_grid(tokens - prefix) ** 2, dim)
         return (tokens, dim)
 
     def label(self) -> str:
         return self.kind if self.k is None else f"{self.kind}{self.k}"
+
+
+def feature_shape(backbone: Backbone, spec: GatherSpec) -> tuple[int, ...]:
+    """Per-image shape of ``spec``'s feature for ``backbone``."""
+    return spec.shape(
+        backbone.num_blocks, backbone.num_tokens, backbone.embed_dim, backbone.num_prefix_tokens
+    )
+
+
+def patch_grid(patches: int) -> int:
+    """Side of the square patch grid; pooling needs one."""
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ConfigError(f"patch pooling needs a square patch grid; got {patches} patches")
+    return side
+
+
+def pooled_grid(patches: int) -> int:
+    """Side of the grid after ``POOL x POOL`` average pooling (a partial last window is kept)."""
+    return -(-patch_grid(patches) // POOL)
 
 
 def candidate_ks(num_blocks: int) -> tuple[int, ...]:
@@ -84,6 +113,20 @@ def _gather_star(zs: Sequence[torch.Tensor], backbone: Backbone, k: int | None) 
     for z in zs[1 : k + 1]:
         out += z
     return out
+
+
+@register_gather("mistpool")
+def _gather_star_pooled(
+    zs: Sequence[torch.Tensor], backbone: Backbone, k: int | None
+) -> torch.Tensor:
+    out = _gather_star(zs, backbone, k)
+    prefix = backbone.num_prefix_tokens
+    pre, patches = out[:, :prefix], out[:, prefix:]
+    b, p, d = patches.shape
+    side = patch_grid(p)
+    grid = patches.transpose(1, 2).reshape(b, d, side, side)
+    pooled = F.avg_pool2d(grid, POOL, POOL, ceil_mode=True).flatten(2).transpose(1, 2)
+    return torch.cat([pre, pooled], dim=1).contiguous()
 
 
 @register_gather("side")

@@ -14,7 +14,7 @@ from torch import nn
 
 from mist_fed.errors import ConfigError
 from mist_fed.model.backbone import Backbone
-from mist_fed.model.gather import GatherSpec
+from mist_fed.model.gather import GatherSpec, feature_shape
 from mist_fed.model.lae import create_edge_net
 
 
@@ -30,6 +30,10 @@ class Method:
 
 def _mist(n: int, k: int | None) -> GatherSpec:
     return GatherSpec("mist", n if k is None else k)
+
+
+def _mist_pooled(n: int, k: int | None) -> GatherSpec:
+    return GatherSpec("mistpool", n if k is None else k)
 
 
 METHODS: dict[str, Method] = {
@@ -56,6 +60,13 @@ METHODS: dict[str, Method] = {
         Method("mist", "MIST: LAE on Gather* = z_0 + ... + z_k", _mist, "lae", tunes_k=True),
         Method(
             "gather_linear", "ablation: Gather* + linear head", _mist, "gather_linear", tunes_k=True
+        ),
+        Method(
+            "mist_pool",
+            "wire: MIST with the patch grid average-pooled 2x2 on the cloud (1/4 of the tokens)",
+            _mist_pooled,
+            "lae",
+            tunes_k=True,
         ),
         Method("lae_zn", "ablation: LAE on z_N only", lambda n, k: GatherSpec("block", n), "lae"),
         Method(
@@ -94,9 +105,10 @@ def method_gather(name: str, backbone: Backbone, k: int | None = None) -> Gather
 def build_edge_net(name: str, backbone: Backbone, num_classes: int, **overrides: Any) -> nn.Module:
     """The edge network a method trains, sized for ``backbone``'s features."""
     method = get_method(name)
+    shape = feature_shape(backbone, method.gather(backbone.num_blocks, None))
     kw: dict[str, Any] = {
         "dim": backbone.embed_dim,
-        "tokens": backbone.num_tokens,
+        "tokens": shape[-2] if len(shape) > 1 else backbone.num_tokens,
         "num_classes": num_classes,
         "prefix_tokens": backbone.num_prefix_tokens,
         **method.edge_kwargs,

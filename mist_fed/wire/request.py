@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mist_fed.errors import WireError
-from mist_fed.model.gather import GATHERS, GatherSpec
+from mist_fed.model.gather import DEPTH_GATHERS, GATHERS, GatherSpec
 from mist_fed.wire.codec import DTYPES
 
 SPLITS = ("train", "val", "test")
@@ -36,9 +36,9 @@ class FeatureRequest:
             raise WireError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int)):
             raise WireError(f"k must be an integer, got {self.k!r}")
-        if self.gather in ("mist", "block") and self.k is None:
+        if self.gather in DEPTH_GATHERS and self.k is None:
             raise WireError(f"gather {self.gather!r} needs an integer k")
-        if self.gather in ("side", "final") and self.k is not None:
+        if self.gather not in DEPTH_GATHERS and self.k is not None:
             raise WireError(f"gather {self.gather!r} uses every block; leave k out")
         if self.task is not None and self.split not in SPLITS:
             raise WireError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
