@@ -15,7 +15,6 @@ from mist_fed.fed.aggregate import aggregate_fleet, fedavg
 from mist_fed.fed.device import DeviceJob, DeviceResult
 from mist_fed.fed.partition import dirichlet_split, iid_split, sample_pool
 from mist_fed.fed.spec import (
-    BackboneConfig,
     apply_overrides,
     assign_profiles,
     load_fleet,
@@ -24,6 +23,7 @@ from mist_fed.fed.spec import (
     spec_from_run_config,
     spec_to_dict,
 )
+from mist_fed.model.backbone import BackboneSpec
 from mist_fed.report.results import DEVICE_COLUMNS, FLEET_COLUMNS, summary_table, write_run
 
 FLEETS = Path(__file__).resolve().parents[1] / "simulations" / "fleets"
@@ -58,8 +58,19 @@ def test_spec_rejects_unknown_keys_and_bad_values() -> None:
         spec_from_dict({"fleets": [{"task": "t", "devices": 2, "aggregation": "median"}]})
     with pytest.raises(ConfigError, match="dropout"):
         spec_from_dict({**MINIMAL, "dropout": 1.5})
-    with pytest.raises(ConfigError, match="weights"):
-        BackboneConfig(weights="w.safetensors", random_init=True)
+    with pytest.raises(ConfigError, match=r"\[backbone\]: give either a weights file"):
+        spec_from_dict({**MINIMAL, "backbone": {"weights": "w.safetensors", "random_init": True}})
+    with pytest.raises(ConfigError, match="unknown key"):
+        spec_from_dict({**MINIMAL, "fallback_backbone": {"name": "x", "weightz": "w"}})
+
+
+def test_backbone_name_defaults_to_the_offline_dinov2() -> None:
+    # Execute
+    bare = spec_from_dict(MINIMAL)
+    nameless = spec_from_dict({**MINIMAL, "backbone": {"seed": 1}})
+    # Assert
+    assert bare.backbone == BackboneSpec("dinov2_s14_imgfocus")
+    assert nameless.backbone == BackboneSpec("dinov2_s14_imgfocus", seed=1)
 
 
 def test_overrides_spread_devices_and_replace_tasks() -> None:
@@ -164,7 +175,7 @@ def test_device_job_round_trips_through_a_config_dict() -> None:
     job = DeviceJob(
         device=3, fleet="f", task="synthetic", method="mist", profile="rpi4", round=2,
         train_ids=("a", "b"), test_ids=("c",), num_classes=4, cloud="grpc+tcp://127.0.0.1:1",
-        backbone=BackboneConfig("vit_tiny_patch16_224", random_init=True, model_kwargs={"depth": 3}),
+        backbone=BackboneSpec("vit_tiny_patch16_224", random_init=True, model_kwargs={"depth": 3}),
     )  # fmt: skip
     # Execute
     again = DeviceJob.from_config(job.to_config())

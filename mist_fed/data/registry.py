@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from mist_fed.errors import TaskError
+from mist_fed.registry import Registry
 
 SPLITS = ("train", "val", "test")
 
@@ -78,7 +79,7 @@ class TaskEntry:
         return self.locate()
 
 
-_TASKS: dict[str, TaskEntry] = {}
+_TASKS: Registry[TaskEntry] = Registry("task", TaskError)
 
 
 def register_task(
@@ -96,20 +97,18 @@ def register_task(
     """
 
     def deco(fn: TaskFactory) -> TaskFactory:
-        _TASKS[name] = TaskEntry(name, fn, num_classes, splits, locate, description)
+        _TASKS.add(name, TaskEntry(name, fn, num_classes, splits, locate, description))
         return fn
 
     return deco
 
 
 def registered_tasks() -> list[str]:
-    return sorted(_TASKS)
+    return _TASKS.names()
 
 
 def task_entry(name: str) -> TaskEntry:
-    if name not in _TASKS:
-        raise TaskError(f"unknown task {name!r}; registered: {', '.join(registered_tasks())}")
-    return _TASKS[name]
+    return _TASKS.get(name)
 
 
 def get_task(spec: str, **options: Any) -> Task:
@@ -119,6 +118,4 @@ def get_task(spec: str, **options: Any) -> Task:
     ``seed`` (split seed, default 0), ``download`` (allow a download when online, default True).
     """
     name, _, arg = spec.partition(":")
-    if name not in _TASKS:
-        raise TaskError(f"unknown task {spec!r}; registered: {', '.join(registered_tasks())}")
-    return _TASKS[name].factory(arg or None, **options)
+    return _TASKS.get(name).factory(arg or None, **options)

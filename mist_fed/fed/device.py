@@ -27,8 +27,7 @@ from mist_fed.edge.device import DeviceClock, calibrate_host
 from mist_fed.edge.memory import estimate_train_mb, peak_rss_mb, reset_peak_rss, rss_mb
 from mist_fed.edge.profiles import load_profile, profile_resources
 from mist_fed.edge.trainer import TrainConfig, evaluate, fit
-from mist_fed.fed.spec import BackboneConfig
-from mist_fed.model.backbone import Backbone, create_backbone
+from mist_fed.model.backbone import Backbone, BackboneSpec, create_backbone
 from mist_fed.model.methods import build_edge_net, method_gather
 from mist_fed.wire.client import FeatureClient
 from mist_fed.wire.features import FeatureSet
@@ -55,7 +54,7 @@ class DeviceJob:
     test_ids: tuple[str, ...]
     num_classes: int
     cloud: str
-    backbone: BackboneConfig
+    backbone: BackboneSpec
     k: int | None = None
     wire_dtype: str = "float16"
     epochs: int = 1
@@ -78,7 +77,7 @@ class DeviceJob:
         d = {f.name: cfg[f.name] for f in dataclasses.fields(cls)}
         d["train_ids"] = tuple(d["train_ids"])
         d["test_ids"] = tuple(d["test_ids"])
-        d["backbone"] = BackboneConfig(**json.loads(d["backbone"]))
+        d["backbone"] = BackboneSpec(**json.loads(d["backbone"]))
         d["k"] = None if int(d["k"]) < 0 else int(d["k"])
         return cls(**d)
 
@@ -127,7 +126,7 @@ _FEATURES: OrderedDict[tuple[Any, ...], tuple[FeatureSet, int]] = OrderedDict()
 _FEATURE_CACHE_BYTES = int(os.environ.get("MIST_FED_WORKER_CACHE_MB", "2048")) << 20
 
 
-def get_backbone(cfg: BackboneConfig) -> Backbone:
+def get_backbone(cfg: BackboneSpec) -> Backbone:
     key = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
     if key not in _BACKBONES:
         _BACKBONES[key] = create_backbone(

@@ -12,31 +12,18 @@ import dataclasses
 import json
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mist_fed.errors import ConfigError
+from mist_fed.errors import BackboneError, ConfigError
+from mist_fed.model.backbone import BackboneSpec
+from mist_fed.model.imgfocus import NAME as DEFAULT_BACKBONE
 
 SPLITS = ("iid", "dirichlet")
 AGGREGATIONS = ("fedavg", "local")
 FLEET_METHODS = ("mist", "linear", "partial1", "side")
 WIRE_DTYPES = ("float32", "float16", "int8")
-
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    """The cloud backbone every fleet of a run shares (see :func:`create_backbone`)."""
-
-    name: str = "dinov2_s14_imgfocus"
-    weights: str | None = None
-    random_init: bool = False
-    seed: int = 0
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.weights is not None and self.random_init:
-            raise ConfigError("backbone: give either `weights` or `random_init = true`, not both")
 
 
 @dataclass(frozen=True)
@@ -66,13 +53,16 @@ class TaskFleet:
             object.__setattr__(self, "name", f"{self.task}/{self.method}")
 
 
+_DEFAULT_BACKBONE_SPEC = BackboneSpec(DEFAULT_BACKBONE)
+
+
 @dataclass(frozen=True)
 class FleetSpec:
     """Everything a fleet simulation needs; ``config.toml`` of a run is this, written out."""
 
     fleets: tuple[TaskFleet, ...]
     profiles: tuple[tuple[str, int], ...] = (("rpi4", 1),)
-    backbone: BackboneConfig = BackboneConfig()
+    backbone: BackboneSpec = _DEFAULT_BACKBONE_SPEC  # shared by every fleet of a run
     split: str = "iid"
     dirichlet_alpha: float = 0.5
     train_per_device: int = 20
@@ -87,7 +77,7 @@ class FleetSpec:
     deadline_s: float | None = None  # round deadline in device seconds (stragglers miss it)
     seed: int = 0
     fallback_task: str | None = None  # used with fallback_backbone when real assets are missing
-    fallback_backbone: BackboneConfig | None = None
+    fallback_backbone: BackboneSpec | None = None
 
     def __post_init__(self) -> None:
         if not self.fleets:
@@ -163,10 +153,14 @@ def assign_profiles(mix: tuple[tuple[str, int], ...], devices: int) -> list[str]
     return out
 
 
-def _backbone(d: Mapping[str, Any], where: str) -> BackboneConfig:
-    allowed = {f.name for f in dataclasses.fields(BackboneConfig)}
+def _backbone(d: Mapping[str, Any], where: str) -> BackboneSpec:
+    """A ``[backbone]`` table -> :class:`BackboneSpec`; ``name`` defaults to the offline DINOv2."""
+    allowed = {f.name for f in dataclasses.fields(BackboneSpec)}
     _reject_unknown(d, allowed, where)
-    return BackboneConfig(**{k: v for k, v in d.items()})
+    try:
+        return BackboneSpec(**{"name": DEFAULT_BACKBONE, **d})
+    except BackboneError as e:
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def _reject_unknown(d: Mapping[str, Any], allowed: set[str], where: str) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from mist_fed.errors import BackboneError, WeightsUnavailableError
 from mist_fed.model.hub import hub_reachable
+from mist_fed.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +50,16 @@ class BackboneSpec:
 
 
 BackboneFactory = Callable[[BackboneSpec], "tuple[nn.Module, str]"]
-_BACKBONES: dict[str, BackboneFactory] = {}
+_BACKBONES: Registry[BackboneFactory] = Registry("backbone", BackboneError)
 
 
 def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
     """Register a factory ``spec -> (timm VisionTransformer, weights_id)`` under ``name``."""
-
-    def deco(fn: BackboneFactory) -> BackboneFactory:
-        _BACKBONES[name] = fn
-        return fn
-
-    return deco
+    return _BACKBONES.register(name)
 
 
 def registered_backbones() -> list[str]:
-    return sorted(_BACKBONES)
+    return _BACKBONES.names()
 
 
 def file_digest(path: Path, length: int = 16) -> str:
@@ -256,8 +252,9 @@ def create_backbone(
         seed=seed,
         model_kwargs=dict(model_kwargs),
     )
-    factory = _BACKBONES.get(name)
-    if factory is None:
+    if name in _BACKBONES:
+        factory = _BACKBONES.get(name)
+    else:
         base = name.split(".")[0]
         if not timm.is_model(base):
             raise BackboneError(

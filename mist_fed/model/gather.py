@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from mist_fed.errors import ConfigError
 from mist_fed.model.backbone import Backbone
+from mist_fed.registry import Registry
 
 GATHERS = ("mist", "mistpool", "side", "final", "block")
 DEPTH_GATHERS = ("mist", "mistpool", "block")  # the kinds that take a depth k
@@ -95,15 +96,11 @@ def candidate_ks(num_blocks: int) -> tuple[int, ...]:
 
 
 GatherFn = Callable[[Sequence[torch.Tensor], Backbone, int | None], torch.Tensor]
-_GATHER_FNS: dict[str, GatherFn] = {}
+_GATHER_FNS: Registry[GatherFn] = Registry("gather")
 
 
 def register_gather(name: str) -> Callable[[GatherFn], GatherFn]:
-    def deco(fn: GatherFn) -> GatherFn:
-        _GATHER_FNS[name] = fn
-        return fn
-
-    return deco
+    return _GATHER_FNS.register(name)
 
 
 @register_gather("mist")
@@ -156,7 +153,7 @@ def gather_many(
         zs = list(backbone.iter_blocks(images, upto=depth))
         out: dict[GatherSpec, torch.Tensor] = {}
         for spec in specs:
-            out[spec] = _GATHER_FNS[spec.kind](zs, backbone, spec.k)
+            out[spec] = _GATHER_FNS.get(spec.kind)(zs, backbone, spec.k)
     return out
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mist_fed.errors import ConfigError
+from mist_fed.registry import Registry
 
 # -- activation recomputation ---------------------------------------------------------------
 
@@ -61,19 +62,15 @@ def recompute(fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # -- block functions ------------------------------------------------------------------------
 
 BlockFactory = Callable[..., nn.Module]
-_BLOCKS: dict[str, BlockFactory] = {}
+_BLOCKS: Registry[BlockFactory] = Registry("edge block")
 
 
 def register_edge_block(name: str) -> Callable[[BlockFactory], BlockFactory]:
-    def deco(fn: BlockFactory) -> BlockFactory:
-        _BLOCKS[name] = fn
-        return fn
-
-    return deco
+    return _BLOCKS.register(name)
 
 
 def edge_blocks() -> list[str]:
-    return sorted(_BLOCKS)
+    return _BLOCKS.names()
 
 
 class LowRankAttentionBlock(nn.Module):
@@ -156,34 +153,26 @@ register_edge_block("dwconv")(DWConvBlock)
 
 
 def create_edge_block(name: str, **kw: Any) -> nn.Module:
-    if name not in _BLOCKS:
-        raise ConfigError(f"unknown edge block {name!r}; choose one of {', '.join(edge_blocks())}")
-    return _BLOCKS[name](**kw)
+    return _BLOCKS.get(name)(**kw)
 
 
 # -- edge networks --------------------------------------------------------------------------
 
 NetFactory = Callable[..., nn.Module]
-_NETS: dict[str, NetFactory] = {}
+_NETS: Registry[NetFactory] = Registry("edge network")
 
 
 def register_edge_net(name: str) -> Callable[[NetFactory], NetFactory]:
-    def deco(fn: NetFactory) -> NetFactory:
-        _NETS[name] = fn
-        return fn
-
-    return deco
+    return _NETS.register(name)
 
 
 def edge_nets() -> list[str]:
-    return sorted(_NETS)
+    return _NETS.names()
 
 
 def create_edge_net(name: str, **kw: Any) -> nn.Module:
     """Build a registered edge network (``lae``, ``linear``, ``gather_linear``, ``partial1``, ``side``)."""
-    if name not in _NETS:
-        raise ConfigError(f"unknown edge network {name!r}; choose one of {', '.join(edge_nets())}")
-    return _NETS[name](**kw)
+    return _NETS.get(name)(**kw)
 
 
 class LAE(nn.Module):
