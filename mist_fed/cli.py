@@ -19,7 +19,7 @@ STUCK_GRACE_S = 10.0
 log = logging.getLogger("mist_fed.cli")
 
 # Subcommand modules under mist_fed/commands/, in help order; each has register(subparsers).
-COMMANDS = ("inspect", "profiles", "tasks", "cloud", "client", "bench", "simulate")
+COMMANDS = ("inspect", "profiles", "tasks", "cloud", "client", "bench", "simulate", "compare")
 
 
 def build_parser() -> argparse.ArgumentParser:
