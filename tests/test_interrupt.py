@@ -22,7 +22,7 @@ from mist_fed.cli import EXIT_INTERRUPTED
 from mist_fed.fed import server_app
 from mist_fed.fed.device import DeviceJob
 from mist_fed.fed.server_app import GridTransport, RunStopped, wait_for_nodes
-from mist_fed.fed.spec import BackboneConfig
+from mist_fed.model.backbone import BackboneSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 START_LIMIT_S = 420  # until round 2 starts (Ray start, embedding, round 1) on a loaded host
@@ -81,7 +81,7 @@ def test_a_stopped_run_stops_waiting_for_nodes_and_replies(monkeypatch) -> None:
     job = DeviceJob(
         device=0, fleet="f", task="synthetic", method="mist", profile="rpi4", round=1,
         train_ids=("a",), test_ids=("b",), num_classes=2, cloud="grpc+tcp://127.0.0.1:1",
-        backbone=BackboneConfig("vit_tiny_patch16_224", random_init=True),
+        backbone=BackboneSpec("vit_tiny_patch16_224", random_init=True),
     )  # fmt: skip
     transport = GridTransport(_SilentGrid(), [7], stop=stop)  # type: ignore[arg-type]
     threading.Timer(0.2, stop.set).start()
