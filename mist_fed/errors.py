@@ -1,5 +1,9 @@
 """The one exception hierarchy of mist-fed; every message tells the user what to do next."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class MistError(Exception):
     """Base class of every error mist-fed raises on purpose."""
@@ -39,3 +43,14 @@ class CloudRequestError(WireError):
 
 class CloudAuthError(CloudRequestError):
     """The cloud refused the token (missing, wrong, or not scoped to the task)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C after cleaning up; says what it kept (``run_dir``, if any).
+
+    A ``KeyboardInterrupt``, so code that stops on Ctrl-C still does; the CLI exits with 130.
+    """
+
+    def __init__(self, message: str, run_dir: Path | None = None) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir

@@ -77,6 +77,20 @@ def test_client_runs_the_baselines(cloud, tmp_path, method):
     assert (tmp_path / "lae.safetensors").is_file()
 
 
+def test_partial1_model_of_a_custom_sized_backbone_loads_from_its_checkpoint(
+    cloud, tiny_backbone, tmp_path
+):
+    # Prepare: the cloud's backbone is a custom-sized ViT (not vit_tiny's default width)
+    cfg = ClientConfig(TASK, cloud, "laptop", str(tmp_path), method="partial1", train=FAST)
+    m = run_client(cfg)
+    # Execute: rebuild with nothing but the checkpoint (no backbone at hand)
+    net, saved = load_checkpoint(tmp_path)
+    # Assert
+    assert saved.backbone_kwargs == tiny_backbone.spec.model_kwargs
+    test = FeatureClient(cloud).get(TASK, "test", "block", tiny_backbone.num_blocks - 1)
+    assert evaluate(net, test) == pytest.approx(m["accuracy"])
+
+
 def test_client_upload_and_predict(cloud, tmp_path, capsys):
     # Prepare
     cfg = ClientConfig(TASK, cloud, "laptop", str(tmp_path), upload=True, ks=(2,), train=FAST)

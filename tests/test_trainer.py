@@ -107,6 +107,26 @@ def test_checkpoint_round_trip(tmp_path):
         load_checkpoint(tmp_path / "missing")
 
 
+def test_partial1_checkpoint_of_a_custom_sized_vit_round_trips(tmp_path):
+    # Prepare: a ViT far from its timm name's default size, and Partial-1 on its last block
+    from mist_fed.model.backbone import create_backbone
+
+    kw = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+    backbone = create_backbone("vit_tiny_patch16_224", random_init=True, seed=1, **kw)
+    cfg = EdgeModelConfig.for_backbone("partial1", backbone, num_classes=3)
+    net = build_net(cfg, backbone)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, backbone.num_tokens, backbone.embed_dim, generator=g)
+    data = FeatureSet([f"r{i}" for i in range(8)], torch.arange(8) % 3, x)
+    fit(net, data, TrainConfig(epochs=1, batch_size=8, micro_batch=0, grad_checkpointing=False))
+    # Execute: save, then rebuild without the backbone
+    save_checkpoint(net, cfg, tmp_path)
+    again, cfg2 = load_checkpoint(tmp_path)
+    # Assert
+    assert cfg2.backbone_kwargs == kw
+    torch.testing.assert_close(net.eval()(x), again(x))
+
+
 def test_device_clock_scales_by_compute_and_link():
     # Prepare
     rpi4 = load_profile("rpi4")

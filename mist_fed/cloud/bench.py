@@ -75,7 +75,8 @@ def bench_stream(backbone: Backbone, cfg: BenchConfig, host: str) -> dict[str, f
             ours = flight.connect(loc)
             table = ours.do_get(ticket).read_all()  # warms the store
             bare = _BareServer(f"grpc+tcp://{host}:0", table)
-            thread = threading.Thread(target=bare.serve, daemon=True)
+            # wait, not serve: serve installs Arrow's SIGINT handler, which would swallow Ctrl-C
+            thread = threading.Thread(target=bare.wait, daemon=True)
             thread.start()
             try:
                 theirs = flight.connect(f"grpc+tcp://{host}:{bare.port}")

@@ -27,7 +27,10 @@ def running_cloud(
     """
     config = config or ServeConfig(port=0)
     server = server_cls(config, backbone=backbone)
-    thread = threading.Thread(target=server.serve, name="mist-fed-cloud", daemon=True)
+    # The server serves from construction on; ``wait`` only blocks until shutdown. Not
+    # ``serve``: that installs Arrow's own SIGINT/SIGTERM handlers, process-wide, so Ctrl-C
+    # would stop this server and never reach the main thread as KeyboardInterrupt.
+    thread = threading.Thread(target=server.wait, name="mist-fed-cloud", daemon=True)
     thread.start()
     scheme = "grpc+tls" if config.tls else "grpc+tcp"
     location = f"{scheme}://{config.host}:{server.port}"

@@ -57,12 +57,24 @@ def build_backbone(config: ServeConfig) -> Backbone:
     )
 
 
+def _json_kwargs(backbone: Backbone) -> dict[str, Any]:
+    """The backbone's timm kwargs, for clients that rebuild part of it (Partial-1 checkpoints)."""
+    kw = dict(backbone.spec.model_kwargs)
+    try:
+        json.dumps(kw)
+    except (TypeError, ValueError):
+        log.warning("backbone kwargs %r are not JSON; clients will not be told them", kw)
+        return {}
+    return kw
+
+
 class FeatureServer(flight.FlightServerBase):
     """Serves Gather* (and baseline) features of a frozen backbone over Arrow Flight."""
 
     def __init__(self, config: ServeConfig, backbone: Backbone | None = None) -> None:
         self.config = config
         self.backbone = backbone if backbone is not None else build_backbone(config)
+        self._model_kwargs = _json_kwargs(self.backbone)
         self.store = FeatureStore(config.store_dir, self.backbone.weights_id)
         self.embedder = Embedder(
             self.backbone, self.store, config.batch_size, config.torch_device()
@@ -314,6 +326,7 @@ class FeatureServer(flight.FlightServerBase):
         return {
             "backbone": self.backbone.name,
             "weights": self.backbone.weights_id,
+            "model_kwargs": self._model_kwargs,
             "images_embedded": c.images_embedded,
             "forward_batches": c.forward_batches,
             "cache_hits": c.cache_hits,

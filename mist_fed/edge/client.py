@@ -265,6 +265,8 @@ def _model_config(
         dtype=cfg.dtype,
         classes=classes,
         task=cfg.task,
+        # Partial-1 rebuilds the backbone's last block from these (custom-sized ViTs too).
+        backbone_kwargs=dict(server.get("model_kwargs") or {}),
     )
 
 

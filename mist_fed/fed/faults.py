@@ -2,7 +2,8 @@
 
 ``MIST_FED_FAULTS="exit:device=1,round=1"`` makes that device's ClientApp end its worker
 process with ``os._exit`` (no cleanup, as a killed Ray worker) when it receives that round's
-train job. Unset (the default), :func:`maybe_fault` does nothing. The variable travels to Ray
+train job; ``hang:device=1,round=1`` makes it sleep ``HANG_S`` instead (a device that never
+answers, to interrupt a run mid-round). Unset (the default), :func:`maybe_fault` does nothing. The variable travels to Ray
 workers with the run's environment (:func:`mist_fed.fed.simulate.worker_env`).
 """
 
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from mist_fed.errors import ConfigError
 
 ENV = "MIST_FED_FAULTS"
-KINDS = ("exit",)
+KINDS = ("exit", "hang")
+HANG_S = 3600.0
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +38,10 @@ class Fault:
         for part in filter(None, rest.split(",")):
             key, _, value = part.partition("=")
             if key not in ("device", "round") or not value.strip().lstrip("-").isdigit():
-                raise ConfigError(f"{ENV}: expected 'exit:device=N,round=R', got {text!r}")
+                raise ConfigError(f"{ENV}: expected '{kind}:device=N,round=R', got {text!r}")
             opts[key] = int(value)
         if set(opts) != {"device", "round"}:
-            raise ConfigError(f"{ENV}: expected 'exit:device=N,round=R', got {text!r}")
+            raise ConfigError(f"{ENV}: expected '{kind}:device=N,round=R', got {text!r}")
         return cls(kind, opts["device"], opts["round"])
 
 
@@ -51,6 +54,11 @@ def configured() -> list[Fault]:
 def maybe_fault(device: int, rnd: int) -> None:
     """Inject the configured fault for ``device`` in round ``rnd``, if any."""
     for f in configured():
-        if f.device == device and f.round == rnd and f.kind == "exit":
+        if f.device != device or f.round != rnd:
+            continue
+        if f.kind == "exit":
             log.warning("fault injection: device %d exits its worker in round %d", device, rnd)
             os._exit(17)
+        if f.kind == "hang":
+            log.warning("fault injection: device %d hangs in round %d", device, rnd)
+            time.sleep(HANG_S)

@@ -158,10 +158,13 @@ class FleetRunner:
         train: TrainFn,
         evaluate: EvalFn,
         on_result: Callable[[DeviceResult], None] | None = None,
+        records: RunRecords | None = None,
     ) -> RunRecords:
-        rec = RunRecords()
+        """Run every round; each round's rows go into ``records`` (a new one by default)."""
+        rec = RunRecords() if records is None else records
         by_id = {d.device: d for d in self.devices}
         for rnd in range(1, self.spec.rounds + 1):
+            log.info("round %d of %d", rnd, self.spec.rounds)
             dropped = self.dropped(rnd)
             active = [d for d in self.devices if d.device not in dropped]
             jobs = [self.job(d, rnd) for d in active]
@@ -184,6 +187,7 @@ class FleetRunner:
                 if on_result:
                     on_result(res)
             global_acc = self._aggregate_and_evaluate(rnd, results, by_id, evaluate)
+            rows: list[dict[str, Any]] = []
             for dev in sorted(results):
                 res, _ = results[dev]
                 d = by_id[dev]
@@ -203,7 +207,9 @@ class FleetRunner:
                     "global_accuracy": global_acc.get(dev, math.nan),
                     "received_digest": received.get(dev, ""),
                 }
-                rec.devices.append(row)
+                rows.append(row)
+            # A round's rows land together, so a run stopped mid-round leaves whole rounds.
+            rec.devices.extend(rows)
             rec.fleets.extend(self._fleet_rows(rnd, results, by_id, global_acc))
         rec.final_states = dict(self.global_state)
         for dev, st in self.device_state.items():

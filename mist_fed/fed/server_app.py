@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,13 +37,33 @@ log = logging.getLogger(__name__)
 POLL_S = 0.05
 
 
-class GridTransport:
-    """Train / evaluate callables for :class:`FleetRunner` that go through a Flower Grid."""
+class RunStopped(Exception):
+    """The run was stopped from outside (Ctrl-C, or the simulation runtime ended early)."""
 
-    def __init__(self, grid: Grid, node_ids: Sequence[int], timeout_s: float | None = None):
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise RunStopped("the fleet run was stopped")
+
+
+class GridTransport:
+    """Train / evaluate callables for :class:`FleetRunner` that go through a Flower Grid.
+
+    ``stop``, once set, ends a wait for replies with :class:`RunStopped`, so the ServerApp
+    thread does not outlive a simulation runtime that was interrupted.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        node_ids: Sequence[int],
+        timeout_s: float | None = None,
+        stop: threading.Event | None = None,
+    ):
         self.grid = grid
         self.node_ids = list(node_ids)
         self.timeout_s = timeout_s
+        self.stop = stop
         self.on_reply: Callable[[], None] | None = None
 
     def _exchange(
@@ -58,6 +79,7 @@ class GridTransport:
         replies: dict[int, Message] = {}
         end = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         while pending and (end is None or time.monotonic() < end):
+            _check(self.stop)
             got = list(self.grid.pull_messages(list(pending)))
             for m in got:
                 mid = m.metadata.reply_to_message_id
@@ -89,11 +111,14 @@ class GridTransport:
         ]
 
 
-def wait_for_nodes(grid: Grid, wanted: int, timeout_s: float = 120.0) -> list[int]:
+def wait_for_nodes(
+    grid: Grid, wanted: int, timeout_s: float = 120.0, stop: threading.Event | None = None
+) -> list[int]:
     """Node ids once ``wanted`` nodes have registered (virtual nodes appear asynchronously)."""
     end = time.monotonic() + timeout_s
     node_ids = sorted(grid.get_node_ids())
     while len(node_ids) < wanted and time.monotonic() < end:
+        _check(stop)
         time.sleep(POLL_S)
         node_ids = sorted(grid.get_node_ids())
     return node_ids
@@ -104,15 +129,21 @@ def run_fleet(
     spec: FleetSpec,
     cloud: str,
     progress: Callable[[DeviceResult], None] | None = None,
+    stop: threading.Event | None = None,
+    records: RunRecords | None = None,
 ) -> RunRecords:
-    """Plan the devices, map them onto the grid's nodes, and run every round."""
-    node_ids = wait_for_nodes(grid, spec.num_devices)
+    """Plan the devices, map them onto the grid's nodes, and run every round.
+
+    ``records`` receives each round's rows as the round completes (what is left of a run that
+    ``stop`` ends early); ``stop`` ends the run with :class:`RunStopped`.
+    """
+    node_ids = wait_for_nodes(grid, spec.num_devices, stop=stop)
     check_devices(spec, len(node_ids))
     devices = plan_devices(spec)
-    transport = GridTransport(grid, node_ids)
+    transport = GridTransport(grid, node_ids, stop=stop)
     transport.on_reply = getattr(progress, "tick", None)
     runner = FleetRunner(spec, devices, cloud)
-    return runner.run(transport.train, transport.evaluate, on_result=progress)
+    return runner.run(transport.train, transport.evaluate, on_result=progress, records=records)
 
 
 def make_server_app(
@@ -120,13 +151,24 @@ def make_server_app(
     cloud: str,
     sink: dict[str, Any],
     progress: Callable[[DeviceResult], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
-    """A ServerApp around a ready spec; the records land in ``sink["records"]``."""
+    """A ServerApp around a ready spec.
+
+    The records land in ``sink["records"]`` when the run completes; meanwhile
+    ``sink["partial"]`` holds the rounds completed so far, and ``sink["done"]`` (an Event) is
+    set when the app's thread ends, however it ends. ``stop`` ends the run early.
+    """
     server = ServerApp()
+    sink["partial"] = RunRecords()
+    sink["done"] = threading.Event()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        sink["records"] = run_fleet(grid, spec, cloud, progress)
+        try:
+            sink["records"] = run_fleet(grid, spec, cloud, progress, stop, sink["partial"])
+        finally:
+            sink["done"].set()
 
     return server
 

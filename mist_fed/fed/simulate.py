@@ -3,6 +3,8 @@
 :func:`simulate` is what ``simulations/run.py`` and ``mist-fed simulate`` call. Without a cloud
 address it starts the cloud feature service on 127.0.0.1 for the run and stops it after;
 without a Ray address it starts a local Ray with a bounded CPU count and shuts it down.
+Ctrl-C ends the whole run: the devices' jobs are killed, Ray and the cloud stop, the rounds
+completed so far are written, and :class:`~mist_fed.errors.Interrupted` says where.
 :func:`run_plain` runs the same rounds in this process, one device after another (the
 baseline of the overhead benchmark).
 """
@@ -14,6 +16,7 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +26,7 @@ from typing import Any
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.edge.profiles import load_profile, profile_resources
-from mist_fed.errors import BackboneError, MistError, TaskError
+from mist_fed.errors import BackboneError, Interrupted, MistError, TaskError
 from mist_fed.fed.device import DeviceResult, get_backbone
 from mist_fed.fed.runner import (
     FleetRunner,
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 CLOUD_FACTS = ("images_embedded", "cache_hits", "cache_misses", "bytes_served", "rows_served")
 StatsFn = Callable[[], dict[str, Any]]
+SERVER_STOP_S = 10.0  # bound on waiting for the ServerApp thread after the runtime ends
 
 
 @dataclass
@@ -245,6 +249,8 @@ def simulate(
     """Run ``spec`` on Flower's Ray backend and write ``results_dir/<run-id>/``.
 
     ``verbose``: 0 keeps Flower and Ray quiet, 1 lets Ray workers log, 2 adds Flower's debug log.
+    On Ctrl-C it cleans up, writes the completed rounds (``config.toml`` records
+    ``interrupted`` and ``rounds_completed``) and raises :class:`~mist_fed.errors.Interrupted`.
     """
     from flwr.simulation import run_simulation
 
@@ -257,28 +263,62 @@ def simulate(
     t0 = time.perf_counter()
     bar = Progress(spec.rounds * spec.num_devices, progress)
     sink: dict[str, Any] = {}
-    with cloud_service(spec, cloud) as (location, stats):
-        with ray_runtime(ray_address, ray_cpus, verbose):
-            res = _fit_memory(client_resources(spec))
-            log.info("Ray client resources per device: %s", res)
-            ray_pool.install()
-            backend_config: dict[str, Any] = {"client_resources": res, "init_args": {}}
-            run_simulation(
-                server_app=make_server_app(spec, location, sink, bar),
-                client_app=client_app,
-                num_supernodes=spec.num_devices,
-                backend_config=backend_config,
-                verbose_logging=verbose > 1,
-            )
-        cloud_stats = stats()
-    bar.close()
+    stop = threading.Event()
+    interrupted = False
+    facts = {"engine": "flower+ray", "cloud": cloud or "embedded", "ray_address": ray_address}
+    try:
+        with cloud_service(spec, cloud) as (location, stats):
+            try:
+                with ray_runtime(ray_address, ray_cpus, verbose):
+                    res = _fit_memory(client_resources(spec))
+                    log.info("Ray client resources per device: %s", res)
+                    ray_pool.install()
+                    backend_config: dict[str, Any] = {"client_resources": res, "init_args": {}}
+                    run_simulation(
+                        server_app=make_server_app(spec, location, sink, bar, stop),
+                        client_app=client_app,
+                        num_supernodes=spec.num_devices,
+                        backend_config=backend_config,
+                        verbose_logging=verbose > 1,
+                    )
+            except KeyboardInterrupt:
+                interrupted = True
+                log.warning("interrupted: stopping the fleet, Ray and the cloud")
+            finally:
+                # However the runtime ended, the ServerApp's thread must not outlive it.
+                stop.set()
+                if "done" in sink and not sink["done"].wait(SERVER_STOP_S):
+                    log.warning("the ServerApp thread did not stop in %.0f s", SERVER_STOP_S)
+            cloud_stats = stats()
+    finally:
+        bar.close()
     wall = time.perf_counter() - t0
+    if interrupted:
+        raise _interrupted(spec, sink.get("partial"), results_dir, wall, cloud_stats, run_id, facts)
     if "records" not in sink:
         raise MistError("the Flower simulation ended without results; rerun with -v to see its log")
     records: RunRecords = sink["records"]
-    facts = {"engine": "flower+ray", "cloud": cloud or "embedded", "ray_address": ray_address}
     run_dir = finish_run(spec, records, results_dir, wall, cloud_stats, run_id, facts)
     return SimulationResult(run_dir, wall, records, cloud_stats, facts)
+
+
+def _interrupted(
+    spec: FleetSpec,
+    partial: RunRecords | None,
+    results_dir: str | Path | None,
+    wall_s: float,
+    cloud_stats: dict[str, Any],
+    run_id: str | None,
+    facts: dict[str, Any],
+) -> Interrupted:
+    """Write the rounds a stopped run completed (if any); the exception that tells of them."""
+    done = max((r["round"] for r in partial.fleets), default=0) if partial else 0
+    if partial is None or done == 0:
+        return Interrupted(f"stopped before any of {spec.rounds} rounds completed; nothing written")
+    facts = {**facts, "interrupted": True, "rounds_completed": done}
+    run_dir = finish_run(spec, partial, results_dir, wall_s, cloud_stats, run_id, facts)
+    where = f"; partial results in {run_dir}" if run_dir is not None else ""
+    return Interrupted(f"stopped after {done} of {spec.rounds} rounds{where}", run_dir)
 
 
 def run_plain(
