@@ -8,6 +8,7 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+import torch
 
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
@@ -20,6 +21,7 @@ from mist_fed.errors import (
     ConfigError,
     WireError,
 )
+from mist_fed.wire import edge_init
 from mist_fed.wire.client import FeatureClient, encode_png
 from mist_fed.wire.codec import UPLOAD_SCHEMA, decode
 from mist_fed.wire.request import FeatureRequest
@@ -186,6 +188,79 @@ def test_stats_action_counts_bytes_per_client(cloud):
     )
 
 
+# -- edge_init: the weights a method's edge net starts from -----------------------------------
+def _edge_init_action(method):
+    return flight.Action(edge_init.ACTION, json.dumps({"method": method}).encode())
+
+
+def test_edge_init_serves_the_backbones_last_block(cloud, tiny_backbone):
+    # Prepare
+    client = flight.connect(cloud)
+    # Execute
+    (result,) = list(client.do_action(_edge_init_action("partial1")))
+    init = edge_init.decode(result.body.to_pybytes())
+    # Assert: exactly the served backbone's last block and final norm, and whose they are
+    assert (init.method, init.backbone, init.weights) == (
+        "partial1",
+        tiny_backbone.name,
+        tiny_backbone.weights_id,
+    )
+    for prefix, module in (
+        ("block", tiny_backbone.model.blocks[-1]),
+        ("norm", tiny_backbone.model.norm),
+    ):
+        want = module.state_dict()
+        got = {
+            k.removeprefix(f"{prefix}."): v
+            for k, v in init.state.items()
+            if k.startswith(f"{prefix}.")
+        }
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+    assert len(init.state) == len(tiny_backbone.model.blocks[-1].state_dict()) + 2
+
+
+def test_feature_client_edge_init_checks_the_backbone(cloud, tiny_backbone):
+    # Prepare
+    seen = []
+    pinned = FeatureClient(
+        cloud,
+        expect_backbone=tiny_backbone.name,
+        expect_weights=tiny_backbone.weights_id,
+        on_batch=seen.append,
+    )
+    # Execute
+    init = pinned.edge_init("partial1")
+    scratch = pinned.edge_init("mist")
+    # Assert: its bytes reach the shaper hook; a method that starts from scratch gets nothing
+    assert seen == [init.nbytes, scratch.nbytes] and init.nbytes > 4 * sum(
+        v.numel() for v in init.state.values()
+    )
+    assert scratch.state == {} and scratch.weights == tiny_backbone.weights_id
+    with pytest.raises(WireError, match="weights 'random:"):
+        FeatureClient(cloud, expect_weights="file:0123").edge_init("partial1")
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (json.dumps({"method": "partial2"}).encode(), "unknown method 'partial2'"),
+        (b"{not json", "must be JSON"),
+        (json.dumps({"method": 7}).encode(), "a method name"),
+        (json.dumps(["partial1"]).encode(), "a method name"),
+        (b"x" * 5000, "over"),
+    ],
+)
+def test_edge_init_bad_requests_fail_clearly_and_server_keeps_serving(cloud, body, match):
+    client = flight.connect(cloud)
+    with pytest.raises(flight.FlightServerError, match=match):
+        list(client.do_action(flight.Action(edge_init.ACTION, body)))
+    assert len(list(client.do_action(_edge_init_action("linear")))) == 1
+    with pytest.raises(CloudRequestError, match="unknown method"):
+        FeatureClient(cloud).edge_init("no-such-method")
+
+
 # -- auth ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def secured(tiny_backbone, tmp_path_factory):
@@ -215,6 +290,16 @@ def test_auth_scopes_tokens_to_tasks(secured):
     assert client.do_get(_ticket(), _with_token("ops-secret-333")).read_all().num_rows == 8
     # list_flights shows each token its own tasks only
     assert list(client.list_flights(options=_with_token("bob-secret-22"))) == []
+
+
+def test_edge_init_needs_a_token_but_no_task_scope(secured, tiny_backbone):
+    with pytest.raises(CloudAuthError):
+        FeatureClient(secured).edge_init("partial1")
+    with pytest.raises(CloudAuthError):
+        FeatureClient(secured, token="wrong-token").edge_init("partial1")
+    # backbone weights are not a task's data: any valid token may fetch them
+    init = FeatureClient(secured, token="bob-secret-22").edge_init("partial1")
+    assert init.weights == tiny_backbone.weights_id and init.state
 
 
 def test_feature_client_sends_token(secured, caplog):

@@ -9,6 +9,7 @@ import torch
 
 from mist_fed.errors import WireError
 from mist_fed.model.gather import GatherSpec, gather_many
+from mist_fed.wire import edge_init
 from mist_fed.wire.codec import DTYPES, Stats, WireMeta, decode, encode, feature_schema
 from mist_fed.wire.request import FeatureRequest
 
@@ -121,3 +122,28 @@ def test_request_round_trip_and_errors():
             FeatureRequest.from_json(raw)
     with pytest.raises(WireError, match="over the limit"):
         FeatureRequest.from_json(b" " * 100, max_bytes=10)
+
+
+def test_edge_init_round_trip_and_errors(tiny_backbone):
+    # Prepare
+    from mist_fed.model.methods import edge_init_state
+
+    state = edge_init_state("partial1", tiny_backbone)
+    init = edge_init.EdgeInit("partial1", tiny_backbone.name, tiny_backbone.weights_id, state)
+    # Execute
+    blob = edge_init.encode(init)
+    back = edge_init.decode(blob)
+    # Assert
+    assert back.header() == init.header() and back.nbytes == len(blob)
+    assert back.state.keys() == state.keys()
+    for k, v in state.items():
+        torch.testing.assert_close(back.state[k], v, rtol=0, atol=0)
+    assert edge_init.decode(edge_init.encode(edge_init.EdgeInit("mist", "b", "w"))).state == {}
+    assert edge_init.decode_request(edge_init.encode_request("partial1")) == "partial1"
+    for bad in (b"", b"\xff" * 8, blob[:20]):
+        with pytest.raises(WireError, match="not a mist-fed safetensors blob"):
+            edge_init.decode(bad)
+    from safetensors.torch import save
+
+    with pytest.raises(WireError, match="not a mist-fed safetensors blob"):
+        edge_init.decode(save({"x": torch.zeros(1)}))

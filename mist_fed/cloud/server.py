@@ -7,6 +7,10 @@
   per id in the reply's app metadata (``{"errors": {id: message}}``), the rest are served.
 * ``list_flights`` / ``get_flight_info`` describe the feature sets on offer;
   ``do_action("stats")`` returns the counters as JSON.
+* ``do_action("edge_init")`` with ``{"method": NAME}`` returns the pretrained backbone weights
+  that method's edge net starts from (Partial-1: the last block and final norm) as one
+  safetensors blob (:mod:`mist_fed.wire.edge_init`). Like ``stats``, any authenticated token
+  may ask: these are backbone weights, not a task's data, so task scopes do not apply.
 
 Bad requests fail with a ``FlightServerError`` naming the problem; they never stop the server.
 """
@@ -37,6 +41,8 @@ from mist_fed.data import get_task
 from mist_fed.data.registry import Task, TaskSplit
 from mist_fed.errors import MistError, TaskError, WireError
 from mist_fed.model.backbone import Backbone, create_backbone
+from mist_fed.model.methods import edge_init_state
+from mist_fed.wire import edge_init
 from mist_fed.wire.codec import UPLOAD_SCHEMA, Stats, assemble_batch, feature_schema, scale_shape
 from mist_fed.wire.request import FeatureRequest
 
@@ -80,10 +86,11 @@ class FeatureServer(flight.FlightServerBase):
             self.backbone, self.store, config.batch_size, config.torch_device()
         )
         self.served = Stats()
-        self.requests = {"do_get": 0, "do_exchange": 0, "refused": 0}
+        self.requests = {"do_get": 0, "do_exchange": 0, "edge_init": 0, "refused": 0}
         self._tasks: dict[str, Task] = {}
         self._hashes: dict[tuple[str, str], list[str | None]] = {}
         self._columns: dict[tuple[str, str], tuple[list[str], list[int]]] = {}
+        self._edge_init: dict[str, bytes] = {}
         self._lock = threading.Lock()
         middleware = {}
         if config.tokens is not None:
@@ -338,15 +345,55 @@ class FeatureServer(flight.FlightServerBase):
             "bytes_per_client": served["per_client"],
         }
 
+    def edge_init_blob(self, method: str) -> bytes:
+        """The safetensors blob of ``method``'s initial edge weights (built once per method)."""
+        with self._lock:
+            blob = self._edge_init.get(method)
+        if blob is None:
+            init = edge_init.EdgeInit(
+                method,
+                self.backbone.name,
+                self.backbone.weights_id,
+                edge_init_state(method, self.backbone),  # ConfigError for an unknown method
+            )
+            blob = edge_init.encode(init)
+            with self._lock:
+                self._edge_init[method] = blob
+        return blob
+
     def list_actions(self, context: Any) -> list[tuple[str, str]]:
-        return [("stats", "server counters as JSON"), ("health", "ok and the backbone")]
+        return [
+            ("stats", "server counters as JSON"),
+            ("health", "ok and the backbone"),
+            (
+                edge_init.ACTION,
+                'a method\'s initial edge weights (safetensors); body {"method": NAME}',
+            ),
+        ]
 
     def do_action(self, context: Any, action: flight.Action) -> Iterator[bytes]:
         if action.type == "stats":
             return iter([json.dumps(self.stats()).encode()])
         if action.type == "health":
             return iter([json.dumps({"ok": True, "weights": self.backbone.weights_id}).encode()])
-        raise flight.FlightServerError(f"unknown action {action.type!r}; available: stats, health")
+        if action.type == edge_init.ACTION:
+
+            def run() -> bytes:
+                method = edge_init.decode_request(action.body.to_pybytes())
+                blob = self.edge_init_blob(method)
+                self.requests["edge_init"] += 1
+                log.info(
+                    "edge_init %s for %s: %d bytes",
+                    method,
+                    self._client(context, principal_of(context)),
+                    len(blob),
+                )
+                return blob
+
+            return iter([self._guard(run)])
+        raise flight.FlightServerError(
+            f"unknown action {action.type!r}; available: stats, health, {edge_init.ACTION}"
+        )
 
 
 def _load_row(split: TaskSplit, rows: list[int], i: int) -> Any:

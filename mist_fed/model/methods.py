@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from mist_fed.errors import ConfigError
@@ -102,6 +103,31 @@ def method_gather(name: str, backbone: Backbone, k: int | None = None) -> Gather
     return get_method(name).gather(backbone.num_blocks, k)
 
 
+def _from_backbone(method: Method, backbone: Backbone) -> dict[str, nn.Module]:
+    """The backbone modules an edge net starts from, by factory keyword (= the net's attribute)."""
+    if method.edge == "partial1":
+        return {"block": backbone.model.blocks[-1], "norm": backbone.model.norm}
+    return {}
+
+
+def starts_from_backbone(name: str) -> bool:
+    """Whether the method's edge net starts from pretrained backbone weights (Partial-1)."""
+    return get_method(name).edge == "partial1"
+
+
+def edge_init_state(name: str, backbone: Backbone) -> dict[str, torch.Tensor]:
+    """The pretrained backbone weights a method's edge net starts from, keyed as in its state dict.
+
+    Partial-1: the last block (``block.*``) and the final norm (``norm.*``); empty for edge nets
+    that start from scratch. The cloud serves this to devices, which cannot run the backbone.
+    """
+    return {
+        f"{attr}.{key}": value.detach().cpu().contiguous().clone()
+        for attr, module in _from_backbone(get_method(name), backbone).items()
+        for key, value in module.state_dict().items()
+    }
+
+
 def build_edge_net(name: str, backbone: Backbone, num_classes: int, **overrides: Any) -> nn.Module:
     """The edge network a method trains, sized for ``backbone``'s features."""
     method = get_method(name)
@@ -114,9 +140,7 @@ def build_edge_net(name: str, backbone: Backbone, num_classes: int, **overrides:
         **method.edge_kwargs,
         **overrides,
     }
-    if method.edge == "partial1":
-        kw["block"] = backbone.model.blocks[-1]
-        kw["norm"] = backbone.model.norm
+    kw.update(_from_backbone(method, backbone))
     if method.edge == "side":
         kw["levels"] = backbone.num_blocks + 1
     return create_edge_net(method.edge, **kw)

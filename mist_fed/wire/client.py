@@ -1,7 +1,9 @@
 """``FeatureClient``: the device's side of the cloud feature service (Arrow Flight).
 
 * ``get(task, split, gather, k, dtype, ids)`` streams a registered task's features;
-* ``embed(images, gather, k, dtype)`` uploads ``(id, PNG/JPEG bytes)`` pairs and gets theirs.
+* ``embed(images, gather, k, dtype)`` uploads ``(id, PNG/JPEG bytes)`` pairs and gets theirs;
+* ``edge_init(method)`` downloads the pretrained weights a method's edge net starts from
+  (Partial-1's last block), checked against the pinned backbone and weights.
 
 Both return a :class:`FeatureSet` whose ``meta["wire"]`` holds the bytes, rows and batches
 received (also in ``client.last``; ``client.total`` sums every call). ``on_batch(nbytes)`` is
@@ -26,6 +28,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from mist_fed.errors import CloudAuthError, CloudRequestError, CloudUnavailableError, WireError
+from mist_fed.wire import edge_init as init_codec
 from mist_fed.wire.codec import UPLOAD_SCHEMA, Stats, WireMeta, batch_nbytes, decode
 from mist_fed.wire.features import FeatureSet
 from mist_fed.wire.request import FeatureRequest
@@ -248,6 +251,46 @@ class FeatureClient:
         except flight.FlightError as e:
             raise self._refused(e) from e
         return dict(json.loads(results[0].body.to_pybytes()))
+
+    def edge_init(self, method: str) -> init_codec.EdgeInit:
+        """The pretrained weights ``method``'s edge net starts from (``do_action("edge_init")``).
+
+        Retried like the other calls; refused with :class:`WireError` if they come from another
+        backbone or weights than the client expects. ``on_batch`` sees their bytes (one blob).
+        """
+        action = flight.Action(init_codec.ACTION, init_codec.encode_request(method))
+        attempt = 0
+        while True:
+            try:
+                results = list(self._client.do_action(action, self._options))
+                break
+            except TRANSIENT as e:
+                if attempt >= self.retries:
+                    raise self._unavailable(e) from e
+                self._sleep(attempt)
+                attempt += 1
+            except flight.FlightError as e:
+                raise self._refused(e) from e
+        if len(results) != 1:
+            raise WireError(
+                f"cloud at {self.location} answered edge_init with {len(results)} parts"
+            )
+        init = init_codec.decode(results[0].body.to_pybytes())
+        if self.on_batch is not None:
+            self.on_batch(init.nbytes)
+        wrong = []
+        if init.method != method:
+            wrong.append(f"method {init.method!r} (asked {method!r})")
+        if self.expect_backbone is not None and init.backbone != self.expect_backbone:
+            wrong.append(f"backbone {init.backbone!r} (expected {self.expect_backbone!r})")
+        if self.expect_weights is not None and init.weights != self.expect_weights:
+            wrong.append(f"weights {init.weights!r} (expected {self.expect_weights!r})")
+        if wrong:
+            raise WireError(
+                f"cloud at {self.location} sent edge weights of {', '.join(wrong)}; refusing them. "
+                "Point the device at the cloud that serves the backbone it was set up for."
+            )
+        return init
 
     def list_sets(self) -> list[dict[str, Any]]:
         """The feature sets on offer: request fields, rows and bytes of each."""
