@@ -1,5 +1,6 @@
 """`mist-fed client` end to end against a real local feature server on a synthetic task."""
 
+import dataclasses
 import json
 import socket
 from typing import ClassVar
@@ -89,6 +90,44 @@ def test_partial1_model_of_a_custom_sized_backbone_loads_from_its_checkpoint(
     assert saved.backbone_kwargs == tiny_backbone.spec.model_kwargs
     test = FeatureClient(cloud).get(TASK, "test", "block", tiny_backbone.num_blocks - 1)
     assert evaluate(net, test) == pytest.approx(m["accuracy"])
+
+
+def test_partial1_client_starts_from_the_clouds_pretrained_last_block(
+    tiny_backbone, tmp_path, monkeypatch
+):
+    # Prepare: a cloud whose backbone is not the seed-0 random init of the same architecture
+    # (a client that built its own random backbone would get that one)
+    from mist_fed.edge import client as edge_client
+    from mist_fed.model.backbone import create_backbone
+
+    cloud_bb = create_backbone(
+        tiny_backbone.name, random_init=True, seed=5, **tiny_backbone.spec.model_kwargs
+    )
+    built = []
+
+    def spy(*args, **kw):
+        net = real_build(*args, **kw)
+        built.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+        return net
+
+    real_build = edge_client.build_net
+    monkeypatch.setattr(edge_client, "build_net", spy)
+    cfg = ClientConfig(TASK, "", "laptop", str(tmp_path), method="partial1", train=FAST)
+    # Execute
+    with running_cloud(_serve(tmp_path / "cloud"), backbone=cloud_bb) as loc:
+        m = run_client(dataclasses.replace(cfg, cloud=loc))
+    # Assert: the net the client trains starts as the cloud's last block and final norm
+    assert len(built) == 1
+    own = create_backbone(tiny_backbone.name, random_init=True, **tiny_backbone.spec.model_kwargs)
+    for prefix, module in (("block", cloud_bb.model.blocks[-1]), ("norm", cloud_bb.model.norm)):
+        for k, v in module.state_dict().items():
+            torch.testing.assert_close(built[0][f"{prefix}.{k}"], v, rtol=0, atol=0)
+    own_qkv = own.model.blocks[-1].attn.qkv.weight
+    assert not torch.equal(built[0]["block.attn.qkv.weight"], own_qkv)
+    # ... and its one-off download is counted in the device's transfer bytes
+    block_bytes = sum(v.numel() * 4 for v in cloud_bb.model.blocks[-1].state_dict().values())
+    assert m["init_bytes_down"] > block_bytes
+    assert m["bytes_down"] > m["init_bytes_down"] and m["requests"] == 4
 
 
 def test_client_upload_and_predict(cloud, tmp_path, capsys):

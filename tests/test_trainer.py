@@ -127,6 +127,32 @@ def test_partial1_checkpoint_of_a_custom_sized_vit_round_trips(tmp_path):
     torch.testing.assert_close(net.eval()(x), again(x))
 
 
+def test_partial1_net_without_backbone_needs_its_pretrained_block(tiny_backbone):
+    # Prepare
+    from mist_fed.model.methods import edge_init_state
+
+    cfg = EdgeModelConfig.for_backbone("partial1", tiny_backbone, num_classes=3)
+    init = edge_init_state("partial1", tiny_backbone)
+    # Execute: shapes from the meta device, weights from the cloud's edge_init state
+    net = build_net(cfg, init=init)
+    # Assert
+    state = net.state_dict()
+    assert not any(v.is_meta for v in state.values())
+    for k, v in init.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+    assert torch.isfinite(state["head.weight"]).all() and state["head.weight"].abs().sum() > 0
+    x = torch.randn(2, tiny_backbone.num_tokens, tiny_backbone.embed_dim)
+    torch.testing.assert_close(
+        net.eval()(x), build_net(cfg, tiny_backbone, init=net.state_dict()).eval()(x)
+    )
+    with pytest.raises(ConfigError, match="pretrained last block"):
+        build_net(cfg)
+    with pytest.raises(ConfigError, match="pretrained last block"):
+        build_net(cfg, init={k: v for k, v in init.items() if k != "norm.bias"})
+    with pytest.raises(ConfigError, match="lacks"):
+        build_net(cfg, init={**init, "extra.weight": torch.zeros(1)})
+
+
 def test_device_clock_scales_by_compute_and_link():
     # Prepare
     rpi4 = load_profile("rpi4")

@@ -9,10 +9,12 @@ uses them to ask the cloud for the same features at inference time).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -77,30 +79,74 @@ class EdgeModelConfig:
         )
 
 
-def build_net(cfg: EdgeModelConfig, backbone: Backbone | None = None) -> nn.Module:
-    """A fresh (untrained) edge network for ``cfg``.
+def build_net(
+    cfg: EdgeModelConfig,
+    backbone: Backbone | None = None,
+    init: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """A fresh edge network for ``cfg``, with the ``init`` weights loaded if given.
 
-    Partial-1 copies the backbone's last block; without ``backbone`` a random-init backbone of
-    the same architecture serves, since the checkpoint overwrites that block anyway.
+    Partial-1 starts from the backbone's pretrained last block and final norm: from
+    ``backbone`` if at hand, else from ``init`` (the cloud's ``edge_init`` weights, or a
+    checkpoint's state). Without a backbone its block is built on the meta device, for shapes
+    only (no random backbone is made), and ``init`` must fill it.
     """
     method = get_method(cfg.method)
     if method.edge == "partial1":
-        if backbone is None:
-            from mist_fed.model.backbone import create_backbone
+        if backbone is not None:
+            net = build_edge_net(cfg.method, backbone, cfg.num_classes, **cfg.edge_kwargs)
+        else:
+            net = _partial1_from_shapes(cfg, init)
+    else:
+        kw: dict[str, Any] = {
+            "dim": cfg.dim,
+            "tokens": cfg.tokens,
+            "num_classes": cfg.num_classes,
+            "prefix_tokens": cfg.prefix_tokens,
+            **method.edge_kwargs,
+            **cfg.edge_kwargs,
+        }
+        if method.edge == "side":
+            kw["levels"] = cfg.num_blocks + 1
+        net = create_edge_net(method.edge, **kw)
+    if init:
+        _load_init(net, init)
+    return net
 
-            backbone = create_backbone(cfg.backbone, random_init=True, **cfg.backbone_kwargs)
-        return build_edge_net(cfg.method, backbone, cfg.num_classes, **cfg.edge_kwargs)
-    kw: dict[str, Any] = {
-        "dim": cfg.dim,
-        "tokens": cfg.tokens,
-        "num_classes": cfg.num_classes,
-        "prefix_tokens": cfg.prefix_tokens,
-        **method.edge_kwargs,
-        **cfg.edge_kwargs,
-    }
-    if method.edge == "side":
-        kw["levels"] = cfg.num_blocks + 1
-    return create_edge_net(method.edge, **kw)
+
+def _partial1_from_shapes(
+    cfg: EdgeModelConfig, init: Mapping[str, torch.Tensor] | None
+) -> nn.Module:
+    """A Partial-1 net whose block and norm are empty CPU tensors, to be filled by ``init``."""
+    from mist_fed.model.backbone import create_backbone
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no reseed, no memory
+        skeleton = create_backbone(cfg.backbone, random_init=True, **cfg.backbone_kwargs)
+    net = build_edge_net(cfg.method, skeleton, cfg.num_classes, **cfg.edge_kwargs)
+    on_meta = [k for k, v in [*net.named_parameters(), *net.named_buffers()] if v.is_meta]
+    uncovered = sorted(set(on_meta) - set(init or {}))
+    if uncovered:
+        raise ConfigError(
+            f"Partial-1 starts from the pretrained last block of {cfg.backbone}, but no weights "
+            f"were given for {len(uncovered)} of its tensors (e.g. {uncovered[:3]}); pass the "
+            "backbone, or the cloud's edge_init weights (FeatureClient.edge_init)"
+        )
+    real = {k: v.clone() for k, v in net.state_dict().items() if not v.is_meta}  # the new head
+    net.to_empty(device="cpu")
+    net.load_state_dict(real, strict=False)
+    return net
+
+
+def _load_init(net: nn.Module, init: Mapping[str, torch.Tensor]) -> None:
+    try:
+        _, unexpected = net.load_state_dict(dict(init), strict=False)
+    except RuntimeError as e:
+        raise ConfigError(f"initial edge weights do not fit this edge network: {e}") from e
+    if unexpected:
+        raise ConfigError(
+            f"initial edge weights have {len(unexpected)} keys this edge network lacks "
+            f"(e.g. {unexpected[:3]}); were they made for another method or backbone?"
+        )
 
 
 def save_checkpoint(net: nn.Module, cfg: EdgeModelConfig, out_dir: str | Path) -> Path:
@@ -129,7 +175,6 @@ def load_checkpoint(
     cfg = EdgeModelConfig.from_dict(json.loads(cpath.read_text()))
     if cfg.version != FORMAT_VERSION:
         raise ConfigError(f"{cpath}: format version {cfg.version}, expected {FORMAT_VERSION}")
-    net = build_net(cfg, backbone)
     try:
         state = load_file(str(wpath))  # safetensors only: nothing is unpickled
     except (SafetensorError, OSError) as e:
@@ -138,7 +183,8 @@ def load_checkpoint(
             "`mist-fed client --out DIR` (pickled .pt/.pth checkpoints are not loaded)"
         ) from e
     try:
+        net = build_net(cfg, backbone, init=state)  # Partial-1: shapes only, state fills it
         net.load_state_dict(state)
-    except RuntimeError as e:
+    except (ConfigError, RuntimeError) as e:
         raise ConfigError(f"{wpath} does not match its config {cpath}: {e}") from e
     return net.eval(), cfg

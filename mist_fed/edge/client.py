@@ -4,7 +4,9 @@
 shapes the Flight stream with a token bucket at the downlink (``time_scale`` to run faster than
 real time), keeps the process under the device memory (:class:`MemoryGuard`), chooses ``k`` on
 the validation split, reports accuracy on test, and scales the measured training time to the
-device. :func:`predict_images` classifies local images with a saved model.
+device. Partial-1 first downloads the backbone's pretrained last block and final norm from the
+cloud, once (``edge_init``; counted in ``bytes_down``, and alone in ``init_bytes_down``).
+:func:`predict_images` classifies local images with a saved model.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from mist_fed.edge.profiles import DeviceProfile, load_profile, profile_resource
 from mist_fed.edge.trainer import TrainConfig, evaluate, predict, select_k
 from mist_fed.errors import ConfigError, TaskError
 from mist_fed.model.gather import GatherSpec, candidate_ks
-from mist_fed.model.methods import get_method
+from mist_fed.model.methods import get_method, starts_from_backbone
 from mist_fed.wire.client import FeatureClient, encode_png
+from mist_fed.wire.edge_init import EdgeInit
 from mist_fed.wire.features import FeatureSet
 from mist_fed.wire.shaping import LinkShaper
 
@@ -174,6 +177,7 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
         # Pin the backbone: every later stream must come from the same backbone and weights.
         client.expect_backbone, client.expect_weights = server["backbone"], server["weights"]
         n = _depth_from_cloud(client, cfg.task)
+        init = _fetch_init(client, cfg.method, shaper)
         ks: list[int | None] = list(cfg.ks) if cfg.ks else []
         if not ks:
             ks = list(candidate_ks(n)) if method.tunes_k else [None]
@@ -192,7 +196,8 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
             return train, val
 
         def new_net() -> torch.nn.Module:
-            return build_net(_model_config(cfg, server, n, state, None, classes))
+            mcfg = _model_config(cfg, server, n, state, None, classes)
+            return build_net(mcfg, init=init.state if init is not None else None)
 
         sel = select_k(new_net, splits, ks, cfg.train, on_step=guard.check)
         net = sel.net
@@ -219,7 +224,8 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
         "backbone": server["backbone"],
         "weights": server["weights"],
         "test_rows": len(test),
-        "bytes_down": shaper.bytes,
+        "bytes_down": shaper.bytes,  # features and, for Partial-1, the one-off initial block
+        "init_bytes_down": init.nbytes if init is not None else 0,
         "bytes_up": clock.bytes_up,
         "requests": shaper.requests,
         "transfer_s": clock.transfer_s,
@@ -241,6 +247,24 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("wrote %s and %s", out / "lae.safetensors", out / "metrics.json")
     return metrics
+
+
+def _fetch_init(client: FeatureClient, method: str, shaper: LinkShaper) -> EdgeInit | None:
+    """The pretrained weights the method's edge net starts from (Partial-1), else ``None``."""
+    if not starts_from_backbone(method):
+        return None
+    shaper.on_request()
+    init = client.edge_init(method)  # its bytes pass the shaper: counted in bytes_down
+    log.info(
+        "%s starts from the cloud backbone's pretrained weights (%s, %s): %d tensors, "
+        "%d bytes downloaded once, counted in bytes_down",
+        method,
+        init.backbone,
+        init.weights,
+        len(init.state),
+        init.nbytes,
+    )
+    return init
 
 
 def _model_config(
