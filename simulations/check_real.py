@@ -24,6 +24,7 @@ from mist_fed.defaults import cache_dir
 from mist_fed.model.backbone import Backbone, create_backbone
 from mist_fed.model.gather import GatherSpec, candidate_ks, gather_many
 from mist_fed.model.methods import build_edge_net
+from mist_fed.wire.codec import dequantize_int8, quantize_int8
 
 log = logging.getLogger("check_real")
 
@@ -90,6 +91,15 @@ def train_eval(net, xtr, ytr, evals, *, lr, epochs=30, batch=32, wd=1e-4, seed=0
     return accs
 
 
+def int8_views(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``x`` after an int8 round trip: the wire's per-token absmax, and a per-channel one."""
+    q, scale = quantize_int8(x.float().numpy())
+    per_token = torch.from_numpy(dequantize_int8(q, scale))
+    ch = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127  # [n, 1, d]
+    per_channel = (x.float() / ch).round().clamp(-127, 127) * ch
+    return {"int8_token": per_token, "int8_channel": per_channel}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="fashion-mnist")
@@ -106,6 +116,12 @@ def main() -> None:
     p.add_argument("--linear-lr", type=float, default=3e-2)
     p.add_argument("--mist-lr", type=float, default=2e-3)
     p.add_argument("--ks", type=int, nargs="*", help="candidate k (default: N/3, 2N/3, N)")
+    p.add_argument(
+        "--int8-eval",
+        action="store_true",
+        help="also test each MIST net on int8 round-tripped test features (the wire's "
+        "per-token scale, and a per-channel one): quantization cost at inference alone",
+    )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -117,6 +133,19 @@ def main() -> None:
     nc = int(max(f["train"]["y"].max(), f["test"]["y"].max())) + 1
     tr, va, te = f["train"], f["val"], f["test"]
     ks = args.ks or list(candidate_ks(backbone.num_blocks))
+    views = {k: int8_views(te[k]) if args.int8_eval else {} for k in ks}
+    int8_error = {
+        name: float((v - te[k].float()).norm() / te[k].float().norm())
+        for k in ks
+        for name, v in views[k].items()
+        if k == max(ks)
+    }
+    if int8_error:
+        log.info("int8 relative error of the test features at k=%d: %s", max(ks), int8_error)
+
+    def mist_evals(k: int) -> list:
+        return [(va[k], va["y"]), (te[k], te["y"]), *[(v, te["y"]) for v in views[k].values()]]
+
     results: dict = {
         "task": args.task,
         "backbone": backbone.weights_id,
@@ -139,20 +168,29 @@ def main() -> None:
         per_k = {}
         for k in ks:
             net = build_edge_net("mist", backbone, nc)
-            evals = [(va[k], va["y"]), (te[k], te["y"])]
             per_k[k] = train_eval(
-                net, tr[k], tr["y"], evals, lr=args.mist_lr, epochs=sel_epochs, seed=seed
+                net, tr[k], tr["y"], mist_evals(k), lr=args.mist_lr, epochs=sel_epochs, seed=seed
             )
             log.info(
-                "seed %d mist k=%d (%d epochs): val %.4f test %.4f", seed, k, sel_epochs, *per_k[k]
+                "seed %d mist k=%d (%d epochs): val %.4f test %.4f%s",
+                seed,
+                k,
+                sel_epochs,
+                *per_k[k][:2],
+                "".join(f", {n} {a:.4f}" for n, a in zip(views[k], per_k[k][2:], strict=True)),
             )
         best = max(ks, key=lambda k: (per_k[k][0], k))
         final = per_k[best]
         if sel_epochs != args.epochs:
             net = build_edge_net("mist", backbone, nc)
-            evals = [(va[best], va["y"]), (te[best], te["y"])]
             final = train_eval(
-                net, tr[best], tr["y"], evals, lr=args.mist_lr, epochs=args.epochs, seed=seed
+                net,
+                tr[best],
+                tr["y"],
+                mist_evals(best),
+                lr=args.mist_lr,
+                epochs=args.epochs,
+                seed=seed,
             )
         run = {
             "seed": seed,
@@ -163,6 +201,9 @@ def main() -> None:
             "mist": {"val": final[0], "test": final[1]},
             "mist_test": final[1],
         }
+        if args.int8_eval:  # the fp16-trained net tested on int8 round-tripped features
+            run["mist_int8_inference"] = dict(zip(views[best], final[2:], strict=True))
+            run["int8_relative_error"] = int8_error
         results["runs"].append(run)
         log.info("seed %d: linear %.4f, MIST (k=%d on val) %.4f", seed, lt, best, final[1])
     lin_mean = sum(r["linear"]["test"] for r in results["runs"]) / len(results["runs"])
