@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -36,6 +36,8 @@ from mist_fed.wire.request import FeatureRequest
 log = logging.getLogger(__name__)
 
 #: Errors after which a call is retried (or a stream resumed).
+T = TypeVar("T")
+
 TRANSIENT = (
     flight.FlightUnavailableError,
     flight.FlightTimedOutError,
@@ -199,10 +201,14 @@ class FeatureClient:
         ``meta["errors"]`` (``{id: reason}``).
         """
         req = FeatureRequest(None, None, gather, k, dtype)
+        return self._retrying(lambda: self._embed_once(req, images))
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """``call()``, retried on transient errors with backoff; refusals raised as they come."""
         attempt = 0
         while True:
             try:
-                return self._embed_once(req, images)
+                return call()
             except TRANSIENT as e:
                 if attempt >= self.retries:
                     raise self._unavailable(e) from e
@@ -259,18 +265,7 @@ class FeatureClient:
         backbone or weights than the client expects. ``on_batch`` sees their bytes (one blob).
         """
         action = flight.Action(init_codec.ACTION, init_codec.encode_request(method))
-        attempt = 0
-        while True:
-            try:
-                results = list(self._client.do_action(action, self._options))
-                break
-            except TRANSIENT as e:
-                if attempt >= self.retries:
-                    raise self._unavailable(e) from e
-                self._sleep(attempt)
-                attempt += 1
-            except flight.FlightError as e:
-                raise self._refused(e) from e
+        results = self._retrying(lambda: list(self._client.do_action(action, self._options)))
         if len(results) != 1:
             raise WireError(
                 f"cloud at {self.location} answered edge_init with {len(results)} parts"
