@@ -122,6 +122,12 @@ def main() -> None:
         help="also test each MIST net on int8 round-tripped test features (the wire's "
         "per-token scale, and a per-channel one): quantization cost at inference alone",
     )
+    p.add_argument(
+        "--train-int8",
+        action="store_true",
+        help="train and test MIST on int8 round-tripped features (the wire's per-token scale), "
+        "as a device on an int8 wire would",
+    )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -133,6 +139,10 @@ def main() -> None:
     nc = int(max(f["train"]["y"].max(), f["test"]["y"].max())) + 1
     tr, va, te = f["train"], f["val"], f["test"]
     ks = args.ks or list(candidate_ks(backbone.num_blocks))
+    if args.train_int8:
+        for split in (tr, va, te):
+            for k in ks:
+                split[k] = int8_views(split[k])["int8_token"]
     views = {k: int8_views(te[k]) if args.int8_eval else {} for k in ks}
     int8_error = {
         name: float((v - te[k].float()).norm() / te[k].float().norm())
@@ -150,6 +160,7 @@ def main() -> None:
         "task": args.task,
         "backbone": backbone.weights_id,
         "n_test": len(te["y"]),
+        "mist_features": "int8 per-token round trip" if args.train_int8 else "fp16",
         "runs": [],
     }
     for seed in args.seeds:
