@@ -144,14 +144,10 @@ def main() -> None:
             for k in ks:
                 split[k] = int8_views(split[k])["int8_token"]
     views = {k: int8_views(te[k]) if args.int8_eval else {} for k in ks}
-    int8_error = {
-        name: float((v - te[k].float()).norm() / te[k].float().norm())
-        for k in ks
-        for name, v in views[k].items()
-        if k == max(ks)
-    }
+    top, ref = max(ks), te[max(ks)].float()
+    int8_error = {n: float((v - ref).norm() / ref.norm()) for n, v in views[top].items()}
     if int8_error:
-        log.info("int8 relative error of the test features at k=%d: %s", max(ks), int8_error)
+        log.info("int8 relative error of the test features at k=%d: %s", top, int8_error)
 
     def mist_evals(k: int) -> list:
         return [(va[k], va["y"]), (te[k], te["y"]), *[(v, te["y"]) for v in views[k].values()]]
