@@ -24,7 +24,7 @@ from mist_fed.defaults import cache_dir
 from mist_fed.model.backbone import Backbone, create_backbone
 from mist_fed.model.gather import GatherSpec, candidate_ks, gather_many
 from mist_fed.model.methods import build_edge_net
-from mist_fed.wire.codec import dequantize_int8, quantize_int8
+from mist_fed.wire.dtypes import QUANTIZED, dequantize, quantize
 
 log = logging.getLogger("check_real")
 
@@ -92,12 +92,12 @@ def train_eval(net, xtr, ytr, evals, *, lr, epochs=30, batch=32, wd=1e-4, seed=0
 
 
 def int8_views(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``x`` after an int8 round trip: the wire's per-token absmax, and a per-channel one."""
-    q, scale = quantize_int8(x.float().numpy())
-    per_token = torch.from_numpy(dequantize_int8(q, scale))
-    ch = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127  # [n, 1, d]
-    per_channel = (x.float() / ch).round().clamp(-127, 127) * ch
-    return {"int8_token": per_token, "int8_channel": per_channel}
+    """``x`` after each int8 wire's round trip: ``int8`` (per-token scales), ``int8ch`` (per channel)."""
+    views = {}
+    for dtype in QUANTIZED:
+        q, scale = quantize(x.float().numpy(), dtype)
+        views[dtype] = torch.from_numpy(dequantize(q, scale, dtype))
+    return views
 
 
 def main() -> None:
@@ -119,14 +119,16 @@ def main() -> None:
     p.add_argument(
         "--int8-eval",
         action="store_true",
-        help="also test each MIST net on int8 round-tripped test features (the wire's "
-        "per-token scale, and a per-channel one): quantization cost at inference alone",
+        help="also test each MIST net on test features round-tripped through each int8 wire "
+        "(int8: per-token scales, int8ch: per-channel): quantization cost at inference alone",
     )
     p.add_argument(
         "--train-int8",
-        action="store_true",
-        help="train and test MIST on int8 round-tripped features (the wire's per-token scale), "
-        "as a device on an int8 wire would",
+        nargs="?",
+        const="int8",
+        choices=QUANTIZED,
+        help="train and test MIST on features round-tripped through this int8 wire (default "
+        "int8, per-token scales; int8ch: per-channel), as a device on that wire would",
     )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args()
@@ -142,7 +144,7 @@ def main() -> None:
     if args.train_int8:
         for split in (tr, va, te):
             for k in ks:
-                split[k] = int8_views(split[k])["int8_token"]
+                split[k] = int8_views(split[k])[args.train_int8]
     views = {k: int8_views(te[k]) if args.int8_eval else {} for k in ks}
     top, ref = max(ks), te[max(ks)].float()
     int8_error = {n: float((v - ref).norm() / ref.norm()) for n, v in views[top].items()}
@@ -156,7 +158,7 @@ def main() -> None:
         "task": args.task,
         "backbone": backbone.weights_id,
         "n_test": len(te["y"]),
-        "mist_features": "int8 per-token round trip" if args.train_int8 else "fp16",
+        "mist_features": f"{args.train_int8} round trip" if args.train_int8 else "fp16",
         "runs": [],
     }
     for seed in args.seeds:

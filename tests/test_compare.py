@@ -11,6 +11,7 @@ from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.precompute import precompute
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.data import get_task
+from mist_fed.errors import ConfigError
 from mist_fed.experiments.cli import config_from_args, parser
 from mist_fed.experiments.compare import (
     CompareConfig,
@@ -106,12 +107,15 @@ def test_table_bytes_equal_the_bytes_streamed(table_rows, tiny_backbone):
 
 @pytest.mark.slow
 @pytest.mark.network
-def test_wire_formats_order_bytes(table_rows):
+def test_wire_formats_order_bytes(table_rows, tiny_backbone):
     _, rows = table_rows
     df = pd.DataFrame(rows)
     mist = df[df["label"] == "mist"].groupby("wire_dtype")["transfer_bytes_per_image"].mean()
     assert mist["int8"] < mist["float16"] < mist["float32"]
     assert mist["float32"] / mist["int8"] == pytest.approx(4, rel=0.1)
+    # per-channel scales: one float32 per channel instead of one per token
+    tokens, dim = tiny_backbone.num_tokens, tiny_backbone.embed_dim
+    assert mist["int8ch"] - mist["int8"] == pytest.approx(4 * (dim - tokens))
     side = df[df["method"] == "side"]["transfer_bytes_per_image"].mean()
     levels = TINY_VIT["depth"] + 1
     assert side / mist["float32"] == pytest.approx(levels, rel=0.05)
@@ -122,6 +126,7 @@ def test_wire_formats_order_bytes(table_rows):
     pool = df[df["label"] == "mist_pool"].groupby("wire_dtype")["transfer_bytes_per_image"].mean()
     for dtype in ("float16", "int8"):
         assert pool[dtype] / mist[dtype] == pytest.approx(5 / 17, rel=0.1)  # + row overhead
+    assert pool["int8ch"] - pool["int8"] == pytest.approx(4 * (dim - 5))  # D scales, not 5
 
 
 @pytest.mark.slow
@@ -252,3 +257,24 @@ def test_cli_config_filters_methods():
     assert ("mist k=N/3", "float32") in labels
     few = config_from_args(parser().parse_args(["--tasks", TASK, "--few-shot"]))
     assert few.few_shot == (1, 2, 4, 8, 16) and few.seeds == 3
+    with pytest.raises(SystemExit):  # an unknown wire dtype is refused by the parser
+        parser().parse_args(["--wire", "int4"])
+
+
+def test_fixed_mist_k_trains_mist_at_that_k_only(tmp_path):
+    # Prepare: MIST and its int8ch wire with k fixed at 1 (no selection, no k rows)
+    args = parser().parse_args(
+        ["--tasks", TASK, "--methods", "mist", "--wire", "int8ch", "--mist-k", "1"]
+    )
+    cfg = config_from_args(args)
+    assert {v.group for v in cfg.variants} == {"paper", "wire"}
+    cfg = _cfg(tmp_path, variants=cfg.variants, mist_k=1)
+    # Execute
+    rows = [r.as_dict() for r in run_compare(cfg)]
+    # Assert: one fit per row, every one at k=1
+    assert [(r["label"], r["wire_dtype"], r["k"]) for r in rows] == [
+        ("mist", "float32", 1),
+        ("mist", "int8ch", 1),
+    ]
+    with pytest.raises(ConfigError, match="deeper"):
+        run_compare(_cfg(tmp_path, variants=cfg.variants, mist_k=99))

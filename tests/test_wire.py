@@ -10,7 +10,8 @@ import torch
 from mist_fed.errors import WireError
 from mist_fed.model.gather import GatherSpec, gather_many
 from mist_fed.wire import edge_init
-from mist_fed.wire.codec import DTYPES, Stats, WireMeta, decode, encode, feature_schema
+from mist_fed.wire.codec import Stats, WireMeta, decode, encode, feature_schema
+from mist_fed.wire.dtypes import WIRE_DTYPES, dequantize, feature_bytes, quantize
 from mist_fed.wire.request import FeatureRequest
 
 SPECS = [GatherSpec("mist", 2), GatherSpec("side"), GatherSpec("final"), GatherSpec("block", 1)]
@@ -21,7 +22,7 @@ def _meta(bb, spec, dtype):
     return WireMeta(bb.name, bb.weights_id, spec.kind, spec.k, dtype, shape)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", WIRE_DTYPES)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label())
 def test_round_trip_each_dtype_and_gather(tiny_backbone, spec, dtype):
     # Prepare: real gathered features of the tiny backbone
@@ -41,7 +42,7 @@ def test_round_trip_each_dtype_and_gather(tiny_backbone, spec, dtype):
     assert fs.meta["gather"] == spec.kind and fs.meta["k"] == spec.k and fs.meta["dtype"] == dtype
     assert fs.meta["weights"] == tiny_backbone.weights_id
     rel = (fs.features.float() - x).norm() / x.norm()
-    bound = {"float32": 0.0, "float16": 1e-3, "int8": 0.01}[dtype]
+    bound = {"float32": 0.0, "float16": 1e-3, "int8": 0.01, "int8ch": 0.01}[dtype]
     assert rel <= bound
 
 
@@ -56,6 +57,38 @@ def test_int8_is_quarter_of_fp32_plus_scales(tiny_backbone):
     feat32 = f32.column("features").nbytes
     assert i8.column("features").nbytes == feat32 // 4
     assert i8.column("scale").nbytes == 4 * 4 * tiny_backbone.num_tokens
+
+
+@pytest.mark.parametrize("dtype", WIRE_DTYPES)
+@pytest.mark.parametrize("shape", [(7, 6), (3, 7, 6), (6,)], ids=["mist", "side", "final"])
+def test_feature_bytes_equal_the_encoded_columns(dtype, shape):
+    # Prepare
+    meta = WireMeta("b", "w", "mist", 1, dtype, shape)
+    x = np.random.default_rng(0).normal(size=(5, *shape)).astype(np.float32)
+    # Execute
+    batch = encode(meta, list("abcde"), [0] * 5, x)
+    # Assert: the cost model's bytes are the Arrow buffers of the feature columns
+    cols = sum(batch.column(c).nbytes for c in batch.schema.names[2:])
+    assert cols == 5 * feature_bytes(shape, dtype)
+
+
+def test_int8ch_has_one_scale_per_channel_and_beats_per_token_on_outlier_channels():
+    # Prepare: ViT-like features where two of 64 channels are 50x larger than the rest
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 20, 64)).astype(np.float32)
+    x[..., [3, 40]] *= 50.0
+    # Execute
+    errs = {}
+    for dtype in ("int8", "int8ch"):
+        q, scale = quantize(x, dtype)
+        back = dequantize(q, scale, dtype)
+        small = np.delete(np.arange(64), [3, 40])  # the channels a per-token scale starves
+        errs[dtype] = np.linalg.norm((back - x)[..., small]) / np.linalg.norm(x[..., small])
+        assert np.abs(back - x).max() <= scale.max() / 127 / 2 + 1e-4  # half a step at most
+    # Assert: scales per image and channel; the small channels keep their precision
+    assert quantize(x, "int8ch")[1].shape == (8, 64)
+    assert quantize(x, "int8")[1].shape == (8, 20)
+    assert errs["int8ch"] < errs["int8"] / 10
 
 
 def test_decode_is_zero_copy_for_float32():

@@ -17,7 +17,7 @@ import torch
 
 from mist_fed import defaults
 from mist_fed.errors import ConfigError
-from mist_fed.wire.codec import DTYPES
+from mist_fed.wire.dtypes import WIRE_DTYPES
 
 SECTIONS = ("server", "backbone", "store", "limits", "tls")
 
@@ -58,8 +58,8 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_upload_images < 1 or self.max_image_bytes < 1:
             raise ConfigError("max_upload_images and max_image_bytes must be >= 1")
-        if self.default_dtype not in DTYPES:
-            raise ConfigError(f"default_dtype {self.default_dtype!r} is not one of {DTYPES}")
+        if self.default_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"default_dtype {self.default_dtype!r} is not one of {WIRE_DTYPES}")
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise ConfigError(f"device {self.device!r} is not cpu, cuda, cuda:N or auto")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -43,7 +43,8 @@ from mist_fed.errors import MistError, TaskError, WireError
 from mist_fed.model.backbone import Backbone, create_backbone
 from mist_fed.model.methods import edge_init_state
 from mist_fed.wire import edge_init
-from mist_fed.wire.codec import UPLOAD_SCHEMA, Stats, assemble_batch, feature_schema, scale_shape
+from mist_fed.wire.codec import UPLOAD_SCHEMA, Stats, assemble_batch, feature_schema
+from mist_fed.wire.dtypes import feature_bytes
 from mist_fed.wire.request import FeatureRequest
 
 log = logging.getLogger(__name__)
@@ -187,10 +188,7 @@ class FeatureServer(flight.FlightServerBase):
         _, rows = self._rows(req)
         meta = self.embedder.meta(req.spec, req.dtype)
         schema = feature_schema(meta)
-        width = {"float32": 4, "float16": 2, "int8": 1}[req.dtype]
-        per_row = width * _prod(meta.shape)
-        if req.dtype == "int8":
-            per_row += 4 * _prod(scale_shape(meta.shape))
+        per_row = feature_bytes(meta.shape, req.dtype)
         ticket = flight.Ticket(req.to_json())
         return flight.FlightInfo(
             schema,
@@ -398,13 +396,6 @@ class FeatureServer(flight.FlightServerBase):
 
 def _load_row(split: TaskSplit, rows: list[int], i: int) -> Any:
     return split.image(rows[i])
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
 
 
 def _empty_columns(schema: pa.Schema) -> dict[str, pa.Array]:

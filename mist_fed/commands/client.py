@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from mist_fed.defaults import cloud_location
+from mist_fed.wire.dtypes import WIRE_DTYPES
 
 TOKEN_ENV = "MIST_FED_TOKEN"
 
@@ -103,7 +104,7 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, help="batch size (default 32)")
     p.add_argument("--micro-batch", type=int, help="rows per forward/backward (0 = whole batch)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8"])
+    p.add_argument("--dtype", default="float32", choices=WIRE_DTYPES)
     p.add_argument("--k", help="candidate k values, comma-separated (default {N/3, 2N/3, N})")
     p.add_argument("--upload", action="store_true", help="upload this device's own images")
     p.add_argument(

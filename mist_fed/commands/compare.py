@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     # `mist-fed` configured logging (WARNING) before main's own basicConfig, which is then a
     # no-op: give the run main's levels, INFO (progress) or DEBUG with -v.
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    return main(getattr(args, ARGV))
+    return main(getattr(args, ARGV), prog="mist-fed compare")
 
 
 def register(sub: Any) -> None:

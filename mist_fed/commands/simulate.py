@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mist_fed.wire.dtypes import WIRE_DTYPES
+
 DEFAULT_FLEET = Path(__file__).resolve().parents[2] / "simulations" / "fleets" / "default.toml"
 
 
@@ -29,7 +31,7 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--k", type=int, help="gather depth for mist (-1: all blocks)")
-    p.add_argument("--wire-dtype", choices=["float32", "float16", "int8"])
+    p.add_argument("--wire-dtype", choices=WIRE_DTYPES)
     p.add_argument("--dropout", type=float, help="probability a device skips a round")
     p.add_argument("--deadline-s", type=float, help="round deadline in device seconds")
     p.add_argument("--train-per-device", type=int)

@@ -36,6 +36,7 @@ from mist_fed.errors import ConfigError, TaskError
 from mist_fed.model.gather import GatherSpec, candidate_ks
 from mist_fed.model.methods import get_method, starts_from_backbone
 from mist_fed.wire.client import FeatureClient, encode_png
+from mist_fed.wire.dtypes import WIRE_DTYPES
 from mist_fed.wire.edge_init import EdgeInit
 from mist_fed.wire.features import FeatureSet
 from mist_fed.wire.shaping import LinkShaper
@@ -43,7 +44,6 @@ from mist_fed.wire.shaping import LinkShaper
 log = logging.getLogger(__name__)
 
 REAL_DEFAULT_TASKS = ("fashion-mnist", "flowers102")
-DTYPES = ("float32", "float16", "int8")
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,8 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         get_method(self.method)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown --dtype {self.dtype!r}; choose float32, float16 or int8")
+        if self.dtype not in WIRE_DTYPES:
+            raise ConfigError(f"unknown --dtype {self.dtype!r}; choose {', '.join(WIRE_DTYPES)}")
         if not self.time_scale > 0:
             raise ConfigError(f"--time-scale must be > 0, got {self.time_scale}")
 

@@ -15,6 +15,7 @@ from mist_fed.errors import MistError
 from mist_fed.experiments.compare import CompareConfig, RowResult, default_variants, run_compare
 from mist_fed.report.compare import write_compare
 from mist_fed.report.results import new_run_id
+from mist_fed.wire.dtypes import WIRE_DTYPES
 
 log = logging.getLogger("mist_fed.compare")
 
@@ -41,7 +42,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-limit", type=int, help="first N val images (default all 200)")
     p.add_argument("--test-limit", type=int, default=1000, help="first N test images")
     p.add_argument("--methods", nargs="+", help="row labels to run (default: every row)")
-    p.add_argument("--wire", nargs="*", default=["float16", "int8"], help="extra MIST wires")
+    p.add_argument(
+        "--wire",
+        nargs="*",
+        choices=WIRE_DTYPES,
+        default=list(WIRE_DTYPES[1:]),
+        help="MIST's extra wire dtypes",
+    )
+    p.add_argument(
+        "--mist-k",
+        type=int,
+        help="fix MIST's k instead of selecting it on val (skips the k rows): paired wire checks",
+    )
     p.add_argument(
         "--few-shot",
         nargs="*",
@@ -62,6 +74,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     labels = args.methods or (FEW_SHOT_LABELS if few else None)
     if labels:
         variants = [v for v in variants if v.label in labels or v.label.split(" ")[0] in labels]
+    if args.mist_k is not None:
+        variants = [v for v in variants if v.group != "k"]
     return CompareConfig(
         tasks=tuple(args.tasks or default_tasks()),
         backbone=args.backbone or default_backbone(),
@@ -73,11 +87,13 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         limits={"train": args.train_limit, "val": args.val_limit, "test": args.test_limit},
         variants=tuple(variants),
         few_shot=few,
+        mist_k=args.mist_k,
         cache_dir=args.cache_dir,
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python simulations/compare.py") -> int:
+    """Run the comparison; ``prog`` is how the command line in compare.md's header starts."""
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -95,13 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(r.as_dict())
             write_compare(rows, run_dir, header)
 
-        command = "python simulations/compare.py " + " ".join(
+        command = f"{prog} " + " ".join(
             shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
         )
         header = (
             f"# Separated tuning through the pipeline\n\n`{command.strip()}`\n\n"
             f"backbone `{cfg.backbone}`, {cfg.seeds} seed(s), {cfg.epochs} epochs of batch {cfg.batch_size}, limits "
-            f"{ {k: v for k, v in cfg.limits.items() if v} }; accuracy in % (mean ± std over "
+            f"{ {k: v for k, v in cfg.limits.items() if v} }"
+            + (f", MIST k fixed at {cfg.mist_k}" if cfg.mist_k else "")
+            + "; accuracy in % (mean ± std over "
             "seeds); MB/img measured from the bytes streamed; edge train peak = peak RSS rise "
             "during fit (features resident before it are not counted)."
         )

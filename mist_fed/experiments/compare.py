@@ -63,7 +63,7 @@ class Variant:
     group: str = "paper"
 
 
-def default_variants(wire_dtypes: Sequence[str] = ("float16", "int8")) -> list[Variant]:
+def default_variants(wire_dtypes: Sequence[str] = ("float16", "int8", "int8ch")) -> list[Variant]:
     out = [
         Variant("linear", "linear"),
         Variant("partial1", "partial1"),
@@ -93,6 +93,7 @@ class CompareConfig:
     limits: dict[str, int | None] = field(default_factory=dict)  # split -> max images
     variants: tuple[Variant, ...] = ()
     few_shot: tuple[int, ...] = ()  # shots per class; empty = the VTAB-1k protocol
+    mist_k: int | None = None  # MIST's k fixed (no selection on val); None = select
     cache_dir: str | None = None
     fetch_chunk: int = 64  # ids per request when features are re-cast to fp16 on arrival
     side_resident: str = "float16"  # side's [N+1, T, D] maps are kept in this dtype on the edge
@@ -104,6 +105,8 @@ class CompareConfig:
             raise ConfigError(f"seeds and epochs must be >= 1 (got {self.seeds}, {self.epochs})")
         for v in self.variants or default_variants():
             get_method(v.method)
+        if self.mist_k is not None and self.mist_k < 1:
+            raise ConfigError(f"--mist-k must be >= 1, got {self.mist_k}")
 
 
 @dataclass
@@ -212,6 +215,10 @@ class Comparison:
         self.task = task
         self.task_spec = task_spec
         self.ks = candidate_ks(backbone.num_blocks)
+        if cfg.mist_k is not None and cfg.mist_k > backbone.num_blocks:
+            raise ConfigError(
+                f"--mist-k {cfg.mist_k} is deeper than the backbone's {backbone.num_blocks} blocks"
+            )
         self._costs: dict[tuple[str, int | None, str], MethodCost] = {}
         self.ids = {s: _ids_subset(task.split(s).ids, cfg.limits.get(s)) for s in SPLITS}
 
@@ -307,7 +314,8 @@ class Comparison:
             return cache[key]
 
         def selected(v: Variant) -> RowResult:
-            rows = [row(v, k) for k in self.ks]
+            fixed = self.cfg.mist_k if v.method == "mist" else None
+            rows = [row(v, k) for k in ([fixed] if fixed else self.ks)]
             best = max(rows, key=lambda r: (r.val_accuracy, -(r.k or 0)))
             return replace(best, label=v.label, group=v.group)
 

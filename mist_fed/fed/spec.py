@@ -19,11 +19,11 @@ from typing import Any
 from mist_fed.errors import BackboneError, ConfigError
 from mist_fed.model.backbone import BackboneSpec
 from mist_fed.model.imgfocus import NAME as DEFAULT_BACKBONE
+from mist_fed.wire.dtypes import WIRE_DTYPES
 
 SPLITS = ("iid", "dirichlet")
 AGGREGATIONS = ("fedavg", "local")
 FLEET_METHODS = ("mist", "linear", "partial1", "side")
-WIRE_DTYPES = ("float32", "float16", "int8")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ and transfer bytes from the gathered feature's shape and the wire dtype.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,8 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mist_fed.model.backbone import Backbone
 from mist_fed.model.gather import feature_shape, gather
 from mist_fed.model.methods import build_edge_net, method_gather
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
+from mist_fed.wire.dtypes import feature_bytes
 
 
 @dataclass(frozen=True)
@@ -46,15 +44,6 @@ def count_macs(fn: Any, *inputs: torch.Tensor) -> int:
     with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         fn(*inputs)
     return int(counter.get_total_flops()) // 2
-
-
-def feature_bytes(shape: tuple[int, ...], dtype: str = "float32") -> int:
-    """Bytes per image on the wire; int8 adds one float32 scale per token."""
-    n = math.prod(shape)
-    if dtype == "int8":
-        tokens = math.prod(shape[:-1]) if len(shape) > 1 else 1
-        return n + 4 * tokens
-    return n * DTYPE_BYTES[dtype]
 
 
 def method_cost(

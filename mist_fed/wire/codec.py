@@ -5,12 +5,12 @@ Every feature batch has the columns of :data:`FEATURE_COLUMNS`:
 * ``id`` (string), ``label`` (int64, null where unknown),
 * ``features``: ``arrow.fixed_shape_tensor`` of the per-image shape (``[tokens, dim]`` for
   ``mist``/``block``, ``[N+1, tokens, dim]`` for ``side``, ``[dim]`` for ``final``),
-* ``scale`` (int8 only): float32 absmax scale per token (shape = feature shape minus ``dim``;
-  ``[1]`` for ``final``), so ``x ~= q * scale / 127``.
+* ``scale`` (``int8`` and ``int8ch`` only): float32 absmax scales, per token for ``int8``,
+  per channel for ``int8ch`` (shapes in :mod:`mist_fed.wire.dtypes`), so ``x ~= q * scale / 127``.
 
 Schema metadata records ``backbone``, ``weights`` (``Backbone.weights_id``), ``gather``, ``k``,
 ``dtype`` and the format version. Decoding is zero-copy where pyarrow allows (one chunk of
-float32/float16); int8 is dequantized to float32.
+float32/float16); the int8 dtypes are dequantized to float32.
 """
 
 from __future__ import annotations
@@ -27,10 +27,17 @@ import pyarrow as pa
 import torch
 
 from mist_fed.errors import WireError
+from mist_fed.wire.dtypes import (
+    NUMPY_DTYPE,
+    QUANTIZED,
+    WIRE_DTYPES,
+    dequantize,
+    quantize,
+    scale_shape,
+)
 from mist_fed.wire.features import FeatureSet
 
 WIRE_VERSION = "1"
-DTYPES = ("float32", "float16", "int8")
 FEATURE_COLUMNS = ("id", "label", "features", "scale")
 META_KEYS = ("backbone", "weights", "gather", "k", "dtype", "shape")
 
@@ -39,8 +46,7 @@ UPLOAD_SCHEMA = pa.schema(
     [pa.field("id", pa.string(), nullable=False), pa.field("image", pa.binary())]
 )
 
-_ARROW_DTYPE = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.int8()}
-_NP_DTYPE = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+_ARROW_DTYPE = {d: pa.from_numpy_dtype(t) for d, t in NUMPY_DTYPE.items()}
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,9 @@ class WireMeta:
     shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
+        if self.dtype not in WIRE_DTYPES:
             raise WireError(
-                f"unknown feature dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}"
+                f"unknown feature dtype {self.dtype!r}; choose one of {', '.join(WIRE_DTYPES)}"
             )
 
     def to_metadata(self) -> dict[bytes, bytes]:
@@ -107,11 +113,6 @@ class WireMeta:
         }
 
 
-def scale_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    """Shape of the int8 per-token scales for a feature shape."""
-    return tuple(shape[:-1]) or (1,)
-
-
 @functools.lru_cache(maxsize=256)
 def feature_schema(meta: WireMeta) -> pa.Schema:
     """The schema of a feature stream (the column layout of :data:`FEATURE_COLUMNS`); cached."""
@@ -120,26 +121,10 @@ def feature_schema(meta: WireMeta) -> pa.Schema:
         pa.field("label", pa.int64(), nullable=True),
         pa.field("features", pa.fixed_shape_tensor(_ARROW_DTYPE[meta.dtype], list(meta.shape))),
     ]
-    if meta.dtype == "int8":
-        fields.append(
-            pa.field("scale", pa.fixed_shape_tensor(pa.float32(), list(scale_shape(meta.shape))))
-        )
+    if meta.dtype in QUANTIZED:
+        scales = list(scale_shape(meta.shape, meta.dtype))
+        fields.append(pa.field("scale", pa.fixed_shape_tensor(pa.float32(), scales)))
     return pa.schema(fields, metadata=meta.to_metadata())
-
-
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Absmax int8 per token (over the last axis): ``(q [n,*shape], scale [n,*scale_shape])``."""
-    x = np.asarray(x, dtype=np.float32)
-    absmax = np.abs(x).max(axis=-1, keepdims=True)
-    scale = np.where(absmax > 0, absmax, 1.0).astype(np.float32)
-    q = np.clip(np.rint(x / scale * 127.0), -127, 127).astype(np.int8)
-    # final ([n, dim]) keeps one scale per row as [n, 1]; token maps drop the last axis
-    return q, scale if x.ndim == 2 else scale[..., 0]
-
-
-def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    s = np.asarray(scale, dtype=np.float32).reshape(*q.shape[:-1], 1)
-    return q.astype(np.float32) * (s / np.float32(127.0))
 
 
 def encode_arrays(meta: WireMeta, features: np.ndarray | torch.Tensor) -> dict[str, pa.Array]:
@@ -154,15 +139,13 @@ def encode_arrays(meta: WireMeta, features: np.ndarray | torch.Tensor) -> dict[s
         raise WireError(
             "features hold NaN or Inf; refusing to encode them (check the backbone's weights)"
         )
-    if meta.dtype == "int8":
-        q, scale = quantize_int8(features)
+    if meta.dtype in QUANTIZED:
+        q, scale = quantize(features, meta.dtype)
         return {
             "features": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(q)),
-            "scale": pa.FixedShapeTensorArray.from_numpy_ndarray(
-                np.ascontiguousarray(scale.reshape(len(q), *scale_shape(meta.shape)))
-            ),
+            "scale": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(scale)),
         }
-    arr = np.ascontiguousarray(features, dtype=_NP_DTYPE[meta.dtype])
+    arr = np.ascontiguousarray(features, dtype=NUMPY_DTYPE[meta.dtype])
     return {"features": pa.FixedShapeTensorArray.from_numpy_ndarray(arr)}
 
 
@@ -263,8 +246,8 @@ def _decode_checked(data: pa.RecordBatch | pa.Table, meta: WireMeta) -> FeatureS
         feats = torch.empty((0, *meta.shape), dtype=torch_dtype)
     else:
         x = _tensor_numpy(data.column("features"))
-        if meta.dtype == "int8":
-            x = dequantize_int8(x, _tensor_numpy(data.column("scale")))
+        if meta.dtype in QUANTIZED:
+            x = dequantize(x, _tensor_numpy(data.column("scale")), meta.dtype)
         with warnings.catch_warnings():  # Arrow buffers are read-only; share them, do not copy
             warnings.simplefilter("ignore", UserWarning)
             feats = torch.from_numpy(x)
