@@ -15,6 +15,26 @@ TINY_VIT = {
 }
 
 
+class PickleBomb:
+    """A pickle payload that records whether it ran: loaders under test must never unpickle it."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (PickleBomb.trigger, ())
+
+    @staticmethod
+    def trigger():
+        PickleBomb.ran = True
+        return {}
+
+
+@pytest.fixture
+def pickle_bomb():
+    PickleBomb.ran = False
+    return PickleBomb
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     from mist_fed.model.backbone import create_backbone

@@ -146,19 +146,7 @@ def test_non_finite_features_are_refused_both_ways(bad, dtype):
         decode_ipc(stream)
 
 
-class _Evil:
-    ran = False
-
-    def __reduce__(self):
-        return (_Evil._trigger, ())
-
-    @staticmethod
-    def _trigger():
-        _Evil.ran = True
-        return "pwned"
-
-
-def test_arrow_ipc_never_unpickles_extension_metadata():
+def test_arrow_ipc_never_unpickles_extension_metadata(pickle_bomb):
     # Prepare: a stream whose field claims pyarrow's old pickle-based extension type
     _, batch = _good()
     field = pa.field(
@@ -166,7 +154,7 @@ def test_arrow_ipc_never_unpickles_extension_metadata():
         pa.binary(),
         metadata={
             b"ARROW:extension:name": b"arrow.py_extension_type",
-            b"ARROW:extension:metadata": pickle.dumps(_Evil()),
+            b"ARROW:extension:metadata": pickle.dumps(pickle_bomb()),
         },
     )
     schema = pa.schema(
@@ -176,11 +164,11 @@ def test_arrow_ipc_never_unpickles_extension_metadata():
     # Execute
     table = pa.ipc.open_stream(_ipc(evil)).read_all()
     # Assert: read as plain storage, nothing unpickled, and the decoder refuses it
-    assert not _Evil.ran
+    assert not pickle_bomb.ran
     assert table.schema.field("features").type == pa.binary()
     with pytest.raises(WireError, match="features"):
         decode(table)
-    assert not _Evil.ran
+    assert not pickle_bomb.ran
 
 
 # -- a live server under junk -------------------------------------------------------------------

@@ -205,19 +205,7 @@ def test_no_source_unpickles_or_torch_loads_without_weights_only():
     assert found == []
 
 
-class _Evil:
-    ran = False
-
-    def __reduce__(self):
-        return (_Evil.trigger, ())
-
-    @staticmethod
-    def trigger():
-        _Evil.ran = True
-        return {}
-
-
-def test_checkpoints_are_safetensors_only(tmp_path):
+def test_checkpoints_are_safetensors_only(tmp_path, pickle_bomb):
     # Prepare
     cfg = EdgeModelConfig(
         "mist", 3, "tiny", "random:tiny", 3, 5, 8, k=2, edge_kwargs={"depth": 1, "qkv_dim": 4}
@@ -230,10 +218,10 @@ def test_checkpoints_are_safetensors_only(tmp_path):
     net, _ = load_checkpoint(tmp_path)
     assert isinstance(net, torch.nn.Module)
     # Execute: a pickle (a torch.save checkpoint) put in its place is refused, never run
-    path.write_bytes(pickle.dumps(_Evil()))
+    path.write_bytes(pickle.dumps(pickle_bomb()))
     with pytest.raises(ConfigError, match="not a readable safetensors file"):
         load_checkpoint(tmp_path)
-    assert not _Evil.ran
+    assert not pickle_bomb.ran
     torch.save({"x": torch.zeros(1)}, path)
     with pytest.raises(ConfigError, match="safetensors"):
         load_checkpoint(tmp_path)
