@@ -208,3 +208,18 @@ def test_sigkill_mid_stream_and_restart_loses_no_row(cloud):
         f"\nRELIABILITY sigkill: kills=2 restarts=2 clients=4 rows_each={ROWS} rows_lost=0 "
         f"rows_duplicated=0 shards_verified={len(shards)} wall_s={wall:.1f}"
     )
+
+
+@pytest.mark.parametrize(("sig", "rc"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_ctrl_c_stops_serve_with_130_and_sigterm_with_0(cloud, sig, rc):
+    # Prepare: the server is up and answering (the fixture waited for its health check)
+    assert cloud.proc is not None
+    # Execute
+    cloud.proc.send_signal(sig)
+    got = cloud.proc.wait(timeout=60)
+    # Assert: Ctrl-C reads as an interruption, as with every other command; SIGTERM is a
+    # requested stop (a service manager's); neither leaves a traceback
+    assert got == rc, cloud.log()[-3000:]
+    assert "Traceback" not in cloud.log()
+    if sig == signal.SIGINT:
+        assert "mist-fed: interrupted" in cloud.log()

@@ -1,4 +1,5 @@
-"""``running_cloud``: a feature server in a background thread, for tests and simulations."""
+"""A feature server in a background thread: ``running_cloud`` (tests, simulations) and
+``in_background`` (also ``mist-fed cloud serve``, whose main thread stays free for signals)."""
 
 from __future__ import annotations
 
@@ -27,16 +28,25 @@ def running_cloud(
     """
     config = config or ServeConfig(port=0)
     server = server_cls(config, backbone=backbone)
-    # The server serves from construction on; ``wait`` only blocks until shutdown. Not
-    # ``serve``: that installs Arrow's own SIGINT/SIGTERM handlers, process-wide, so Ctrl-C
-    # would stop this server and never reach the main thread as KeyboardInterrupt.
-    thread = threading.Thread(target=server.wait, name="mist-fed-cloud", daemon=True)
-    thread.start()
     scheme = "grpc+tls" if config.tls else "grpc+tcp"
     location = f"{scheme}://{config.host}:{server.port}"
-    try:
+    with in_background(server):
         yield location
+    log.debug("feature server at %s stopped", location)
+
+
+@contextmanager
+def in_background(server: FeatureServer) -> Iterator[threading.Thread]:
+    """Block on ``server`` in a daemon thread until the block exits, then shut it down once.
+
+    The server serves from construction on; ``wait`` only blocks until shutdown. Not
+    ``serve``: that installs Arrow's own SIGINT/SIGTERM handlers, process-wide, so Ctrl-C
+    would stop the server and never reach the main thread as KeyboardInterrupt.
+    """
+    thread = threading.Thread(target=server.wait, name="mist-fed-cloud", daemon=True)
+    thread.start()
+    try:
+        yield thread
     finally:
         server.shutdown()
         thread.join(timeout=10)
-        log.debug("feature server at %s stopped", location)

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import signal
+import threading
 from typing import Any
 
 from mist_fed.defaults import DEFAULT_BACKBONE
@@ -15,6 +16,7 @@ log = logging.getLogger(__name__)
 
 def serve(args: argparse.Namespace) -> int:
     from mist_fed.cloud.config import ServeConfig
+    from mist_fed.cloud.runner import in_background
     from mist_fed.cloud.server import FeatureServer
 
     base = ServeConfig.from_toml(args.config) if args.config else ServeConfig()
@@ -31,12 +33,14 @@ def serve(args: argparse.Namespace) -> int:
     elif args.random_init:
         config = dataclasses.replace(config, weights=None, random_init=True)
     server = FeatureServer(config)
-    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
-    log.warning("serving features on %s:%d (Ctrl-C stops)", config.host, server.port)
-    try:
-        server.serve()
-    except KeyboardInterrupt:
-        server.shutdown()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a requested stop: exit 0
+    with in_background(server) as thread:
+        log.warning("serving features on %s:%d (Ctrl-C stops)", config.host, server.port)
+        # The main thread idles here, where Ctrl-C arrives as KeyboardInterrupt: the block
+        # shuts the server down and the CLI exits 130, as on any command's Ctrl-C.
+        while thread.is_alive() and not stop.wait(0.5):
+            pass
     return 0
 
 
