@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pandas as pd
@@ -12,7 +13,7 @@ from mist_fed.cloud.precompute import precompute
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.data import get_task
 from mist_fed.errors import ConfigError
-from mist_fed.experiments.cli import config_from_args, parser
+from mist_fed.experiments.cli import config_from_args, parser, resumed_rows
 from mist_fed.experiments.compare import (
     CompareConfig,
     Fetcher,
@@ -278,3 +279,25 @@ def test_fixed_mist_k_trains_mist_at_that_k_only(tmp_path):
     ]
     with pytest.raises(ConfigError, match="deeper"):
         run_compare(_cfg(tmp_path, variants=cfg.variants, mist_k=99))
+
+
+def test_resume_runs_only_the_seeds_an_earlier_run_lacks(tmp_path):
+    # Prepare: an earlier run of one seed, stopped before its second
+    out = tmp_path / "results"
+    common = ["--tasks", TASK, "--methods", "linear", "--epochs", "1", "--out", str(out)]
+    common += ["--run-id", "r", "--random-init", "--backbone", "vit_tiny_patch16_224"]
+    common += ["--cache-dir", str(tmp_path / "store")]
+    args = parser().parse_args([*common, "--seeds", "1"])
+    cfg = dataclasses.replace(config_from_args(args), backbone_kwargs=dict(TINY_VIT))
+    first = [r.as_dict() for r in run_compare(cfg)]
+    write_compare(first, out / "r")
+    # Execute: resume with two seeds
+    cfg2 = dataclasses.replace(cfg, seeds=2)
+    rows, done = resumed_rows(out / "r", cfg2)
+    new = [r.as_dict() for r in run_compare(cfg2, skip=done)]
+    # Assert: seed 0 kept from the earlier run, only seed 1 trained now
+    assert done == {(TASK, None, 0)}
+    assert [r["seed"] for r in rows] == [0] and [r["seed"] for r in new] == [1]
+    assert rows[0]["accuracy"] == first[0]["accuracy"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        resumed_rows(out / "missing", cfg2)

@@ -8,11 +8,19 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mist_fed.data import SHOTS, task_entry
 from mist_fed.data.defaults import default_backbone, default_task
-from mist_fed.errors import MistError
-from mist_fed.experiments.compare import CompareConfig, RowResult, default_variants, run_compare
+from mist_fed.errors import ConfigError, MistError
+from mist_fed.experiments.compare import (
+    CompareConfig,
+    RowResult,
+    SeedKey,
+    default_variants,
+    run_compare,
+    seeds_done,
+)
 from mist_fed.report.compare import write_compare
 from mist_fed.report.results import new_run_id
 from mist_fed.wire.dtypes import WIRE_DTYPES
@@ -64,6 +72,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="feature store dir (default <MIST_FED_CACHE>/features)")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--run-id")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run --run-id: keep its rows, run only the seeds it lacks",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -92,6 +105,22 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     )
 
 
+def resumed_rows(run_dir: Path, cfg: CompareConfig) -> tuple[list[dict[str, Any]], set[SeedKey]]:
+    """An earlier run's rows (``compare_seeds.parquet``) and the seeds they complete."""
+    path = run_dir / "compare_seeds.parquet"
+    if not path.exists():
+        raise ConfigError(f"--resume: {path} does not exist; give the --run-id of an earlier run")
+    import pandas as pd
+
+    rows = [
+        {k: (None if k == "shots" and pd.isna(v) else v) for k, v in r.items()}
+        for r in pd.read_parquet(path).to_dict("records")
+    ]
+    done = seeds_done(rows, cfg.variants or default_variants())
+    log.info("resuming %s: %d rows, %d seed runs complete", run_dir, len(rows), len(done))
+    return rows, done
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python simulations/compare.py") -> int:
     """Run the comparison; ``prog`` is how the command line in compare.md's header starts."""
     args = parser().parse_args(argv)
@@ -105,7 +134,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python simulations/comp
     try:
         cfg = config_from_args(args)
         run_dir = args.out / (args.run_id or new_run_id("compare"))
-        rows: list[dict[str, object]] = []
+        rows, done = resumed_rows(run_dir, cfg) if args.resume else ([], set())
+        kept = f"; resumed: {len(rows)} rows of the earlier run kept" if args.resume else ""
 
         def on_row(r: RowResult) -> None:  # write as we go: a long run leaves partial results
             rows.append(r.as_dict())
@@ -119,11 +149,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python simulations/comp
             f"backbone `{cfg.backbone}`, {cfg.seeds} seed(s), {cfg.epochs} epochs of batch {cfg.batch_size}, limits "
             f"{ {k: v for k, v in cfg.limits.items() if v} }"
             + (f", MIST k fixed at {cfg.mist_k}" if cfg.mist_k else "")
+            + kept
             + "; accuracy in % (mean ± std over "
             "seeds); MB/img measured from the bytes streamed; edge train peak = peak RSS rise "
             "during fit (features resident before it are not counted)."
         )
-        run_compare(cfg, on_row)
+        run_compare(cfg, on_row, skip=done)
         paths = write_compare(rows, run_dir, header)
     except MistError as e:
         log.error("%s", e)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -341,10 +341,34 @@ class Comparison:
         return out
 
 
+#: One seed's run of every variant on a task: (task spec, shots or None, seed).
+SeedKey = tuple[str, int | None, int]
+
+
+def seeds_done(rows: Sequence[dict[str, Any]], variants: Sequence[Variant]) -> set[SeedKey]:
+    """The (task, shots, seed) runs for which ``rows`` (an earlier run's) hold every variant."""
+    have: dict[SeedKey, set[tuple[str, str]]] = {}
+    for r in rows:
+        shots = r.get("shots")
+        key = (
+            str(r["task"]),
+            None if shots is None or shots != shots else int(shots),
+            int(r["seed"]),
+        )
+        have.setdefault(key, set()).add((str(r["label"]), str(r["wire_dtype"])))
+    want = {(v.label, v.dtype) for v in variants}
+    return {key for key, got in have.items() if want <= got}
+
+
 def run_compare(
-    cfg: CompareConfig, on_row: Callable[[RowResult], None] | None = None
+    cfg: CompareConfig,
+    on_row: Callable[[RowResult], None] | None = None,
+    skip: Collection[SeedKey] = (),
 ) -> list[RowResult]:
-    """Every variant x task x seed (x shots in few-shot mode) through cloud, wire and edge."""
+    """Every variant x task x seed (x shots in few-shot mode) through cloud, wire and edge.
+
+    ``skip``: seeds already done (:func:`seeds_done` of an earlier run's rows), not rerun.
+    """
     tune_allocator()
     variants = list(cfg.variants or default_variants())
     backbone = create_backbone(cfg.backbone, random_init=cfg.random_init, **cfg.backbone_kwargs)
@@ -373,6 +397,9 @@ def run_compare(
                 precompute(backbone, serve.store_dir, s, rows, pairs)
             for shots in cfg.few_shot or (None,):
                 for seed in range(cfg.seeds):
+                    if (spec, shots, seed) in skip:
+                        log.info("%s shots=%s seed %d: done in the resumed run", spec, shots, seed)
+                        continue
                     for r in cmp.run_seed(variants, seed, shots):
                         results.append(r)
                         if on_row is not None:
