@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random ViTs, no network."""
 
 import os
+import signal
 
 import pytest
 
@@ -13,6 +14,16 @@ TINY_VIT = {
     "embed_dim": 48,
     "num_heads": 3,
 }
+
+
+def sigint_as_in_a_terminal() -> None:
+    """``preexec_fn`` for a child that a test Ctrl-Cs: SIGINT back to its default disposition.
+
+    A job started in the background by a non-interactive shell (``cmd &``, as CI runners and
+    ``nohup`` do) inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt
+    handler: the child would never see the test's Ctrl-C, as it should not from a terminal.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class PickleBomb:

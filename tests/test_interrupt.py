@@ -23,6 +23,7 @@ from mist_fed.fed import server_app
 from mist_fed.fed.device import DeviceJob
 from mist_fed.fed.server_app import GridTransport, RunStopped, wait_for_nodes
 from mist_fed.model.backbone import BackboneSpec
+from tests.conftest import sigint_as_in_a_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 START_LIMIT_S = 420  # until round 2 starts (Ray start, embedding, round 1) on a loaded host
@@ -115,7 +116,13 @@ def test_ctrl_c_mid_round_exits_130_keeps_round_one_and_leaves_no_process(tmp_pa
     cmd += ["--run-id", "stopped", "--no-progress"]
     # Its own session: the SIGINT goes to its process group, as a terminal's Ctrl-C does.
     proc = subprocess.Popen(
-        cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        env=env,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=sigint_as_in_a_terminal,
     )
     lines: list[str] = []
     round_two = threading.Event()

@@ -27,6 +27,7 @@ import pytest
 from mist_fed.cloud.store import read_shard
 from mist_fed.defaults import DEFAULT_HOST
 from mist_fed.wire.client import FeatureClient
+from tests.conftest import sigint_as_in_a_terminal
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
@@ -72,7 +73,13 @@ class Cloud:
         cmd = [sys.executable, "-m", "mist_fed.cli", "cloud", "serve", "--config"]
         cmd += [str(self.tmp / "serve.toml"), "--port", str(self.port)]
         cmd += ["--cache-dir", str(self.cache), "--random-init"]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=sigint_as_in_a_terminal,  # the Ctrl-C test must reach it
+        )
         log.close()
         end = time.monotonic() + START_S
         while time.monotonic() < end:
