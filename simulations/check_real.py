@@ -91,13 +91,10 @@ def train_eval(net, xtr, ytr, evals, *, lr, epochs=30, batch=32, wd=1e-4, seed=0
     return accs
 
 
-def int8_views(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``x`` after each int8 wire's round trip: ``int8`` (per-token scales), ``int8ch`` (per channel)."""
-    views = {}
-    for dtype in QUANTIZED:
-        q, scale = quantize(x.float().numpy(), dtype)
-        views[dtype] = torch.from_numpy(dequantize(q, scale, dtype))
-    return views
+def round_trip(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``x`` after an int8 wire's round trip: ``int8`` (per-token scales), ``int8ch`` (per channel)."""
+    q, scale = quantize(x.float().numpy(), dtype)
+    return torch.from_numpy(dequantize(q, scale, dtype))
 
 
 def main() -> None:
@@ -144,8 +141,8 @@ def main() -> None:
     if args.train_int8:
         for split in (tr, va, te):
             for k in ks:
-                split[k] = int8_views(split[k])[args.train_int8]
-    views = {k: int8_views(te[k]) if args.int8_eval else {} for k in ks}
+                split[k] = round_trip(split[k], args.train_int8)
+    views = {k: {d: round_trip(te[k], d) for d in QUANTIZED} if args.int8_eval else {} for k in ks}
     top, ref = max(ks), te[max(ks)].float()
     int8_error = {n: float((v - ref).norm() / ref.norm()) for n, v in views[top].items()}
     if int8_error:

@@ -16,6 +16,7 @@ from mist_fed.errors import ConfigError
 from mist_fed.experiments.cli import config_from_args, parser, resumed_rows
 from mist_fed.experiments.compare import (
     CompareConfig,
+    Comparison,
     Fetcher,
     Variant,
     default_variants,
@@ -262,7 +263,7 @@ def test_cli_config_filters_methods():
         parser().parse_args(["--wire", "int4"])
 
 
-def test_fixed_mist_k_trains_mist_at_that_k_only(tmp_path):
+def test_fixed_mist_k_trains_mist_at_that_k_only(tmp_path, tiny_backbone):
     # Prepare: MIST and its int8ch wire with k fixed at 1 (no selection, no k rows)
     args = parser().parse_args(
         ["--tasks", TASK, "--methods", "mist", "--wire", "int8ch", "--mist-k", "1"]
@@ -270,6 +271,9 @@ def test_fixed_mist_k_trains_mist_at_that_k_only(tmp_path):
     cfg = config_from_args(args)
     assert {v.group for v in cfg.variants} == {"paper", "wire"}
     cfg = _cfg(tmp_path, variants=cfg.variants, mist_k=1)
+    # the cloud precomputes that k alone, not the other candidates (2 and 3) as well
+    cmp = Comparison(cfg, tiny_backbone, None, get_task(TASK), TASK)  # type: ignore[arg-type]
+    assert {(s.k, d) for s, d in cmp.pairs(cfg.variants)} == {(1, "float32"), (1, "int8ch")}
     # Execute
     rows = [r.as_dict() for r in run_compare(cfg)]
     # Assert: one fit per row, every one at k=1

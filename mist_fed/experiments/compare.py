@@ -234,12 +234,21 @@ class Comparison:
     def spec(self, method: str, k: int | None) -> GatherSpec:
         return method_gather(method, self.backbone, k)
 
+    def ks_for(self, v: Variant) -> list[int | None]:
+        """The k values variant ``v`` may train at (selected among, or fixed by ``--mist-k``)."""
+        if not get_method(v.method).tunes_k:
+            return [None]
+        if isinstance(v.k, int):
+            return [self.ks[v.k]]
+        if self.cfg.mist_k is not None and (v.method == "mist" or v.k == "mist"):
+            return [self.cfg.mist_k]
+        return list(self.ks)
+
     def pairs(self, variants: Sequence[Variant]) -> list[tuple[GatherSpec, str]]:
         """Every (gather spec, dtype) the variants can ask the cloud for."""
         out: set[tuple[GatherSpec, str]] = set()
         for v in variants:
-            ks: Sequence[int | None] = self.ks if get_method(v.method).tunes_k else [None]
-            for k in ks:
+            for k in self.ks_for(v):
                 out.add((self.spec(v.method, k), v.dtype))
         return sorted(out, key=lambda p: (p[0].label(), p[1]))
 
@@ -314,8 +323,7 @@ class Comparison:
             return cache[key]
 
         def selected(v: Variant) -> RowResult:
-            fixed = self.cfg.mist_k if v.method == "mist" else None
-            rows = [row(v, k) for k in ([fixed] if fixed else self.ks)]
+            rows = [row(v, k) for k in self.ks_for(v)]
             best = max(rows, key=lambda r: (r.val_accuracy, -(r.k or 0)))
             return replace(best, label=v.label, group=v.group)
 
@@ -349,12 +357,8 @@ def seeds_done(rows: Sequence[dict[str, Any]], variants: Sequence[Variant]) -> s
     """The (task, shots, seed) runs for which ``rows`` (an earlier run's) hold every variant."""
     have: dict[SeedKey, set[tuple[str, str]]] = {}
     for r in rows:
-        shots = r.get("shots")
-        key = (
-            str(r["task"]),
-            None if shots is None or shots != shots else int(shots),
-            int(r["seed"]),
-        )
+        shots = r.get("shots")  # None outside few-shot mode (resumed_rows turns NaN into None)
+        key = (str(r["task"]), None if shots is None else int(shots), int(r["seed"]))
         have.setdefault(key, set()).add((str(r["label"]), str(r["wire_dtype"])))
     want = {(v.label, v.dtype) for v in variants}
     return {key for key, got in have.items() if want <= got}

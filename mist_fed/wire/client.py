@@ -35,9 +35,9 @@ from mist_fed.wire.request import FeatureRequest
 
 log = logging.getLogger(__name__)
 
-#: Errors after which a call is retried (or a stream resumed).
 T = TypeVar("T")
 
+#: Errors after which a call is retried (or a stream resumed).
 TRANSIENT = (
     flight.FlightUnavailableError,
     flight.FlightTimedOutError,
