@@ -23,7 +23,7 @@ from mist_fed.data import get_task
 from mist_fed.defaults import cache_dir
 from mist_fed.model.backbone import Backbone, create_backbone
 from mist_fed.model.gather import GatherSpec, candidate_ks, gather_many
-from mist_fed.model.methods import build_edge_net
+from mist_fed.core.methods import build_edge_net
 from mist_fed.wire.dtypes import QUANTIZED, dequantize, quantize
 
 log = logging.getLogger("check_real")

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from mist_fed.errors import BackboneError, WeightsUnavailableError
 from mist_fed.model.backbone import create_backbone
 from mist_fed.model.gather import GatherSpec, gather
-from mist_fed.model.methods import build_edge_net, method_gather
+from mist_fed.core.methods import build_edge_net, method_gather
 from tests.conftest import TINY_VIT
 
 
@@ -15,12 +15,12 @@ def test_backbone_is_frozen_and_receives_no_gradient(tiny_backbone):
     # Prepare
     before = {k: v.clone() for k, v in tiny_backbone.state_dict().items()}
     n_params = sum(p.numel() for p in tiny_backbone.parameters())
-    net = build_edge_net("mist", tiny_backbone, num_classes=3)
+    net = build_edge_net("mist", tiny_backbone.geometry, num_classes=3)
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     x = torch.randn(4, 3, 32, 32)
     # Execute: one training step of the edge net on gathered features
     tiny_backbone.train()
-    feats = gather(tiny_backbone, x, method_gather("mist", tiny_backbone, 2))
+    feats = gather(tiny_backbone, x, method_gather("mist", tiny_backbone.num_blocks, 2))
     loss = torch.nn.functional.cross_entropy(net(feats.clone()), torch.tensor([0, 1, 2, 0]))
     loss.backward()
     opt.step()

@@ -24,7 +24,7 @@ from mist_fed.experiments.compare import (
     run_compare,
 )
 from mist_fed.model.gather import GatherSpec
-from mist_fed.model.methods import METHODS
+from mist_fed.core.methods import METHODS
 from mist_fed.report.compare import (
     COMPARE_COLUMNS,
     aggregate,

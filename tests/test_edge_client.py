@@ -13,9 +13,9 @@ from mist_fed.cli import main
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.cloud.server import FeatureServer
-from mist_fed.edge.checkpoint import load_checkpoint
-from mist_fed.edge.client import ClientConfig, run_client
-from mist_fed.edge.trainer import TrainConfig, evaluate
+from mist_fed.device.checkpoint import load_checkpoint
+from mist_fed.device.client import ClientConfig, run_client
+from mist_fed.device.trainer import TrainConfig, evaluate
 from mist_fed.errors import CloudUnavailableError, ResourceLimitError, WireError
 from mist_fed.wire.client import FeatureClient
 
@@ -97,7 +97,7 @@ def test_partial1_client_starts_from_the_clouds_pretrained_last_block(
 ):
     # Prepare: a cloud whose backbone is not the seed-0 random init of the same architecture
     # (a client that built its own random backbone would get that one)
-    from mist_fed.edge import client as edge_client
+    from mist_fed.device import client as edge_client
     from mist_fed.model.backbone import create_backbone
 
     cloud_bb = create_backbone(

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mist_fed.errors import ConfigError
-from mist_fed.model.cost import count_macs, count_params
-from mist_fed.model.lae import LAE, create_edge_net, edge_blocks
+from mist_fed.core.cost import count_macs, count_params
+from mist_fed.core.edge_nets import LAE, create_edge_net, edge_blocks
 
 VIT_B = {"dim": 768, "tokens": 197}
 

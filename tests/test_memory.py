@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mist_fed.edge.memory import (
+from mist_fed.device.memory import (
     MemoryGuard,
     check_fits,
     estimate_train_mb,
@@ -60,7 +60,7 @@ def test_peak_rss_resets():
 
 def test_bench_edge_measures_each_case_in_a_fresh_process():
     # Prepare / Execute: tiny shapes, the same code path as `mist-fed bench edge`
-    from mist_fed.edge.bench import bench_edge, report_lines
+    from mist_fed.device.bench import bench_edge, report_lines
 
     r = bench_edge(tokens=17, dim=48, batch=8, classes=4, steps=2)
     # Assert

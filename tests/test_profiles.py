@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mist_fed.edge.profiles import (
+from mist_fed.device.profiles import (
     list_profiles,
     load_profile,
     profile_resources,

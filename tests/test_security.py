@@ -19,7 +19,7 @@ from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.data import get_task
 from mist_fed.defaults import DEFAULT_HOST
-from mist_fed.edge.checkpoint import (
+from mist_fed.device.checkpoint import (
     WEIGHTS_FILE,
     EdgeModelConfig,
     build_net,

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from mist_fed.edge.checkpoint import EdgeModelConfig, build_net, load_checkpoint, save_checkpoint
-from mist_fed.edge.device import DeviceClock, calibrate_host
-from mist_fed.edge.profiles import load_profile
-from mist_fed.edge.trainer import TrainConfig, evaluate, fit, select_k
+from mist_fed.device.checkpoint import EdgeModelConfig, build_net, load_checkpoint, save_checkpoint
+from mist_fed.device.clock import DeviceClock, calibrate_host
+from mist_fed.device.profiles import load_profile
+from mist_fed.device.trainer import TrainConfig, evaluate, fit, select_k
 from mist_fed.errors import ConfigError
-from mist_fed.model.lae import LAE
+from mist_fed.core.edge_nets import LAE
 from mist_fed.wire.features import FeatureSet
 
 SHAPE = (5, 16)  # tokens, dim
@@ -129,10 +129,9 @@ def test_partial1_checkpoint_of_a_custom_sized_vit_round_trips(tmp_path):
 
 def test_partial1_net_without_backbone_needs_its_pretrained_block(tiny_backbone):
     # Prepare
-    from mist_fed.model.methods import edge_init_state
 
     cfg = EdgeModelConfig.for_backbone("partial1", tiny_backbone, num_classes=3)
-    init = edge_init_state("partial1", tiny_backbone)
+    init = tiny_backbone.edge_init_state("partial1")
     # Execute: shapes from the meta device, weights from the cloud's edge_init state
     net = build_net(cfg, init=init)
     # Assert
@@ -170,7 +169,7 @@ def test_device_clock_scales_by_compute_and_link():
 
 def test_lean_adamw_matches_torch_adamw():
     # Prepare
-    from mist_fed.edge.optim import LeanAdamW
+    from mist_fed.device.optim import LeanAdamW
 
     torch.manual_seed(0)
     a, b = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)

@@ -159,9 +159,8 @@ def test_request_round_trip_and_errors():
 
 def test_edge_init_round_trip_and_errors(tiny_backbone):
     # Prepare
-    from mist_fed.model.methods import edge_init_state
 
-    state = edge_init_state("partial1", tiny_backbone)
+    state = tiny_backbone.edge_init_state("partial1")
     init = edge_init.EdgeInit("partial1", tiny_backbone.name, tiny_backbone.weights_id, state)
     # Execute
     blob = edge_init.encode(init)

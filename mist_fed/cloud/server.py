@@ -41,7 +41,6 @@ from mist_fed.data import get_task
 from mist_fed.data.registry import Task, TaskSplit
 from mist_fed.errors import MistError, TaskError, WireError
 from mist_fed.model.backbone import Backbone, create_backbone
-from mist_fed.model.methods import edge_init_state
 from mist_fed.wire import edge_init
 from mist_fed.wire.codec import UPLOAD_SCHEMA, Stats, assemble_batch, feature_schema
 from mist_fed.wire.dtypes import feature_bytes
@@ -332,6 +331,8 @@ class FeatureServer(flight.FlightServerBase):
             "backbone": self.backbone.name,
             "weights": self.backbone.weights_id,
             "model_kwargs": self._model_kwargs,
+            # whatever the task: an edge device sizes its network from this
+            "geometry": {**self.backbone.geometry.to_dict(), "model_kwargs": self._model_kwargs},
             "images_embedded": c.images_embedded,
             "forward_batches": c.forward_batches,
             "cache_hits": c.cache_hits,
@@ -352,7 +353,7 @@ class FeatureServer(flight.FlightServerBase):
                 method,
                 self.backbone.name,
                 self.backbone.weights_id,
-                edge_init_state(method, self.backbone),  # ConfigError for an unknown method
+                self.backbone.edge_init_state(method),  # ConfigError for an unknown method
             )
             blob = edge_init.encode(init)
             with self._lock:

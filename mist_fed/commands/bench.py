@@ -61,7 +61,7 @@ def register(sub: Any) -> None:
     c.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(handler=bench_cloud)
-    from mist_fed.edge.bench import add_parser as add_edge
+    from mist_fed.device.bench import add_parser as add_edge
 
     add_edge(bsub)
     from mist_fed.commands.simulate import add_bench_parser as add_sim

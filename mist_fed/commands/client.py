@@ -18,8 +18,8 @@ TOKEN_ENV = "MIST_FED_TOKEN"
 
 
 def run(args: argparse.Namespace) -> int:
-    from mist_fed.edge.client import ClientConfig, default_task, run_client
-    from mist_fed.edge.trainer import TrainConfig, with_overrides
+    from mist_fed.device.client import ClientConfig, default_task, run_client
+    from mist_fed.device.trainer import TrainConfig, with_overrides
     from mist_fed.errors import ConfigError
 
     if not args.out:
@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from mist_fed.edge.client import predict_images
-    from mist_fed.edge.profiles import load_profile
+    from mist_fed.device.client import predict_images
+    from mist_fed.device.profiles import load_profile
 
     profile = load_profile(args.profile) if args.profile else None
     token = args.token or os.environ.get(TOKEN_ENV)
@@ -90,7 +90,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    from mist_fed.model.methods import METHODS
+    from mist_fed.core.methods import METHODS
 
     p = sub.add_parser(
         "client", help="one edge device: pull features, train, evaluate (or `client predict`)"

@@ -11,15 +11,22 @@ from mist_fed.wire.dtypes import WIRE_DTYPES
 
 
 def run(args: argparse.Namespace) -> int:
+    from mist_fed.core.methods import METHODS, PAPER_METHODS, method_gather
+    from mist_fed.core.specs import candidate_ks
     from mist_fed.model.backbone import create_backbone
     from mist_fed.model.cost import method_cost
-    from mist_fed.model.gather import candidate_ks
-    from mist_fed.model.methods import METHODS, PAPER_METHODS
+    from mist_fed.wire.dtypes import feature_bytes
 
     backbone = create_backbone(args.backbone, weights=args.weights, random_init=args.random_init)
     names = list(METHODS) if args.all else list(PAPER_METHODS)
+
+    def nbytes(method: str) -> int:
+        spec = method_gather(method, backbone.num_blocks)
+        return feature_bytes(backbone.geometry.shape(spec), args.dtype)
+
     costs = {
-        m: method_cost(backbone, m, args.num_classes, dtype=args.dtype).as_dict() for m in names
+        m: method_cost(backbone, m, args.num_classes, bytes_per_image=nbytes(m)).as_dict()
+        for m in names
     }
     report: dict[str, Any] = {
         "backbone": backbone.name,

@@ -32,14 +32,16 @@ from mist_fed.cloud.precompute import precompute
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.data import get_task
 from mist_fed.data.registry import Task
-from mist_fed.edge.memory import peak_rss_mb, reset_peak_rss, rss_mb, tune_allocator
-from mist_fed.edge.trainer import TrainConfig, evaluate, fit
+from mist_fed.device.memory import peak_rss_mb, reset_peak_rss, rss_mb, tune_allocator
+from mist_fed.device.trainer import TrainConfig, evaluate, fit
 from mist_fed.errors import ConfigError
 from mist_fed.model.backbone import Backbone, create_backbone
-from mist_fed.model.cost import MethodCost, method_cost
-from mist_fed.model.gather import GatherSpec, candidate_ks
-from mist_fed.model.methods import build_edge_net, get_method, method_gather
+from mist_fed.core.cost import MethodCost
+from mist_fed.model.cost import method_cost
+from mist_fed.core.specs import GatherSpec, candidate_ks
+from mist_fed.core.methods import build_edge_net, get_method, method_gather
 from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.dtypes import feature_bytes
 from mist_fed.wire.features import FeatureSet
 
 log = logging.getLogger(__name__)
@@ -226,13 +228,18 @@ class Comparison:
     def cost(self, method: str, k: int | None, dtype: str) -> MethodCost:
         key = (method, k, dtype)
         if key not in self._costs:
+            shape = self.backbone.geometry.shape(self.spec(method, k))
             self._costs[key] = method_cost(
-                self.backbone, method, self.task.num_classes, k=k, dtype=dtype
+                self.backbone,
+                method,
+                self.task.num_classes,
+                k=k,
+                bytes_per_image=feature_bytes(shape, dtype),
             )
         return self._costs[key]
 
     def spec(self, method: str, k: int | None) -> GatherSpec:
-        return method_gather(method, self.backbone, k)
+        return method_gather(method, self.backbone.num_blocks, k)
 
     def ks_for(self, v: Variant) -> list[int | None]:
         """The k values variant ``v`` may train at (selected among, or fixed by ``--mist-k``)."""
@@ -267,7 +274,12 @@ class Comparison:
             batch_size=self.cfg.batch_size,
         )
         torch.manual_seed(seed)
-        net = build_edge_net(v.method, self.backbone, self.task.num_classes)
+        net = build_edge_net(
+            v.method,
+            self.backbone.geometry,
+            self.task.num_classes,
+            self.backbone.edge_init_state(v.method),
+        )
         seconds, peak = measure_fit(net, train, tcfg)
         del train
         val_acc = evaluate(net, val)

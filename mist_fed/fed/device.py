@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mist_fed.edge.device import DeviceClock, calibrate_host
-from mist_fed.edge.memory import estimate_train_mb, peak_rss_mb, reset_peak_rss, rss_mb
-from mist_fed.edge.profiles import load_profile, profile_resources
-from mist_fed.edge.trainer import TrainConfig, evaluate, fit
+from mist_fed.device.clock import DeviceClock, calibrate_host
+from mist_fed.device.memory import estimate_train_mb, peak_rss_mb, reset_peak_rss, rss_mb
+from mist_fed.device.profiles import load_profile, profile_resources
+from mist_fed.device.trainer import TrainConfig, evaluate, fit
 from mist_fed.model.backbone import Backbone, BackboneSpec, create_backbone
-from mist_fed.model.methods import build_edge_net, method_gather
+from mist_fed.core.methods import build_edge_net, method_gather
 from mist_fed.wire.client import FeatureClient
 from mist_fed.wire.features import FeatureSet
 
@@ -140,7 +140,10 @@ def get_backbone(cfg: BackboneSpec) -> Backbone:
 
 
 def build_net(job: DeviceJob, state: StateDict | None = None) -> nn.Module:
-    net = build_edge_net(job.method, get_backbone(job.backbone), job.num_classes)
+    bb = get_backbone(job.backbone)
+    net = build_edge_net(
+        job.method, bb.geometry, job.num_classes, bb.edge_init_state(job.method)
+    )
     if state is not None:
         net.load_state_dict(state)
     return net
@@ -148,7 +151,7 @@ def build_net(job: DeviceJob, state: StateDict | None = None) -> nn.Module:
 
 def _fetch(job: DeviceJob, split: str, ids: tuple[str, ...]) -> tuple[FeatureSet, int]:
     """Features of ``ids`` and the bytes streamed for them (cached per worker process)."""
-    spec = method_gather(job.method, get_backbone(job.backbone), job.k)
+    spec = method_gather(job.method, get_backbone(job.backbone).num_blocks, job.k)
     key = (job.cloud, job.task, split, spec.kind, spec.k, job.wire_dtype, ids)
     hit = _FEATURES.get(key)
     if hit is not None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
-from mist_fed.edge.profiles import load_profile, profile_resources
+from mist_fed.device.profiles import load_profile, profile_resources
 from mist_fed.errors import BackboneError, Interrupted, MistError, TaskError
 from mist_fed.fed.device import DeviceResult, get_backbone
 from mist_fed.fed.runner import (

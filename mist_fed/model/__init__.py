@@ -1,3 +1,5 @@
-"""The method in pure torch, no I/O beyond loading weights: backbone, gather, edge networks, cost."""
+"""The cloud's side of the method: the frozen timm backbone, the gather functions, weight loading.
 
-from mist_fed.model import imgfocus as _imgfocus  # noqa: F401  (registers dinov2_s14_imgfocus)
+Built-in backbones that need more than a timm name (``dinov2_s14_imgfocus``) register on first
+use of the backbone registry, so importing a sibling module does not import them.
+"""

@@ -25,6 +25,8 @@ import timm
 import torch
 from torch import nn
 
+from mist_fed.core.methods import starts_from_backbone
+from mist_fed.core.specs import Geometry
 from mist_fed.errors import BackboneError, WeightsUnavailableError
 from mist_fed.model.hub import hub_reachable
 from mist_fed.registry import Registry
@@ -58,7 +60,13 @@ def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]
     return _BACKBONES.register(name)
 
 
+def _register_builtins() -> None:
+    """Import the modules that register built-in backbones (idempotent)."""
+    import mist_fed.model.imgfocus  # noqa: F401  (registers dinov2_s14_imgfocus)
+
+
 def registered_backbones() -> list[str]:
+    _register_builtins()
     return _BACKBONES.names()
 
 
@@ -198,6 +206,37 @@ class Backbone(nn.Module):
         return int(size[0] if isinstance(size, tuple | list) else size)
 
     @property
+    def geometry(self) -> Geometry:
+        """What an edge device needs to know of this backbone (served in the cloud's stats)."""
+        return Geometry(
+            backbone=self.name,
+            weights=self.weights_id,
+            num_blocks=self.num_blocks,
+            embed_dim=self.embed_dim,
+            num_tokens=self.num_tokens,
+            num_prefix_tokens=self.num_prefix_tokens,
+            img_size=self.img_size,
+            num_heads=int(getattr(self.model.blocks[0].attn, "num_heads", 1)),
+            model_kwargs=dict(self.spec.model_kwargs),
+        )
+
+    def edge_init_state(self, method: str) -> dict[str, torch.Tensor]:
+        """The pretrained weights ``method``'s edge net starts from, keyed as in its state dict.
+
+        Partial-1: the last block (``block.*``) and the final norm (``norm.*``); empty for edge
+        nets that start from scratch. The cloud serves this to devices, which cannot run the
+        backbone. An unknown method raises :class:`ConfigError`.
+        """
+        if not starts_from_backbone(method):
+            return {}
+        modules = {"block": self.model.blocks[-1], "norm": self.model.norm}
+        return {
+            f"{attr}.{key}": value.detach().cpu().contiguous().clone()
+            for attr, module in modules.items()
+            for key, value in module.state_dict().items()
+        }
+
+    @property
     def data_config(self) -> dict[str, Any]:
         """timm's preprocessing config (input size, mean, std, interpolation, crop)."""
         cfg = dict(timm.data.resolve_data_config({}, model=self.model))
@@ -252,6 +291,7 @@ def create_backbone(
         seed=seed,
         model_kwargs=dict(model_kwargs),
     )
+    _register_builtins()
     if name in _BACKBONES:
         factory = _BACKBONES.get(name)
     else:

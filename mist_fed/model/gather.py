@@ -17,82 +17,26 @@ stops at the deepest block any of them needs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from mist_fed.errors import ConfigError
+from mist_fed.core.specs import (  # noqa: F401  (re-exported for the cloud's modules)
+    DEPTH_GATHERS,
+    GATHERS,
+    POOL,
+    GatherSpec,
+    candidate_ks,
+    patch_grid,
+    pooled_grid,
+)
 from mist_fed.model.backbone import Backbone
 from mist_fed.registry import Registry
 
-GATHERS = ("mist", "mistpool", "side", "final", "block")
-DEPTH_GATHERS = ("mist", "mistpool", "block")  # the kinds that take a depth k
-POOL = 2  # mistpool's pooling window and stride on the patch grid
-
-
-@dataclass(frozen=True)
-class GatherSpec:
-    """One gather function and its depth ``k`` (``None`` for those that use every block)."""
-
-    kind: str
-    k: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in GATHERS:
-            raise ConfigError(f"unknown gather {self.kind!r}; choose one of {', '.join(GATHERS)}")
-        if self.kind in DEPTH_GATHERS and self.k is None:
-            raise ConfigError(f"gather {self.kind!r} needs a depth k")
-        if self.kind not in DEPTH_GATHERS and self.k is not None:
-            raise ConfigError(f"gather {self.kind!r} always uses every block; do not give k")
-
-    def depth(self, num_blocks: int) -> int:
-        """How many blocks the cloud must run for this spec."""
-        k = num_blocks if self.k is None else self.k
-        if not 0 <= k <= num_blocks:
-            raise ConfigError(f"k={k} is outside 0..{num_blocks}")
-        return k
-
-    def shape(self, num_blocks: int, tokens: int, dim: int, prefix: int = 1) -> tuple[int, ...]:
-        """Per-image feature shape (``prefix``: class and register tokens among ``tokens``)."""
-        if self.kind == "side":
-            return (num_blocks + 1, tokens, dim)
-        if self.kind == "final":
-            return (dim,)
-        if self.kind == "mistpool":
-            return (prefix + pooled_grid(tokens - prefix) ** 2, dim)
-        return (tokens, dim)
-
-    def label(self) -> str:
-        return self.kind if self.k is None else f"{self.kind}{self.k}"
-
-
 def feature_shape(backbone: Backbone, spec: GatherSpec) -> tuple[int, ...]:
     """Per-image shape of ``spec``'s feature for ``backbone``."""
-    return spec.shape(
-        backbone.num_blocks, backbone.num_tokens, backbone.embed_dim, backbone.num_prefix_tokens
-    )
-
-
-def patch_grid(patches: int) -> int:
-    """Side of the square patch grid; pooling needs one."""
-    side = math.isqrt(patches)
-    if side * side != patches:
-        raise ConfigError(f"patch pooling needs a square patch grid; got {patches} patches")
-    return side
-
-
-def pooled_grid(patches: int) -> int:
-    """Side of the grid after ``POOL x POOL`` average pooling (a partial last window is kept)."""
-    return -(-patch_grid(patches) // POOL)
-
-
-def candidate_ks(num_blocks: int) -> tuple[int, ...]:
-    """The paper's candidate depths ``{N/3, 2N/3, N}`` (rounded, distinct, at least 1)."""
-    ks = {max(1, round(num_blocks * f)) for f in (1 / 3, 2 / 3, 1.0)}
-    return tuple(sorted(ks))
+    return backbone.geometry.shape(spec)
 
 
 GatherFn = Callable[[Sequence[torch.Tensor], Backbone, int | None], torch.Tensor]

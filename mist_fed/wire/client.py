@@ -17,11 +17,13 @@ another backbone, gather, k or dtype than asked is refused with :class:`WireErro
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -29,7 +31,13 @@ import pyarrow.flight as flight
 
 from mist_fed.errors import CloudAuthError, CloudRequestError, CloudUnavailableError, WireError
 from mist_fed.wire import edge_init as init_codec
-from mist_fed.wire.codec import UPLOAD_SCHEMA, Stats, WireMeta, batch_nbytes, decode
+from mist_fed.wire.codec import (
+    UPLOAD_SCHEMA,
+    Stats,
+    WireMeta,
+    batch_nbytes,
+    decode,
+)
 from mist_fed.wire.features import FeatureSet
 from mist_fed.wire.request import FeatureRequest
 
@@ -44,6 +52,15 @@ TRANSIENT = (
     flight.FlightInternalError,
     flight.FlightCancelledError,
 )
+
+
+@dataclass
+class FeatureStream:
+    """One ``do_get``: its schema, what it claims to hold, and its batches as they arrive."""
+
+    schema: pa.Schema
+    meta: WireMeta
+    batches: Iterator[pa.RecordBatch]
 
 
 class FeatureClient:
@@ -137,7 +154,7 @@ class FeatureClient:
         return fs
 
     # -- calls ---------------------------------------------------------------------------
-    def get(
+    def stream(
         self,
         task: str,
         split: str,
@@ -145,30 +162,43 @@ class FeatureClient:
         k: int | None = None,
         dtype: str = "float32",
         ids: Sequence[str] | None = None,
-    ) -> FeatureSet:
-        """Stream the features of ``task``/``split`` (or just ``ids``), resuming cut streams."""
+    ) -> FeatureStream:
+        """The stream's schema and checked metadata, and its record batches as they arrive.
+
+        Nothing is held: each batch is handed on as it comes (``on_batch`` sees its bytes
+        first). A stream cut midway resumes from the rows already received; the bytes of
+        the call are in ``client.last`` once the iterator is exhausted.
+        """
         req = FeatureRequest(task, split, gather, k, dtype, None if ids is None else tuple(ids))
-        batches: list[pa.RecordBatch] = []
         stats = Stats()
-        schema: pa.Schema | None = None
+        self.last = stats
+        reader, meta = self._open(req, 0)
+        return FeatureStream(reader.schema, meta, self._batches(req, reader, stats))
+
+    def _open(self, req: FeatureRequest, offset: int) -> tuple[flight.FlightStreamReader, WireMeta]:
+        """``do_get`` from row ``offset``, retried on transient errors; checks the schema."""
+        ticket = flight.Ticket(dataclasses.replace(req, offset=offset).to_json())
+
+        def call() -> tuple[flight.FlightStreamReader, WireMeta]:
+            reader = self._client.do_get(ticket, self._options)
+            return reader, self._check(reader.schema, req)
+
+        return self._retrying(call)
+
+    def _batches(
+        self, req: FeatureRequest, reader: flight.FlightStreamReader, stats: Stats
+    ) -> Iterator[pa.RecordBatch]:
         attempt = 0
         received = 0
         received_at_break = 0
         while True:
-            ticket = FeatureRequest(
-                task, split, gather, k, dtype, req.ids, offset=received
-            ).to_json()
             try:
-                reader = self._client.do_get(flight.Ticket(ticket), self._options)
-                if schema is None:
-                    schema = reader.schema
-                    self._check(schema, req)
                 for chunk in reader:
-                    batch = chunk.data
-                    batches.append(batch)  # a chunk is a whole batch, never a partial one
+                    batch = chunk.data  # a chunk is a whole batch, never a partial one
                     received += batch.num_rows
                     self._account(stats, batch)
-                break
+                    yield batch
+                return
             except TRANSIENT as e:
                 if received > received_at_break:
                     attempt = 0  # the stream made progress since its last break: a fresh budget
@@ -183,10 +213,27 @@ class FeatureClient:
                 )
                 self._sleep(attempt)
                 attempt += 1
+                reader, _ = self._open(req, received)
             except flight.FlightError as e:
                 raise self._refused(e) from e
-        assert schema is not None
-        return self._finish(batches, schema, stats)
+
+    def get(
+        self,
+        task: str,
+        split: str,
+        gather: str = "mist",
+        k: int | None = None,
+        dtype: str = "float32",
+        ids: Sequence[str] | None = None,
+    ) -> FeatureSet:
+        """The features of ``task``/``split`` (or just ``ids``), decoded in memory.
+
+        For small requests (a fleet device's few images, tests); a device that trains on a
+        split streams it into its cache (:meth:`stream`) instead of holding it.
+        """
+        s = self.stream(task, split, gather, k, dtype, ids)
+        got = list(s.batches)
+        return self._finish(got, s.schema, self.last)
 
     def embed(
         self,

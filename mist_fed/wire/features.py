@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (features [b, *shape], labels [b])
 
 
 @dataclass
@@ -27,6 +30,31 @@ class FeatureSet:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Per-row feature shape."""
+        return tuple(self.features.shape[1:])
+
+    @property
+    def labelled(self) -> int:
+        """Rows with a known label (``>= 0``): what training and evaluation use."""
+        return int((self.labels >= 0).sum())
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """One epoch of shuffled training batches over the labelled rows (held in memory)."""
+        rows = torch.nonzero(self.labels >= 0).flatten()
+        order = rows[torch.randperm(len(rows), generator=generator)]
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            yield self.features[idx], self.labels[idx]
+
+    def eval_batches(self, batch_size: int = 64) -> Iterator[Batch]:
+        """Labelled rows in order, at most ``batch_size`` at a time."""
+        rows = torch.nonzero(self.labels >= 0).flatten()
+        for b in range(0, len(rows), batch_size):
+            idx = rows[b : b + batch_size]
+            yield self.features[idx], self.labels[idx]
 
     def subset(self, index: torch.Tensor | list[int]) -> FeatureSet:
         idx = torch.as_tensor(index, dtype=torch.long)

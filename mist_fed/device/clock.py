@@ -1,9 +1,9 @@
 """The virtual device clock: what a job would cost on the profiled device.
 
 * Compute: a training run is timed on the host, then scaled by ``host GFLOP/s / device GFLOP/s``
-  where the host figure is a calibration of the LAE training step on the same feature shape,
-  batch and micro-batch (:func:`calibrate_lae_step`), counted with torch's flop counter and timed
-  on this host. The profile's figure is the device's effective rate on that kind of step.
+  where the host figure is a calibration of the method's own edge net's training step on the
+  same feature shape, batch and micro-batch (:func:`host_gflops`), counted with torch's flop
+  counter and timed on this host. The profile's figure is the device's effective rate.
 * Transfer: bytes over the profile's downlink/uplink plus one latency per request.
 * Threads: :func:`apply_threads` sets torch's thread count from the profile's resource plan.
 """
@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mist_fed.edge.profiles import DeviceProfile, ResourcePlan
+from mist_fed.device.profiles import DeviceProfile, ResourcePlan
 
 log = logging.getLogger(__name__)
 
@@ -80,31 +80,28 @@ def calibrate_host(
     return cal
 
 
-_CALIBRATIONS: dict[tuple[int, ...], HostCalibration] = {}
+_CALIBRATIONS: dict[tuple[Any, ...], HostCalibration] = {}
 
 
-def calibrate_lae_step(
+def host_gflops(
+    net: nn.Module,
     feature_shape: tuple[int, ...],
     num_classes: int,
     batch: int = 32,
     micro_batch: int = 0,
-    default_tokens: int = 197,
-) -> HostCalibration:
-    """The host's speed on the reference LAE step for these features (cached per shape).
+) -> float:
+    """This host's GFLOP/s on ``net``'s own training step (measured once per process and kind).
 
-    Every method's host time is scaled by this one host/device ratio: the LAE step is
-    compute-bound, so it measures the machine, whereas a linear head's step is all overhead.
+    Each method's host time is scaled by its own net's rate: a device running a linear head
+    and one running an LAE are both timed on what they actually compute.
     """
-    from mist_fed.model.lae import LAE
-
-    dim = feature_shape[-1]
-    tokens = feature_shape[-2] if len(feature_shape) >= 2 else default_tokens
-    key = (tokens, dim, num_classes, batch, micro_batch, torch.get_num_threads())
+    params = sum(p.numel() for p in net.parameters())
+    threads = torch.get_num_threads()
+    key = (type(net).__name__, params, feature_shape, num_classes, batch, micro_batch, threads)
     if key not in _CALIBRATIONS:
-        torch.manual_seed(0)
-        net = LAE(dim=dim, tokens=tokens, num_classes=num_classes)
-        _CALIBRATIONS[key] = calibrate_host(net, (tokens, dim), num_classes, batch, micro_batch)
-    return _CALIBRATIONS[key]
+        with torch.random.fork_rng(devices=[]):
+            _CALIBRATIONS[key] = calibrate_host(net, feature_shape, num_classes, batch, micro_batch)
+    return _CALIBRATIONS[key].gflops
 
 
 @dataclass
@@ -121,14 +118,17 @@ class DeviceClock:
     bytes_up: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)
 
-    def scale(self, host_seconds: float) -> float:
-        """Device seconds for work that took ``host_seconds`` on this host."""
-        if self.host_gflops is None:
+    def scale(self, host_seconds: float, host_gflops: float | None = None) -> float:
+        """Device seconds for work that took ``host_seconds`` on this host (at ``host_gflops``)."""
+        rate = self.host_gflops if host_gflops is None else host_gflops
+        if rate is None:
             return host_seconds
-        return host_seconds * self.host_gflops / self.profile.gflops
+        return host_seconds * rate / self.profile.gflops
 
-    def add_compute(self, host_seconds: float, what: str = "train") -> float:
-        dev = self.scale(host_seconds)
+    def add_compute(
+        self, host_seconds: float, what: str = "train", host_gflops: float | None = None
+    ) -> float:
+        dev = self.scale(host_seconds, host_gflops)
         self.compute_host_s += host_seconds
         self.compute_device_s += dev
         self.events.append({"what": what, "host_s": host_seconds, "device_s": dev})

@@ -6,17 +6,16 @@ Each method pairs a :class:`GatherSpec` (a function of the backbone depth ``N`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from mist_fed.core.edge_nets import create_edge_net
+from mist_fed.core.specs import GatherSpec, Geometry
 from mist_fed.errors import ConfigError
-from mist_fed.model.backbone import Backbone
-from mist_fed.model.gather import GatherSpec, feature_shape
-from mist_fed.model.lae import create_edge_net
 
 
 @dataclass(frozen=True)
@@ -98,16 +97,9 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def method_gather(name: str, backbone: Backbone, k: int | None = None) -> GatherSpec:
-    """The gather spec a method asks the cloud for."""
-    return get_method(name).gather(backbone.num_blocks, k)
-
-
-def _from_backbone(method: Method, backbone: Backbone) -> dict[str, nn.Module]:
-    """The backbone modules an edge net starts from, by factory keyword (= the net's attribute)."""
-    if method.edge == "partial1":
-        return {"block": backbone.model.blocks[-1], "norm": backbone.model.norm}
-    return {}
+def method_gather(name: str, num_blocks: int, k: int | None = None) -> GatherSpec:
+    """The gather spec a method asks the cloud for, on a backbone of ``num_blocks`` blocks."""
+    return get_method(name).gather(num_blocks, k)
 
 
 def starts_from_backbone(name: str) -> bool:
@@ -115,32 +107,36 @@ def starts_from_backbone(name: str) -> bool:
     return get_method(name).edge == "partial1"
 
 
-def edge_init_state(name: str, backbone: Backbone) -> dict[str, torch.Tensor]:
-    """The pretrained backbone weights a method's edge net starts from, keyed as in its state dict.
+def build_edge_net(
+    name: str,
+    geometry: Geometry,
+    num_classes: int,
+    init: Mapping[str, torch.Tensor] | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """The edge network a method trains, sized from the cloud's ``geometry``.
 
-    Partial-1: the last block (``block.*``) and the final norm (``norm.*``); empty for edge nets
-    that start from scratch. The cloud serves this to devices, which cannot run the backbone.
+    ``init``: the pretrained weights it starts from (Partial-1's last block and final norm, as
+    the cloud's ``edge_init`` serves them, or a checkpoint's state); required where
+    :func:`starts_from_backbone`.
     """
-    return {
-        f"{attr}.{key}": value.detach().cpu().contiguous().clone()
-        for attr, module in _from_backbone(get_method(name), backbone).items()
-        for key, value in module.state_dict().items()
-    }
-
-
-def build_edge_net(name: str, backbone: Backbone, num_classes: int, **overrides: Any) -> nn.Module:
-    """The edge network a method trains, sized for ``backbone``'s features."""
     method = get_method(name)
-    shape = feature_shape(backbone, method.gather(backbone.num_blocks, None))
+    shape = geometry.shape(method.gather(geometry.num_blocks, None))
     kw: dict[str, Any] = {
-        "dim": backbone.embed_dim,
-        "tokens": shape[-2] if len(shape) > 1 else backbone.num_tokens,
+        "dim": geometry.embed_dim,
+        "tokens": shape[-2] if len(shape) > 1 else geometry.num_tokens,
         "num_classes": num_classes,
-        "prefix_tokens": backbone.num_prefix_tokens,
+        "prefix_tokens": geometry.num_prefix_tokens,
         **method.edge_kwargs,
         **overrides,
     }
-    kw.update(_from_backbone(method, backbone))
     if method.edge == "side":
-        kw["levels"] = backbone.num_blocks + 1
+        kw["levels"] = geometry.num_blocks + 1
+    if starts_from_backbone(name):
+        if not init:
+            raise ConfigError(
+                f"{name} starts from the backbone's pretrained weights of {geometry.backbone}; "
+                "pass them as init (the cloud's edge_init, FeatureClient.edge_init)"
+            )
+        kw.update(init=init, num_heads=geometry.num_heads)
     return create_edge_net(method.edge, **kw)

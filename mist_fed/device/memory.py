@@ -133,12 +133,17 @@ class MemoryGuard:
         interval_s: float = 0.02,
         hard: bool = False,
         hard_slack_mb: float = 512,
+        counts_runtime: bool = True,
     ) -> None:
+        """``counts_runtime``: the cap covers the whole process (a real device runs only this
+        client); False: only the rise over the RSS at entry (a simulated device in a worker
+        process whose runtime another device also shares)."""
         self.cap_mb = cap_mb
         self.profile = profile
         self.interval_s = interval_s
         self.hard = hard
         self.hard_slack_mb = hard_slack_mb
+        self.counts_runtime = counts_runtime
         self.peak_mb = 0.0
         self.baseline_mb = 0.0
         self._stop = threading.Event()
@@ -151,19 +156,31 @@ class MemoryGuard:
             self.peak_mb = max(self.peak_mb, rss_mb())
 
     def measure(self) -> float:
+        """The peak RSS so far (file-backed pages included), in MB."""
         self.peak_mb = max(self.peak_mb, peak_rss_mb(), rss_mb())
         return self.peak_mb
 
+    @property
+    def rise_mb(self) -> float:
+        """Peak RSS above the RSS at entry: what the job itself added."""
+        return max(0.0, self.peak_mb - self.baseline_mb)
+
+    @property
+    def used_mb(self) -> float:
+        """What counts against the cap (see ``counts_runtime``)."""
+        return self.peak_mb if self.counts_runtime else self.rise_mb
+
     def error(self, cause: str = "") -> ResourceLimitError:
         return ResourceLimitError(
-            f"job exceeds device memory of profile {self.profile!r}: measured peak RSS "
-            f"{self.peak_mb:.0f} MB > {self.cap_mb:.0f} MB{cause}. Use fp16 or int8 features "
+            f"job exceeds device memory of profile {self.profile!r}: measured peak "
+            f"{self.used_mb:.0f} MB > {self.cap_mb:.0f} MB{cause}. Use fp16 or int8 features "
             "(--dtype), a smaller --micro-batch, or a profile with more memory"
         )
 
     def check(self, *_: object) -> None:
         """Raise if the peak so far is over the cap (usable as a trainer step hook)."""
-        if self.measure() > self.cap_mb:
+        self.measure()
+        if self.used_mb > self.cap_mb:
             raise self.error()
 
     # -- context -------------------------------------------------------------------------
@@ -171,7 +188,7 @@ class MemoryGuard:
         reset_peak_rss()
         self.baseline_mb = rss_mb()
         self.peak_mb = self.baseline_mb
-        if self.baseline_mb > self.cap_mb:
+        if self.counts_runtime and self.baseline_mb > self.cap_mb:
             raise self.error(" before the job started (the runtime alone does not fit)")
         if self.hard:
             self._set_data_limit()
@@ -193,7 +210,7 @@ class MemoryGuard:
         self.measure()
         if exc is not None and _is_oom(exc):
             raise self.error(f" (allocation failed: {exc})") from exc
-        if exc is None and self.peak_mb > self.cap_mb:
+        if exc is None and self.used_mb > self.cap_mb:
             raise self.error()
 
     def _set_data_limit(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -251,6 +251,89 @@ def _linear(*, dim: int, num_classes: int, **_: Any) -> nn.Module:
     return LinearHead(dim, num_classes)
 
 
+class _Attention(nn.Module):
+    def __init__(self, dim: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+
+class _Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+
+class _LayerScale(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+
+class ViTBlock(nn.Module):
+    """A pre-norm ViT block with timm's ``Block`` parameter names, in plain torch.
+
+    Partial-1 trains a copy of the backbone's last block on the device; this rebuilds it from
+    its state dict (shapes and keys say width, MLP size, biases and layer scale; the head count
+    comes from the cloud's geometry), so the edge never imports timm.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden: int,
+        qkv_bias: bool = True,
+        layer_scale: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError(f"ViT block width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = _Attention(dim, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = _Mlp(dim, mlp_hidden)
+        self.ls1 = _LayerScale(dim) if layer_scale else None
+        self.ls2 = _LayerScale(dim) if layer_scale else None
+
+    @classmethod
+    def from_state(
+        cls, state: Mapping[str, torch.Tensor], num_heads: int, prefix: str = ""
+    ) -> ViTBlock:
+        """The block whose shapes fit ``state`` (keys under ``prefix``), weights loaded."""
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        try:
+            dim = own["attn.qkv.weight"].shape[1]
+            block = cls(
+                dim,
+                num_heads,
+                own["mlp.fc1.weight"].shape[0],
+                qkv_bias="attn.qkv.bias" in own,
+                layer_scale="ls1.gamma" in own,
+            )
+        except KeyError as e:
+            raise ConfigError(f"no ViT block weights under {prefix!r} (missing {e})") from e
+        block.load_state_dict(own)
+        return block
+
+    @staticmethod
+    def _scaled(ls: _LayerScale | None, x: torch.Tensor) -> torch.Tensor:
+        return x if ls is None else x * ls.gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.norm1(x)
+        qkv = self.attn.qkv(h).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + self._scaled(self.ls1, self.attn.proj(a))
+        h = self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+        return x + self._scaled(self.ls2, h)
+
+
 class PartialHead(nn.Module):
     """Partial-1: a trainable copy of the backbone's last block, its final norm, a new head."""
 
@@ -266,8 +349,19 @@ class PartialHead(nn.Module):
 
 @register_edge_net("partial1")
 def _partial1(
-    *, block: nn.Module, norm: nn.Module, dim: int, num_classes: int, **_: Any
+    *,
+    init: Mapping[str, torch.Tensor],
+    num_heads: int,
+    dim: int,
+    num_classes: int,
+    **_: Any,
 ) -> nn.Module:
+    """Partial-1 from the backbone's pretrained last block and final norm (``init``)."""
+    block = ViTBlock.from_state(init, num_heads, prefix="block.")
+    if "norm.weight" not in init:
+        raise ConfigError("Partial-1 needs the backbone's final norm (norm.weight) in its init")
+    norm = nn.LayerNorm(dim, eps=1e-6)
+    norm.load_state_dict({k[5:]: v for k, v in init.items() if k.startswith("norm.")})
     return PartialHead(block, norm, dim, num_classes)
 
 

@@ -1,16 +1,21 @@
-"""The edge trainer: fit, evaluate and k selection over decoded :class:`FeatureSet` splits.
+"""The edge trainer: fit, evaluate and k selection over streamed feature batches.
 
-Pure functions: no network, no Flower, no Ray. Training is AdamW (:class:`~mist_fed.edge.optim.LeanAdamW`, torch's update without its
-import cost) with a per-step cosine schedule
-to zero (optional linear warm-up), batch 32. Memory levers that leave the math unchanged:
+Pure functions: no network, no Flower, no Ray. The data is anything with ``labelled`` rows,
+``batches(batch_size, generator)`` (one shuffled epoch) and ``eval_batches(batch_size)``: a
+device's :class:`~mist_fed.device.cache.CachedSplit` (read from its file batch by batch, never
+held) or an in-memory :class:`~mist_fed.wire.features.FeatureSet`. Training is AdamW
+(:class:`~mist_fed.device.optim.LeanAdamW`, torch's update without its import cost) with a
+per-step cosine schedule to zero (optional linear warm-up), batch 32. An optional
+``extra_loss(net)`` is added to every step's loss (the fleet's FedProx proximal term). Memory
+levers that leave the math unchanged:
 
-* features stay in their wire dtype (fp16 halves the resident set) and are cast to fp32 one
+* features stay in their wire-decoded dtype (fp16 halves the batch) and are cast to fp32 one
   micro-batch at a time;
 * a batch is split into micro-batches whose gradients are accumulated (loss scaled by the
   micro-batch's share of the labelled rows, so the update equals the full-batch update);
 * edge networks that support it (the LAE) can recompute block activations in the backward
   pass (``grad_checkpointing``; off by default: at micro-batch 8 it costs compute, not memory);
-* :func:`mist_fed.edge.memory.tune_allocator` (called by the client) stops glibc's heap from
+* :func:`mist_fed.device.memory.tune_allocator` (called by the client) stops glibc's heap from
   fragmenting under multi-MB activations.
 
 Rows labelled ``-1`` (unknown) are ignored by the loss and by :func:`evaluate`.
@@ -21,17 +26,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mist_fed.edge.optim import LeanAdamW
+from mist_fed.device.optim import LeanAdamW
 from mist_fed.errors import ConfigError
-from mist_fed.wire.features import FeatureSet
+from mist_fed.wire.features import Batch
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +102,21 @@ class FitResult:
 
 
 StepHook = Callable[[int, float], None]  # (step, loss) after each optimizer step
+ExtraLoss = Callable[[nn.Module], torch.Tensor]  # a term added to each step's loss
 
 
-def _labelled(data: FeatureSet) -> torch.Tensor:
-    return torch.nonzero(data.labels >= 0).flatten()
+class TrainData(Protocol):
+    """What the trainer reads (see the module docstring)."""
+
+    @property
+    def labelled(self) -> int: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]: ...
+
+    def eval_batches(self, batch_size: int = 64) -> Iterator[Batch]: ...
 
 
 def cosine_lambda(total: int, warmup: int = 0) -> Callable[[int], float]:
@@ -114,11 +130,15 @@ def cosine_lambda(total: int, warmup: int = 0) -> Callable[[int], float]:
 
 
 def fit(
-    net: nn.Module, train: FeatureSet, cfg: TrainConfig, on_step: StepHook | None = None
+    net: nn.Module,
+    train: TrainData,
+    cfg: TrainConfig,
+    on_step: StepHook | None = None,
+    extra_loss: ExtraLoss | None = None,
 ) -> FitResult:
     """Train ``net`` on the labelled rows of ``train``; returns losses, steps and host seconds."""
-    rows = _labelled(train)
-    if len(rows) == 0:
+    n = train.labelled
+    if n == 0:
         raise ConfigError("the training split has no labelled rows; check the task's labels")
     set_ckpt = getattr(net, "set_grad_checkpointing", None)
     if callable(set_ckpt):
@@ -127,9 +147,8 @@ def fit(
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = LeanAdamW([(decay, cfg.weight_decay), (no_decay, 0.0)], lr=cfg.lr)
-    per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    total = per_epoch * cfg.epochs
-    schedule = cosine_lambda(total, cfg.warmup_steps)
+    per_epoch = math.ceil(n / cfg.batch_size)
+    schedule = cosine_lambda(per_epoch * cfg.epochs, cfg.warmup_steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     micro = cfg.micro_batch or cfg.batch_size
     net.train()
@@ -137,33 +156,34 @@ def fit(
     step = 0
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
-        order = rows[torch.randperm(len(rows), generator=gen)]
         epoch_loss = 0.0
-        for b in range(0, len(order), cfg.batch_size):
-            batch = order[b : b + cfg.batch_size]
+        for x, y in train.batches(cfg.batch_size, gen):
             opt.zero_grad()
             opt.lr = cfg.lr * schedule(step)
             batch_loss = 0.0
-            for m in range(0, len(batch), micro):
-                idx = batch[m : m + micro]
-                x = train.features[idx].float()
+            for m in range(0, len(y), micro):
+                xb = x[m : m + micro].float()
                 loss = F.cross_entropy(
-                    net(x), train.labels[idx], label_smoothing=cfg.label_smoothing
+                    net(xb), y[m : m + micro], label_smoothing=cfg.label_smoothing
                 )
-                share = len(idx) / len(batch)
+                share = len(xb) / len(y)
                 (loss * share).backward()
                 batch_loss += float(loss.detach()) * share
-                del x, loss
+                del xb, loss
+            if extra_loss is not None:
+                term = extra_loss(net)
+                term.backward()
+                batch_loss += float(term.detach())
             opt.step()
             step += 1
-            epoch_loss += batch_loss * len(batch)
+            epoch_loss += batch_loss * len(y)
             if on_step is not None:
                 on_step(step, batch_loss)
-        losses.append(epoch_loss / len(rows))
+        losses.append(epoch_loss / n)
         log.debug("epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, losses[-1])
     seconds = time.perf_counter() - start
     net.eval()
-    return FitResult(losses, step, seconds, len(rows) * cfg.epochs)
+    return FitResult(losses, step, seconds, n * cfg.epochs)
 
 
 @torch.no_grad()
@@ -174,62 +194,17 @@ def predict(net: nn.Module, features: torch.Tensor, batch_size: int = 64) -> tor
     return torch.cat(out) if out else torch.empty(0)
 
 
-def evaluate(net: nn.Module, data: FeatureSet, batch_size: int = 64) -> float:
-    """Top-1 accuracy on the labelled rows of ``data``."""
-    rows = _labelled(data)
-    if len(rows) == 0:
+@torch.no_grad()
+def evaluate(net: nn.Module, data: TrainData, batch_size: int = 64) -> float:
+    """Top-1 accuracy on the labelled rows of ``data``, read batch by batch."""
+    net.eval()
+    correct = total = 0
+    for x, y in data.eval_batches(batch_size):
+        correct += int((net(x.float()).argmax(1) == y).sum())
+        total += len(y)
+    if total == 0:
         raise ConfigError("the evaluation split has no labelled rows")
-    logits = predict(net, data.features[rows], batch_size)
-    return float((logits.argmax(1) == data.labels[rows]).float().mean())
-
-
-@dataclass
-class KSelection:
-    k: int | None
-    val_acc: dict[int | None, float]  # validation accuracy per candidate k
-    net: nn.Module  # the net trained at the chosen k
-    fit: FitResult  # its training record
-    fits: dict[int | None, FitResult] = field(default_factory=dict)
-
-    @property
-    def train_seconds(self) -> float:
-        return sum(f.seconds for f in self.fits.values())
-
-
-SplitsForK = Callable[[Any], tuple[FeatureSet, FeatureSet]]  # k -> (train, val)
-
-
-def select_k(
-    build_net: Callable[[], nn.Module],
-    splits: Mapping[Any, tuple[FeatureSet, FeatureSet]] | SplitsForK,
-    ks: Sequence[int | None],
-    cfg: TrainConfig,
-    on_step: StepHook | None = None,
-) -> KSelection:
-    """Train one net per candidate ``k`` and keep the best on validation (ties: smaller k).
-
-    ``splits`` maps ``k`` to its ``(train, val)`` FeatureSets, or is a function fetching them
-    (so a client need hold only one k's features at a time). Each net starts from the same
-    seed. A method without k passes ``ks=[None]``: one fit, its validation accuracy recorded.
-    """
-    if not ks:
-        raise ConfigError("select_k needs at least one candidate k")
-    fetch: SplitsForK = splits.__getitem__ if isinstance(splits, Mapping) else splits
-    best: tuple[float, int | None, nn.Module, FitResult] | None = None
-    val_acc: dict[int | None, float] = {}
-    fits: dict[int | None, FitResult] = {}
-    for k in sorted(ks, key=lambda v: -1 if v is None else v):
-        train, val = fetch(k)
-        torch.manual_seed(cfg.seed)
-        net = build_net()
-        fits[k] = fit(net, train, cfg, on_step)
-        val_acc[k] = evaluate(net, val)
-        log.info("k=%s: val accuracy %.4f", k, val_acc[k])
-        if best is None or val_acc[k] > best[0]:
-            best = (val_acc[k], k, net, fits[k])
-        del train, val
-    assert best is not None
-    return KSelection(k=best[1], val_acc=val_acc, net=best[2], fit=best[3], fits=fits)
+    return correct / total
 
 
 def with_overrides(cfg: TrainConfig, **kw: Any) -> TrainConfig:

@@ -19,32 +19,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mist_fed.core.methods import build_edge_net, get_method, starts_from_backbone
+from mist_fed.core.specs import Geometry
 from mist_fed.errors import ConfigError
-from mist_fed.model.backbone import Backbone
-from mist_fed.model.lae import create_edge_net
-from mist_fed.model.methods import build_edge_net, get_method
 
 WEIGHTS_FILE = "lae.safetensors"
 CONFIG_FILE = "lae.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the backbone as the cloud's geometry
 
 
 @dataclass(frozen=True)
 class EdgeModelConfig:
     method: str
     num_classes: int
-    backbone: str  # backbone name the features came from
-    weights_id: str  # the cloud backbone's weights id
-    num_blocks: int
-    tokens: int
-    dim: int
-    prefix_tokens: int = 1
+    geometry: Geometry  # the cloud backbone the features came from
     gather: str = "mist"  # gather kind
     k: int | None = None
     dtype: str = "float32"  # wire dtype it was trained on
     classes: list[str] = field(default_factory=list)
     task: str = ""
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     edge_kwargs: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
 
@@ -52,6 +45,16 @@ class EdgeModelConfig:
         get_method(self.method)
         if self.num_classes < 1:
             raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
+        if isinstance(self.geometry, dict):
+            object.__setattr__(self, "geometry", Geometry.from_dict(self.geometry))
+
+    @property
+    def backbone(self) -> str:
+        return self.geometry.backbone
+
+    @property
+    def weights_id(self) -> str:
+        return self.geometry.weights
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EdgeModelConfig:
@@ -61,79 +64,18 @@ class EdgeModelConfig:
             raise ConfigError(f"edge model config has unknown field(s) {', '.join(unknown)}")
         return cls(**data)
 
-    @classmethod
-    def for_backbone(
-        cls, method: str, backbone: Backbone, num_classes: int, **kw: Any
-    ) -> EdgeModelConfig:
-        return cls(
-            method=method,
-            num_classes=num_classes,
-            backbone=backbone.name,
-            weights_id=backbone.weights_id,
-            num_blocks=backbone.num_blocks,
-            tokens=backbone.num_tokens,
-            dim=backbone.embed_dim,
-            prefix_tokens=backbone.num_prefix_tokens,
-            backbone_kwargs=dict(backbone.spec.model_kwargs),
-            **kw,
-        )
 
-
-def build_net(
-    cfg: EdgeModelConfig,
-    backbone: Backbone | None = None,
-    init: Mapping[str, torch.Tensor] | None = None,
-) -> nn.Module:
+def build_net(cfg: EdgeModelConfig, init: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """A fresh edge network for ``cfg``, with the ``init`` weights loaded if given.
 
-    Partial-1 starts from the backbone's pretrained last block and final norm: from
-    ``backbone`` if at hand, else from ``init`` (the cloud's ``edge_init`` weights, or a
-    checkpoint's state). Without a backbone its block is built on the meta device, for shapes
-    only (no random backbone is made), and ``init`` must fill it.
+    Partial-1 starts from the backbone's pretrained last block and final norm: ``init`` (the
+    cloud's ``edge_init`` weights, or a checkpoint's state) must hold them.
     """
-    method = get_method(cfg.method)
-    if method.edge == "partial1":
-        if backbone is not None:
-            net = build_edge_net(cfg.method, backbone, cfg.num_classes, **cfg.edge_kwargs)
-        else:
-            net = _partial1_from_shapes(cfg, init)
-    else:
-        kw: dict[str, Any] = {
-            "dim": cfg.dim,
-            "tokens": cfg.tokens,
-            "num_classes": cfg.num_classes,
-            "prefix_tokens": cfg.prefix_tokens,
-            **method.edge_kwargs,
-            **cfg.edge_kwargs,
-        }
-        if method.edge == "side":
-            kw["levels"] = cfg.num_blocks + 1
-        net = create_edge_net(method.edge, **kw)
+    init = dict(init) if init else None
+    partial = init if starts_from_backbone(cfg.method) else None
+    net = build_edge_net(cfg.method, cfg.geometry, cfg.num_classes, partial, **cfg.edge_kwargs)
     if init:
         _load_init(net, init)
-    return net
-
-
-def _partial1_from_shapes(
-    cfg: EdgeModelConfig, init: Mapping[str, torch.Tensor] | None
-) -> nn.Module:
-    """A Partial-1 net whose block and norm are empty CPU tensors, to be filled by ``init``."""
-    from mist_fed.model.backbone import create_backbone
-
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no reseed, no memory
-        skeleton = create_backbone(cfg.backbone, random_init=True, **cfg.backbone_kwargs)
-    net = build_edge_net(cfg.method, skeleton, cfg.num_classes, **cfg.edge_kwargs)
-    on_meta = [k for k, v in [*net.named_parameters(), *net.named_buffers()] if v.is_meta]
-    uncovered = sorted(set(on_meta) - set(init or {}))
-    if uncovered:
-        raise ConfigError(
-            f"Partial-1 starts from the pretrained last block of {cfg.backbone}, but no weights "
-            f"were given for {len(uncovered)} of its tensors (e.g. {uncovered[:3]}); pass the "
-            "backbone, or the cloud's edge_init weights (FeatureClient.edge_init)"
-        )
-    real = {k: v.clone() for k, v in net.state_dict().items() if not v.is_meta}  # the new head
-    net.to_empty(device="cpu")
-    net.load_state_dict(real, strict=False)
     return net
 
 
@@ -153,7 +95,7 @@ def save_checkpoint(net: nn.Module, cfg: EdgeModelConfig, out_dir: str | Path) -
     """Write ``lae.safetensors`` and ``lae.json`` under ``out_dir``; returns the weights path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = json.dumps(asdict(cfg), sort_keys=True)
+    meta = json.dumps(asdict(cfg), sort_keys=True)  # geometry: a nested dict
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     path = out / WEIGHTS_FILE
     save_file(state, str(path), metadata={"mist_fed.config": meta})
@@ -161,9 +103,7 @@ def save_checkpoint(net: nn.Module, cfg: EdgeModelConfig, out_dir: str | Path) -
     return path
 
 
-def load_checkpoint(
-    model_dir: str | Path, backbone: Backbone | None = None
-) -> tuple[nn.Module, EdgeModelConfig]:
+def load_checkpoint(model_dir: str | Path) -> tuple[nn.Module, EdgeModelConfig]:
     """Rebuild a saved edge network (eval mode) and its config."""
     d = Path(model_dir)
     wpath, cpath = d / WEIGHTS_FILE, d / CONFIG_FILE
@@ -172,9 +112,13 @@ def load_checkpoint(
             f"{d} is not an edge model directory (needs {WEIGHTS_FILE} and {CONFIG_FILE}); "
             "train one with `mist-fed client --out DIR`"
         )
-    cfg = EdgeModelConfig.from_dict(json.loads(cpath.read_text()))
-    if cfg.version != FORMAT_VERSION:
-        raise ConfigError(f"{cpath}: format version {cfg.version}, expected {FORMAT_VERSION}")
+    data = json.loads(cpath.read_text())
+    if data.get("version") != FORMAT_VERSION:
+        raise ConfigError(
+            f"{cpath}: format version {data.get('version')}, expected {FORMAT_VERSION}; "
+            "retrain it with this version's `mist-fed client`"
+        )
+    cfg = EdgeModelConfig.from_dict(data)
     try:
         state = load_file(str(wpath))  # safetensors only: nothing is unpickled
     except (SafetensorError, OSError) as e:
@@ -183,7 +127,7 @@ def load_checkpoint(
             "`mist-fed client --out DIR` (pickled .pt/.pth checkpoints are not loaded)"
         ) from e
     try:
-        net = build_net(cfg, backbone, init=state)  # Partial-1: shapes only, state fills it
+        net = build_net(cfg, init=state)
         net.load_state_dict(state)
     except (ConfigError, RuntimeError) as e:
         raise ConfigError(f"{wpath} does not match its config {cpath}: {e}") from e

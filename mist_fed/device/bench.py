@@ -1,14 +1,14 @@
 """`mist-fed bench edge`: peak memory of LAE training and inference, each in a fresh process.
 
-Every case runs in its own subprocess (``python -m mist_fed.edge.bench CASE``) that first
+Every case runs in its own subprocess (``python -m mist_fed.device.bench CASE``) that first
 imports torch, resets the kernel's peak-RSS mark, records that baseline, then runs the case and
 reports ``VmHWM - baseline``: the rise above a process that has only imported torch. Inputs are
 ViT-B/16-shaped Gather* maps ``[197, 768]``, the LAE is the paper's (M=4, ~0.39M params).
 
 Cases: ``train-naive`` (the plain PyTorch loop: fp32 features, whole batch of 32 in one
 forward/backward, ``torch.optim.AdamW``, default allocator), ``train`` (the client's set-up: fp16-resident features, micro-batches of 8 with
-gradient accumulation, :class:`~mist_fed.edge.optim.LeanAdamW` (torch's update without the
-~155 MB its import costs), :func:`~mist_fed.edge.memory.tune_allocator`; same loss and update),
+gradient accumulation, :class:`~mist_fed.device.optim.LeanAdamW` (torch's update without the
+~155 MB its import costs), :func:`~mist_fed.device.memory.tune_allocator`; same loss and update),
 ``infer`` (one image, ``inference_mode``). The paper's Raspberry Pi 4
 totals are 663 MB (training) and 255 MB (inference).
 """
@@ -34,14 +34,14 @@ CASES = ("train-naive", "train", "infer")
 def _child(case: str, tokens: int, dim: int, batch: int, classes: int, steps: int) -> dict:
     import torch  # the baseline: a process that has only imported torch
 
-    from mist_fed.edge.memory import peak_rss_mb, reset_peak_rss, rss_mb, tune_allocator
+    from mist_fed.device.memory import peak_rss_mb, reset_peak_rss, rss_mb, tune_allocator
 
     torch.set_num_threads(1)
     if case != "train-naive":
         tune_allocator()
     reset_peak_rss()
     base = rss_mb()
-    from mist_fed.edge.trainer import TrainConfig, fit
+    from mist_fed.device.trainer import TrainConfig, fit
     from mist_fed.model.lae import LAE
     from mist_fed.wire.features import FeatureSet
 
@@ -87,7 +87,7 @@ def measure(
     steps: int = 3,
 ) -> dict[str, Any]:
     """Run one case in a fresh interpreter; returns its JSON record."""
-    cmd = [sys.executable, "-m", "mist_fed.edge.bench", case]
+    cmd = [sys.executable, "-m", "mist_fed.device.bench", case]
     cmd += [str(v) for v in (tokens, dim, batch, classes, steps)]
     root = str(Path(__file__).resolve().parents[2])  # this checkout, not another install
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}

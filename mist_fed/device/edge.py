@@ -1,0 +1,380 @@
+"""``EdgeDevice``: the one way any entry point fetches, caches, trains, evaluates and measures.
+
+A device is a profile (cores, memory, link, compute), a :class:`~mist_fed.device.source.FeatureSource`
+and a storage directory. Used as a context manager it sets torch's threads from the profile
+and runs one memory meter (:class:`~mist_fed.device.memory.MemoryGuard`: peak RSS, file-backed
+pages included, against the profile's cap) over everything inside. Then:
+
+* :meth:`features` pulls a split once over the link into the on-device cache
+  (:mod:`mist_fed.device.cache`) and returns it for batch-by-batch reads; bytes are counted
+  when paid, once: a split found in the cache costs nothing;
+* :meth:`new_net` sizes the method's edge net from the cloud's geometry (Partial-1 starts from
+  the pretrained block the cloud serves, fetched and cached once);
+* :meth:`train`, :meth:`evaluate` and :meth:`select_k` run the trainer and charge the virtual
+  clock: host time scaled by the method's own net's host GFLOP/s over the profile's;
+* :meth:`report` is the :class:`DeviceMetrics` every caller writes: ``metrics.json`` (client),
+  ``devices.parquet`` (fleet) and ``compare.parquet`` (comparison) share its names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from mist_fed.core.cost import net_cost
+from mist_fed.core.methods import build_edge_net, get_method, method_gather, starts_from_backbone
+from mist_fed.core.specs import GatherSpec, Geometry
+from mist_fed.device.cache import CachedSplit, CacheKey, FeatureCache
+from mist_fed.device.clock import DeviceClock, host_gflops
+from mist_fed.device.memory import MemoryGuard, check_fits, estimate_train_mb, tune_allocator
+from mist_fed.device.profiles import DeviceProfile, profile_resources
+from mist_fed.device.source import FeatureSource
+from mist_fed.device.trainer import ExtraLoss, FitResult, TrainConfig, TrainData, evaluate, fit
+from mist_fed.errors import ConfigError, WireError
+from mist_fed.wire import edge_init as init_codec
+from mist_fed.wire.codec import WireMeta, encode, feature_schema
+
+LocalImages = Callable[[str, str], list[tuple[str, bytes, int]]]  # (task, split) -> images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceMetrics:
+    """What one device job cost; the column names of every results table."""
+
+    bytes_down: int = 0  # everything downloaded: features, initial weights, fleet weights
+    feature_bytes: int = 0  # of which features (paid once: 0 when the cache had them)
+    init_bytes_down: int = 0  # of which the method's pretrained initial weights (Partial-1)
+    bytes_up: int = 0
+    images_down: int = 0  # feature rows downloaded
+    requests: int = 0
+    transfer_s: float = 0.0  # device seconds on the link (bytes / rate + latency per request)
+    compute_s: float = 0.0  # device seconds of compute (host time scaled to the profile)
+    host_compute_s: float = 0.0  # host seconds of training and evaluation
+    train_steps: int = 0
+    peak_mem_mb: float = 0.0  # peak RSS rise over the job's start
+    peak_rss_mb: float = 0.0  # peak RSS of the process
+    mem_cap_mb: float = 0.0
+    torch_threads: int = 0
+    host_gflops: float = math.nan  # this host on the method's training step
+    device_gflops: float = 0.0
+    edge_params: int = 0
+    edge_macs: int = 0  # per image, forward
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("events")
+        return d
+
+
+@dataclass
+class KSelection:
+    k: int | None
+    val_acc: dict[int | None, float]  # validation accuracy per candidate k
+    net: nn.Module  # the net trained at the chosen k
+    fit: FitResult  # its training record
+    fits: dict[int | None, FitResult] = field(default_factory=dict)
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(f.seconds for f in self.fits.values())
+
+
+class EdgeDevice:
+    """One edge device (see the module docstring)."""
+
+    def __init__(
+        self,
+        profile: DeviceProfile,
+        source: FeatureSource,
+        storage: str | Path,
+        *,
+        hard_memory_limit: bool = False,
+        counts_runtime: bool = True,
+        local_images: LocalImages | None = None,
+    ) -> None:
+        """``local_images(task, split)``: the device's own ``(id, encoded image, label)``
+        triples; given, features are made by uploading them (``do_exchange``) instead of
+        asking the cloud for the task's split by reference."""
+        self.profile = profile
+        self.source = source
+        self.storage = Path(storage)
+        self.cache = FeatureCache(self.storage / "features")
+        self.plan = profile_resources(profile)
+        self.clock = DeviceClock(profile)
+        self.guard = MemoryGuard(
+            profile.memory_mb, profile.name, hard=hard_memory_limit, counts_runtime=counts_runtime
+        )
+        self.metrics = DeviceMetrics(
+            mem_cap_mb=float(profile.memory_mb),
+            device_gflops=profile.gflops,
+            torch_threads=self.plan.torch_threads,
+        )
+        self.local_images = local_images
+        self._splits: dict[CacheKey, CachedSplit] = {}
+        self._inits: dict[str, dict[str, torch.Tensor]] = {}
+        self._threads = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> EdgeDevice:
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(self.plan.torch_threads)
+        tune_allocator()
+        self.guard.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.guard.__exit__(exc_type, exc, tb)
+        finally:
+            self._settle()
+            torch.set_num_threads(self._threads)
+
+    def _settle(self) -> None:
+        m, c = self.metrics, self.clock
+        m.bytes_down, m.bytes_up = c.bytes_down, c.bytes_up
+        m.transfer_s, m.compute_s, m.host_compute_s = (
+            c.transfer_s,
+            c.compute_device_s,
+            c.compute_host_s,
+        )
+        m.peak_rss_mb, m.peak_mem_mb = self.guard.peak_mb, self.guard.rise_mb
+        m.events = list(c.events)
+
+    def report(self) -> DeviceMetrics:
+        """The metrics so far (final once the ``with`` block has exited)."""
+        self.guard.measure()
+        self._settle()
+        return self.metrics
+
+    # -- what the cloud serves ---------------------------------------------------------------
+    @property
+    def geometry(self) -> Geometry:
+        return self.source.geometry()
+
+    def spec(self, method: str, k: int | None = None) -> GatherSpec:
+        return method_gather(method, self.geometry.num_blocks, k)
+
+    def candidate_ks(self, method: str, ks: Sequence[int] | None = None) -> list[int | None]:
+        """The ``k`` values to select among: ``ks`` if given, else the method's candidates."""
+        if not get_method(method).tunes_k:
+            return [None]
+        return list(ks) if ks else list(self.geometry.candidate_ks)
+
+    def features(
+        self,
+        task: str,
+        split: str,
+        method: str,
+        k: int | None,
+        dtype: str,
+        ids: Sequence[str] | None = None,
+    ) -> CachedSplit:
+        """``split``'s features for ``method`` at ``k``, from the cache or pulled into it once."""
+        spec = self.spec(method, k)
+        g = self.geometry
+        key = CacheKey(
+            g.backbone, g.weights, task, split, spec.kind, spec.k, dtype,
+            None if ids is None else tuple(ids),
+        )  # fmt: skip
+        if key in self._splits:
+            return self._splits[key]
+        cached = self.cache.open(key)
+        if cached is not None:
+            log.info("%s: %d rows from the device cache (0 bytes)", key.label(), cached.rows)
+        else:
+            before = self.source.bytes_received
+            if self.local_images is not None:
+                schema, batches = self._upload(task, split, spec, dtype)
+            else:
+                schema, batches = self.source.stream(task, split, spec, dtype, ids)
+            cached = self.cache.store(
+                key, schema, batches, paid=lambda: self.source.bytes_received - before
+            )
+            self._paid(cached.paid_bytes, cached.rows, f"features {split}")
+            log.info(
+                "%s: %d rows, %d bytes over the link", key.label(), cached.rows, cached.paid_bytes
+            )
+        self._splits[key] = cached
+        return cached
+
+    def _upload(
+        self, task: str, split: str, spec: GatherSpec, dtype: str, chunk: int = 64
+    ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+        """The device's own images of ``split``, uploaded ``chunk`` at a time, as feature batches."""
+        assert self.local_images is not None
+        images = self.local_images(task, split)
+        g = self.geometry
+        meta = WireMeta(g.backbone, g.weights, spec.kind, spec.k, dtype, g.shape(spec))
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for start in range(0, len(images), chunk):
+                part = images[start : start + chunk]
+                self.clock.add_upload(sum(len(b) for _, b, _ in part), what=f"upload {split}")
+                fs = self.source.embed([(i, b) for i, b, _ in part], spec, dtype)
+                label = {i: y for i, _, y in part}
+                for i, reason in fs.meta.get("errors", {}).items():
+                    log.warning("the cloud could not read image %s: %s", i, reason)
+                yield encode(meta, fs.ids, [label[i] for i in fs.ids], fs.features)
+
+        return feature_schema(meta), batches()
+
+    def _paid(self, nbytes: int, rows: int, what: str) -> None:
+        self.clock.add_download(nbytes, 1, what)
+        self.metrics.feature_bytes += nbytes
+        self.metrics.images_down += rows
+        self.metrics.requests += 1
+
+    def download_weights(self, nbytes: int, what: str = "weights") -> None:
+        """Charge the link for weights sent to the device (a fleet's global model)."""
+        self.clock.add_download(nbytes, 1, what)
+        self.metrics.requests += 1
+
+    def upload_weights(self, nbytes: int, what: str = "weights") -> None:
+        self.clock.add_upload(nbytes, 1, what)
+
+    def edge_init(self, method: str) -> dict[str, torch.Tensor] | None:
+        """The pretrained weights ``method``'s net starts from (Partial-1), fetched once."""
+        if not starts_from_backbone(method):
+            return None
+        if method not in self._inits:
+            g = self.geometry
+            tag = hashlib.sha256(f"{g.backbone}|{g.weights}|{method}".encode()).hexdigest()[:16]
+            path = self.storage / "init" / f"{method}-{tag}.safetensors"
+            init: init_codec.EdgeInit | None = None
+            if path.is_file():
+                try:
+                    init = init_codec.decode(path.read_bytes())
+                except WireError as e:
+                    log.warning(
+                        "cached initial weights %s are unreadable (%s); fetching again", path, e
+                    )
+            if init is None:
+                init = self.source.edge_init(method)
+                self.clock.add_download(init.nbytes, 1, f"{method} initial weights")
+                self.metrics.init_bytes_down += init.nbytes
+                self.metrics.requests += 1
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(init_codec.encode(init))
+            self._inits[method] = init.state
+        return self._inits[method]
+
+    # -- the edge net ------------------------------------------------------------------------
+    def new_net(
+        self,
+        method: str,
+        num_classes: int,
+        k: int | None = None,
+        state: dict[str, torch.Tensor] | None = None,
+        **edge_kwargs: Any,
+    ) -> nn.Module:
+        """``method``'s edge net for this cloud; ``state`` (e.g. a fleet's global model) loaded."""
+        net = build_edge_net(
+            method, self.geometry, num_classes, self.edge_init(method), **edge_kwargs
+        )
+        if state is not None:
+            net.load_state_dict(state)
+        cost = net_cost(net, self.geometry.shape(self.spec(method, k)))
+        self.metrics.edge_params, self.metrics.edge_macs = cost.edge_params, cost.edge_macs
+        return net
+
+    def _rate(self, net: nn.Module, data: TrainData, cfg: TrainConfig) -> float:
+        rate = host_gflops(net, data.shape, _head_classes(net), cfg.batch_size, cfg.micro_batch)
+        self.metrics.host_gflops = rate
+        return rate
+
+    def train(
+        self,
+        net: nn.Module,
+        data: TrainData,
+        cfg: TrainConfig,
+        extra_loss: ExtraLoss | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> FitResult:
+        """Fit ``net`` on ``data`` under the memory cap; charges the clock its device time."""
+        micro = cfg.micro_batch or cfg.batch_size
+        work = estimate_train_mb(0, data.shape, 4, micro, grad_checkpointing=cfg.grad_checkpointing)
+        base = self.guard.baseline_mb if self.guard.counts_runtime else 0.0
+        check_fits(base + work, self.profile.memory_mb, self.profile.name, "training")
+        rate = self._rate(net, data, cfg)
+
+        def step(i: int, loss: float) -> None:
+            self.guard.check()
+            if on_step is not None:
+                on_step(i, loss)
+
+        res = fit(net, data, cfg, on_step=step, extra_loss=extra_loss)
+        self.clock.add_compute(res.seconds, "train", rate)
+        self.metrics.train_steps += res.steps
+        return res
+
+    def evaluate(self, net: nn.Module, data: TrainData) -> float:
+        """Top-1 accuracy on ``data``, read batch by batch; charges the clock."""
+        t0 = time.perf_counter()
+        acc = evaluate(net, data)
+        self.guard.check()
+        rate = self.metrics.host_gflops
+        self.clock.add_compute(
+            time.perf_counter() - t0, "evaluate", None if math.isnan(rate) else rate
+        )
+        return acc
+
+    def select_k(
+        self,
+        task: str,
+        method: str,
+        dtype: str,
+        num_classes: int,
+        cfg: TrainConfig,
+        ks: Sequence[int] | None = None,
+        train_ids: Sequence[str] | None = None,
+        **edge_kwargs: Any,
+    ) -> KSelection:
+        """Train one net per candidate ``k`` and keep the best on validation (ties: smaller k).
+
+        Each net starts from the same seed; a method without ``k`` trains once.
+        """
+        best: tuple[float, int | None, nn.Module, FitResult] | None = None
+        val_acc: dict[int | None, float] = {}
+        fits: dict[int | None, FitResult] = {}
+        for k in sorted(self.candidate_ks(method, ks), key=lambda v: -1 if v is None else v):
+            train = self.features(task, "train", method, k, dtype, train_ids)
+            val = self.features(task, "val", method, k, dtype)
+            torch.manual_seed(cfg.seed)
+            net = self.new_net(method, num_classes, k, **edge_kwargs)
+            fits[k] = self.train(net, train, cfg)
+            val_acc[k] = self.evaluate(net, val)
+            log.info("k=%s: val accuracy %.4f", k, val_acc[k])
+            if best is None or val_acc[k] > best[0]:
+                best = (val_acc[k], k, net, fits[k])
+        if best is None:
+            raise ConfigError("select_k needs at least one candidate k")
+        # the chosen net's cost is what the device runs
+        cost = net_cost(best[2], self.geometry.shape(self.spec(method, best[1])))
+        self.metrics.edge_params, self.metrics.edge_macs = cost.edge_params, cost.edge_macs
+        return KSelection(k=best[1], val_acc=val_acc, net=best[2], fit=best[3], fits=fits)
+
+
+def _head_classes(net: nn.Module) -> int:
+    head = getattr(net, "head", None)
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    raise ConfigError(f"cannot tell the class count of edge net {type(net).__name__}")
