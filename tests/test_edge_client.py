@@ -36,6 +36,12 @@ def _serve(tmp_path, **kw):
     )
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Each test's devices keep their features under its own MIST_FED_CACHE."""
+    monkeypatch.setenv("MIST_FED_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def cloud(tiny_backbone, tmp_path_factory):
     with running_cloud(_serve(tmp_path_factory.mktemp("cloud")), backbone=tiny_backbone) as loc:
@@ -47,22 +53,27 @@ def test_client_command_trains_evaluates_and_saves(cloud, tiny_backbone, tmp_pat
     out = tmp_path / "run"
     argv = ["client", "--task", TASK, "--cloud", cloud, "--profile", "rpi4", "--out", str(out)]
     argv += ["--epochs", "3", "--micro-batch", "8", "--time-scale", "1000", "--dtype", "float16"]
-    # Execute
+    argv += ["--device-dir", str(tmp_path / "device")]
+    # Execute: a run, and a rerun into another --out
     rc = main(argv)
+    rerun = main([str(tmp_path / "again") if a == str(out) else a for a in argv])
     # Assert
-    assert rc == 0, capsys.readouterr().err
+    assert rc == rerun == 0, capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text())
     assert m["k"] in (1, 2, 3) and set(m["val_accuracy"]) == {"1", "2", "3"}
     assert 0.0 <= m["accuracy"] <= 1.0 and m["test_rows"] == 12
     rows = 3 * (24 + 8) + 12
     per_row = tiny_backbone.num_tokens * tiny_backbone.embed_dim * 2
     assert rows * per_row <= m["bytes_down"] <= rows * (per_row + 64)
-    assert m["requests"] == 7 and m["bytes_up"] == 0
+    assert m["requests"] == 7 and m["bytes_up"] == 0 and m["feature_bytes"] == m["bytes_down"]
     rpi4 = m["profile"]
     want = 7 * rpi4["latency_ms"] / 1e3 + m["bytes_down"] * 8 / (rpi4["downlink_mbps"] * 1e6)
     assert m["transfer_s"] == pytest.approx(want)
-    assert m["train_device_s"] == pytest.approx(m["train_s"] * m["host_gflops"] / rpi4["gflops"])
-    assert m["peak_rss_mb"] >= m["baseline_rss_mb"] > 0
+    assert m["compute_s"] == pytest.approx(m["host_compute_s"] * m["host_gflops"] / rpi4["gflops"])
+    assert m["peak_rss_mb"] > m["peak_mem_mb"] >= 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["feature_bytes"] == again["bytes_down"] == again["requests"] == 0
+    assert again["accuracy"] == pytest.approx(m["accuracy"], abs=0.1)
     net, cfg = load_checkpoint(out)
     assert cfg.k == m["k"] and cfg.backbone == tiny_backbone.name and cfg.dtype == "float16"
     test = FeatureClient(cloud).get(TASK, "test", "mist", m["k"], "float16")
@@ -72,7 +83,15 @@ def test_client_command_trains_evaluates_and_saves(cloud, tiny_backbone, tmp_pat
 
 @pytest.mark.parametrize("method", ["linear", "side"])
 def test_client_runs_the_baselines(cloud, tmp_path, method):
-    cfg = ClientConfig(TASK, cloud, "phone-mid", str(tmp_path), method=method, train=FAST)
+    cfg = ClientConfig(
+        TASK,
+        cloud,
+        "phone-mid",
+        str(tmp_path),
+        method=method,
+        train=FAST,
+        device_dir=str(tmp_path / "d"),
+    )
     m = run_client(cfg)
     assert m["k"] is None and m["edge_params"] > 0
     assert (tmp_path / "lae.safetensors").is_file()
@@ -87,7 +106,7 @@ def test_partial1_model_of_a_custom_sized_backbone_loads_from_its_checkpoint(
     # Execute: rebuild with nothing but the checkpoint (no backbone at hand)
     net, saved = load_checkpoint(tmp_path)
     # Assert
-    assert saved.backbone_kwargs == tiny_backbone.spec.model_kwargs
+    assert saved.geometry == tiny_backbone.geometry
     test = FeatureClient(cloud).get(TASK, "test", "block", tiny_backbone.num_blocks - 1)
     assert evaluate(net, test) == pytest.approx(m["accuracy"])
 
@@ -97,7 +116,7 @@ def test_partial1_client_starts_from_the_clouds_pretrained_last_block(
 ):
     # Prepare: a cloud whose backbone is not the seed-0 random init of the same architecture
     # (a client that built its own random backbone would get that one)
-    from mist_fed.device import client as edge_client
+    from mist_fed.device import edge
     from mist_fed.model.backbone import create_backbone
 
     cloud_bb = create_backbone(
@@ -110,8 +129,8 @@ def test_partial1_client_starts_from_the_clouds_pretrained_last_block(
         built.append({k: v.detach().clone() for k, v in net.state_dict().items()})
         return net
 
-    real_build = edge_client.build_net
-    monkeypatch.setattr(edge_client, "build_net", spy)
+    real_build = edge.build_edge_net
+    monkeypatch.setattr(edge, "build_edge_net", spy)
     cfg = ClientConfig(TASK, "", "laptop", str(tmp_path), method="partial1", train=FAST)
     # Execute
     with running_cloud(_serve(tmp_path / "cloud"), backbone=cloud_bb) as loc:
@@ -200,7 +219,7 @@ def test_memory_cap_refuses_an_oversize_job(cloud, tmp_path):
     )
     cfg = ClientConfig(TASK, cloud, str(prof), str(tmp_path / "o"), train=FAST)
     # Execute / Assert
-    with pytest.raises(ResourceLimitError, match=r"exceeds device memory.*measured peak RSS"):
+    with pytest.raises(ResourceLimitError, match=r"exceeds device memory.*measured peak"):
         run_client(cfg)
     assert not (tmp_path / "o" / "lae.safetensors").exists()
     torch.set_num_threads(1)

@@ -3,12 +3,14 @@
 import pytest
 import torch
 
+from mist_fed.core.edge_nets import LAE
+from mist_fed.core.methods import build_edge_net
+from mist_fed.core.specs import Geometry
 from mist_fed.device.checkpoint import EdgeModelConfig, build_net, load_checkpoint, save_checkpoint
 from mist_fed.device.clock import DeviceClock, calibrate_host
 from mist_fed.device.profiles import load_profile
-from mist_fed.device.trainer import TrainConfig, evaluate, fit, select_k
+from mist_fed.device.trainer import TrainConfig, evaluate, fit
 from mist_fed.errors import ConfigError
-from mist_fed.core.edge_nets import LAE
 from mist_fed.wire.features import FeatureSet
 
 SHAPE = (5, 16)  # tokens, dim
@@ -60,15 +62,27 @@ def test_micro_batches_and_checkpointing_keep_the_math():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_select_k_keeps_the_best_on_validation():
-    # Prepare: k=2 carries the signal, k=1 is noise
-    good = (_data(seed=0), _data(seed=1))
-    bad = (_data(seed=0, signal=0.0), _data(seed=1, signal=0.0))
+def test_extra_loss_joins_every_step():
+    # Prepare: a strong proximal term to the starting weights, as FedProx's to the global ones
+    data = _data()
+    plain, prox = _net(), _net()
+    start = [p.detach().clone() for p in prox.parameters()]
+    cfg = TrainConfig(epochs=3, lr=1e-2, micro_batch=0)
+    calls = []
+
+    def pull(net):
+        calls.append(1)
+        return 1e3 * sum((p - p0).pow(2).sum() for p, p0 in zip(net.parameters(), start))
+
+    def moved(net):
+        return sum(float((p - p0).norm()) for p, p0 in zip(net.parameters(), start))
+
     # Execute
-    sel = select_k(_net, {1: bad, 2: good}, [2, 1], TrainConfig(epochs=10, lr=1e-2, micro_batch=0))
-    # Assert
-    assert sel.k == 2 and sel.val_acc[2] > sel.val_acc[1]
-    assert set(sel.fits) == {1, 2} and sel.train_seconds > 0
+    plain_fit = fit(plain, data, cfg)
+    fit(prox, data, cfg, extra_loss=pull)
+    # Assert: added once per optimizer step, and it held the weights near where they began
+    assert len(calls) == plain_fit.steps
+    assert moved(prox) < 0.5 * moved(plain)
 
 
 def test_train_config_validates_and_reads_kebab_case():
@@ -80,16 +94,25 @@ def test_train_config_validates_and_reads_kebab_case():
         TrainConfig.from_dict({"bogus": 1})
 
 
+def _geometry(**kw):
+    return Geometry(
+        **{
+            "backbone": "tiny",
+            "weights": "random:tiny",
+            "num_blocks": 3,
+            "embed_dim": SHAPE[1],
+            "num_tokens": SHAPE[0],
+            **kw,
+        }
+    )
+
+
 def test_checkpoint_round_trip(tmp_path):
     # Prepare
     cfg = EdgeModelConfig(
         method="mist",
         num_classes=3,
-        backbone="tiny",
-        weights_id="random:tiny",
-        num_blocks=3,
-        tokens=SHAPE[0],
-        dim=SHAPE[1],
+        geometry=_geometry(),
         k=2,
         edge_kwargs={"depth": 2, "qkv_dim": 8},
         classes=["a", "b", "c"],
@@ -107,47 +130,38 @@ def test_checkpoint_round_trip(tmp_path):
         load_checkpoint(tmp_path / "missing")
 
 
-def test_partial1_checkpoint_of_a_custom_sized_vit_round_trips(tmp_path):
-    # Prepare: a ViT far from its timm name's default size, and Partial-1 on its last block
-    from mist_fed.model.backbone import create_backbone
+def test_partial1_block_in_plain_torch_equals_timms(tiny_backbone):
+    # Prepare: the cloud's last block and final norm, as edge_init serves them
+    init = tiny_backbone.edge_init_state("partial1")
+    geometry = tiny_backbone.geometry
+    x = torch.randn(2, geometry.num_tokens, geometry.embed_dim)
+    # Execute: the edge rebuilds the block from the weights alone (no timm on the device)
+    net = build_edge_net("partial1", geometry, 3, init).eval()
+    # Assert
+    want = tiny_backbone.model.norm(tiny_backbone.model.blocks[-1](x))
+    got = net.norm(net.block(x))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="pretrained weights"):
+        build_edge_net("partial1", geometry, 3)
+    with pytest.raises(ConfigError, match="final norm"):
+        build_edge_net("partial1", geometry, 3, {k: v for k, v in init.items() if k[:5] != "norm."})
 
-    kw = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
-    backbone = create_backbone("vit_tiny_patch16_224", random_init=True, seed=1, **kw)
-    cfg = EdgeModelConfig.for_backbone("partial1", backbone, num_classes=3)
-    net = build_net(cfg, backbone)
+
+def test_partial1_checkpoint_round_trips_without_a_backbone(tiny_backbone, tmp_path):
+    # Prepare
+    init = tiny_backbone.edge_init_state("partial1")
+    cfg = EdgeModelConfig(method="partial1", num_classes=3, geometry=tiny_backbone.geometry)
+    net = build_net(cfg, init=init)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, backbone.num_tokens, backbone.embed_dim, generator=g)
+    x = torch.randn(8, tiny_backbone.num_tokens, tiny_backbone.embed_dim, generator=g)
     data = FeatureSet([f"r{i}" for i in range(8)], torch.arange(8) % 3, x)
-    fit(net, data, TrainConfig(epochs=1, batch_size=8, micro_batch=0, grad_checkpointing=False))
-    # Execute: save, then rebuild without the backbone
+    fit(net, data, TrainConfig(epochs=1, batch_size=8, micro_batch=0))
+    # Execute
     save_checkpoint(net, cfg, tmp_path)
     again, cfg2 = load_checkpoint(tmp_path)
     # Assert
-    assert cfg2.backbone_kwargs == kw
+    assert cfg2.geometry == tiny_backbone.geometry
     torch.testing.assert_close(net.eval()(x), again(x))
-
-
-def test_partial1_net_without_backbone_needs_its_pretrained_block(tiny_backbone):
-    # Prepare
-
-    cfg = EdgeModelConfig.for_backbone("partial1", tiny_backbone, num_classes=3)
-    init = tiny_backbone.edge_init_state("partial1")
-    # Execute: shapes from the meta device, weights from the cloud's edge_init state
-    net = build_net(cfg, init=init)
-    # Assert
-    state = net.state_dict()
-    assert not any(v.is_meta for v in state.values())
-    for k, v in init.items():
-        torch.testing.assert_close(state[k], v, rtol=0, atol=0)
-    assert torch.isfinite(state["head.weight"]).all() and state["head.weight"].abs().sum() > 0
-    x = torch.randn(2, tiny_backbone.num_tokens, tiny_backbone.embed_dim)
-    torch.testing.assert_close(
-        net.eval()(x), build_net(cfg, tiny_backbone, init=net.state_dict()).eval()(x)
-    )
-    with pytest.raises(ConfigError, match="pretrained last block"):
-        build_net(cfg)
-    with pytest.raises(ConfigError, match="pretrained last block"):
-        build_net(cfg, init={k: v for k, v in init.items() if k != "norm.bias"})
     with pytest.raises(ConfigError, match="lacks"):
         build_net(cfg, init={**init, "extra.weight": torch.zeros(1)})
 
@@ -156,9 +170,9 @@ def test_device_clock_scales_by_compute_and_link():
     # Prepare
     rpi4 = load_profile("rpi4")
     cal = calibrate_host(_net(), SHAPE, 3, batch=8, micro_batch=4, repeats=1)
-    clock = DeviceClock(rpi4, host_gflops=2 * rpi4.gflops)
+    clock = DeviceClock(rpi4)
     # Execute
-    dev = clock.add_compute(1.5)
+    dev = clock.add_compute(1.5, host_gflops=2 * rpi4.gflops)
     link = clock.add_download(5_000_000, requests=2)
     # Assert
     assert cal.step_flops > 0 and cal.gflops > 0

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         upload=args.upload,
         time_scale=args.time_scale,
         hard_memory_limit=not args.no_hard_memory_limit,
+        device_dir=args.device_dir,
         train=train,
     )
     m = run_client(cfg)
@@ -53,11 +54,12 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{m['task']} / {m['method']} on {m['profile']['name']}: test accuracy {m['accuracy']:.4f} "
         f"(k={m['k']}, val {m['val_accuracy']})\n"
-        f"  down {m['bytes_down'] / 1e6:.2f} MB, up {m['bytes_up'] / 1e6:.2f} MB, "
+        f"  down {m['bytes_down'] / 1e6:.2f} MB ({m['feature_bytes'] / 1e6:.2f} MB of features; "
+        f"the device cache in {m['device_dir']} had the rest), up {m['bytes_up'] / 1e6:.2f} MB, "
         f"transfer {m['transfer_s']:.1f} s on the device link "
         f"(waited {m['transfer_wait_s']:.1f} s at time scale {m['time_scale']:g})\n"
-        f"  train {m['train_s']:.1f} s here, {m['train_device_s']:.1f} s on the device; "
-        f"peak RSS {m['peak_rss_mb']:.0f} MB of {m['memory_cap_mb']} MB; "
+        f"  compute {m['host_compute_s']:.1f} s here, {m['compute_s']:.1f} s on the device; "
+        f"peak RSS {m['peak_rss_mb']:.0f} MB of {m['mem_cap_mb']:.0f} MB; "
         f"{m['edge_params']} edge params\n"
         f"  wrote {args.out}/lae.safetensors and {args.out}/metrics.json"
     )
@@ -104,7 +106,13 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, help="batch size (default 32)")
     p.add_argument("--micro-batch", type=int, help="rows per forward/backward (0 = whole batch)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default="float32", choices=WIRE_DTYPES)
+    p.add_argument(
+        "--dtype", default="float16", choices=WIRE_DTYPES, help="wire dtype (default float16)"
+    )
+    p.add_argument(
+        "--device-dir",
+        help="the device's storage: features land here once (default $MIST_FED_CACHE/device)",
+    )
     p.add_argument("--k", help="candidate k values, comma-separated (default {N/3, 2N/3, N})")
     p.add_argument("--upload", action="store_true", help="upload this device's own images")
     p.add_argument(
