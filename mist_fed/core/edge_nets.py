@@ -73,6 +73,13 @@ def edge_blocks() -> list[str]:
     return _BLOCKS.names()
 
 
+class Attend(nn.Module):
+    """``softmax(q k^T / sqrt(d)) v`` as a module, so MAC counters can see it (no parameters)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 class LowRankAttentionBlock(nn.Module):
     """``x + Up(Attn(LowRankQKV(LayerNorm(x))))``; Up starts at zero so the block starts as identity."""
 
@@ -84,6 +91,7 @@ class LowRankAttentionBlock(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * qkv_dim)
         self.up = nn.Linear(qkv_dim, dim)
+        self.attend = Attend()
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -91,7 +99,7 @@ class LowRankAttentionBlock(nn.Module):
         """The residual branch ``Up(Attn(LowRankQKV(LayerNorm(x))))``."""
         b, t, _ = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        y = self.attend(qkv[0], qkv[1], qkv[2])
         return self.up(y.transpose(1, 2).reshape(b, t, -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,6 +302,7 @@ class ViTBlock(nn.Module):
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = _Attention(dim, qkv_bias)
+        self.attend = Attend()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = _Mlp(dim, mlp_hidden)
         self.ls1 = _LayerScale(dim) if layer_scale else None
@@ -328,7 +337,7 @@ class ViTBlock(nn.Module):
         h = self.norm1(x)
         qkv = self.attn.qkv(h).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        a = self.attend(q, k, v).transpose(1, 2).reshape(b, n, d)
         x = x + self._scaled(self.ls1, self.attn.proj(a))
         h = self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
         return x + self._scaled(self.ls2, h)
