@@ -286,9 +286,14 @@ class EdgeDevice:
         state: dict[str, torch.Tensor] | None = None,
         **edge_kwargs: Any,
     ) -> nn.Module:
-        """``method``'s edge net for this cloud; ``state`` (e.g. a fleet's global model) loaded."""
+        """``method``'s edge net for this cloud; ``state`` (e.g. a fleet's global model) loaded.
+
+        Given ``state``, a method that starts from the backbone (Partial-1) takes its
+        pretrained part from it (same keys) and fetches no initial weights.
+        """
+        init = state if state is not None and starts_from_backbone(method) else None
         net = build_edge_net(
-            method, self.geometry, num_classes, self.edge_init(method), **edge_kwargs
+            method, self.geometry, num_classes, init or self.edge_init(method), **edge_kwargs
         )
         if state is not None:
             net.load_state_dict(state)
