@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from mist_fed.device.edge import DeviceMetrics
 from mist_fed.errors import ConfigError
-from mist_fed.fed.aggregate import aggregate_fleet, fedavg
-from mist_fed.fed.device import DeviceJob, DeviceResult
+from mist_fed.fed.aggregate import StateDict, aggregate_fleet, fedavg
+from mist_fed.fed.device import DeviceJob, DeviceResult, evaluate_device, run_device
 from mist_fed.fed.partition import dirichlet_split, iid_split, sample_pool
+from mist_fed.fed.runner import FleetRunner, PlannedDevice, device_dir
 from mist_fed.fed.spec import (
     apply_overrides,
     assign_profiles,
@@ -25,6 +28,7 @@ from mist_fed.fed.spec import (
 )
 from mist_fed.model.backbone import BackboneSpec
 from mist_fed.report.results import DEVICE_COLUMNS, FLEET_COLUMNS, summary_table, write_run
+from tests.fakes import MemorySource
 
 FLEETS = Path(__file__).resolve().parents[1] / "simulations" / "fleets"
 
@@ -175,7 +179,7 @@ def test_device_job_round_trips_through_a_config_dict() -> None:
     job = DeviceJob(
         device=3, fleet="f", task="synthetic", method="mist", profile="rpi4", round=2,
         train_ids=("a", "b"), test_ids=("c",), num_classes=4, cloud="grpc+tcp://127.0.0.1:1",
-        backbone=BackboneSpec("vit_tiny_patch16_224", random_init=True, model_kwargs={"depth": 3}),
+        storage="/tmp/devices/f/3",
     )  # fmt: skip
     # Execute
     again = DeviceJob.from_config(job.to_config())
@@ -227,3 +231,101 @@ def test_summary_table_takes_the_last_round() -> None:
     table = summary_table(pd.DataFrame(_rows()[1]))
     # Assert
     assert table.loc[0, "accuracy"] == 1.0 and table.loc[0, "KB/image"] == pytest.approx(0.02)
+
+
+def test_device_result_columns_are_the_shared_metric_names() -> None:
+    # Prepare
+    names = {f.name for f in dataclasses.fields(DeviceResult)}
+    # Execute
+    again = DeviceResult.from_metrics("ok", "", DeviceResult(1, 2, "ok").metrics())
+    # Assert: devices.parquet, metrics.json and compare.parquet share DeviceMetrics' names
+    assert set(DeviceMetrics().as_dict()) <= names
+    assert again == DeviceResult(1, 2, "ok") and isinstance(again.requests, int)
+
+
+# -- the device worker: one EdgeDevice per device-round ------------------------------------------
+
+TINY_DEVICE = """\
+name = "tiny-mem"
+cores = 1
+memory_mb = 1
+downlink_mbps = 10.0
+uplink_mbps = 5.0
+latency_ms = 10.0
+gflops = 1.0
+[sources]
+cores = "test"
+memory_mb = "test: far below any edge net's working set"
+downlink_mbps = "test"
+uplink_mbps = "test"
+latency_ms = "test"
+gflops = "test"
+"""
+
+
+def _job(storage: Path, rnd: int, profile: str = "rpi4", device: int = 0) -> DeviceJob:
+    return DeviceJob(
+        device=device, fleet="t/mist", task="t", method="mist", profile=profile, round=rnd,
+        train_ids=tuple(f"train-{i}" for i in range(12)), test_ids=("test-0", "test-1", "test-2"),
+        num_classes=3, cloud="memory://", storage=str(storage), epochs=2, batch_size=4,
+    )  # fmt: skip
+
+
+def test_a_device_pays_for_its_features_once_and_reads_its_cache_after(tmp_path: Path) -> None:
+    # Prepare
+    src = MemorySource()
+    storage = device_dir(tmp_path, "t/mist", 0)
+    # Execute: two rounds of the same device, the second from the first's weights
+    first, state = run_device(_job(storage, 1), None, lambda cloud: src)
+    asked = len(src.streams)
+    second, again = run_device(_job(storage, 2), state, lambda cloud: src)
+    # Assert
+    assert first.status == second.status == "ok", (first.reason, second.reason)
+    assert state is not None and again is not None
+    assert first.feature_bytes > 0 and first.images_down == 15 and first.num_examples == 12
+    assert asked == 2 and len(src.streams) == 2  # round 2 read the device's cache
+    assert second.feature_bytes == 0 and second.images_down == 0
+    weights = sum(t.numel() * t.element_size() for t in state.values())
+    assert second.bytes_down == weights and second.bytes_up == weights
+    assert first.bytes_down == first.feature_bytes and first.bytes_up == weights
+    assert second.transfer_s > 0 and second.compute_s > 0 and second.train_steps == 2 * 3
+    assert 0 <= second.accuracy <= 1 and second.peak_mem_mb >= 0 and second.edge_params > 0
+    assert 0 <= evaluate_device(_job(storage, 2), again, lambda cloud: src) <= 1
+    assert len(src.streams) == 2
+
+
+def test_a_device_over_its_memory_cap_fails_and_sends_no_weights(tmp_path: Path) -> None:
+    # Prepare
+    tiny = tmp_path / "tiny-mem.toml"
+    tiny.write_text(TINY_DEVICE)
+    # Execute
+    res, state = run_device(_job(tmp_path / "dev", 1, str(tiny)), None, lambda c: MemorySource())
+    # Assert
+    assert res.status == "failed" and "exceeds device memory" in res.reason
+    assert state is None and res.bytes_up == 0 and res.mem_cap_mb == 1
+
+
+def test_fleet_rounds_over_devices_with_their_own_storage(tmp_path: Path) -> None:
+    # Prepare: two fedavg devices on a fake cloud, two rounds
+    src = MemorySource()
+    fleets = [{"task": "synthetic", "devices": 2}]
+    spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 2, "batch_size": 4})
+    ids = [tuple(f"train-{6 * d + i}" for i in range(6)) for d in range(2)]
+    devices = [PlannedDevice(d, spec.fleets[0], "rpi4", ids[d], (f"test-{d}",), 3) for d in (0, 1)]
+    runner = FleetRunner(spec, devices, "memory://", tmp_path, source=lambda c: src)
+
+    # Execute
+    def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
+        return [run_device(j, s, lambda c: src) for j, s in zip(jobs, states, strict=True)]
+
+    def evaluate(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list[float]:
+        return [evaluate_device(j, s, lambda c: src) for j, s in zip(jobs, states, strict=True)]
+
+    rec = runner.run(train, evaluate)
+    # Assert
+    dev = pd.DataFrame(rec.devices).set_index(["round", "device"])
+    assert (dev["status"] == "ok").all(), dev["reason"]
+    assert (dev.loc[1, "feature_bytes"] > 0).all() and (dev.loc[2, "feature_bytes"] == 0).all()
+    assert dev.loc[2, "received_digest"].nunique() == 1  # fedavg: one global model
+    assert {p.name for p in (tmp_path / "synthetic_mist").iterdir()} == {"0", "1"}
+    assert len(src.streams) == 2 * 2  # train + test per device, in round 1 only

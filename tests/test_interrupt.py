@@ -22,7 +22,6 @@ from mist_fed.cli import EXIT_INTERRUPTED
 from mist_fed.fed import server_app
 from mist_fed.fed.device import DeviceJob
 from mist_fed.fed.server_app import GridTransport, RunStopped, wait_for_nodes
-from mist_fed.model.backbone import BackboneSpec
 from tests.conftest import sigint_as_in_a_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +81,7 @@ def test_a_stopped_run_stops_waiting_for_nodes_and_replies(monkeypatch) -> None:
     job = DeviceJob(
         device=0, fleet="f", task="synthetic", method="mist", profile="rpi4", round=1,
         train_ids=("a",), test_ids=("b",), num_classes=2, cloud="grpc+tcp://127.0.0.1:1",
-        backbone=BackboneSpec("vit_tiny_patch16_224", random_init=True),
+        storage="/nonexistent/devices/f/0",
     )  # fmt: skip
     transport = GridTransport(_SilentGrid(), [7], stop=stop)  # type: ignore[arg-type]
     threading.Timer(0.2, stop.set).start()

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Overhead ratio: the Flower/Ray run vs the same rounds in one process, same cloud."""
-    from mist_fed.fed import device as device_mod
+    from mist_fed.device import clock
     from mist_fed.fed.runner import plan_devices
     from mist_fed.fed.simulate import cloud_service, resolve_assets, run_plain, simulate
 
@@ -88,8 +88,7 @@ def bench(args: argparse.Namespace) -> int:
         first_rec = run_plain(spec, location)
         warm_s = time.perf_counter() - t
         first = stats()
-        device_mod._FEATURES.clear()  # the plain loop starts as cold as a fresh Ray worker
-        device_mod._CALIBRATION.clear()
+        clock._CALIBRATIONS.clear()  # as cold as a fresh Ray worker (devices start empty)
         t = time.perf_counter()
         plain_rec = run_plain(spec, location)
         plain_s = time.perf_counter() - t

@@ -5,6 +5,11 @@
 ``evaluate(jobs, states)``. The Flower ServerApp passes callables that send Messages to
 ClientApps on Ray; the overhead benchmark passes ones that call :func:`run_device` in this
 process. Dropouts and stragglers are decided here, recorded, and never averaged in.
+
+Each device keeps one storage directory for the whole run (``<storage>/<fleet>/<device>``):
+its feature cache, so it pays for its features once, in the round that first fetches them.
+The fleets' initial weights are built here from the cloud's geometry (and, for Partial-1, the
+pretrained block the cloud serves); the driver never builds the backbone either.
 """
 
 from __future__ import annotations
@@ -13,13 +18,18 @@ import dataclasses
 import hashlib
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from mist_fed.core.methods import build_edge_net, starts_from_backbone
 from mist_fed.data import get_task
+from mist_fed.device.source import FeatureSource, FlightSource
 from mist_fed.errors import ConfigError
 from mist_fed.fed.aggregate import StateDict, fedavg
 from mist_fed.fed.device import (
@@ -28,7 +38,7 @@ from mist_fed.fed.device import (
     STRAGGLER,
     DeviceJob,
     DeviceResult,
-    build_net,
+    SourceFactory,
 )
 from mist_fed.fed.partition import sample_pool, split_indices
 from mist_fed.fed.spec import FleetSpec, TaskFleet, assign_profiles
@@ -58,6 +68,21 @@ def state_digest(state: StateDict) -> str:
         h.update(k.encode())
         h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:12]
+
+
+def initial_state(source: FeatureSource, method: str, num_classes: int, seed: int) -> StateDict:
+    """A fleet's seeded initial edge net, sized from the cloud's geometry."""
+    init = source.edge_init(method).state if starts_from_backbone(method) else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_edge_net(method, source.geometry(), num_classes, init)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def device_dir(root: str | Path, fleet: str, device: int) -> Path:
+    """A device's storage under ``root``: ``<root>/<fleet, as a safe name>/<device>``."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", fleet).strip("._") or "fleet"
+    return Path(root) / safe / str(device)
 
 
 def plan_devices(spec: FleetSpec) -> list[PlannedDevice]:
@@ -103,20 +128,34 @@ class RunRecords:
 class FleetRunner:
     """Rounds of train -> filter (failed, dropped, stragglers) -> aggregate per fleet -> evaluate."""
 
-    def __init__(self, spec: FleetSpec, devices: Sequence[PlannedDevice], cloud: str) -> None:
+    def __init__(
+        self,
+        spec: FleetSpec,
+        devices: Sequence[PlannedDevice],
+        cloud: str,
+        storage: str | Path,
+        source: SourceFactory = FlightSource,
+    ) -> None:
+        """``storage``: the root of the devices' own directories (one per device, every round);
+        ``source(cloud)``: where the fleets' initial weights are sized from."""
         self.spec = spec
         self.devices = list(devices)
         self.cloud = cloud
-        self.contacted: set[int] = set()
+        self.storage = Path(storage)
         self.global_state: dict[str, StateDict] = {}
         self.device_state: dict[int, StateDict] = {}
-        for fleet in spec.fleets:
-            first = next(d for d in self.devices if d.fleet == fleet)
-            # One seeded init per fleet: fedavg devices start equal, as do local ones.
-            net = build_net(self.job(first, 0))
-            self.global_state[fleet.name] = {
-                k: v.detach().clone() for k, v in net.state_dict().items()
-            }
+        src = source(cloud)
+        try:
+            for fleet in spec.fleets:
+                first = next(d for d in self.devices if d.fleet == fleet)
+                # One seeded init per fleet: fedavg devices start equal, as do local ones.
+                self.global_state[fleet.name] = initial_state(
+                    src, fleet.method, first.num_classes, spec.seed
+                )
+        finally:
+            close = getattr(src, "close", None)
+            if callable(close):
+                close()
 
     def job(self, d: PlannedDevice, rnd: int) -> DeviceJob:
         s = self.spec
@@ -131,14 +170,13 @@ class FleetRunner:
             test_ids=d.test_ids,
             num_classes=d.num_classes,
             cloud=self.cloud,
-            backbone=s.backbone,
+            storage=str(device_dir(self.storage, d.fleet.name, d.device)),
             k=s.k,
             wire_dtype=s.wire_dtype,
             epochs=s.local_epochs,
             batch_size=s.batch_size,
             lr=s.lr,
             seed=s.seed,
-            first_contact=d.device not in self.contacted,
         )
 
     def state_for(self, d: PlannedDevice) -> StateDict:
@@ -171,7 +209,6 @@ class FleetRunner:
             sent = [self.state_for(d) for d in active]
             received = {d.device: state_digest(s) for d, s in zip(active, sent, strict=True)}
             outs = train(jobs, sent) if jobs else []
-            self.contacted.update(d.device for d in active)
             results: dict[int, tuple[DeviceResult, StateDict | None]] = {}
             for res, st in outs:
                 if res.status == OK and self._late(res):

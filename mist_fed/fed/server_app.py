@@ -128,27 +128,30 @@ def run_fleet(
     grid: Grid,
     spec: FleetSpec,
     cloud: str,
+    storage: str | Path,
     progress: Callable[[DeviceResult], None] | None = None,
     stop: threading.Event | None = None,
     records: RunRecords | None = None,
 ) -> RunRecords:
     """Plan the devices, map them onto the grid's nodes, and run every round.
 
-    ``records`` receives each round's rows as the round completes (what is left of a run that
-    ``stop`` ends early); ``stop`` ends the run with :class:`RunStopped`.
+    ``storage``: the root of the devices' own directories. ``records`` receives each round's
+    rows as the round completes (what is left of a run that ``stop`` ends early); ``stop`` ends
+    the run with :class:`RunStopped`.
     """
     node_ids = wait_for_nodes(grid, spec.num_devices, stop=stop)
     check_devices(spec, len(node_ids))
     devices = plan_devices(spec)
     transport = GridTransport(grid, node_ids, stop=stop)
     transport.on_reply = getattr(progress, "tick", None)
-    runner = FleetRunner(spec, devices, cloud)
+    runner = FleetRunner(spec, devices, cloud, storage)
     return runner.run(transport.train, transport.evaluate, on_result=progress, records=records)
 
 
 def make_server_app(
     spec: FleetSpec,
     cloud: str,
+    storage: str | Path,
     sink: dict[str, Any],
     progress: Callable[[DeviceResult], None] | None = None,
     stop: threading.Event | None = None,
@@ -166,7 +169,7 @@ def make_server_app(
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            sink["records"] = run_fleet(grid, spec, cloud, progress, stop, sink["partial"])
+            sink["records"] = run_fleet(grid, spec, cloud, storage, progress, stop, sink["partial"])
         finally:
             sink["done"].set()
 
@@ -179,7 +182,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry of ``flwr run .``: run-config -> spec, then the same path as ``simulate``."""
-    from mist_fed.fed.simulate import cloud_service, finish_run, resolve_assets
+    from mist_fed.fed.simulate import cloud_service, device_storage, finish_run, resolve_assets
 
     # Relative fleet paths resolve against the app's root (the FAB, or this checkout).
     app_root = Path(__file__).resolve().parents[2]
@@ -187,7 +190,7 @@ def main(grid: Grid, context: Context) -> None:
     cloud = str(context.run_config.get("cloud", "") or "")
     results = Path(str(context.run_config.get("results-dir", "results")))
     t0 = time.perf_counter()
-    with cloud_service(spec, cloud or None) as (location, stats):
-        records = run_fleet(grid, spec, location)
+    with device_storage() as storage, cloud_service(spec, cloud or None) as (location, stats):
+        records = run_fleet(grid, spec, location, storage)
         cloud_stats = stats()
     finish_run(spec, records, results, wall_s=time.perf_counter() - t0, cloud_stats=cloud_stats)

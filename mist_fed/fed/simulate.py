@@ -6,16 +6,20 @@ without a Ray address it starts a local Ray with a bounded CPU count and shuts i
 Ctrl-C ends the whole run: the devices' jobs are killed, Ray and the cloud stop, the rounds
 completed so far are written, and :class:`~mist_fed.errors.Interrupted` says where.
 :func:`run_plain` runs the same rounds in this process, one device after another (the
-baseline of the overhead benchmark).
+baseline of the overhead benchmark). Every run's devices start empty: their storage
+(:func:`device_storage`) lives as long as the run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,9 +29,10 @@ from typing import Any
 
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
+from mist_fed.defaults import cache_dir
 from mist_fed.device.profiles import load_profile, profile_resources
 from mist_fed.errors import BackboneError, Interrupted, MistError, TaskError
-from mist_fed.fed.device import DeviceResult, get_backbone
+from mist_fed.fed.device import DeviceResult
 from mist_fed.fed.runner import (
     FleetRunner,
     RunRecords,
@@ -36,6 +41,7 @@ from mist_fed.fed.runner import (
     plan_devices,
 )
 from mist_fed.fed.spec import FleetSpec, spec_to_dict
+from mist_fed.model.backbone import Backbone, BackboneSpec, create_backbone
 from mist_fed.wire.client import FeatureClient
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,38 @@ class SimulationResult:
 
 # -- assets and services ------------------------------------------------------------------------
 
+_BACKBONES: dict[str, Backbone] = {}
+
+
+def load_backbone(cfg: BackboneSpec) -> Backbone:
+    """The embedded cloud's backbone (built once per process; devices never build one)."""
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    if key not in _BACKBONES:
+        _BACKBONES[key] = create_backbone(
+            cfg.name,
+            weights=cfg.weights,
+            random_init=cfg.random_init,
+            seed=cfg.seed,
+            **cfg.model_kwargs,
+        )
+    return _BACKBONES[key]
+
+
+@contextlib.contextmanager
+def device_storage(root: str | Path | None = None) -> Iterator[Path]:
+    """A fresh directory for the run's devices' storage (their feature caches), removed after.
+
+    Under ``root`` (default ``$MIST_FED_CACHE/devices``): simulated devices start empty and
+    keep their files for every round of the run, not beyond it.
+    """
+    base = Path(root) if root is not None else cache_dir() / "devices"
+    base.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
 
 def resolve_assets(spec: FleetSpec) -> FleetSpec:
     """The spec itself when its tasks and backbone load here, else its synthetic fallback."""
@@ -64,7 +102,7 @@ def resolve_assets(spec: FleetSpec) -> FleetSpec:
     try:
         for f in spec.fleets:
             get_task(f.task)
-        get_backbone(spec.backbone)
+        load_backbone(spec.backbone)
         return spec
     except (TaskError, BackboneError) as e:
         if spec.fallback_task is None or spec.fallback_backbone is None:
@@ -118,7 +156,7 @@ def cloud_service(spec: FleetSpec, address: str | None) -> Iterator[tuple[str, S
     if address:
         yield address, lambda: cloud_stats(address)
         return
-    with running_cloud(serve_config(spec), backbone=get_backbone(spec.backbone)) as location:
+    with running_cloud(serve_config(spec), backbone=load_backbone(spec.backbone)) as location:
         log.info("embedded cloud feature service at %s", location)
         yield location, lambda: cloud_stats(location)
 
@@ -163,7 +201,7 @@ def worker_env() -> dict[str, str]:
         "FLWR_TELEMETRY_ENABLED": "0",
         "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),
     }
-    for key in ("MIST_FED_CACHE", "MIST_FED_WORKER_CACHE_MB", "HF_HUB_OFFLINE", "MIST_FED_FAULTS"):
+    for key in ("MIST_FED_CACHE", "HF_HUB_OFFLINE", "MIST_FED_FAULTS"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
@@ -267,7 +305,7 @@ def simulate(
     interrupted = False
     facts = {"engine": "flower+ray", "cloud": cloud or "embedded", "ray_address": ray_address}
     try:
-        with cloud_service(spec, cloud) as (location, stats):
+        with device_storage() as storage, cloud_service(spec, cloud) as (location, stats):
             try:
                 with ray_runtime(ray_address, ray_cpus, verbose):
                     res = _fit_memory(client_resources(spec))
@@ -275,7 +313,7 @@ def simulate(
                     ray_pool.install()
                     backend_config: dict[str, Any] = {"client_resources": res, "init_args": {}}
                     run_simulation(
-                        server_app=make_server_app(spec, location, sink, bar, stop),
+                        server_app=make_server_app(spec, location, storage, sink, bar, stop),
                         client_app=client_app,
                         num_supernodes=spec.num_devices,
                         backend_config=backend_config,
@@ -327,8 +365,9 @@ def run_plain(
     progress: Callable[[DeviceResult], None] | None = None,
 ) -> RunRecords:
     """The same rounds with no Flower and no Ray: every device in this process, in turn."""
-    runner = FleetRunner(spec, plan_devices(spec), location)
-    return runner.run(local_train_fn, local_eval_fn, on_result=progress)
+    with device_storage() as storage:
+        runner = FleetRunner(spec, plan_devices(spec), location, storage)
+        return runner.run(local_train_fn, local_eval_fn, on_result=progress)
 
 
 def finish_run(
