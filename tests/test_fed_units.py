@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -329,3 +332,21 @@ def test_fleet_rounds_over_devices_with_their_own_storage(tmp_path: Path) -> Non
     assert dev.loc[2, "received_digest"].nunique() == 1  # fedavg: one global model
     assert {p.name for p in (tmp_path / "synthetic_mist").iterdir()} == {"0", "1"}
     assert len(src.streams) == 2 * 2  # train + test per device, in round 1 only
+
+
+def test_the_device_worker_imports_no_backbone_code() -> None:
+    # Execute: what a Ray worker imports to serve the fleet's ClientApp
+    code = (
+        "import sys, mist_fed.fed.client_app; "
+        "print(sorted({'timm', 'mist_fed.model.backbone'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+    )
+    # Assert
+    assert out.stdout.strip() == "[]"
