@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""The paper's Table 1 through our pipeline (cloud -> Arrow Flight -> edge trainer).
+"""The paper's Table 1 through our pipeline (cloud -> Arrow Flight -> one edge device per row).
 
     python simulations/compare.py                       # offline real task + backbone
     python simulations/compare.py --tasks synthetic --backbone vit_tiny_patch16_224 --random-init
     python simulations/compare.py --few-shot            # 1/2/4/8/16 shots, 3 seeds
+    python simulations/compare.py --methods linear mist --seeds 3   # real data: MIST vs linear
+    python simulations/compare.py --methods linear mist --mist-k 12 # the same, k fixed
 
+Every row is trained and measured by an ``EdgeDevice`` (``--profile``, default laptop) whose
+feature cache (``--device-dir``, default one per run id) a rerun or ``--resume`` reuses.
 Writes ``results/<run-id>/compare.md``, ``compare.parquet``, ``compare_seeds.parquet`` and a
 plot of accuracy vs MB per image (see :mod:`mist_fed.experiments.compare`).
 """

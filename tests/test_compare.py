@@ -1,4 +1,4 @@
-"""The paper-table comparison: every method through the real cloud -> wire -> edge pipeline."""
+"""The paper-table comparison: every row one EdgeDevice job, through the real pipeline or a fake."""
 
 from __future__ import annotations
 
@@ -9,22 +9,23 @@ import pandas as pd
 import pytest
 
 from mist_fed.cloud.config import ServeConfig
-from mist_fed.cloud.precompute import precompute
 from mist_fed.cloud.runner import running_cloud
+from mist_fed.core.cost import edge_cost
+from mist_fed.core.methods import METHODS
 from mist_fed.data import get_task
+from mist_fed.data.registry import Task
+from mist_fed.device.edge import DeviceMetrics
+from mist_fed.device.profiles import load_profile
 from mist_fed.errors import ConfigError
 from mist_fed.experiments.cli import config_from_args, parser, resumed_rows
 from mist_fed.experiments.compare import (
     CompareConfig,
     Comparison,
-    Fetcher,
     Variant,
     default_variants,
     few_shot_ids,
     run_compare,
 )
-from mist_fed.model.gather import GatherSpec
-from mist_fed.core.methods import METHODS
 from mist_fed.report.compare import (
     COMPARE_COLUMNS,
     aggregate,
@@ -34,8 +35,10 @@ from mist_fed.report.compare import (
 )
 from mist_fed.wire.client import FeatureClient
 from tests.conftest import TINY_VIT
+from tests.fakes import GEOMETRY, MemorySource
 
 TASK = "synthetic:classes=3,train=12,val=6,test=9"
+METRICS = set(DeviceMetrics().as_dict())
 
 
 def _cfg(tmp_path, **kw):
@@ -46,8 +49,130 @@ def _cfg(tmp_path, **kw):
         random_init=True,
         epochs=1,
         cache_dir=str(tmp_path / "store"),
+        device_dir=str(tmp_path / "device"),
+        profile="rpi4",
     )
     return CompareConfig(**{**base, **kw})
+
+
+# -- the fast lane: MemorySource, no server, no backbone ---------------------------------------
+
+
+class _Split:
+    """A task split whose ids and labels are MemorySource's (``"{split}-{i}"``, ``i % 3``)."""
+
+    def __init__(self, name: str, n: int) -> None:
+        self.ids = [f"{name}-{i}" for i in range(n)]
+        self.labels = [i % 3 for i in range(n)]
+
+    def image(self, i: int):
+        raise NotImplementedError("features come from MemorySource")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+ROWS = {"train": 48, "val": 24, "test": 30}
+FAKE_TASK = Task("fake", 3, {s: _Split(s, n) for s, n in ROWS.items()})
+
+
+def _fake(tmp_path, source, **kw):
+    cfg = _cfg(tmp_path, **{"epochs": 3, **kw})
+    return Comparison(
+        cfg,
+        FAKE_TASK,
+        "fake",
+        GEOMETRY.num_blocks,
+        source,
+        load_profile("rpi4"),
+        lambda m, k: 1000 + (k or 0),
+    )
+
+
+FAST_VARIANTS = (
+    Variant("linear", "linear"),
+    Variant("mist", "mist", k="select"),
+    Variant("mist k=N/3", "mist", k=0, group="k"),
+    Variant("mist", "mist", dtype="int8", k="mist", group="wire"),
+)
+
+
+def test_every_row_is_one_device_job_with_the_devices_metrics(tmp_path):
+    # Prepare: a comparison whose device pulls from an in-memory cloud
+    source = MemorySource()
+    cmp = _fake(tmp_path, source)
+    # Execute
+    rows = [r.as_dict() for r in cmp.run_seed(FAST_VARIANTS, seed=0)]
+    # Assert: one row per variant, carrying every DeviceMetrics column
+    assert [(r["label"], r["wire_dtype"]) for r in rows] == [
+        (v.label, v.dtype) for v in FAST_VARIANTS
+    ]
+    for r in rows:
+        assert set(r) >= METRICS and r["profile"] == "rpi4"
+        assert 0 <= r["accuracy"] <= 1 and r["train_steps"] > 0
+        assert r["compute_s"] > 0 and r["host_compute_s"] > 0 and r["peak_mem_mb"] >= 0
+        # a fresh device paid for its three splits: bytes per image is what it downloaded
+        assert r["images_down"] == sum(ROWS.values())
+        assert r["bytes_per_image"] == pytest.approx(r["feature_bytes"] / r["images_down"])
+        # edge params and MACs are those of the net the device trained
+        cost = edge_cost(r["method"], GEOMETRY, 3, r["k"])
+        assert (r["edge_params"], r["edge_macs"]) == (cost.edge_params, cost.edge_macs)
+        assert r["cloud_macs"] == 1000 + (r["k"] or 0)
+    by = {(r["label"], r["wire_dtype"]): r for r in rows}
+    assert by["linear", "float32"]["k"] is None
+    assert by["mist k=N/3", "float32"]["k"] == 1
+    # int8 streams a quarter of the bytes (plus a scale per token)
+    assert by["mist", "int8"]["bytes_per_image"] < 0.5 * by["mist", "float32"]["bytes_per_image"]
+
+
+def test_mist_is_the_k_best_on_val_and_each_k_trains_once(tmp_path):
+    # Prepare
+    source = MemorySource()
+    cmp = _fake(tmp_path, source)
+    # Execute
+    rows = cmp.run_seed(FAST_VARIANTS[1:], seed=0)
+    # Assert: the mist row is the candidate best on val (ties: smaller k); the int8 row runs
+    # at that k; the k=N/3 row reuses the selection's fit (each (method, dtype, k) trains once)
+    mist, k1, int8 = rows
+    assert mist.k in (1, 2, 3) and int8.k == mist.k
+    fp32_trains = [s for s in source.streams if s[1] == "train" and s[3] == "float32"]
+    assert sorted(s[2].k for s in fp32_trains) == [1, 2, 3]
+    assert k1.k == 1
+    if mist.k == 1:
+        assert k1.accuracy == mist.accuracy and k1.device is mist.device
+
+
+def test_a_rerun_on_the_same_device_dir_downloads_nothing(tmp_path):
+    # Prepare: a first run fills the device's cache
+    first = _fake(tmp_path, MemorySource()).run_seed(FAST_VARIANTS[:1], seed=0)[0]
+    # Execute: a new comparison (a rerun or --resume) with the same device directory
+    source = MemorySource()
+    again = _fake(tmp_path, source).run_seed(FAST_VARIANTS[:1], seed=0)[0]
+    # Assert: nothing streamed, nothing paid; the row's bytes per image still the wire's
+    assert source.streams == [] and source.bytes_received == 0
+    assert again.device.feature_bytes == 0 and again.device.images_down == 0
+    assert again.bytes_per_image == first.bytes_per_image
+    assert again.device.edge_params == first.device.edge_params > 0
+
+
+def test_limits_and_few_shot_ask_for_the_rows_they_use(tmp_path):
+    # Prepare: the first 10 test images, and a 2-shot train set
+    source = MemorySource()
+    cmp = _fake(tmp_path, source, limits={"test": 10, "val": 100})
+    # Execute
+    (row,) = cmp.run_seed(FAST_VARIANTS[:1], seed=0, shots=2)
+    # Assert: 2 per class for train, all val (the limit exceeds it), 10 test rows
+    assert row.shots == 2 and row.device.images_down == 3 * 2 + ROWS["val"] + 10
+    assert cmp.ids["val"] is None and cmp.ids["test"] == [f"test-{i}" for i in range(10)]
+
+
+def test_a_planning_comparison_cannot_train(tmp_path):
+    cmp = Comparison(_cfg(tmp_path), FAKE_TASK, "fake", GEOMETRY.num_blocks)
+    with pytest.raises(ConfigError, match="feature source"):
+        cmp.run_seed(FAST_VARIANTS[:1], seed=0)
+
+
+# -- through the real cloud and wire (a tiny random ViT) ------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +195,7 @@ def test_every_method_and_wire_has_a_row_per_seed(table_rows):
     assert set(zip(df["label"], df["wire_dtype"], strict=True)) == variants
     assert (df.groupby(["label", "wire_dtype"])["seed"].nunique() == 2).all()
     assert df["accuracy"].between(0, 1).all()
-    assert (df["edge_peak_mem_mb"] >= 0).all()
+    assert (df["peak_mem_mb"] >= 0).all() and (df["compute_s"] > 0).all()
     assert (df["edge_params"] > 0).all() and (df["cloud_macs"] > 0).all()
 
 
@@ -79,7 +204,13 @@ def test_every_method_and_wire_has_a_row_per_seed(table_rows):
 def test_table_bytes_equal_the_bytes_streamed(table_rows, tiny_backbone):
     # Prepare: the rows' bytes per image, and a fresh client on the same store
     cfg, rows = table_rows
-    df = pd.DataFrame(rows).drop_duplicates(["method", "wire_dtype", "k"])
+    df = pd.DataFrame(rows)
+    # seed 0 paid for features (once each: rows sharing a gather and dtype read the device's
+    # cache), seed 1 read them all from the cache; every row still has its wire cost
+    assert df[df["seed"] == 0]["feature_bytes"].sum() > 0
+    assert (df[df["seed"] == 1]["feature_bytes"] == 0).all()
+    assert (df["bytes_per_image"] > 0).all()
+    df = df.drop_duplicates(["method", "wire_dtype", "k"])
     task = get_task(TASK)
     serve = ServeConfig(
         port=0,
@@ -102,7 +233,7 @@ def test_table_bytes_equal_the_bytes_streamed(table_rows, tiny_backbone):
                 total += fs.meta["wire"]["bytes"]
                 rows_n += fs.meta["wire"]["rows"]
             # Assert: the table reports exactly those bytes per image
-            assert r["transfer_bytes_per_image"] == pytest.approx(total / rows_n)
+            assert r["bytes_per_image"] == pytest.approx(total / rows_n)
         stats = client.stats()
     assert stats["images_embedded"] == 0  # everything came from the precomputed store
 
@@ -112,20 +243,20 @@ def test_table_bytes_equal_the_bytes_streamed(table_rows, tiny_backbone):
 def test_wire_formats_order_bytes(table_rows, tiny_backbone):
     _, rows = table_rows
     df = pd.DataFrame(rows)
-    mist = df[df["label"] == "mist"].groupby("wire_dtype")["transfer_bytes_per_image"].mean()
+    mist = df[df["label"] == "mist"].groupby("wire_dtype")["bytes_per_image"].mean()
     assert mist["int8"] < mist["float16"] < mist["float32"]
     assert mist["float32"] / mist["int8"] == pytest.approx(4, rel=0.1)
     # per-channel scales: one float32 per channel instead of one per token
     tokens, dim = tiny_backbone.num_tokens, tiny_backbone.embed_dim
     assert mist["int8ch"] - mist["int8"] == pytest.approx(4 * (dim - tokens))
-    side = df[df["method"] == "side"]["transfer_bytes_per_image"].mean()
+    side = df[df["method"] == "side"]["bytes_per_image"].mean()
     levels = TINY_VIT["depth"] + 1
     assert side / mist["float32"] == pytest.approx(levels, rel=0.05)
-    linear = df[df["method"] == "linear"]["transfer_bytes_per_image"].mean()
+    linear = df[df["method"] == "linear"]["bytes_per_image"].mean()
     assert linear < mist["int8"]
     # 2x2 pooling keeps the class token and a quarter of the 4x4 patch grid: 5 of 17 tokens
     # (plus the per-row ids and labels, a few % here)
-    pool = df[df["label"] == "mist_pool"].groupby("wire_dtype")["transfer_bytes_per_image"].mean()
+    pool = df[df["label"] == "mist_pool"].groupby("wire_dtype")["bytes_per_image"].mean()
     for dtype in ("float16", "int8"):
         assert pool[dtype] / mist[dtype] == pytest.approx(5 / 17, rel=0.1)  # + row overhead
     assert pool["int8ch"] - pool["int8"] == pytest.approx(4 * (dim - 5))  # D scales, not 5
@@ -201,14 +332,16 @@ def test_aggregate_mean_and_spread():
         wire_dtype="int8",
         group="wire",
         task="t",
-        transfer_bytes_per_image=10.0,
+        bytes_per_image=10.0,
         edge_params=1,
         edge_macs=2,
         cloud_macs=3,
-        edge_peak_mem_mb=5.0,
-        edge_feature_mb=1.0,
+        peak_mem_mb=5.0,
+        compute_s=2.0,
+        host_compute_s=1.0,
+        transfer_s=0.5,
+        profile="laptop",
         k=4,
-        train_seconds=1.0,
         shots=None,
     )
     seeds = pd.DataFrame(
@@ -221,35 +354,6 @@ def test_aggregate_mean_and_spread():
     assert "60.0 ± 14.1" in markdown_table(agg)
 
 
-@pytest.mark.slow
-@pytest.mark.network
-def test_fetcher_counts_every_chunk(tmp_path, tiny_backbone):
-    # Prepare: a store filled by precompute
-    task = get_task(TASK)
-    serve = ServeConfig(
-        port=0,
-        tasks=(TASK,),
-        cache_dir=str(tmp_path),
-        random_init=True,
-        model_kwargs=dict(TINY_VIT),
-        backbone="vit_tiny_patch16_224",
-    )
-    spec = GatherSpec("side")
-    split = task.split("train")
-    n = precompute(tiny_backbone, serve.store_dir, split, range(len(split)), [(spec, "float32")])
-    assert n == len(split)
-    with running_cloud(serve, backbone=tiny_backbone) as loc, FeatureClient(loc) as client:
-        # Execute: fetch in chunks of 5 with fp16 residency
-        fetch = Fetcher(client, TASK, chunk=5)
-        fs = fetch.get("train", list(split.ids), spec, "float32", resident="float16")
-        stats = client.stats()
-    # Assert: every chunk counted, features re-cast, nothing recomputed
-    assert len(fs) == len(split) and fs.features.dtype.is_floating_point
-    assert str(fs.features.dtype) == "torch.float16"
-    assert fetch.rows == len(split) and fetch.bytes == client.total.bytes
-    assert stats["bytes_served"] == fetch.bytes and stats["images_embedded"] == 0
-
-
 def test_cli_config_filters_methods():
     args = parser().parse_args(["--tasks", TASK, "--methods", "mist", "linear", "--wire", "int8"])
     cfg = config_from_args(args)
@@ -259,6 +363,13 @@ def test_cli_config_filters_methods():
     assert ("mist k=N/3", "float32") in labels
     few = config_from_args(parser().parse_args(["--tasks", TASK, "--few-shot"]))
     assert few.few_shot == (1, 2, 4, 8, 16) and few.seeds == 3
+    # every row runs on a host-like device by default, with one device directory per run
+    assert cfg.profile == "laptop"
+    named = config_from_args(parser().parse_args(["--tasks", TASK]), run_id="r1")
+    assert named.storage.parts[-2:] == ("compare", "r1")
+    mine = parser().parse_args(["--tasks", TASK, "--profile", "rpi4", "--device-dir", "/x/d"])
+    assert config_from_args(mine).profile == "rpi4"
+    assert str(config_from_args(mine).storage) == "/x/d"
     with pytest.raises(SystemExit):  # an unknown wire dtype is refused by the parser
         parser().parse_args(["--wire", "int4"])
 
@@ -272,7 +383,7 @@ def test_fixed_mist_k_trains_mist_at_that_k_only(tmp_path, tiny_backbone):
     assert {v.group for v in cfg.variants} == {"paper", "wire"}
     cfg = _cfg(tmp_path, variants=cfg.variants, mist_k=1)
     # the cloud precomputes that k alone, not the other candidates (2 and 3) as well
-    cmp = Comparison(cfg, tiny_backbone, None, get_task(TASK), TASK)  # type: ignore[arg-type]
+    cmp = Comparison(cfg, get_task(TASK), TASK, tiny_backbone.num_blocks)
     assert {(s.k, d) for s, d in cmp.pairs(cfg.variants)} == {(1, "float32"), (1, "int8ch")}
     # Execute
     rows = [r.as_dict() for r in run_compare(cfg)]
@@ -290,7 +401,8 @@ def test_resume_runs_only_the_seeds_an_earlier_run_lacks(tmp_path):
     out = tmp_path / "results"
     common = ["--tasks", TASK, "--methods", "linear", "--epochs", "1", "--out", str(out)]
     common += ["--run-id", "r", "--random-init", "--backbone", "vit_tiny_patch16_224"]
-    common += ["--cache-dir", str(tmp_path / "store")]
+    common += ["--cache-dir", str(tmp_path / "store"), "--device-dir", str(tmp_path / "dev")]
+    common += ["--profile", "rpi4"]
     args = parser().parse_args([*common, "--seeds", "1"])
     cfg = dataclasses.replace(config_from_args(args), backbone_kwargs=dict(TINY_VIT))
     first = [r.as_dict() for r in run_compare(cfg)]
@@ -299,9 +411,18 @@ def test_resume_runs_only_the_seeds_an_earlier_run_lacks(tmp_path):
     cfg2 = dataclasses.replace(cfg, seeds=2)
     rows, done = resumed_rows(out / "r", cfg2)
     new = [r.as_dict() for r in run_compare(cfg2, skip=done)]
-    # Assert: seed 0 kept from the earlier run, only seed 1 trained now
+    # Assert: seed 0 kept from the earlier run, only seed 1 trained now, on cached features
     assert done == {(TASK, None, 0)}
     assert [r["seed"] for r in rows] == [0] and [r["seed"] for r in new] == [1]
     assert rows[0]["accuracy"] == first[0]["accuracy"]
+    assert first[0]["feature_bytes"] > 0 and new[0]["feature_bytes"] == 0
+    assert new[0]["bytes_per_image"] == first[0]["bytes_per_image"]
     with pytest.raises(ConfigError, match="does not exist"):
         resumed_rows(out / "missing", cfg2)
+    old = out / "old"  # a run written before the device metrics: start a new run instead
+    old.mkdir()
+    pd.DataFrame([{"task": TASK, "seed": 0, "transfer_bytes_per_image": 1.0}]).to_parquet(
+        old / "compare_seeds.parquet"
+    )
+    with pytest.raises(ConfigError, match="new --run-id"):
+        resumed_rows(old, cfg2)

@@ -28,6 +28,7 @@ def test_compare_command_runs_a_tiny_random_init_table(tmp_path, capsys):
     argv = ["compare", "--tasks", TASK, "--backbone", "vit_tiny_patch16_224", "--random-init"]
     argv += ["--methods", "linear", "--wire", "--epochs", "1", "--seeds", "1"]
     argv += ["--cache-dir", str(tmp_path / "store"), "--out", str(tmp_path), "--run-id", "cli"]
+    argv += ["--device-dir", str(tmp_path / "device")]
     # Execute
     rc = main(argv)
     # Assert
@@ -35,4 +36,7 @@ def test_compare_command_runs_a_tiny_random_init_table(tmp_path, capsys):
     run_dir = tmp_path / "cli"
     df = pd.read_parquet(run_dir / "compare.parquet")
     assert len(df) == 1 and 0.0 <= float(df["accuracy"].iloc[0]) <= 100.0
-    assert "linear" in (run_dir / "compare.md").read_text()
+    md = (run_dir / "compare.md").read_text()
+    assert "linear" in md and "profile `laptop`" in md  # the default, host-like device
+    assert set(df.columns) >= {"bytes_per_image", "peak_mem_mb", "compute_s", "edge_params"}
+    assert any((tmp_path / "device" / "features").glob("*.arrow"))  # the device's own cache

@@ -12,11 +12,14 @@ from typing import Any
 
 from mist_fed.data import SHOTS, task_entry
 from mist_fed.data.defaults import default_backbone, default_task
+from mist_fed.device.profiles import list_profiles
 from mist_fed.errors import ConfigError, MistError
 from mist_fed.experiments.compare import (
+    DEFAULT_PROFILE,
     CompareConfig,
     RowResult,
     SeedKey,
+    default_device_dir,
     default_variants,
     run_compare,
     seeds_done,
@@ -69,7 +72,20 @@ def parser() -> argparse.ArgumentParser:
         metavar="SHOTS",
         help=f"few-shot mode (default shots {SHOTS}), train drawn from the train split",
     )
-    p.add_argument("--cache-dir", help="feature store dir (default <MIST_FED_CACHE>/features)")
+    p.add_argument(
+        "--profile",
+        default=DEFAULT_PROFILE,
+        help=f"the edge device every row runs on: a profile name ({', '.join(_profiles())}) "
+        f"or a .toml path (default {DEFAULT_PROFILE})",
+    )
+    p.add_argument(
+        "--device-dir",
+        help="the device's storage, its feature cache (default <MIST_FED_CACHE>/compare/<run-id>: "
+        "a rerun or --resume of the run downloads nothing)",
+    )
+    p.add_argument(
+        "--cache-dir", help="the cloud's feature store (default <MIST_FED_CACHE>/features)"
+    )
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--run-id")
     p.add_argument(
@@ -81,7 +97,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> CompareConfig:
+def _profiles() -> list[str]:
+    try:
+        return list_profiles()
+    except MistError:
+        return []
+
+
+def config_from_args(args: argparse.Namespace, run_id: str = "default") -> CompareConfig:
+    """The run's config; the device directory defaults to one per ``run_id``."""
     few = tuple(args.few_shot or SHOTS) if args.few_shot is not None else ()
     variants = default_variants(args.wire)
     labels = args.methods or (FEW_SHOT_LABELS if few else None)
@@ -102,6 +126,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         few_shot=few,
         mist_k=args.mist_k,
         cache_dir=args.cache_dir,
+        profile=args.profile,
+        device_dir=args.device_dir or str(default_device_dir(run_id)),
     )
 
 
@@ -112,9 +138,15 @@ def resumed_rows(run_dir: Path, cfg: CompareConfig) -> tuple[list[dict[str, Any]
         raise ConfigError(f"--resume: {path} does not exist; give the --run-id of an earlier run")
     import pandas as pd
 
+    frame = pd.read_parquet(path)
+    if "bytes_per_image" not in frame.columns:
+        raise ConfigError(
+            f"--resume: {path} was written by an earlier version of the comparison (no "
+            "bytes_per_image column); start a new --run-id"
+        )
     rows = [
         {k: (None if k == "shots" and pd.isna(v) else v) for k, v in r.items()}
-        for r in pd.read_parquet(path).to_dict("records")
+        for r in frame.to_dict("records")
     ]
     done = seeds_done(rows, cfg.variants or default_variants())
     log.info("resuming %s: %d rows, %d seed runs complete", run_dir, len(rows), len(done))
@@ -132,8 +164,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python simulations/comp
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("mist_fed.cloud.precompute").setLevel(logging.INFO)  # embedding progress
     try:
-        cfg = config_from_args(args)
-        run_dir = args.out / (args.run_id or new_run_id("compare"))
+        run_id = args.run_id or new_run_id("compare")
+        cfg = config_from_args(args, run_id)
+        run_dir = args.out / run_id
         rows, done = resumed_rows(run_dir, cfg) if args.resume else ([], set())
         kept = f"; resumed: {len(rows)} rows of the earlier run kept" if args.resume else ""
 
@@ -150,9 +183,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python simulations/comp
             f"{ {k: v for k, v in cfg.limits.items() if v} }"
             + (f", MIST k fixed at {cfg.mist_k}" if cfg.mist_k else "")
             + kept
-            + "; accuracy in % (mean ± std over "
-            "seeds); MB/img measured from the bytes streamed; edge train peak = peak RSS rise "
-            "during fit (features resident before it are not counted)."
+            + f"; every row one job of an edge device with profile `{cfg.profile}` (features "
+            "streamed batch by batch from its on-device cache); accuracy in % (mean ± std over "
+            "seeds); MB/img = bytes the features cost over the link per image; edge peak = the "
+            "job's peak RSS rise (training and evaluation); device s = the job's compute time "
+            f"scaled to the `{cfg.profile}` profile."
         )
         run_compare(cfg, on_row, skip=done)
         paths = write_compare(rows, run_dir, header)

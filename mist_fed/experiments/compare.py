@@ -3,12 +3,23 @@
 Every row is a :class:`Variant`: a separated-tuning method, the wire dtype its features are
 streamed in, and how its ``k`` is set. For each task the cloud (a real
 :func:`~mist_fed.cloud.runner.running_cloud` Flight server) first fills its store from one
-backbone pass per image (:func:`~mist_fed.cloud.precompute.precompute`); then each variant's
-splits are streamed through :class:`~mist_fed.wire.client.FeatureClient`, and the edge trainer
-fits and evaluates its network. Bytes per image are the bytes the client actually received
-divided by the rows received; edge peak memory is the rise of this process's peak RSS during
-``fit`` (activations, gradients, optimizer: the resident features are counted apart, in
-``edge_feature_mb``).
+backbone pass per image (:func:`~mist_fed.cloud.precompute.precompute`); then every row is one
+job of an :class:`~mist_fed.device.edge.EdgeDevice` (the same device the standalone client and
+the fleet run) under the comparison's profile: it pulls the row's splits over Flight into its
+on-device cache once (a rerun or ``--resume`` with the same device directory downloads nothing),
+streams them batch by batch into the trainer, evaluates on val and test, and reports its
+:class:`~mist_fed.device.edge.DeviceMetrics`. A row's columns are those metrics (the names
+``metrics.json`` and ``devices.parquet`` use) plus:
+
+* ``bytes_per_image``: what the row's feature sets cost over the link per image (the bytes the
+  cloud streamed for them divided by their rows; recorded in the cache when first paid, so a
+  cached rerun reports the same figure while its ``feature_bytes`` is 0);
+* ``cloud_macs``: the backbone's MACs per image for the method's gather
+  (:func:`~mist_fed.model.cost.cloud_macs`);
+* ``accuracy`` (test), ``val_accuracy``, ``k`` and the row's identity.
+
+``peak_mem_mb`` is the job's peak RSS rise (features streamed from the cache, training,
+evaluation); ``edge_params`` / ``edge_macs`` are those of the net the device trained.
 
 k: MIST trains one LAE per candidate ``k`` (the rows ``mist k=..``, the paper's Figure 5) and
 the ``mist`` row is the one best on validation. ``gather_linear`` selects its own ``k``; the
@@ -30,24 +41,25 @@ import torch
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.precompute import precompute
 from mist_fed.cloud.runner import running_cloud
+from mist_fed.core.methods import get_method, method_gather
+from mist_fed.core.specs import GatherSpec, candidate_ks
 from mist_fed.data import get_task
 from mist_fed.data.registry import Task
-from mist_fed.device.memory import peak_rss_mb, reset_peak_rss, rss_mb, tune_allocator
-from mist_fed.device.trainer import TrainConfig, evaluate, fit
+from mist_fed.defaults import cache_dir
+from mist_fed.device.cache import CachedSplit
+from mist_fed.device.edge import DeviceMetrics, EdgeDevice
+from mist_fed.device.profiles import DeviceProfile, load_profile
+from mist_fed.device.source import FeatureSource, FlightSource
+from mist_fed.device.trainer import TrainConfig
 from mist_fed.errors import ConfigError
-from mist_fed.model.backbone import Backbone, create_backbone
-from mist_fed.core.cost import MethodCost
-from mist_fed.model.cost import method_cost
-from mist_fed.core.specs import GatherSpec, candidate_ks
-from mist_fed.core.methods import build_edge_net, get_method, method_gather
-from mist_fed.wire.client import FeatureClient
-from mist_fed.wire.dtypes import feature_bytes
-from mist_fed.wire.features import FeatureSet
+from mist_fed.model.backbone import create_backbone
+from mist_fed.model.cost import cloud_macs
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 K_NAMES = ("N/3", "2N/3", "N")  # the candidate depths, in order (the paper's Figure 5)
+DEFAULT_PROFILE = "laptop"  # a host-like device: the comparison measures methods, not a phone
 
 
 @dataclass(frozen=True)
@@ -96,9 +108,9 @@ class CompareConfig:
     variants: tuple[Variant, ...] = ()
     few_shot: tuple[int, ...] = ()  # shots per class; empty = the VTAB-1k protocol
     mist_k: int | None = None  # MIST's k fixed (no selection on val); None = select
-    cache_dir: str | None = None
-    fetch_chunk: int = 64  # ids per request when features are re-cast to fp16 on arrival
-    side_resident: str = "float16"  # side's [N+1, T, D] maps are kept in this dtype on the edge
+    cache_dir: str | None = None  # the cloud's feature store (None: under MIST_FED_CACHE)
+    profile: str = DEFAULT_PROFILE  # the edge device every row runs on (name or .toml path)
+    device_dir: str | None = None  # the device's storage; None: default_device_dir()
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -109,6 +121,15 @@ class CompareConfig:
             get_method(v.method)
         if self.mist_k is not None and self.mist_k < 1:
             raise ConfigError(f"--mist-k must be >= 1, got {self.mist_k}")
+
+    @property
+    def storage(self) -> Path:
+        return Path(self.device_dir) if self.device_dir else default_device_dir()
+
+
+def default_device_dir(run_id: str = "default") -> Path:
+    """Where a comparison run's device keeps its features (``$MIST_FED_CACHE/compare/<run>``)."""
+    return cache_dir() / "compare" / run_id
 
 
 @dataclass
@@ -122,22 +143,15 @@ class RowResult:
     k: int | None
     accuracy: float
     val_accuracy: float
-    transfer_bytes_per_image: float
-    edge_peak_mem_mb: float
-    edge_feature_mb: float
-    train_seconds: float
-    cost: MethodCost
+    bytes_per_image: float
+    cloud_macs: int
+    profile: str
+    device: DeviceMetrics
     shots: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "cost"}
-        c = self.cost
-        d.update(edge_params=c.edge_params, edge_macs=c.edge_macs, cloud_macs=c.cloud_macs)
-        return d
-
-
-def _ids_subset(ids: Sequence[str], limit: int | None) -> list[str]:
-    return list(ids if limit is None else ids[:limit])
+        d = {k: v for k, v in self.__dict__.items() if k != "device"}
+        return d | self.device.as_dict()
 
 
 def few_shot_ids(ids: Sequence[str], labels: Sequence[int], shots: int, seed: int) -> list[str]:
@@ -153,93 +167,52 @@ def few_shot_ids(ids: Sequence[str], labels: Sequence[int], shots: int, seed: in
     return out
 
 
-class Fetcher:
-    """Streams a split's features for one (gather spec, dtype), accounting every wire byte."""
-
-    def __init__(self, client: FeatureClient, task: str, chunk: int) -> None:
-        self.client = client
-        self.task = task
-        self.chunk = chunk
-        self.bytes = 0
-        self.rows = 0
-
-    def get(
-        self, split: str, ids: list[str], spec: GatherSpec, dtype: str, resident: str | None
-    ) -> FeatureSet:
-        """The rows ``ids``; with ``resident`` they are cast on arrival, ``chunk`` ids at a time."""
-        step = self.chunk if resident else len(ids)
-        parts: list[FeatureSet] = []
-        for start in range(0, len(ids), max(step, 1)):
-            fs = self.client.get(
-                self.task, split, spec.kind, spec.k, dtype, ids=ids[start : start + step]
-            )
-            self.bytes += int(fs.meta["wire"]["bytes"])
-            self.rows += int(fs.meta["wire"]["rows"])
-            if resident:
-                fs.features = fs.features.to(getattr(torch, resident))
-            parts.append(fs)
-        if len(parts) == 1:
-            return parts[0]
-        return FeatureSet(
-            [i for p in parts for i in p.ids],
-            torch.cat([p.labels for p in parts]),
-            torch.cat([p.features for p in parts]),
-            dict(parts[0].meta),
-        )
-
-    @property
-    def bytes_per_image(self) -> float:
-        return self.bytes / self.rows if self.rows else math.nan
-
-
-def measure_fit(net: torch.nn.Module, train: FeatureSet, cfg: TrainConfig) -> tuple[float, float]:
-    """Train; returns (host seconds, peak RSS rise in MB during the fit)."""
-    base = rss_mb()
-    reset_peak_rss()
-    res = fit(net, train, cfg)
-    return res.seconds, max(0.0, peak_rss_mb() - base)
+def bytes_per_image(splits: Sequence[CachedSplit]) -> float:
+    """Link bytes per feature row of ``splits`` (as paid when each was first pulled)."""
+    rows = sum(s.rows for s in splits)
+    return sum(s.paid_bytes for s in splits) / rows if rows else math.nan
 
 
 class Comparison:
-    """Runs the variants of one task against a running cloud (see the module docstring)."""
+    """Runs the variants of one task, each row a job of an :class:`EdgeDevice` (module docstring).
+
+    ``source``: where the device's features come from (the comparison's cloud); ``num_blocks``:
+    the cloud backbone's depth (the k candidates); ``cloud_macs(method, k)``: the cloud's MACs
+    per image. Without ``source`` only the planning methods (:meth:`ks_for`, :meth:`pairs`) work.
+    """
 
     def __init__(
         self,
         cfg: CompareConfig,
-        backbone: Backbone,
-        client: FeatureClient,
         task: Task,
         task_spec: str,
+        num_blocks: int,
+        source: FeatureSource | None = None,
+        profile: DeviceProfile | None = None,
+        cloud_macs: Callable[[str, int | None], int] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.backbone = backbone
-        self.client = client
         self.task = task
         self.task_spec = task_spec
-        self.ks = candidate_ks(backbone.num_blocks)
-        if cfg.mist_k is not None and cfg.mist_k > backbone.num_blocks:
+        self.num_blocks = num_blocks
+        self.source = source
+        self.profile = profile
+        self._cloud_macs = cloud_macs
+        self._macs: dict[tuple[str, int | None], int] = {}
+        self.ks = candidate_ks(num_blocks)
+        if cfg.mist_k is not None and cfg.mist_k > num_blocks:
             raise ConfigError(
-                f"--mist-k {cfg.mist_k} is deeper than the backbone's {backbone.num_blocks} blocks"
+                f"--mist-k {cfg.mist_k} is deeper than the backbone's {num_blocks} blocks"
             )
-        self._costs: dict[tuple[str, int | None, str], MethodCost] = {}
-        self.ids = {s: _ids_subset(task.split(s).ids, cfg.limits.get(s)) for s in SPLITS}
+        self.ids: dict[str, list[str] | None] = {}
+        for s in SPLITS:  # None: the whole split, by reference
+            limit = cfg.limits.get(s)
+            ids = task.split(s).ids
+            self.ids[s] = None if limit is None or limit >= len(ids) else list(ids[:limit])
 
-    # -- pieces ----------------------------------------------------------------------------
-    def cost(self, method: str, k: int | None, dtype: str) -> MethodCost:
-        key = (method, k, dtype)
-        if key not in self._costs:
-            shape = self.backbone.geometry.shape(self.spec(method, k))
-            self._costs[key] = method_cost(
-                self.backbone,
-                method,
-                self.task.num_classes,
-                k=k,
-                bytes_per_image=feature_bytes(shape, dtype),
-            )
-        return self._costs[key]
-
+    # -- planning --------------------------------------------------------------------------
     def spec(self, method: str, k: int | None) -> GatherSpec:
-        return method_gather(method, self.backbone.num_blocks, k)
+        return method_gather(method, self.num_blocks, k)
 
     def ks_for(self, v: Variant) -> list[int | None]:
         """The k values variant ``v`` may train at (selected among, or fixed by ``--mist-k``)."""
@@ -259,13 +232,19 @@ class Comparison:
                 out.add((self.spec(v.method, k), v.dtype))
         return sorted(out, key=lambda p: (p[0].label(), p[1]))
 
-    def train_eval(self, v: Variant, k: int | None, seed: int, train_ids: list[str]) -> RowResult:
-        spec = self.spec(v.method, k)
-        resident = self.cfg.side_resident if v.method == "side" else None
-        fetch = Fetcher(self.client, self.task_spec, self.cfg.fetch_chunk)
-        train = fetch.get("train", train_ids, spec, v.dtype, resident)
-        val = fetch.get("val", self.ids["val"], spec, v.dtype, resident)
-        feature_mb = train.features.element_size() * train.features.nelement() / 2**20
+    def cloud_macs(self, method: str, k: int | None) -> int:
+        if self._cloud_macs is None:
+            return 0
+        if (method, k) not in self._macs:
+            self._macs[(method, k)] = self._cloud_macs(method, k)
+        return self._macs[(method, k)]
+
+    # -- one row: one device job -------------------------------------------------------------
+    def train_eval(
+        self, v: Variant, k: int | None, seed: int, train_ids: list[str] | None
+    ) -> RowResult:
+        if self.source is None or self.profile is None:
+            raise ConfigError("Comparison.train_eval needs a feature source and a device profile")
         tcfg = TrainConfig.for_method(
             v.method,
             epochs=self.cfg.epochs,
@@ -273,22 +252,22 @@ class Comparison:
             micro_batch=self.cfg.micro_batch,
             batch_size=self.cfg.batch_size,
         )
-        torch.manual_seed(seed)
-        net = build_edge_net(
-            v.method,
-            self.backbone.geometry,
-            self.task.num_classes,
-            self.backbone.edge_init_state(v.method),
-        )
-        seconds, peak = measure_fit(net, train, tcfg)
-        del train
-        val_acc = evaluate(net, val)
-        del val
-        test = fetch.get("test", self.ids["test"], spec, v.dtype, resident)
-        acc = evaluate(net, test)
-        del test
+        device = EdgeDevice(self.profile, self.source, self.cfg.storage, counts_runtime=False)
+        with device:
+            ids = {**self.ids, "train": train_ids}
+            splits = [
+                device.features(self.task_spec, s, v.method, k, v.dtype, ids[s]) for s in SPLITS
+            ]
+            train, val, test = splits
+            torch.manual_seed(seed)
+            net = device.new_net(v.method, self.task.num_classes, k)
+            device.train(net, train, tcfg)
+            val_acc = device.evaluate(net, val)
+            acc = device.evaluate(net, test)
+        m = device.report()
+        bpi = bytes_per_image(splits)
         log.info(
-            "%s %s [%s] k=%s seed %d: val %.4f test %.4f (%.0f B/img, +%.0f MB, %.0fs)",
+            "%s %s [%s] k=%s seed %d: val %.4f test %.4f (%.0f B/img, +%.0f MB, %.1fs host)",
             self.task_spec,
             v.label,
             v.dtype,
@@ -296,9 +275,9 @@ class Comparison:
             seed,
             val_acc,
             acc,
-            fetch.bytes_per_image,
-            peak,
-            seconds,
+            bpi,
+            m.peak_mem_mb,
+            m.host_compute_s,
         )
         return RowResult(
             label=v.label,
@@ -310,11 +289,10 @@ class Comparison:
             k=k,
             accuracy=acc,
             val_accuracy=val_acc,
-            transfer_bytes_per_image=fetch.bytes_per_image,
-            edge_peak_mem_mb=peak,
-            edge_feature_mb=feature_mb,
-            train_seconds=seconds,
-            cost=self.cost(v.method, k, v.dtype),
+            bytes_per_image=bpi,
+            cloud_macs=self.cloud_macs(v.method, k),
+            profile=self.profile.name,
+            device=m,
         )
 
     # -- one seed --------------------------------------------------------------------------
@@ -381,12 +359,12 @@ def run_compare(
     on_row: Callable[[RowResult], None] | None = None,
     skip: Collection[SeedKey] = (),
 ) -> list[RowResult]:
-    """Every variant x task x seed (x shots in few-shot mode) through cloud, wire and edge.
+    """Every variant x task x seed (x shots in few-shot mode) through cloud, wire and device.
 
     ``skip``: seeds already done (:func:`seeds_done` of an earlier run's rows), not rerun.
     """
-    tune_allocator()
     variants = list(cfg.variants or default_variants())
+    profile = load_profile(cfg.profile)
     backbone = create_backbone(cfg.backbone, random_init=cfg.random_init, **cfg.backbone_kwargs)
     serve = ServeConfig(
         port=0,
@@ -396,18 +374,28 @@ def run_compare(
         model_kwargs=dict(cfg.backbone_kwargs),
         cache_dir=cfg.cache_dir,
     )
+    log.info("every row runs on one %s device, storage %s", profile.name, cfg.storage)
     results: list[RowResult] = []
     with (
         running_cloud(serve, backbone=backbone) as location,
-        FeatureClient(location, expect_backbone=backbone.name, timeout_s=600.0) as client,
+        FlightSource(location, expect_backbone=backbone.name) as source,
     ):
         for spec in cfg.tasks:
             task = get_task(spec)
-            cmp = Comparison(cfg, backbone, client, task, spec)
+            cmp = Comparison(
+                cfg,
+                task,
+                spec,
+                backbone.num_blocks,
+                source,
+                profile,
+                lambda m, k: cloud_macs(backbone, m, k),
+            )
             pairs = cmp.pairs(variants)
             for split in SPLITS:
                 s = task.split(split)
-                rows = list(range(len(cmp.ids[split])))
+                ids = cmp.ids[split]
+                rows = list(range(len(s) if ids is None else len(ids)))
                 if split == "train" and cfg.few_shot:
                     rows = list(range(len(s)))
                 precompute(backbone, serve.store_dir, s, rows, pairs)
@@ -421,7 +409,3 @@ def run_compare(
                         if on_row is not None:
                             on_row(r)
     return results
-
-
-def default_store_dir(cache_dir: str | None) -> Path:
-    return ServeConfig(cache_dir=cache_dir).store_dir

@@ -3,8 +3,13 @@
 * ``compare_seeds.parquet``: one row per variant, task, seed (and shots in few-shot mode);
 * ``compare.parquet``: one row per variant (method x wire dtype) and task, accuracy as mean
   and spread (sample std) over seeds, with :data:`COMPARE_COLUMNS` first;
-* ``compare.md``: method, wire, MB per image, edge params, edge and cloud GMACs, edge
-  training peak memory, accuracy per task (mean ± std) and their mean;
+* ``compare.md``: method, wire, MB per image, edge params, edge and cloud GMACs, the device
+  job's peak memory and compute seconds on its profile, accuracy per task (mean ± std) and
+  their mean;
+
+Per-seed rows carry the device's own :class:`~mist_fed.device.edge.DeviceMetrics` names
+(``feature_bytes``, ``images_down``, ``peak_mem_mb``, ``compute_s``, ``host_compute_s``,
+``edge_params``, ``edge_macs``, ...), the names ``metrics.json`` and ``devices.parquet`` use.
 * ``accuracy_vs_mb.png``: accuracy against MB per image (log x), Pareto front marked;
 * few-shot mode: ``fewshot.md`` and ``accuracy_vs_shots.png`` instead of the table above.
 """
@@ -27,11 +32,12 @@ COMPARE_COLUMNS = (
     "method",
     "wire_dtype",
     "task",
-    "transfer_bytes_per_image",
+    "bytes_per_image",
     "edge_params",
     "edge_macs",
     "cloud_macs",
-    "edge_peak_mem_mb",
+    "peak_mem_mb",
+    "compute_s",
     "accuracy",
 )
 _KEYS = ["label", "method", "wire_dtype", "group"]
@@ -47,17 +53,19 @@ def aggregate(seeds: pd.DataFrame) -> pd.DataFrame:
     keys = _KEYS + ["task"] + (["shots"] if seeds["shots"].notna().any() else [])
     g = seeds.groupby(keys, sort=False, dropna=False)
     df = g.agg(
-        transfer_bytes_per_image=("transfer_bytes_per_image", "mean"),
+        bytes_per_image=("bytes_per_image", "mean"),
         edge_params=("edge_params", "first"),
         edge_macs=("edge_macs", "first"),
         cloud_macs=("cloud_macs", "first"),
-        edge_peak_mem_mb=("edge_peak_mem_mb", "max"),
-        edge_feature_mb=("edge_feature_mb", "max"),
+        peak_mem_mb=("peak_mem_mb", "max"),
+        compute_s=("compute_s", "mean"),
+        host_compute_s=("host_compute_s", "mean"),
+        transfer_s=("transfer_s", "mean"),
         accuracy=("accuracy", "mean"),
         accuracy_std=("accuracy", "std"),
         seeds=("seed", "nunique"),
         ks=("k", lambda s: ",".join(sorted({str(int(v)) for v in s.dropna()}))),
-        train_seconds=("train_seconds", "mean"),
+        profile=("profile", "first"),
     ).reset_index()
     df["accuracy_std"] = df["accuracy_std"].fillna(0.0)
     first = [c for c in COMPARE_COLUMNS if c in df.columns]
@@ -79,7 +87,8 @@ def markdown_table(agg: pd.DataFrame) -> str:
         "edge params (M)",
         "edge GMACs",
         "cloud GMACs",
-        "edge train peak (MB)",
+        "edge peak (MB)",
+        "device s",
         *tasks,
     ]
     if len(tasks) > 1:
@@ -91,11 +100,12 @@ def markdown_table(agg: pd.DataFrame) -> str:
             str(r["label"]),
             str(r["wire_dtype"]),
             str(r["ks"]) or "-",
-            f"{g['transfer_bytes_per_image'].mean() / 1e6:.4f}",
+            f"{g['bytes_per_image'].mean() / 1e6:.4f}",
             f"{r['edge_params'] / 1e6:.3f}",
             f"{r['edge_macs'] / 1e9:.4f}",
             f"{r['cloud_macs'] / 1e9:.3f}",
-            f"{g['edge_peak_mem_mb'].max():.0f}",
+            f"{g['peak_mem_mb'].max():.0f}",
+            f"{g['compute_s'].mean():.1f}",
         ]
         by_task = g.set_index("task")
         for t in tasks:
@@ -149,7 +159,7 @@ def plot_accuracy_vs_mb(agg: pd.DataFrame, path: Path) -> Path:
     g = (
         agg.groupby(_KEYS, sort=False)
         .agg(
-            mb=("transfer_bytes_per_image", "mean"),
+            mb=("bytes_per_image", "mean"),
             acc=("accuracy", "mean"),
             std=("accuracy_std", "mean"),
         )
@@ -176,7 +186,7 @@ def plot_accuracy_vs_mb(agg: pd.DataFrame, path: Path) -> Path:
     ax.plot(fr["mb"], 100 * fr["acc"], "k--", lw=1, label="Pareto front")
     ax.scatter(fr["mb"], 100 * fr["acc"], s=140, facecolors="none", edgecolors="k")
     ax.set_xscale("log")
-    ax.set_xlabel("transfer MB per image (measured on the wire, log)")
+    ax.set_xlabel("MB per image over the link (measured, log)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, loc="best", ncol=2)
