@@ -62,8 +62,8 @@ def test_bench_edge_measures_each_case_in_a_fresh_process():
     # Prepare / Execute: tiny shapes, the same code path as `mist-fed bench edge`
     from mist_fed.device.bench import bench_edge, report_lines
 
-    r = bench_edge(tokens=17, dim=48, batch=8, classes=4, steps=2)
+    r = bench_edge(tokens=17, dim=48, batch=8, classes=4, steps=2, rows=40)
     # Assert
-    for case in ("train-naive", "train", "infer"):
+    for case in ("imports", "train-naive", "train", "infer"):
         assert r[case]["peak_mb"] >= r[case]["baseline_mb"] > 0
     assert "paper Pi 4 total" in "\n".join(report_lines(r))

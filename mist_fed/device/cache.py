@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from mist_fed.errors import MistError, WireError
@@ -109,8 +108,9 @@ class CachedSplit:
     def _reader(self) -> contextlib.AbstractContextManager[pa.ipc.RecordBatchFileReader]:
         @contextlib.contextmanager
         def cm() -> Iterator[pa.ipc.RecordBatchFileReader]:
-            with pa.OSFile(str(self.path), "rb") as f:  # plain reads: nothing stays mapped
-                yield pa.ipc.open_file(f)
+            pool = pa.system_memory_pool()  # freed batches go back to the OS, not a pool's cache
+            with pa.OSFile(str(self.path), "rb", memory_pool=pool) as f:  # plain reads, no map
+                yield pa.ipc.open_file(f, memory_pool=pool)
 
         return cm()
 
@@ -130,8 +130,7 @@ class CachedSplit:
     def eval_batches(self, batch_size: int = 64) -> Iterator[Batch]:
         """Labelled rows in file order, at most ``batch_size`` at a time."""
         for fs in self.chunks():
-            keep = fs.labels >= 0
-            x, y = fs.features[keep], fs.labels[keep]
+            x, y = _labelled(fs)
             for i in range(0, len(y), batch_size):
                 yield x[i : i + batch_size], y[i : i + batch_size]
 
@@ -149,16 +148,23 @@ class CachedSplit:
         size = 0
         with self._reader() as reader:
             for n, i in enumerate(order):
-                fs = self.read(i, reader)
-                keep = fs.labels >= 0
-                if bool(keep.any()):
-                    window.append((fs.features[keep], fs.labels[keep]))
-                    size += int(keep.sum())
+                x, y = _labelled(self.read(i, reader))
+                if len(y):
+                    window.append((x, y))
+                    size += len(y)
                 last = n == len(order) - 1
                 if size >= window_rows or last:
                     carry = yield from _emit(window, batch_size, generator, flush=last)
                     window = [carry] if carry is not None else []
                     size = 0 if carry is None else len(carry[1])
+
+
+def _labelled(fs: FeatureSet) -> Batch:
+    """The rows with a known label (no copy when every row has one)."""
+    keep = fs.labels >= 0
+    if bool(keep.all()):
+        return fs.features, fs.labels
+    return fs.features[keep], fs.labels[keep]
 
 
 def _emit(
@@ -280,10 +286,9 @@ class FeatureCache:
                     writer.write_batch(batch)
                     crcs.append(_batch_crc(batch))
                     rows += batch.num_rows
-                    labels = batch.column("label")
-                    labelled += batch.num_rows - labels.null_count
-                    top = pc.max(labels).as_py()
-                    max_label = max(max_label, -1 if top is None else int(top))
+                    labels = [v for v in batch.column("label").to_pylist() if v is not None]
+                    labelled += len(labels)
+                    max_label = max([max_label, *labels])
                     nbytes += batch_nbytes(batch)
             os.replace(tmp, path)
         finally:

@@ -302,7 +302,9 @@ class EdgeDevice:
         return net
 
     def _rate(self, net: nn.Module, data: TrainData, cfg: TrainConfig) -> float:
-        rate = host_gflops(net, data.shape, _head_classes(net), cfg.batch_size, cfg.micro_batch)
+        """This host's speed on ``net``'s step: the simulator's work, not the device's memory."""
+        with self.guard.excluded():
+            rate = host_gflops(net, data.shape, _head_classes(net), cfg.batch_size, cfg.micro_batch)
         self.metrics.host_gflops = rate
         return rate
 

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import resource
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -160,6 +161,20 @@ class MemoryGuard:
         self.peak_mb = max(self.peak_mb, peak_rss_mb(), rss_mb())
         return self.peak_mb
 
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Leave the block's transient peak out (the simulator's own work, e.g. calibration).
+
+        What the block leaves resident still counts from then on.
+        """
+        self.measure()
+        before = self.peak_mb
+        try:
+            yield
+        finally:
+            reset_peak_rss()
+            self.peak_mb = max(before, rss_mb())
+
     @property
     def rise_mb(self) -> float:
         """Peak RSS above the RSS at entry: what the job itself added."""
@@ -172,8 +187,8 @@ class MemoryGuard:
 
     def error(self, cause: str = "") -> ResourceLimitError:
         return ResourceLimitError(
-            f"job exceeds device memory of profile {self.profile!r}: measured peak "
-            f"{self.used_mb:.0f} MB > {self.cap_mb:.0f} MB{cause}. Use fp16 or int8 features "
+            f"job exceeds device memory of profile {self.profile!r}: measured peak RSS "
+            f"{'' if self.counts_runtime else 'rise '}{self.used_mb:.0f} MB > {self.cap_mb:.0f} MB{cause}. Use fp16 or int8 features "
             "(--dtype), a smaller --micro-batch, or a profile with more memory"
         )
 
