@@ -145,7 +145,7 @@ def train_config(job: DeviceJob) -> TrainConfig:
         epochs=job.epochs,
         batch_size=job.batch_size,
         lr=job.lr,
-        seed=job.seed + 1009 * job.device + job.round,
+        seed=job.seed + 1009 * job.device + job.round - 1,  # device 0, round 1: the seed itself
     )
 
 
