@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
 from mist_fed.defaults import cloud_location
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         time_scale=args.time_scale,
         hard_memory_limit=not args.no_hard_memory_limit,
         device_dir=args.device_dir,
+        progress=sys.stderr.isatty(),
         train=train,
     )
     m = run_client(cfg)

@@ -50,6 +50,7 @@ class ClientConfig:
     retries: int = 4
     backoff_s: float = 0.25
     device_dir: str | None = None  # the device's storage (feature cache); None: under the cache
+    progress: bool = False  # progress bars on stderr (the CLI: when it is a terminal)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -124,6 +125,7 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
         cfg.storage,
         hard_memory_limit=cfg.hard_memory_limit,
         local_images=_local_images if cfg.upload else None,
+        progress=cfg.progress,
     )
     with source, device:
         geometry = device.geometry

@@ -105,6 +105,7 @@ class EdgeDevice:
         hard_memory_limit: bool = False,
         counts_runtime: bool = True,
         local_images: LocalImages | None = None,
+        progress: bool = False,
     ) -> None:
         """``local_images(task, split)``: the device's own ``(id, encoded image, label)``
         triples; given, features are made by uploading them (``do_exchange``) instead of
@@ -124,6 +125,7 @@ class EdgeDevice:
             torch_threads=self.plan.torch_threads,
         )
         self.local_images = local_images
+        self.progress = progress  # bars on stderr for downloads and training (a terminal's)
         self._splits: dict[CacheKey, CachedSplit] = {}
         self._inits: dict[str, dict[str, torch.Tensor]] = {}
         self._threads = 0
@@ -206,6 +208,8 @@ class EdgeDevice:
                 schema, batches = self._upload(task, split, spec, dtype)
             else:
                 schema, batches = self.source.stream(task, split, spec, dtype, ids)
+            if self.progress:
+                batches = _rows_bar(batches, f"{split} {spec.label()} {dtype}")
             cached = self.cache.store(
                 key, schema, batches, paid=lambda: self.source.bytes_received - before
             )
@@ -323,12 +327,26 @@ class EdgeDevice:
         check_fits(base + work, self.profile.memory_mb, self.profile.name, "training")
         rate = self._rate(net, data, cfg)
 
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            total = math.ceil(data.labelled / cfg.batch_size) * cfg.epochs
+            bar = tqdm(total=total, desc=f"train {type(net).__name__}", unit="step", leave=False)
+
         def step(i: int, loss: float) -> None:
             self.guard.check()
+            if bar is not None:
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             if on_step is not None:
                 on_step(i, loss)
 
-        res = fit(net, data, cfg, on_step=step, extra_loss=extra_loss)
+        try:
+            res = fit(net, data, cfg, on_step=step, extra_loss=extra_loss)
+        finally:
+            if bar is not None:
+                bar.close()
         self.clock.add_compute(res.seconds, "train", rate)
         self.metrics.train_steps += res.steps
         return res
@@ -378,6 +396,16 @@ class EdgeDevice:
         cost = net_cost(best[2], self.geometry.shape(self.spec(method, best[1])))
         self.metrics.edge_params, self.metrics.edge_macs = cost.edge_params, cost.edge_macs
         return KSelection(k=best[1], val_acc=val_acc, net=best[2], fit=best[3], fits=fits)
+
+
+def _rows_bar(batches: Iterator[pa.RecordBatch], desc: str) -> Iterator[pa.RecordBatch]:
+    """``batches``, counted on a progress bar in rows as they arrive."""
+    from tqdm import tqdm
+
+    with tqdm(desc=desc, unit="img", leave=False) as bar:
+        for b in batches:
+            bar.update(b.num_rows)
+            yield b
 
 
 def _head_classes(net: nn.Module) -> int:
