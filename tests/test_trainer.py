@@ -72,10 +72,12 @@ def test_extra_loss_joins_every_step():
 
     def pull(net):
         calls.append(1)
-        return 1e3 * sum((p - p0).pow(2).sum() for p, p0 in zip(net.parameters(), start))
+        return 1e3 * sum(
+            (p - p0).pow(2).sum() for p, p0 in zip(net.parameters(), start, strict=True)
+        )
 
     def moved(net):
-        return sum(float((p - p0).norm()) for p, p0 in zip(net.parameters(), start))
+        return sum(float((p - p0).norm()) for p, p0 in zip(net.parameters(), start, strict=True))
 
     # Execute
     plain_fit = fit(plain, data, cfg)

@@ -34,6 +34,7 @@ from mist_fed.core.specs import (  # noqa: F401  (re-exported for the cloud's mo
 from mist_fed.model.backbone import Backbone
 from mist_fed.registry import Registry
 
+
 def feature_shape(backbone: Backbone, spec: GatherSpec) -> tuple[int, ...]:
     """Per-image shape of ``spec``'s feature for ``backbone``."""
     return backbone.geometry.shape(spec)

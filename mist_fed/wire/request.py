@@ -11,8 +11,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mist_fed.errors import WireError
 from mist_fed.core.specs import DEPTH_GATHERS, GATHERS, GatherSpec
+from mist_fed.errors import WireError
 from mist_fed.wire.dtypes import WIRE_DTYPES
 
 SPLITS = ("train", "val", "test")
