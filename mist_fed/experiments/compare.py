@@ -50,6 +50,7 @@ from mist_fed.data.registry import Task
 from mist_fed.defaults import cache_dir
 from mist_fed.device.cache import CachedSplit
 from mist_fed.device.edge import DeviceMetrics, EdgeDevice
+from mist_fed.device.memory import tune_allocator
 from mist_fed.device.profiles import DeviceProfile, load_profile
 from mist_fed.device.source import FeatureSource, FlightSource
 from mist_fed.device.trainer import TrainConfig
@@ -369,6 +370,9 @@ def run_compare(
 
     ``skip``: seeds already done (:func:`seeds_done` of an earlier run's rows), not rerun.
     """
+    # Before the backbone and the embedding: their freed blocks then go back to the OS instead
+    # of staying resident in the heap, where the devices' jobs would reuse them unmetered.
+    tune_allocator()
     variants = list(cfg.variants or default_variants())
     profile = load_profile(cfg.profile)
     backbone = create_backbone(cfg.backbone, random_init=cfg.random_init, **cfg.backbone_kwargs)
