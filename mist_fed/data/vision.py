@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,16 @@ class VisionSpec:
     num_classes: int
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
     folder: str = ""  # the folder torchvision creates under the root (for messages)
+    subroot: bool = False  # torchvision reads files straight from its root: give it root/folder
+    needs: tuple[str, ...] = ()  # Python packages its reader imports (installed by make install)
+
+    def root(self) -> Path:
+        """The root torchvision's class is given."""
+        return data_dir() / self.folder if self.subroot else data_dir()
+
+    def where(self) -> Path:
+        """The folder that holds this dataset's files (for messages)."""
+        return data_dir() / self.folder
 
 
 SPECS = {
@@ -73,6 +84,7 @@ SPECS = {
             102,
             {"train": {"split": "train"}, "val": {"split": "val"}, "test": {"split": "test"}},
             "flowers-102",
+            needs=("scipy",),
         ),
         VisionSpec(
             "dtd",
@@ -89,12 +101,22 @@ SPECS = {
             "oxford-iiit-pet",
         ),
         VisionSpec(
-            "svhn", "SVHN", 10, {"train": {"split": "train"}, "test": {"split": "test"}}, "svhn"
+            "svhn",
+            "SVHN",
+            10,
+            {"train": {"split": "train"}, "test": {"split": "test"}},
+            "svhn",
+            subroot=True,
+            needs=("scipy",),
         ),
         VisionSpec("eurosat", "EuroSAT", 10, {"all": {}}, "eurosat"),
         VisionSpec("caltech101", "Caltech101", 101, {"all": {}}, "caltech101"),
     )
 }
+
+
+class ReaderMissingError(TaskError):
+    """A torchvision reader's own dependency (scipy, for .mat files) is not installed."""
 
 
 def _how(name: str) -> str:
@@ -110,15 +132,26 @@ def _open(spec: VisionSpec, kwargs: dict[str, Any], download: bool) -> Any:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, spec.cls)
-    root = data_dir()
+    root = spec.root()
     try:
         return cls(str(root), download=False, **kwargs)
+    except ImportError as e:  # a reader's optional dependency (scipy for .mat files)
+        raise ReaderMissingError(
+            f"task {spec.name!r}: torchvision's {spec.cls} reader needs the Python package "
+            f"{e.name or ', '.join(spec.needs)!r}, which is not installed ({e}); run `make install` "
+            f"or `pip install {' '.join(spec.needs) or e.name}`"
+        ) from e
+    except (ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        raise TaskError(
+            f"task {spec.name!r}: the data under {spec.where()} is unreadable "
+            f"({type(e).__name__}: {e}); remove it and fetch it again. To get it: {_how(spec.name)}."
+        ) from e
     except (RuntimeError, FileNotFoundError, OSError) as missing:
         host = DATASET_HOSTS.get(spec.name, "")
         if not download or not url_reachable(host):
             why = "downloads are off" if not download else f"{host} is not reachable (offline?)"
             raise TaskError(
-                f"task {spec.name!r}: no data under {root / spec.folder} ({missing}); "
+                f"task {spec.name!r}: no data under {spec.where()} ({missing}); "
                 f"{why}. To get it: {_how(spec.name)}."
             ) from missing
     log.info("downloading %s into %s", spec.name, root)
@@ -209,10 +242,12 @@ def _locate(spec: VisionSpec) -> Callable[[], Availability]:
     def locate() -> Availability:
         if spec.name == "fashion-mnist" and (d := _idx_dir()) is not None:
             return Availability(True, str(d))
-        where = str(data_dir() / spec.folder)
+        where = str(spec.where())
         try:
             for kwargs in spec.splits.values():
                 _open(spec, kwargs, download=False)
+        except ReaderMissingError as e:
+            return Availability(False, where, str(e))
         except TaskError:
             host = DATASET_HOSTS.get(spec.name, "")
             online = url_reachable(host)
