@@ -69,3 +69,24 @@ def test_unreadable_data_is_one_clear_error(data_root):
     # Execute / Assert
     with pytest.raises(TaskError, match=r"cifar100.*unreadable.*remove it"):
         get_task("cifar100")
+
+
+@pytest.mark.network
+def test_flowers102_features_through_the_cloud(data_root, tiny_backbone, tmp_path):
+    from mist_fed.cloud.config import ServeConfig
+    from mist_fed.cloud.runner import running_cloud
+    from mist_fed.wire.client import FeatureClient
+
+    # Prepare: the server's default task list (every registered named task)
+    make_flowers102(data_root)
+    cfg = ServeConfig(port=0, random_init=True, cache_dir=str(tmp_path / "store"))
+    task = get_task("flowers102")
+    # Execute
+    with running_cloud(cfg, backbone=tiny_backbone) as loc, FeatureClient(loc) as client:
+        fs = client.get("flowers102", "train", "mist", 2)
+        offered = {d["task"] for d in client.list_sets()}
+    # Assert
+    assert list(fs.ids) == list(task.split("train").ids)
+    assert fs.labels.tolist() == list(task.split("train").labels)
+    assert fs.features.shape == (len(fs), tiny_backbone.num_tokens, tiny_backbone.embed_dim)
+    assert "flowers102" in offered

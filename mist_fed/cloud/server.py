@@ -53,7 +53,24 @@ def _bad(e: Exception) -> flight.FlightServerError:
     return flight.FlightServerError(f"bad request: {e}")
 
 
+def resolve_backbone(config: ServeConfig) -> tuple[ServeConfig, str]:
+    """``config`` with its backbone named, and why that one (chosen from local state if unset)."""
+    if config.backbone is not None:
+        return config, "named in the config or by --backbone"
+    from mist_fed.data.defaults import choose_backbone
+
+    if config.random_init:  # random weights: no file needed, the offline architecture
+        from mist_fed.data.defaults import OFFLINE_BACKBONE
+
+        return config.override(backbone=OFFLINE_BACKBONE), "random init asked for"
+    choice = choose_backbone()  # WeightsUnavailableError: one line saying what to do
+    weights = config.weights if config.weights is not None else choice.weights
+    return config.override(backbone=choice.name, weights=weights), choice.why
+
+
 def build_backbone(config: ServeConfig) -> Backbone:
+    config, _ = resolve_backbone(config)
+    assert config.backbone is not None
     return create_backbone(
         config.backbone,
         weights=config.weights,
@@ -79,6 +96,8 @@ class FeatureServer(flight.FlightServerBase):
 
     def __init__(self, config: ServeConfig, backbone: Backbone | None = None) -> None:
         self.config = config
+        self.offered = config.offered_tasks()
+        self._unlisted: set[str] = set()  # offered tasks whose data was not here (logged once)
         self.backbone = backbone if backbone is not None else build_backbone(config)
         self._model_kwargs = _json_kwargs(self.backbone)
         self.store = FeatureStore(config.store_dir, self.backbone.weights_id)
@@ -114,18 +133,19 @@ class FeatureServer(flight.FlightServerBase):
     def _client(self, context: Any, principal: Principal) -> str:
         return principal.name if principal.name != "open" else str(context.peer())
 
-    def _task(self, spec: str) -> Task:
+    def _task(self, spec: str, download: bool = True) -> Task:
         with self._lock:
             task = self._tasks.get(spec)
         if task is None:
             # Only the tasks the operator offers: a task spec from the network must not make
             # the server build arbitrary tasks (huge synthetic splits, any image folder).
-            if "*" not in self.config.tasks and spec not in self.config.tasks:
+            if "*" not in self.offered and spec not in self.offered:
                 raise TaskError(
                     f"unknown task {spec!r} on this server; it serves "
-                    f"{', '.join(self.config.tasks)} (the operator lists them in [server] tasks)"
+                    f"{', '.join(self.offered)} (the operator lists them in [server] tasks "
+                    "or with --tasks)"
                 )
-            task = get_task(spec)
+            task = get_task(spec, download=download)
             with self._lock:
                 self._tasks[spec] = task
         return task
@@ -212,8 +232,15 @@ class FeatureServer(flight.FlightServerBase):
     def list_flights(self, context: Any, criteria: bytes) -> Iterator[flight.FlightInfo]:
         principal = principal_of(context)
         n = self.backbone.num_blocks
-        for spec in self.config.tasks:
+        for spec in self.offered:
             if spec == "*" or not principal.allows(spec):
+                continue
+            try:
+                self._task(spec, download=False)  # listing never downloads a dataset
+            except MistError as e:
+                if spec not in self._unlisted:
+                    self._unlisted.add(spec)
+                    log.info("task %s is offered but its data is not here: %s", spec, e)
                 continue
             for split in ("train", "val", "test"):
                 req = FeatureRequest(spec, split, "mist", n, self.config.default_dtype)

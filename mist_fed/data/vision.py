@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,11 +140,6 @@ def _open(spec: VisionSpec, kwargs: dict[str, Any], download: bool) -> Any:
             f"{e.name or ', '.join(spec.needs)!r}, which is not installed ({e}); run `make install` "
             f"or `pip install {' '.join(spec.needs) or e.name}`"
         ) from e
-    except (ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
-        raise TaskError(
-            f"task {spec.name!r}: the data under {spec.where()} is unreadable "
-            f"({type(e).__name__}: {e}); remove it and fetch it again. To get it: {_how(spec.name)}."
-        ) from e
     except (RuntimeError, FileNotFoundError, OSError) as missing:
         host = DATASET_HOSTS.get(spec.name, "")
         if not download or not url_reachable(host):
@@ -154,6 +148,11 @@ def _open(spec: VisionSpec, kwargs: dict[str, Any], download: bool) -> Any:
                 f"task {spec.name!r}: no data under {spec.where()} ({missing}); "
                 f"{why}. To get it: {_how(spec.name)}."
             ) from missing
+    except Exception as e:  # damaged files: bad pickles, .mat files, index lines
+        raise TaskError(
+            f"task {spec.name!r}: the data under {spec.where()} is unreadable "
+            f"({type(e).__name__}: {e}); remove it and fetch it again. To get it: {_how(spec.name)}."
+        ) from e
     log.info("downloading %s into %s", spec.name, root)
     root.mkdir(parents=True, exist_ok=True)
     try:

