@@ -116,3 +116,34 @@ def test_default_server_refuses_unlisted_specs(tiny_backbone, tmp_path):
             client.get("synthetic:classes=2", "val", "mist", 1)
         with pytest.raises(CloudRequestError, match="unknown task 'imagefolder:/etc'"):
             client.get("imagefolder:/etc", "val", "mist", 1)
+
+
+def test_client_defaults_to_the_local_cloud_and_a_runs_dir(tmp_path, monkeypatch, capsys):
+    import json
+
+    import mist_fed.device.client as edge_client
+    from mist_fed.cli import main
+    from mist_fed.commands.client import default_out
+    from mist_fed.defaults import cloud_location
+
+    # Prepare: the device run itself is stubbed; this checks the command's defaults only
+    seen = {}
+
+    def fake_run(cfg):
+        seen["cfg"] = cfg
+        return {"accuracy": 0.5}
+
+    monkeypatch.setattr(edge_client, "run_client", fake_run)
+    monkeypatch.chdir(tmp_path)
+    # Execute
+    code = main(["client", "--task", "flowers102", "--json"])
+    # Assert
+    cfg = seen["cfg"]
+    assert code == 0 and cfg.cloud == cloud_location() and cfg.task == "flowers102"
+    assert cfg.out.startswith("runs/flowers102-mist-")
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"accuracy": 0.5}
+    assert f"wrote {cfg.out}/lae.safetensors" in captured.err
+    assert str(default_out("imagefolder:/data/birds", "linear", 0.0)).startswith(
+        "runs/imagefolder_data_birds-linear-19"
+    )
