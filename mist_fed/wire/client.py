@@ -13,6 +13,9 @@ Robustness: an unreachable cloud is retried with exponential backoff, then
 :class:`~mist_fed.errors.CloudUnavailableError`; a stream cut midway resumes from the rows
 already received (only whole batches are ever kept); a stream whose schema metadata names
 another backbone, gather, k or dtype than asked is refused with :class:`WireError`.
+A feature stream has no deadline on its length (a real split over a slow link takes minutes):
+it times out on a *stall*, no message for ``stall_s`` seconds, and then resumes like a cut
+one. ``timeout_s`` is the deadline of the other, short calls.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import dataclasses
 import io
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -77,6 +82,7 @@ class FeatureClient:
         retries: int = 4,
         backoff_s: float = 0.25,
         timeout_s: float | None = 60.0,
+        stall_s: float | None = 120.0,
         upload_batch: int = 64,
         tls_root_certs: bytes | None = None,
     ) -> None:
@@ -89,6 +95,8 @@ class FeatureClient:
         self.upload_batch = upload_batch
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._options = flight.FlightCallOptions(timeout=timeout_s, headers=headers)
+        self.stall_s = stall_s  # a stream with no message for this long is cut and resumed
+        self._stream_options = flight.FlightCallOptions(headers=headers)  # no total deadline
         kw: dict[str, Any] = {}
         if tls_root_certs is not None:
             kw["tls_root_certs"] = tls_root_certs
@@ -180,8 +188,10 @@ class FeatureClient:
         ticket = flight.Ticket(dataclasses.replace(req, offset=offset).to_json())
 
         def call() -> tuple[flight.FlightStreamReader, WireMeta]:
-            reader = self._client.do_get(ticket, self._options)
-            return reader, self._check(reader.schema, req)
+            reader = self._client.do_get(ticket, self._stream_options)
+            with _stall_guard(reader, self.stall_s):
+                schema = reader.schema
+            return reader, self._check(schema, req)
 
         return self._retrying(call)
 
@@ -193,12 +203,16 @@ class FeatureClient:
         received_at_break = 0
         while True:
             try:
-                for chunk in reader:
+                while True:
+                    with _stall_guard(reader, self.stall_s):
+                        try:
+                            chunk = reader.read_chunk()
+                        except StopIteration:
+                            return
                     batch = chunk.data  # a chunk is a whole batch, never a partial one
                     received += batch.num_rows
                     self._account(stats, batch)
                     yield batch
-                return
             except TRANSIENT as e:
                 if received > received_at_break:
                     attempt = 0  # the stream made progress since its last break: a fresh budget
@@ -206,10 +220,11 @@ class FeatureClient:
                 if attempt >= self.retries:
                     raise self._unavailable(e) from e
                 log.warning(
-                    "stream from %s broke after %d rows (%s); resuming",
+                    "stream from %s broke after %d rows (%s: %s); resuming",
                     self.location,
                     received,
                     type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
                 )
                 self._sleep(attempt)
                 attempt += 1
@@ -345,6 +360,35 @@ class FeatureClient:
         except flight.FlightError as e:
             raise self._refused(e) from e
         return out
+
+
+@contextmanager
+def _stall_guard(reader: Any, stall_s: float | None) -> Iterator[None]:
+    """Cancel ``reader`` if the read in the block waits over ``stall_s`` seconds (None: never).
+
+    The cancelled read is raised as :class:`flight.FlightTimedOutError` ("no batch for N s"),
+    which callers treat as a cut stream: a stall, not the stream's length, ends a wait.
+    """
+    if stall_s is None:
+        yield
+        return
+    fired = threading.Event()
+
+    def fire() -> None:
+        fired.set()
+        reader.cancel()
+
+    timer = threading.Timer(stall_s, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except flight.FlightCancelledError as e:
+        if fired.is_set():
+            raise flight.FlightTimedOutError(f"no batch for {stall_s:g} s") from e
+        raise
+    finally:
+        timer.cancel()
 
 
 def encode_png(img: Any) -> bytes:
