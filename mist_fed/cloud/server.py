@@ -7,6 +7,10 @@
   per id in the reply's app metadata (``{"errors": {id: message}}``), the rest are served.
 * ``list_flights`` / ``get_flight_info`` describe the feature sets on offer;
   ``do_action("stats")`` returns the counters as JSON.
+* ``do_action("warm")`` with ``{"task", "split", "pairs": [{"gather", "k", "dtype"}, ...],
+  "limit"?}`` fills the store for a split's first ``limit`` rows (all by default), every pair
+  from one backbone pass per image (:meth:`FeatureServer.warm`); it answers
+  ``{"images_embedded", "rows"}``. Scoped to the task like ``do_get``.
 * ``do_action("edge_init")`` with ``{"method": NAME}`` returns the pretrained backbone weights
   that method's edge net starts from (Partial-1: the last block and final norm) as one
   safetensors blob (:mod:`mist_fed.wire.edge_init`). Like ``stats``, any authenticated token
@@ -37,11 +41,13 @@ from mist_fed.cloud.auth import (
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.embed import Embedder, decode_image, image_hash
 from mist_fed.cloud.store import FeatureStore
+from mist_fed.core.specs import GatherSpec
 from mist_fed.data import get_task
 from mist_fed.data.registry import Task, TaskSplit
 from mist_fed.errors import MistError, TaskError, WireError
 from mist_fed.model.backbone import Backbone, create_backbone
 from mist_fed.wire import edge_init
+from mist_fed.wire.client import WARM_ACTION
 from mist_fed.wire.codec import UPLOAD_SCHEMA, Stats, assemble_batch, feature_schema
 from mist_fed.wire.dtypes import feature_bytes
 from mist_fed.wire.request import FeatureRequest
@@ -100,7 +106,9 @@ class FeatureServer(flight.FlightServerBase):
         self._unlisted: set[str] = set()  # offered tasks whose data was not here (logged once)
         self.backbone = backbone if backbone is not None else build_backbone(config)
         self._model_kwargs = _json_kwargs(self.backbone)
-        self.store = FeatureStore(config.store_dir, self.backbone.weights_id)
+        self.store = FeatureStore(
+            config.store_dir, self.backbone.weights_id, max_bytes=int(config.store_max_gb * 1e9)
+        )
         self.embedder = Embedder(
             self.backbone, self.store, config.batch_size, config.torch_device()
         )
@@ -361,6 +369,7 @@ class FeatureServer(flight.FlightServerBase):
             # whatever the task: an edge device sizes its network from this
             "geometry": {**self.backbone.geometry.to_dict(), "model_kwargs": self._model_kwargs},
             "images_embedded": c.images_embedded,
+            "images_reembedded": c.images_reembedded,
             "forward_batches": c.forward_batches,
             "cache_hits": c.cache_hits,
             "cache_misses": c.cache_misses,
@@ -369,7 +378,32 @@ class FeatureServer(flight.FlightServerBase):
             "rows_served": served["rows"],
             "batches_served": served["batches"],
             "bytes_per_client": served["per_client"],
+            "store": self.store.stats(),
         }
+
+    def warm(
+        self,
+        task: str,
+        split: str,
+        pairs: list[tuple[GatherSpec, str]],
+        limit: int | None = None,
+    ) -> dict[str, int]:
+        """Fill the store with ``pairs`` for ``task``/``split``'s first ``limit`` rows (or all).
+
+        The one way to fill the store ahead of a run (a comparison's every gather and dtype):
+        through this service's embedder, one backbone pass per image.
+        """
+        for spec, dtype in pairs:
+            FeatureRequest(task, split, spec.kind, spec.k, dtype).check_depth(
+                self.backbone.num_blocks
+            )
+        sp = self._task(task).split(split)
+        n = len(sp) if limit is None else min(max(limit, 0), len(sp))
+        rows = list(range(n))
+        req = FeatureRequest(task, split, "final")  # names the split for the hash cache
+        hashes = self._split_hashes(req, sp, rows)
+        embedded = self.embedder.warm(pairs, hashes, partial(_load_row, sp, rows))
+        return {"images_embedded": embedded, "rows": n}
 
     def edge_init_blob(self, method: str) -> bytes:
         """The safetensors blob of ``method``'s initial edge weights (built once per method)."""
@@ -391,6 +425,7 @@ class FeatureServer(flight.FlightServerBase):
         return [
             ("stats", "server counters as JSON"),
             ("health", "ok and the backbone"),
+            (WARM_ACTION, "fill the store for a split: body {task, split, pairs, limit?}"),
             (
                 edge_init.ACTION,
                 'a method\'s initial edge weights (safetensors); body {"method": NAME}',
@@ -402,6 +437,16 @@ class FeatureServer(flight.FlightServerBase):
             return iter([json.dumps(self.stats()).encode()])
         if action.type == "health":
             return iter([json.dumps({"ok": True, "weights": self.backbone.weights_id}).encode()])
+        if action.type == WARM_ACTION:
+
+            def warm() -> bytes:
+                task, split, pairs, limit = _parse_warm(
+                    action.body.to_pybytes(), self.config.max_ticket_bytes
+                )
+                principal_of(context).check(task)
+                return json.dumps(self.warm(task, split, pairs, limit)).encode()
+
+            return iter([self._guard(warm)])
         if action.type == edge_init.ACTION:
 
             def run() -> bytes:
@@ -418,8 +463,48 @@ class FeatureServer(flight.FlightServerBase):
 
             return iter([self._guard(run)])
         raise flight.FlightServerError(
-            f"unknown action {action.type!r}; available: stats, health, {edge_init.ACTION}"
+            f"unknown action {action.type!r}; available: stats, health, {WARM_ACTION}, "
+            f"{edge_init.ACTION}"
         )
+
+
+def _parse_warm(
+    raw: bytes, max_bytes: int
+) -> tuple[str, str, list[tuple[GatherSpec, str]], int | None]:
+    """A warm action's body: task, split, (spec, dtype) pairs and row limit, each checked."""
+    if len(raw) > max_bytes:
+        raise WireError(f"warm request is {len(raw)} bytes, over the limit of {max_bytes}")
+    try:
+        d = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise WireError(f"malformed warm request: not JSON ({e})") from e
+    if not isinstance(d, dict) or not isinstance(d.get("pairs"), list) or not d["pairs"]:
+        raise WireError('malformed warm request: expected {"task", "split", "pairs": [...]}')
+    unknown = set(d) - {"task", "split", "pairs", "limit"}
+    if unknown:
+        raise WireError(f"malformed warm request: unknown keys {sorted(unknown)}")
+    limit = d.get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise WireError(f"warm limit must be an integer >= 0, got {limit!r}")
+    pairs = []
+    for p in d["pairs"]:
+        if not isinstance(p, dict) or set(p) - {"gather", "k", "dtype"}:
+            raise WireError(f"malformed warm pair {p!r}; expected {{gather, k, dtype}}")
+        try:
+            req = FeatureRequest(
+                d.get("task"),
+                d.get("split"),
+                p.get("gather", "mist"),
+                p.get("k"),
+                p.get("dtype", "float32"),
+            )
+        except TypeError as e:
+            raise WireError(f"malformed warm pair {p!r}: {e}") from e
+        pairs.append((req.spec, req.dtype))
+    task, split = d.get("task"), d.get("split")
+    if not isinstance(task, str) or not isinstance(split, str):
+        raise WireError("malformed warm request: 'task' and 'split' are required strings")
+    return task, split, pairs, limit
 
 
 def _load_row(split: TaskSplit, rows: list[int], i: int) -> Any:

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+WARM_ACTION = "warm"  # do_action: fill the cloud's store for a split ahead of a run
+
 #: Errors after which a call is retried (or a stream resumed).
 TRANSIENT = (
     flight.FlightUnavailableError,
@@ -318,6 +320,29 @@ class FeatureClient:
             raise self._unavailable(e) from e
         except flight.FlightError as e:
             raise self._refused(e) from e
+        return dict(json.loads(results[0].body.to_pybytes()))
+
+    def warm(
+        self,
+        task: str,
+        split: str,
+        pairs: Sequence[tuple[str, int | None, str]],
+        limit: int | None = None,
+    ) -> dict[str, int]:
+        """Have the cloud store ``(gather, k, dtype)`` pairs for a split's first ``limit`` rows.
+
+        One backbone pass per image on the cloud; no features come back. No deadline (a big
+        split takes minutes); refusals and unreachable clouds raise as for :meth:`get`.
+        """
+        body: dict[str, Any] = {
+            "task": task,
+            "split": split,
+            "pairs": [{"gather": g, "k": k, "dtype": d} for g, k, d in pairs],
+        }
+        if limit is not None:
+            body["limit"] = limit
+        action = flight.Action(WARM_ACTION, json.dumps(body).encode())
+        results = self._retrying(lambda: list(self._client.do_action(action, self._stream_options)))
         return dict(json.loads(results[0].body.to_pybytes()))
 
     def edge_init(self, method: str) -> init_codec.EdgeInit:
