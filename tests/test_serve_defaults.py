@@ -147,3 +147,13 @@ def test_client_defaults_to_the_local_cloud_and_a_runs_dir(tmp_path, monkeypatch
     assert str(default_out("imagefolder:/data/birds", "linear", 0.0)).startswith(
         "runs/imagefolder_data_birds-linear-19"
     )
+
+
+def test_a_weights_file_without_a_name_is_the_papers_backbone():
+    from mist_fed.cloud.server import resolve_backbone
+
+    cfg, why = resolve_backbone(ServeConfig(weights="/models/backbone.safetensors"))
+    assert cfg.backbone == DEFAULT_BACKBONE and cfg.weights == "/models/backbone.safetensors"
+    assert "weights file" in why
+    named, _ = resolve_backbone(ServeConfig(backbone="vit_small_patch16_224"))
+    assert named.backbone == "vit_small_patch16_224"

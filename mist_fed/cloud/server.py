@@ -69,9 +69,12 @@ def resolve_backbone(config: ServeConfig) -> tuple[ServeConfig, str]:
         from mist_fed.data.defaults import OFFLINE_BACKBONE
 
         return config.override(backbone=OFFLINE_BACKBONE), "random init asked for"
+    if config.weights is not None:  # a weights file and no name: the paper's backbone's file
+        from mist_fed.defaults import DEFAULT_BACKBONE
+
+        return config.override(backbone=DEFAULT_BACKBONE), f"weights file {config.weights} given"
     choice = choose_backbone()  # WeightsUnavailableError: one line saying what to do
-    weights = config.weights if config.weights is not None else choice.weights
-    return config.override(backbone=choice.name, weights=weights), choice.why
+    return config.override(backbone=choice.name, weights=choice.weights), choice.why
 
 
 def build_backbone(config: ServeConfig) -> Backbone:
