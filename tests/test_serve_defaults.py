@@ -157,3 +157,29 @@ def test_a_weights_file_without_a_name_is_the_papers_backbone():
     assert "weights file" in why
     named, _ = resolve_backbone(ServeConfig(backbone="vit_small_patch16_224"))
     assert named.backbone == "vit_small_patch16_224"
+
+
+@pytest.mark.network
+def test_unreadable_images_are_one_clear_refusal(tiny_backbone, tmp_path):
+    from PIL import Image
+
+    from mist_fed.cloud.runner import running_cloud
+    from mist_fed.errors import CloudRequestError
+    from mist_fed.wire.client import FeatureClient
+
+    # Prepare: an image folder (opted in with +) where one test image is not an image
+    root = tmp_path / "birds"
+    for split in ("train", "test"):
+        for c in ("crow", "owl"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / split / c / f"{i}.png")
+    (root / "test" / "owl" / "1.png").write_bytes(b"not a png")
+    spec = f"imagefolder:{root}"
+    cfg = ServeConfig(port=0, random_init=True, cache_dir=str(tmp_path / "s"), tasks=(f"+{spec}",))
+    # Execute / Assert: the good split is served, the bad one refused once, naming the file
+    with running_cloud(cfg, backbone=tiny_backbone) as loc, FeatureClient(loc) as client:
+        assert len(client.get(spec, "train", "mist", 1)) > 0
+        with pytest.raises(CloudRequestError, match=r"test/owl/1.png.*cannot be read"):
+            client.get(spec, "test", "mist", 1)
+        assert client.stats()["requests"]["refused"] == 1

@@ -156,7 +156,10 @@ class FeatureServer(flight.FlightServerBase):
                     f"{', '.join(self.offered)} (the operator lists them in [server] tasks "
                     "or with --tasks)"
                 )
-            task = get_task(spec, download=download)
+            try:
+                task = get_task(spec, download=download)
+            except OSError as e:  # a folder that cannot be listed or read
+                raise TaskError(f"task {spec!r}: its data cannot be read ({e})") from e
             with self._lock:
                 self._tasks[spec] = task
         return task
@@ -204,7 +207,7 @@ class FeatureServer(flight.FlightServerBase):
         for r in rows:
             h = cache[r]
             if h is None:
-                h = cache[r] = image_hash(split.image(r))
+                h = cache[r] = image_hash(_image(split, r))
             out.append(h)
         return out
 
@@ -298,12 +301,14 @@ class FeatureServer(flight.FlightServerBase):
         step = self.config.rows_per_batch
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]
-            hashes = self._split_hashes(req, split, chunk)
             try:
+                hashes = self._split_hashes(req, split, chunk)
                 cols = self.embedder.columns(
                     req.spec, req.dtype, hashes, partial(_load_row, split, chunk)
                 )
             except MistError as e:
+                self.requests["refused"] += 1
+                log.info("refused request mid-stream: %s", e)
                 raise _bad(e) from e
             batch = assemble_batch(meta, [ids[r] for r in chunk], [labels[r] for r in chunk], cols)
             with self._lock:
@@ -510,8 +515,21 @@ def _parse_warm(
     return task, split, pairs, limit
 
 
+def _image(split: TaskSplit, row: int) -> Any:
+    """Row ``row``'s image; a file that cannot be read is a :class:`TaskError` naming it."""
+    try:
+        return split.image(row)
+    except MistError:
+        raise
+    except Exception as e:  # PIL and the file system raise many kinds
+        raise TaskError(
+            f"image {split.ids[row]!r} cannot be read ({type(e).__name__}: {e}); "
+            "fix or remove the file"
+        ) from e
+
+
 def _load_row(split: TaskSplit, rows: list[int], i: int) -> Any:
-    return split.image(rows[i])
+    return _image(split, rows[i])
 
 
 def _empty_columns(schema: pa.Schema) -> dict[str, pa.Array]:
