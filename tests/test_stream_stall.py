@@ -99,3 +99,33 @@ def test_a_server_that_never_answers_ends_in_one_clear_error(tmp_path, tiny_back
         pytest.raises(CloudUnavailableError, match=r"no batch for 0.3 s"),
     ):
         client.get(TASK, "val", "mist", 2)
+
+
+def test_a_long_upload_outlives_the_call_deadline(tmp_path, tiny_backbone):
+    from PIL import Image
+
+    from mist_fed.wire.client import encode_png
+
+    # Prepare: each uploaded batch answered 0.4 s late; 6 batches against a 1 s call deadline
+    class SlowEmbed(FeatureServer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            columns = self.embedder.columns
+
+            def slow(*args, **kwargs):
+                time.sleep(0.4)
+                return columns(*args, **kwargs)
+
+            self.embedder.columns = slow
+
+    images = [(f"img{i}", encode_png(Image.new("RGB", (8, 8), (i, 0, 0)))) for i in range(12)]
+    # Execute
+    with (
+        _serve(tmp_path, tiny_backbone, SlowEmbed) as loc,
+        FeatureClient(loc, timeout_s=1.0, stall_s=2.0, upload_batch=2) as client,
+    ):
+        start = time.monotonic()
+        fs = client.embed(images, "mist", 2)
+        took = time.monotonic() - start
+    # Assert
+    assert list(fs.ids) == [i for i, _ in images] and took > 2.0

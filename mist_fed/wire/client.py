@@ -283,13 +283,14 @@ class FeatureClient:
 
     def _embed_once(self, req: FeatureRequest, images: Sequence[tuple[str, bytes]]) -> FeatureSet:
         descriptor = flight.FlightDescriptor.for_command(req.to_json())
-        writer, reader = self._client.do_exchange(descriptor, self._options)
+        writer, reader = self._client.do_exchange(descriptor, self._stream_options)
         stats = Stats()
         batches: list[pa.RecordBatch] = []
         errors: dict[str, str] = {}
         with writer:
             writer.begin(UPLOAD_SCHEMA)
-            schema = reader.schema
+            with _stall_guard(reader, self.stall_s):
+                schema = reader.schema
             self._check(schema, req)
             for start in range(0, len(images), self.upload_batch):
                 part = images[start : start + self.upload_batch]
@@ -302,7 +303,8 @@ class FeatureClient:
                         schema=UPLOAD_SCHEMA,
                     )
                 )
-                chunk = reader.read_chunk()
+                with _stall_guard(reader, self.stall_s):
+                    chunk = reader.read_chunk()
                 if chunk.app_metadata is not None:
                     errors.update(json.loads(chunk.app_metadata.to_pybytes()).get("errors", {}))
                 batches.append(chunk.data)
