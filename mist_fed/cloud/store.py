@@ -145,7 +145,9 @@ class _Partition:
             return False
         if mtime == self._mtime:
             return False
-        self._mtime = mtime
+        # a directory changed within the file system's timestamp granularity of this scan may
+        # change again without a new mtime: trust a recent mtime for nothing
+        self._mtime = mtime if time.time() - mtime / 1e9 > 2.0 else -1
         for path in sorted(self.root.glob(f"{SHARD_PREFIX}*.arrow")):
             if path.name in self._seen:
                 continue
