@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from mist_fed.cloud.config import DEFAULT_STORE_MAX_GB, ServeConfig
+from mist_fed.cloud.config import DEFAULT_MAX_GB, ServeConfig
 from mist_fed.data import defaults as data_defaults
 from mist_fed.data.registry import named_tasks
 from mist_fed.defaults import DEFAULT_BACKBONE, DEFAULT_HOST, DEFAULT_PORT
-from mist_fed.errors import WeightsUnavailableError
+from mist_fed.errors import ConfigError, WeightsUnavailableError
 from mist_fed.model import imgfocus
 
 
@@ -23,7 +23,7 @@ def test_default_config_is_loopback_8815_every_named_task():
     assert {"flowers102", "fashion-mnist", "cifar100", "synthetic"} <= set(offered)
     assert "imagefolder" not in offered and not any(":" in t for t in offered)
     assert set(offered) == set(named_tasks())
-    assert cfg.store_max_gb == DEFAULT_STORE_MAX_GB >= 17  # a full comparison's features fit
+    assert cfg.max_gb == DEFAULT_MAX_GB >= 17  # a full comparison's features fit
 
 
 def test_tasks_narrow_or_add():
@@ -183,3 +183,15 @@ def test_unreadable_images_are_one_clear_refusal(tiny_backbone, tmp_path):
         with pytest.raises(CloudRequestError, match=r"test/owl/1.png.*cannot be read"):
             client.get(spec, "test", "mist", 1)
         assert client.stats()["requests"]["refused"] == 1
+
+
+def test_store_cap_from_toml_and_flag(tmp_path):
+    from mist_fed.cli import build_parser
+
+    p = tmp_path / "serve.toml"
+    p.write_text("[store]\nmax_gb = 2.5\n")
+    assert ServeConfig.from_toml(p).max_gb == 2.5
+    with pytest.raises(ConfigError, match="max_gb"):
+        ServeConfig(max_gb=0)
+    args = build_parser().parse_args(["cloud", "serve", "--store-max-gb", "4"])
+    assert ServeConfig.from_toml(p).override(max_gb=args.store_max_gb).max_gb == 4

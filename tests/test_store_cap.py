@@ -189,7 +189,7 @@ def test_service_counts_re_embeds_under_a_tiny_cap(tiny_backbone, tmp_path):
             random_init=True,
             cache_dir=str(tmp_path / str(max_gb)),
             rows_per_batch=4,
-            store_max_gb=max_gb,
+            max_gb=max_gb,
         )
         with running_cloud(cfg, backbone=tiny_backbone) as loc, FeatureClient(loc) as client:
             first = client.get("synthetic", "train", "final")

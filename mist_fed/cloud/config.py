@@ -9,7 +9,7 @@ from local state (``backbone`` unset: :func:`mist_fed.data.defaults.choose_backb
 registered named task offered (``tasks`` unset). ``tasks`` narrows that list; a ``+SPEC``
 entry adds a spec to it instead (``+imagefolder:/data/birds``): image folders and parametrised
 specs (``synthetic:classes=4``) are served only when listed. The feature store keeps at most
-``store_max_gb`` gigabytes, evicting the least recently used shards (32 GB by default: a full
+``max_gb`` gigabytes, evicting the least recently used shards (32 GB by default: a full
 comparison's features, about 17 GB, fit).
 """
 
@@ -28,7 +28,7 @@ from mist_fed.errors import ConfigError
 from mist_fed.wire.dtypes import WIRE_DTYPES
 
 SECTIONS = ("server", "backbone", "store", "limits", "tls")
-DEFAULT_STORE_MAX_GB = 32.0  # a full comparison's features (about 17 GB) fit
+DEFAULT_MAX_GB = 32.0  # a full comparison's features (about 17 GB) fit
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class ServeConfig:
     batch_size: int = 32  # images per backbone forward
     rows_per_batch: int = 64  # rows per streamed record batch
     default_dtype: str = "float32"
-    store_max_gb: float = DEFAULT_STORE_MAX_GB  # least recently used shards go beyond it
+    max_gb: float = DEFAULT_MAX_GB  # least recently used shards go beyond it
     # [limits]
     max_ticket_bytes: int = 1 << 20
     max_ids_per_ticket: int = 100_000
@@ -78,8 +78,8 @@ class ServeConfig:
             raise ConfigError("TLS needs both tls_cert and tls_key (or neither)")
         if self.weights is not None and self.random_init:
             raise ConfigError("give either weights or random_init = true, not both")
-        if not self.store_max_gb > 0:
-            raise ConfigError(f"store_max_gb must be > 0, got {self.store_max_gb}")
+        if not self.max_gb > 0:
+            raise ConfigError(f"max_gb must be > 0, got {self.max_gb}")
         if self.tasks is not None:
             object.__setattr__(self, "tasks", tuple(self.tasks))
 

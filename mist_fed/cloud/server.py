@@ -110,7 +110,7 @@ class FeatureServer(flight.FlightServerBase):
         self.backbone = backbone if backbone is not None else build_backbone(config)
         self._model_kwargs = _json_kwargs(self.backbone)
         self.store = FeatureStore(
-            config.store_dir, self.backbone.weights_id, max_bytes=int(config.store_max_gb * 1e9)
+            config.store_dir, self.backbone.weights_id, max_bytes=int(config.max_gb * 1e9)
         )
         self.embedder = Embedder(
             self.backbone, self.store, config.batch_size, config.torch_device()

@@ -33,7 +33,7 @@ def serve(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         device=args.device,
         tasks=_task_list(args.tasks),
-        store_max_gb=args.store_max_gb,
+        max_gb=args.store_max_gb,
     )
     if args.weights is not None:  # a weights flag replaces the file's weight source
         config = dataclasses.replace(config, weights=args.weights, random_init=False)
