@@ -122,7 +122,7 @@ def _how(name: str) -> str:
     extra = " or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else ""
     return (
         f"run once with network access (torchvision downloads it into {data_dir()}){extra}, "
-        f"or copy the dataset there (set $MIST_FED_DATA to use another root)"
+        f"or copy it there in torchvision's own layout (set $MIST_FED_DATA to use another root)"
     )
 
 
