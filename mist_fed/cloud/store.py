@@ -354,9 +354,10 @@ class FeatureStore:
                 self._lose(part, shard)
                 part.skipped.append(shard.path)
                 self.counters["damaged_shards"] += 1
-                self._budget.pop(shard.path, None)
-                with contextlib.suppress(OSError):
-                    shard.path.unlink()
+                if isinstance(e, ValueError):  # proven damaged (not a passing read error)
+                    self._budget.pop(shard.path, None)
+                    with contextlib.suppress(OSError):
+                        shard.path.unlink()
                 dropped = True
         return dropped
 
