@@ -8,7 +8,12 @@ from typing import Any
 
 
 def run(args: argparse.Namespace) -> int:
-    from mist_fed.device.profiles import list_profiles, load_profile, profile_resources, profiles_dir
+    from mist_fed.device.profiles import (
+        list_profiles,
+        load_profile,
+        profile_resources,
+        profiles_dir,
+    )
 
     names = args.names or list_profiles()
     profiles = [load_profile(n) for n in names]
