@@ -3,6 +3,14 @@
 The TOML file has sections ``[server]``, ``[backbone]``, ``[store]``, ``[limits]`` and ``[tls]``;
 their keys map one to one onto the flat dataclass fields below (unknown keys are errors).
 Command-line flags override with :meth:`ServeConfig.override`.
+
+Defaults that work offline with no file and no flag: loopback on port 8815; the backbone chosen
+from local state (``backbone`` unset: :func:`mist_fed.data.defaults.choose_backbone`); every
+registered named task offered (``tasks`` unset). ``tasks`` narrows that list; a ``+SPEC``
+entry adds a spec to it instead (``+imagefolder:/data/birds``): image folders and parametrised
+specs (``synthetic:classes=4``) are served only when listed. The feature store keeps at most
+``max_gb`` gigabytes, evicting the least recently used shards (32 GB by default: a full
+comparison's features, about 17 GB, fit).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from mist_fed.errors import ConfigError
 from mist_fed.wire.dtypes import WIRE_DTYPES
 
 SECTIONS = ("server", "backbone", "store", "limits", "tls")
+DEFAULT_MAX_GB = 32.0  # a full comparison's features (about 17 GB) fit
 
 
 @dataclass(frozen=True)
@@ -28,9 +37,11 @@ class ServeConfig:
     host: str = defaults.DEFAULT_HOST
     port: int = defaults.DEFAULT_PORT
     tokens: str | None = None  # TOML file of [tokens.<name>] entries; None = open server
-    tasks: tuple[str, ...] = ("synthetic",)  # the task specs served ("*": any registered one)
+    # the task specs served; None: every registered named task; "+SPEC" entries add to those;
+    # "*": any spec at all (parametrised ones and image folders included)
+    tasks: tuple[str, ...] | None = None
     # [backbone]
-    backbone: str = defaults.DEFAULT_BACKBONE
+    backbone: str | None = None  # None: chosen from local state (see the module docstring)
     weights: str | None = None
     random_init: bool = False
     seed: int = 0
@@ -41,6 +52,7 @@ class ServeConfig:
     batch_size: int = 32  # images per backbone forward
     rows_per_batch: int = 64  # rows per streamed record batch
     default_dtype: str = "float32"
+    max_gb: float = DEFAULT_MAX_GB  # least recently used shards go beyond it
     # [limits]
     max_ticket_bytes: int = 1 << 20
     max_ids_per_ticket: int = 100_000
@@ -66,7 +78,21 @@ class ServeConfig:
             raise ConfigError("TLS needs both tls_cert and tls_key (or neither)")
         if self.weights is not None and self.random_init:
             raise ConfigError("give either weights or random_init = true, not both")
-        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if not self.max_gb > 0:
+            raise ConfigError(f"max_gb must be > 0, got {self.max_gb}")
+        if self.tasks is not None:
+            object.__setattr__(self, "tasks", tuple(self.tasks))
+
+    def offered_tasks(self) -> tuple[str, ...]:
+        """The task specs this service offers (``tasks`` resolved against the registry)."""
+        from mist_fed.data.registry import named_tasks
+
+        if self.tasks is None:
+            return tuple(named_tasks())
+        listed = [t for t in self.tasks if not t.startswith("+")]
+        added = [t[1:] for t in self.tasks if t.startswith("+")]
+        base = listed if listed else named_tasks()
+        return tuple(dict.fromkeys([*base, *added]))
 
     def torch_device(self) -> torch.device:
         """The device the backbone runs on; ``auto`` picks CUDA when this host has it."""

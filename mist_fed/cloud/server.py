@@ -7,6 +7,10 @@
   per id in the reply's app metadata (``{"errors": {id: message}}``), the rest are served.
 * ``list_flights`` / ``get_flight_info`` describe the feature sets on offer;
   ``do_action("stats")`` returns the counters as JSON.
+* ``do_action("warm")`` with ``{"task", "split", "pairs": [{"gather", "k", "dtype"}, ...],
+  "limit"?}`` fills the store for a split's first ``limit`` rows (all by default), every pair
+  from one backbone pass per image (:meth:`FeatureServer.warm`); it answers
+  ``{"images_embedded", "rows"}``. Scoped to the task like ``do_get``.
 * ``do_action("edge_init")`` with ``{"method": NAME}`` returns the pretrained backbone weights
   that method's edge net starts from (Partial-1: the last block and final norm) as one
   safetensors blob (:mod:`mist_fed.wire.edge_init`). Like ``stats``, any authenticated token
@@ -37,11 +41,13 @@ from mist_fed.cloud.auth import (
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.embed import Embedder, decode_image, image_hash
 from mist_fed.cloud.store import FeatureStore
+from mist_fed.core.specs import GatherSpec
 from mist_fed.data import get_task
 from mist_fed.data.registry import Task, TaskSplit
 from mist_fed.errors import MistError, TaskError, WireError
 from mist_fed.model.backbone import Backbone, create_backbone
 from mist_fed.wire import edge_init
+from mist_fed.wire.client import WARM_ACTION
 from mist_fed.wire.codec import UPLOAD_SCHEMA, Stats, assemble_batch, feature_schema
 from mist_fed.wire.dtypes import feature_bytes
 from mist_fed.wire.request import FeatureRequest
@@ -53,7 +59,27 @@ def _bad(e: Exception) -> flight.FlightServerError:
     return flight.FlightServerError(f"bad request: {e}")
 
 
+def resolve_backbone(config: ServeConfig) -> tuple[ServeConfig, str]:
+    """``config`` with its backbone named, and why that one (chosen from local state if unset)."""
+    if config.backbone is not None:
+        return config, "named in the config or by --backbone"
+    from mist_fed.data.defaults import choose_backbone
+
+    if config.random_init:  # random weights: no file needed, the offline architecture
+        from mist_fed.data.defaults import OFFLINE_BACKBONE
+
+        return config.override(backbone=OFFLINE_BACKBONE), "random init asked for"
+    if config.weights is not None:  # a weights file and no name: the paper's backbone's file
+        from mist_fed.defaults import DEFAULT_BACKBONE
+
+        return config.override(backbone=DEFAULT_BACKBONE), f"weights file {config.weights} given"
+    choice = choose_backbone()  # WeightsUnavailableError: one line saying what to do
+    return config.override(backbone=choice.name, weights=choice.weights), choice.why
+
+
 def build_backbone(config: ServeConfig) -> Backbone:
+    config, _ = resolve_backbone(config)
+    assert config.backbone is not None
     return create_backbone(
         config.backbone,
         weights=config.weights,
@@ -79,9 +105,13 @@ class FeatureServer(flight.FlightServerBase):
 
     def __init__(self, config: ServeConfig, backbone: Backbone | None = None) -> None:
         self.config = config
+        self.offered = config.offered_tasks()
+        self._unlisted: set[str] = set()  # offered tasks whose data was not here (logged once)
         self.backbone = backbone if backbone is not None else build_backbone(config)
         self._model_kwargs = _json_kwargs(self.backbone)
-        self.store = FeatureStore(config.store_dir, self.backbone.weights_id)
+        self.store = FeatureStore(
+            config.store_dir, self.backbone.weights_id, max_bytes=int(config.max_gb * 1e9)
+        )
         self.embedder = Embedder(
             self.backbone, self.store, config.batch_size, config.torch_device()
         )
@@ -114,18 +144,22 @@ class FeatureServer(flight.FlightServerBase):
     def _client(self, context: Any, principal: Principal) -> str:
         return principal.name if principal.name != "open" else str(context.peer())
 
-    def _task(self, spec: str) -> Task:
+    def _task(self, spec: str, download: bool = True) -> Task:
         with self._lock:
             task = self._tasks.get(spec)
         if task is None:
             # Only the tasks the operator offers: a task spec from the network must not make
             # the server build arbitrary tasks (huge synthetic splits, any image folder).
-            if "*" not in self.config.tasks and spec not in self.config.tasks:
+            if "*" not in self.offered and spec not in self.offered:
                 raise TaskError(
                     f"unknown task {spec!r} on this server; it serves "
-                    f"{', '.join(self.config.tasks)} (the operator lists them in [server] tasks)"
+                    f"{', '.join(self.offered)} (the operator lists them in [server] tasks "
+                    "or with --tasks)"
                 )
-            task = get_task(spec)
+            try:
+                task = get_task(spec, download=download)
+            except OSError as e:  # a folder that cannot be listed or read
+                raise TaskError(f"task {spec!r}: its data cannot be read ({e})") from e
             with self._lock:
                 self._tasks[spec] = task
         return task
@@ -173,7 +207,7 @@ class FeatureServer(flight.FlightServerBase):
         for r in rows:
             h = cache[r]
             if h is None:
-                h = cache[r] = image_hash(split.image(r))
+                h = cache[r] = image_hash(_image(split, r))
             out.append(h)
         return out
 
@@ -212,8 +246,15 @@ class FeatureServer(flight.FlightServerBase):
     def list_flights(self, context: Any, criteria: bytes) -> Iterator[flight.FlightInfo]:
         principal = principal_of(context)
         n = self.backbone.num_blocks
-        for spec in self.config.tasks:
+        for spec in self.offered:
             if spec == "*" or not principal.allows(spec):
+                continue
+            try:
+                self._task(spec, download=False)  # listing never downloads a dataset
+            except MistError as e:
+                if spec not in self._unlisted:
+                    self._unlisted.add(spec)
+                    log.info("task %s is offered but its data is not here: %s", spec, e)
                 continue
             for split in ("train", "val", "test"):
                 req = FeatureRequest(spec, split, "mist", n, self.config.default_dtype)
@@ -260,12 +301,14 @@ class FeatureServer(flight.FlightServerBase):
         step = self.config.rows_per_batch
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]
-            hashes = self._split_hashes(req, split, chunk)
             try:
+                hashes = self._split_hashes(req, split, chunk)
                 cols = self.embedder.columns(
                     req.spec, req.dtype, hashes, partial(_load_row, split, chunk)
                 )
             except MistError as e:
+                self.requests["refused"] += 1
+                log.info("refused request mid-stream: %s", e)
                 raise _bad(e) from e
             batch = assemble_batch(meta, [ids[r] for r in chunk], [labels[r] for r in chunk], cols)
             with self._lock:
@@ -334,6 +377,7 @@ class FeatureServer(flight.FlightServerBase):
             # whatever the task: an edge device sizes its network from this
             "geometry": {**self.backbone.geometry.to_dict(), "model_kwargs": self._model_kwargs},
             "images_embedded": c.images_embedded,
+            "images_reembedded": c.images_reembedded,
             "forward_batches": c.forward_batches,
             "cache_hits": c.cache_hits,
             "cache_misses": c.cache_misses,
@@ -342,7 +386,32 @@ class FeatureServer(flight.FlightServerBase):
             "rows_served": served["rows"],
             "batches_served": served["batches"],
             "bytes_per_client": served["per_client"],
+            "store": self.store.stats(),
         }
+
+    def warm(
+        self,
+        task: str,
+        split: str,
+        pairs: list[tuple[GatherSpec, str]],
+        limit: int | None = None,
+    ) -> dict[str, int]:
+        """Fill the store with ``pairs`` for ``task``/``split``'s first ``limit`` rows (or all).
+
+        The one way to fill the store ahead of a run (a comparison's every gather and dtype):
+        through this service's embedder, one backbone pass per image.
+        """
+        for spec, dtype in pairs:
+            FeatureRequest(task, split, spec.kind, spec.k, dtype).check_depth(
+                self.backbone.num_blocks
+            )
+        sp = self._task(task).split(split)
+        n = len(sp) if limit is None else min(max(limit, 0), len(sp))
+        rows = list(range(n))
+        req = FeatureRequest(task, split, "final")  # names the split for the hash cache
+        hashes = self._split_hashes(req, sp, rows)
+        embedded = self.embedder.warm(pairs, hashes, partial(_load_row, sp, rows))
+        return {"images_embedded": embedded, "rows": n}
 
     def edge_init_blob(self, method: str) -> bytes:
         """The safetensors blob of ``method``'s initial edge weights (built once per method)."""
@@ -364,6 +433,7 @@ class FeatureServer(flight.FlightServerBase):
         return [
             ("stats", "server counters as JSON"),
             ("health", "ok and the backbone"),
+            (WARM_ACTION, "fill the store for a split: body {task, split, pairs, limit?}"),
             (
                 edge_init.ACTION,
                 'a method\'s initial edge weights (safetensors); body {"method": NAME}',
@@ -375,6 +445,16 @@ class FeatureServer(flight.FlightServerBase):
             return iter([json.dumps(self.stats()).encode()])
         if action.type == "health":
             return iter([json.dumps({"ok": True, "weights": self.backbone.weights_id}).encode()])
+        if action.type == WARM_ACTION:
+
+            def warm() -> bytes:
+                task, split, pairs, limit = _parse_warm(
+                    action.body.to_pybytes(), self.config.max_ticket_bytes
+                )
+                principal_of(context).check(task)
+                return json.dumps(self.warm(task, split, pairs, limit)).encode()
+
+            return iter([self._guard(warm)])
         if action.type == edge_init.ACTION:
 
             def run() -> bytes:
@@ -391,12 +471,65 @@ class FeatureServer(flight.FlightServerBase):
 
             return iter([self._guard(run)])
         raise flight.FlightServerError(
-            f"unknown action {action.type!r}; available: stats, health, {edge_init.ACTION}"
+            f"unknown action {action.type!r}; available: stats, health, {WARM_ACTION}, "
+            f"{edge_init.ACTION}"
         )
 
 
+def _parse_warm(
+    raw: bytes, max_bytes: int
+) -> tuple[str, str, list[tuple[GatherSpec, str]], int | None]:
+    """A warm action's body: task, split, (spec, dtype) pairs and row limit, each checked."""
+    if len(raw) > max_bytes:
+        raise WireError(f"warm request is {len(raw)} bytes, over the limit of {max_bytes}")
+    try:
+        d = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise WireError(f"malformed warm request: not JSON ({e})") from e
+    if not isinstance(d, dict) or not isinstance(d.get("pairs"), list) or not d["pairs"]:
+        raise WireError('malformed warm request: expected {"task", "split", "pairs": [...]}')
+    unknown = set(d) - {"task", "split", "pairs", "limit"}
+    if unknown:
+        raise WireError(f"malformed warm request: unknown keys {sorted(unknown)}")
+    limit = d.get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise WireError(f"warm limit must be an integer >= 0, got {limit!r}")
+    pairs = []
+    for p in d["pairs"]:
+        if not isinstance(p, dict) or set(p) - {"gather", "k", "dtype"}:
+            raise WireError(f"malformed warm pair {p!r}; expected {{gather, k, dtype}}")
+        try:
+            req = FeatureRequest(
+                d.get("task"),
+                d.get("split"),
+                p.get("gather", "mist"),
+                p.get("k"),
+                p.get("dtype", "float32"),
+            )
+        except TypeError as e:
+            raise WireError(f"malformed warm pair {p!r}: {e}") from e
+        pairs.append((req.spec, req.dtype))
+    task, split = d.get("task"), d.get("split")
+    if not isinstance(task, str) or not isinstance(split, str):
+        raise WireError("malformed warm request: 'task' and 'split' are required strings")
+    return task, split, pairs, limit
+
+
+def _image(split: TaskSplit, row: int) -> Any:
+    """Row ``row``'s image; a file that cannot be read is a :class:`TaskError` naming it."""
+    try:
+        return split.image(row)
+    except MistError:
+        raise
+    except Exception as e:  # PIL and the file system raise many kinds
+        raise TaskError(
+            f"image {split.ids[row]!r} cannot be read ({type(e).__name__}: {e}); "
+            "fix or remove the file"
+        ) from e
+
+
 def _load_row(split: TaskSplit, rows: list[int], i: int) -> Any:
-    return split.image(rows[i])
+    return _image(split, rows[i])
 
 
 def _empty_columns(schema: pa.Schema) -> dict[str, pa.Array]:

@@ -2,12 +2,25 @@
 
 Keyed by (backbone ``weights_id``, gather spec, dtype, image content hash). A shard is one
 Arrow IPC file of rows ``hash, features[, scale]`` (encoded exactly as on the wire), named
-after the SHA-256 of its bytes (``sha256-<hex>.arrow``). It is written to a temporary name,
-flushed to disk and renamed into place, so a killed writer leaves no half shard under a
-shard's name; on load every shard's bytes are checked against its name and its Arrow footer
-is read, so a truncated or damaged shard is skipped with a warning (its rows are recomputed),
-never served. Shards are memory-mapped; an in-memory index maps each hash to
-``(shard, row)``. Rows served in the order they were stored come out as zero-copy slices.
+after the SHA-256 of its bytes (``sha256-<hex>.arrow``), under
+``<store dir>/<weights>/<gather>-<dtype>/``.
+
+* **One writer.** The feature service writes (its embedder, and its ``warm`` call that fills
+  the store ahead of a run); nothing else opens a store for writing.
+* **Written whole, verified at write.** A shard is written to a temporary name, flushed to
+  disk, read back and checked against its SHA-256, then renamed into place: a killed writer
+  leaves no half shard under a shard's name.
+* **Opened cheaply, verified lazily.** Opening a partition memory-maps its shards and reads
+  only their ``hash`` columns into an index (``hash -> (shard, row)``); a shard's bytes are
+  checked against its name the first time a lookup finds rows in it. A truncated or damaged
+  shard is dropped with a warning (its rows are recomputed), never served.
+* **Seen as soon as written.** A lookup that misses rescans the partition's directory when it
+  changed since the last scan, so shards that another writer renamed into place are found.
+* **Capped.** With ``max_bytes``, the store directory (every backbone's shards) is kept under
+  the cap by deleting the least recently used shards after each write (use is tracked in
+  memory and, at most once a minute per shard, in the file's mtime, so it survives a
+  restart). Readers are safe: a lookup's locations hold the memory-mapped table itself, which
+  stays readable after its file is deleted; evicted rows are simply misses from then on.
 
 A store directory that cannot be written (read-only, disk full) does not stop the service:
 the first failed write logs an error naming the directory, and from then on new features
@@ -21,17 +34,35 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
-from mist_fed.model.gather import GatherSpec
+from mist_fed.core.specs import GatherSpec
 
 log = logging.getLogger(__name__)
 
-Loc = tuple[int, int]  # (shard number, row)
 SHARD_PREFIX = "sha256-"
+TOUCH_EVERY_S = 60.0  # how often a shard's use is written to its mtime
+
+
+@dataclass(eq=False)
+class Shard:
+    """One shard: its memory-mapped table, file (None: memory only), size and last use."""
+
+    table: pa.Table
+    path: Path | None
+    nbytes: int
+    verified: bool
+    used: float = field(default_factory=time.time)
+    touched: float = 0.0
+
+
+Loc = tuple[Shard, int]  # (shard, row): holds the table, so eviction cannot pull it away
 
 
 def content_hash(data: bytes) -> str:
@@ -54,66 +85,115 @@ def _unwritable(where: Path, e: OSError) -> None:
     )
 
 
-def read_shard(path: Path) -> pa.Table:
-    """A shard's table, after checking its bytes against its name and its Arrow footer.
-
-    Raises ``ValueError`` (checksum), ``pa.ArrowInvalid`` (not a whole Arrow file) or ``OSError``.
-    """
-    buf = pa.memory_map(str(path)).read_buffer()
+def _check_name(path: Path, buf: Any) -> None:
     if path.name.startswith(SHARD_PREFIX):
         want = path.name.removeprefix(SHARD_PREFIX).removesuffix(".arrow")
         got = hashlib.sha256(memoryview(buf)).hexdigest()
         if got != want:
             raise ValueError(f"checksum mismatch (content sha256 {got[:12]}...)")
+
+
+def open_shard(path: Path, verify: bool = True) -> pa.Table:
+    """A shard's memory-mapped table (its Arrow footer read; its checksum too when ``verify``).
+
+    Raises ``ValueError`` (checksum, columns), ``pa.ArrowInvalid`` (not a whole Arrow file) or
+    ``OSError``.
+    """
+    buf = pa.memory_map(str(path)).read_buffer()
+    if verify:
+        _check_name(path, buf)
     table = pa.ipc.open_file(buf).read_all()
     if "hash" not in table.column_names or "features" not in table.column_names:
         raise ValueError(f"not a feature shard (columns {table.column_names})")
-    return table
+    return table.combine_chunks()
+
+
+def read_shard(path: Path) -> pa.Table:
+    """A shard's table after checking its bytes against its name (see :func:`open_shard`)."""
+    return open_shard(path, verify=True)
+
+
+def _damaged(path: Path, e: Exception) -> None:
+    # a damaged shard costs a recompute, never a crash, and is never served
+    log.warning("skipping damaged store shard %s (its rows are recomputed): %s", path, e)
 
 
 class _Partition:
     """The shards of one (gather spec, dtype): index and memory-mapped tables."""
 
-    def __init__(self, root: Path, persist: bool = True) -> None:
+    def __init__(self, root: Path, store: FeatureStore) -> None:
         self.root = root
-        self.persist = persist
-        self.shards: list[pa.Table] = []
+        self.store = store
         self.index: dict[str, Loc] = {}
+        self.shards: dict[str, Shard] = {}  # by file name (memory-only shards: by id)
         self.skipped: list[Path] = []
-        if self.persist:
+        self._seen: set[str] = set()  # file names scanned (good or damaged)
+        self._mtime = -1
+        if store.persist:
             try:
                 root.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 _unwritable(root, e)
-                self.persist = False
-        for path in sorted(root.glob("*.arrow")) if root.is_dir() else []:
+                store.persist = False
+        self.rescan()
+
+    def rescan(self) -> bool:
+        """Add shards that appeared since the last scan; True when the directory changed."""
+        try:
+            mtime = self.root.stat().st_mtime_ns
+        except OSError:
+            return False
+        if mtime == self._mtime:
+            return False
+        # a directory changed within the file system's timestamp granularity of this scan may
+        # change again without a new mtime: trust a recent mtime for nothing
+        self._mtime = mtime if time.time() - mtime / 1e9 > 2.0 else -1
+        for path in sorted(self.root.glob(f"{SHARD_PREFIX}*.arrow")):
+            if path.name in self._seen:
+                continue
+            self._seen.add(path.name)
             try:
-                self._add(read_shard(path))
+                table = open_shard(path, verify=False)  # checked on first use
+                size = path.stat().st_size
             except (pa.ArrowInvalid, OSError, ValueError) as e:
-                # a damaged shard costs a recompute, never a crash, and is never served
-                log.warning(
-                    "skipping damaged store shard %s (its rows are recomputed): %s", path, e
-                )
+                _damaged(path, e)
                 self.skipped.append(path)
+                continue
+            self._add(path.name, Shard(table, path, size, verified=False))
+            self.store._budget_add(path, size)
+        return True
 
-    def _add(self, table: pa.Table) -> None:
-        table = table.combine_chunks()
-        n = len(self.shards)
-        self.shards.append(table)
-        for row, h in enumerate(table.column("hash").to_pylist()):
-            self.index[h] = (n, row)
+    def _add(self, key: str, shard: Shard) -> None:
+        self.shards[key] = shard
+        for row, h in enumerate(shard.table.column("hash").to_pylist()):
+            self.index[h] = (shard, row)
 
-    def write(self, table: pa.Table) -> None:
-        if self.persist:
+    def drop(self, shard: Shard) -> None:
+        """Forget ``shard``'s rows (evicted or damaged); rows rewritten elsewhere stay."""
+        for key, s in list(self.shards.items()):
+            if s is shard:
+                del self.shards[key]
+        for h in shard.table.column("hash").to_pylist():
+            loc = self.index.get(h)
+            if loc is not None and loc[0] is shard:
+                del self.index[h]
+
+    def write(self, table: pa.Table) -> Shard:
+        if self.store.persist:
             try:
-                self._add(self._write_file(table))
-                return
+                shard = self._write_file(table)
+                assert shard.path is not None
+                self._seen.add(shard.path.name)
+                self._add(shard.path.name, shard)
+                return shard
             except OSError as e:
                 _unwritable(self.root, e)
-                self.persist = False
-        self._add(table)  # in memory only
+                self.store.persist = False
+        shard = Shard(table.combine_chunks(), None, table.nbytes, verified=True)
+        self._add(f"memory-{id(shard)}", shard)  # in memory only
+        return shard
 
-    def _write_file(self, table: pa.Table) -> pa.Table:
+    def _write_file(self, table: pa.Table) -> Shard:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema) as w:
             w.write_table(table)
@@ -125,35 +205,131 @@ class _Partition:
                 f.write(memoryview(data))
                 f.flush()
                 os.fsync(f.fileno())
+            try:  # verify at write: the bytes on disk are the bytes meant, a whole Arrow file
+                back = pa.memory_map(str(tmp)).read_buffer()
+                _check_name(final, back)
+                pa.ipc.open_file(back)
+            except (ValueError, pa.ArrowInvalid) as e:
+                raise OSError(f"shard {final.name} read back wrong from disk ({e})") from e
             os.replace(tmp, final)
         except OSError:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        return pa.ipc.open_file(pa.memory_map(str(final))).read_all()
+        return Shard(open_shard(final, verify=False), final, len(data), verified=True)
 
 
 class FeatureStore:
-    """Encoded features by image hash, for one backbone (``weights_id``)."""
+    """Encoded features by image hash, for one backbone (``weights_id``); see the module doc.
 
-    def __init__(self, root: str | Path, weights_id: str) -> None:
-        self.root = Path(root).expanduser() / _safe(weights_id)
+    ``max_bytes`` caps the whole store directory (``root``'s parent: every backbone's shards);
+    None: no cap.
+    """
+
+    def __init__(self, root: str | Path, weights_id: str, max_bytes: int | None = None) -> None:
+        self.base = Path(root).expanduser()
+        self.root = self.base / _safe(weights_id)
         self.weights_id = weights_id
+        self.max_bytes = max_bytes
         self._parts: dict[tuple[str, str], _Partition] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.persist = True
+        self.counters = {"evicted_shards": 0, "evicted_bytes": 0, "damaged_shards": 0}
+        self._lost_keys: set[tuple[str, str]] = set()  # (partition dir, hash) evicted or damaged
+        # every shard file under the store directory: size and last use (mtime at start)
+        self._budget: dict[Path, tuple[int, float]] = {}
+        self._said_over = False
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / "WEIGHTS_ID").write_text(weights_id + "\n")
         except OSError as e:
             _unwritable(self.root, e)
             self.persist = False
+        self._scan_budget()
+        with self._lock:
+            self._enforce_cap(keep=None)
 
+    # -- the size cap --------------------------------------------------------------------
+    def _scan_budget(self) -> None:
+        for path in self.base.glob(f"*/*/{SHARD_PREFIX}*.arrow"):
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                self._budget[path] = (st.st_size, st.st_mtime)
+
+    def _budget_add(self, path: Path, size: int, used: float | None = None) -> None:
+        old = self._budget.get(path)
+        self._budget[path] = (size, used if used is not None else (old[1] if old else time.time()))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of shard files under the store directory (every backbone)."""
+        with self._lock:
+            return sum(size for size, _ in self._budget.values())
+
+    def _use(self, shard: Shard) -> None:
+        now = time.time()
+        shard.used = now
+        if shard.path is None:
+            return
+        self._budget_add(shard.path, shard.nbytes, now)
+        if now - shard.touched >= TOUCH_EVERY_S:
+            shard.touched = now
+            with contextlib.suppress(OSError):
+                os.utime(shard.path, (now, now))  # last use survives a restart
+
+    def _enforce_cap(self, keep: Path | None) -> None:
+        """Delete least recently used shard files until the store fits ``max_bytes``."""
+        if self.max_bytes is None:
+            return
+        total = sum(size for size, _ in self._budget.values())
+        if total <= self.max_bytes:
+            return
+        for path, (size, _) in sorted(self._budget.items(), key=lambda kv: kv[1][1]):
+            if total <= self.max_bytes:
+                break
+            if path == keep:
+                continue
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("could not evict store shard %s: %s", path, e)
+                continue
+            del self._budget[path]
+            total -= size
+            self.counters["evicted_shards"] += 1
+            self.counters["evicted_bytes"] += size
+            self._forget(path)
+            log.info("evicted store shard %s (%d bytes, least recently used)", path, size)
+        if total > self.max_bytes and not self._said_over:
+            self._said_over = True
+            log.warning(
+                "feature store %s holds %.2f GB, over its cap of %.2f GB: the newest shard alone "
+                "is larger; raise --store-max-gb",
+                self.base,
+                total / 1e9,
+                self.max_bytes / 1e9,
+            )
+
+    def _forget(self, path: Path) -> None:
+        for part in self._parts.values():
+            if part.root == path.parent:
+                shard = part.shards.get(path.name)
+                if shard is not None:
+                    part.drop(shard)
+                    part._seen.discard(path.name)
+                    self._lose(part, shard)
+
+    def _lose(self, part: _Partition, shard: Shard) -> None:
+        self._lost_keys.update((part.root.name, h) for h in shard.table.column("hash").to_pylist())
+
+    # -- partitions ----------------------------------------------------------------------
     def _part(self, spec: GatherSpec, dtype: str) -> _Partition:
         key = (spec.label(), dtype)
         part = self._parts.get(key)
         if part is None:
-            part = _Partition(self.root / f"{spec.label()}-{dtype}", self.persist)
+            part = _Partition(self.root / f"{spec.label()}-{dtype}", self)
             self._parts[key] = part
         return part
 
@@ -161,42 +337,92 @@ class FeatureStore:
     def persistent(self) -> bool:
         """False once a write failed (or the directory was never writable): memory only."""
         with self._lock:
-            return self.persist and all(p.persist for p in self._parts.values())
+            return self.persist
+
+    def _verify(self, part: _Partition, shards: list[Shard]) -> bool:
+        """Check each unverified shard's bytes once; drop damaged ones. True if any dropped."""
+        dropped = False
+        for shard in shards:
+            if shard.verified or shard.path is None:
+                continue
+            try:
+                _check_name(shard.path, pa.memory_map(str(shard.path)).read_buffer())
+                shard.verified = True
+            except (OSError, ValueError) as e:
+                _damaged(shard.path, e)
+                part.drop(shard)
+                self._lose(part, shard)
+                part.skipped.append(shard.path)
+                self.counters["damaged_shards"] += 1
+                if isinstance(e, ValueError):  # proven damaged (not a passing read error)
+                    self._budget.pop(shard.path, None)
+                    with contextlib.suppress(OSError):
+                        shard.path.unlink()
+                dropped = True
+        return dropped
 
     def lookup(self, spec: GatherSpec, dtype: str, hashes: Sequence[str]) -> list[Loc | None]:
+        """Where each hash's row is stored (None: not stored); checks shards on first use."""
         with self._lock:
-            index = self._part(spec, dtype).index
-            return [index.get(h) for h in hashes]
+            part = self._part(spec, dtype)
+            locs = [part.index.get(h) for h in hashes]
+            if any(loc is None for loc in locs) and part.rescan():
+                locs = [part.index.get(h) for h in hashes]
+            found = list({id(loc[0]): loc[0] for loc in locs if loc is not None}.values())
+            if self._verify(part, found):
+                locs = [part.index.get(h) for h in hashes]
+            for shard in {id(loc[0]): loc[0] for loc in locs if loc is not None}.values():
+                self._use(shard)
+            return locs
 
     def put(
         self, spec: GatherSpec, dtype: str, hashes: Sequence[str], columns: dict[str, pa.Array]
-    ) -> None:
-        """Store encoded rows (``features`` and, for int8, ``scale``) under their hashes."""
+    ) -> int:
+        """Store encoded rows (``features`` and, for int8, ``scale``) under their hashes.
+
+        Returns how many of them had been stored before and evicted (rows computed again).
+        """
         table = pa.table({"hash": pa.array(list(hashes), pa.string()), **columns})
         with self._lock:
             part = self._part(spec, dtype)
-            part.write(table)
-            if not part.persist:
-                self.persist = False
+            shard = part.write(table)
+            again = sum((part.root.name, h) in self._lost_keys for h in hashes)
+            if shard.path is not None:
+                self._budget_add(shard.path, shard.nbytes, time.time())
+                self._enforce_cap(keep=shard.path)
+            return again
 
     def columns(self, spec: GatherSpec, dtype: str, locs: Sequence[Loc]) -> dict[str, pa.Array]:
-        """The stored encoded columns for ``locs``, in order; contiguous runs are zero-copy slices."""
-        with self._lock:
-            shards = list(self._part(spec, dtype).shards)
-        runs: list[tuple[int, int, int]] = []  # shard, start, length
+        """The stored encoded columns for ``locs``, in order; contiguous runs are zero-copy slices.
+
+        Safe after eviction: ``locs`` hold their shards' tables.
+        """
+        runs: list[tuple[Shard, int, int]] = []  # shard, start, length
         for shard, row in locs:
-            if runs and runs[-1][0] == shard and runs[-1][1] + runs[-1][2] == row:
+            if runs and runs[-1][0] is shard and runs[-1][1] + runs[-1][2] == row:
                 s, start, length = runs[-1]
                 runs[-1] = (s, start, length + 1)
             else:
                 runs.append((shard, row, 1))
-        names = [n for n in shards[runs[0][0]].column_names if n != "hash"] if runs else []
+        names = [n for n in runs[0][0].table.column_names if n != "hash"] if runs else []
         out: dict[str, pa.Array] = {}
         for name in names:
-            pieces = [shards[s].column(name).chunk(0).slice(start, n) for s, start, n in runs]
+            pieces = [s.table.column(name).chunk(0).slice(start, n) for s, start, n in runs]
             out[name] = pieces[0] if len(pieces) == 1 else pa.concat_arrays(pieces)
         return out
 
     def size(self, spec: GatherSpec, dtype: str) -> int:
         with self._lock:
             return len(self._part(spec, dtype).index)
+
+    def stats(self) -> dict[str, Any]:
+        """Bytes and shards on disk, the cap, and what eviction and damage cost."""
+        with self._lock:
+            return {
+                "dir": str(self.base),
+                "bytes": sum(size for size, _ in self._budget.values()),
+                "shards": len(self._budget),
+                "max_bytes": self.max_bytes,
+                "persistent": self.persist,
+                **self.counters,
+            }

@@ -9,22 +9,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from mist_fed.defaults import cloud_location
 from mist_fed.wire.dtypes import WIRE_DTYPES
 
 TOKEN_ENV = "MIST_FED_TOKEN"
+RUNS_DIR = Path("runs")
+
+
+def default_out(task: str, method: str, now: float | None = None) -> Path:
+    """``runs/<task>-<method>-<time>/``: where a client run writes when no ``--out`` is given."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", task).strip("_") or "task"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return RUNS_DIR / f"{safe}-{method}-{stamp}"
 
 
 def run(args: argparse.Namespace) -> int:
     from mist_fed.device.client import ClientConfig, default_task, run_client
     from mist_fed.device.trainer import TrainConfig, with_overrides
-    from mist_fed.errors import ConfigError
 
-    if not args.out:
-        raise ConfigError("mist-fed client needs --out DIR (where lae.safetensors goes)")
+    task = args.task or default_task()
+    out = str(args.out or default_out(task, args.method))
     train = with_overrides(
         TrainConfig.for_method(args.method),
         epochs=args.epochs,
@@ -34,10 +44,10 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     cfg = ClientConfig(
-        task=args.task or default_task(),
+        task=task,
         cloud=args.cloud,
         profile=args.profile,
-        out=args.out,
+        out=out,
         method=args.method,
         dtype=args.dtype,
         token=args.token or os.environ.get(TOKEN_ENV),
@@ -52,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     m = run_client(cfg)
     if args.json:
         print(json.dumps(m, indent=2))
+        print(f"wrote {out}/lae.safetensors and {out}/metrics.json", file=sys.stderr)
         return 0
     print(
         f"{m['task']} / {m['method']} on {m['profile']['name']}: test accuracy {m['accuracy']:.4f} "
@@ -63,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         f"  compute {m['host_compute_s']:.1f} s here, {m['compute_s']:.1f} s on the device; "
         f"peak RSS {m['peak_rss_mb']:.0f} MB of {m['mem_cap_mb']:.0f} MB; "
         f"{m['edge_params']} edge params\n"
-        f"  wrote {args.out}/lae.safetensors and {args.out}/metrics.json"
+        f"  wrote {out}/lae.safetensors and {out}/metrics.json"
     )
     return 0
 
@@ -88,7 +99,11 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cloud", default=cloud_location(), help="Flight location of the cloud")
+    p.add_argument(
+        "--cloud",
+        default=cloud_location(),
+        help=f"Flight location of the cloud (default: the local service, {cloud_location()})",
+    )
     p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -101,7 +116,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--task", help="task spec (default: the real offline task when available)")
     p.add_argument("--profile", default="rpi4", help="device profile name or .toml path")
-    p.add_argument("--out", help="output directory for lae.safetensors and metrics.json")
+    p.add_argument(
+        "--out",
+        help="output directory for lae.safetensors and metrics.json "
+        "(default runs/<task>-<method>-<time>/)",
+    )
     p.add_argument("--method", default="mist", choices=list(METHODS))
     p.add_argument("--epochs", type=int, help="training epochs (default 30)")
     p.add_argument("--lr", type=float, help="learning rate (default: the method's)")

@@ -1,4 +1,9 @@
-"""`mist-fed cloud serve`: the Arrow Flight feature service (config from cloud/serve.toml)."""
+"""`mist-fed cloud serve`: the Arrow Flight feature service (config from cloud/serve.toml).
+
+With no flag it serves on loopback port 8815, with a backbone chosen from local state (the
+paper's ViT-B/16 when its weights are cached here, else the offline DINOv2-S/14), every
+registered named task, and says so in one line.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import signal
 import threading
 from typing import Any
 
-from mist_fed.defaults import DEFAULT_BACKBONE
+from mist_fed.defaults import DEFAULT_BACKBONE, DEFAULT_PORT
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +22,7 @@ log = logging.getLogger(__name__)
 def serve(args: argparse.Namespace) -> int:
     from mist_fed.cloud.config import ServeConfig
     from mist_fed.cloud.runner import in_background
-    from mist_fed.cloud.server import FeatureServer
+    from mist_fed.cloud.server import FeatureServer, resolve_backbone
 
     base = ServeConfig.from_toml(args.config) if args.config else ServeConfig()
     config = base.override(
@@ -27,21 +32,42 @@ def serve(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         tokens=args.tokens,
         device=args.device,
+        tasks=_task_list(args.tasks),
+        max_gb=args.store_max_gb,
     )
     if args.weights is not None:  # a weights flag replaces the file's weight source
         config = dataclasses.replace(config, weights=args.weights, random_init=False)
     elif args.random_init:
         config = dataclasses.replace(config, weights=None, random_init=True)
+    config, why = resolve_backbone(config)
     server = FeatureServer(config)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a requested stop: exit 0
     with in_background(server) as thread:
-        log.warning("serving features on %s:%d (Ctrl-C stops)", config.host, server.port)
+        offered = server.offered
+        shown = ", ".join(offered[:12]) + (
+            f" (+{len(offered) - 12} more)" if len(offered) > 12 else ""
+        )
+        log.warning(
+            "serving %s on %s:%d: %s; tasks %s (Ctrl-C stops)",
+            config.backbone,
+            config.host,
+            server.port,
+            why,
+            shown,
+        )
         # The main thread idles here, where Ctrl-C arrives as KeyboardInterrupt: the block
         # shuts the server down and the CLI exits 130, as on any command's Ctrl-C.
         while thread.is_alive() and not stop.wait(0.5):
             pass
     return 0
+
+
+def _task_list(values: list[str] | None) -> tuple[str, ...] | None:
+    """``--tasks a,b c`` -> ``("a", "b", "c")``; None when the flag is absent."""
+    if not values:
+        return None
+    return tuple(t for v in values for t in v.split(",") if t)
 
 
 def register(sub: Any) -> None:
@@ -52,9 +78,18 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--config", help="serve config TOML (e.g. cloud/serve.toml); flags override it")
     s.add_argument("--host", help="address to bind (default from config: loopback)")
-    s.add_argument("--port", type=int, help="port (0 = any free port)")
+    s.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
     s.add_argument(
-        "--backbone", help=f"timm ViT name or registered backbone (default {DEFAULT_BACKBONE})"
+        "--backbone",
+        help=f"timm ViT name or registered backbone (default: {DEFAULT_BACKBONE} when its "
+        "weights are in the local cache, else the offline dinov2_s14_imgfocus)",
+    )
+    s.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="SPEC",
+        help="the tasks served (default: every registered named task); +SPEC adds to the "
+        "default instead (+imagefolder:PATH); image folders and parametrised specs only when listed",
     )
     src = s.add_mutually_exclusive_group()
     src.add_argument("--weights", help="local weights file (.safetensors, .pth, .npz)")
@@ -63,5 +98,10 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--device", help="where the backbone runs: cpu, cuda, cuda:N or auto")
     s.add_argument("--cache-dir", help="feature store directory")
+    s.add_argument(
+        "--store-max-gb",
+        type=float,
+        help="feature store size cap; least recently used shards are evicted (default 32)",
+    )
     s.add_argument("--tokens", help="TOML file of [tokens.<name>] bearer tokens scoped to tasks")
     s.set_defaults(handler=serve)

@@ -46,7 +46,9 @@ def _folder_source(root: Path, split: str, classes: list[str]) -> Source:
     return Source(ids, labels, load)
 
 
-@register_task("imagefolder", description="your images: PATH/{train,val?,test}/<class>/*")
+@register_task(
+    "imagefolder", description="your images: PATH/{train,val?,test}/<class>/*", requires_arg=True
+)
 def imagefolder_task(
     arg: str | None = None,
     *,

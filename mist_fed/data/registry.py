@@ -72,6 +72,7 @@ class TaskEntry:
     splits: tuple[str, ...] = SPLITS
     locate: Callable[[], Availability] | None = None
     description: str = ""
+    requires_arg: bool = False  # only usable as ``name:ARG`` (imagefolder:PATH)
 
     def availability(self) -> Availability:
         if self.locate is None:
@@ -89,15 +90,18 @@ def register_task(
     splits: tuple[str, ...] = SPLITS,
     locate: Callable[[], Availability] | None = None,
     description: str = "",
+    requires_arg: bool = False,
 ) -> Callable[[TaskFactory], TaskFactory]:
     """Register ``factory(arg: str | None, **options) -> Task`` under ``name``.
 
     ``options`` are the protocol options (``protocol``, ``shots``, ``seed``, ``download``);
-    ``locate`` tells, without loading, whether the data is here.
+    ``locate`` tells, without loading, whether the data is here; ``requires_arg`` marks a task
+    usable only as ``name:ARG`` (not a *named* task: servers offer it only when listed).
     """
 
     def deco(fn: TaskFactory) -> TaskFactory:
-        _TASKS.add(name, TaskEntry(name, fn, num_classes, splits, locate, description))
+        entry = TaskEntry(name, fn, num_classes, splits, locate, description, requires_arg)
+        _TASKS.add(name, entry)
         return fn
 
     return deco
@@ -105,6 +109,11 @@ def register_task(
 
 def registered_tasks() -> list[str]:
     return _TASKS.names()
+
+
+def named_tasks() -> list[str]:
+    """Registered tasks usable by name alone (what a cloud offers by default)."""
+    return [n for n in _TASKS.names() if not _TASKS.get(n).requires_arg]
 
 
 def task_entry(name: str) -> TaskEntry:

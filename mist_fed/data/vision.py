@@ -45,6 +45,16 @@ class VisionSpec:
     num_classes: int
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
     folder: str = ""  # the folder torchvision creates under the root (for messages)
+    subroot: bool = False  # torchvision reads files straight from its root: give it root/folder
+    needs: tuple[str, ...] = ()  # Python packages its reader imports (installed by make install)
+
+    def root(self) -> Path:
+        """The root torchvision's class is given."""
+        return data_dir() / self.folder if self.subroot else data_dir()
+
+    def where(self) -> Path:
+        """The folder that holds this dataset's files (for messages)."""
+        return data_dir() / self.folder
 
 
 SPECS = {
@@ -73,6 +83,7 @@ SPECS = {
             102,
             {"train": {"split": "train"}, "val": {"split": "val"}, "test": {"split": "test"}},
             "flowers-102",
+            needs=("scipy",),
         ),
         VisionSpec(
             "dtd",
@@ -89,7 +100,13 @@ SPECS = {
             "oxford-iiit-pet",
         ),
         VisionSpec(
-            "svhn", "SVHN", 10, {"train": {"split": "train"}, "test": {"split": "test"}}, "svhn"
+            "svhn",
+            "SVHN",
+            10,
+            {"train": {"split": "train"}, "test": {"split": "test"}},
+            "svhn",
+            subroot=True,
+            needs=("scipy",),
         ),
         VisionSpec("eurosat", "EuroSAT", 10, {"all": {}}, "eurosat"),
         VisionSpec("caltech101", "Caltech101", 101, {"all": {}}, "caltech101"),
@@ -97,11 +114,15 @@ SPECS = {
 }
 
 
+class ReaderMissingError(TaskError):
+    """A torchvision reader's own dependency (scipy, for .mat files) is not installed."""
+
+
 def _how(name: str) -> str:
     extra = " or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else ""
     return (
         f"run once with network access (torchvision downloads it into {data_dir()}){extra}, "
-        f"or copy the dataset there (set $MIST_FED_DATA to use another root)"
+        f"or copy it there in torchvision's own layout (set $MIST_FED_DATA to use another root)"
     )
 
 
@@ -110,17 +131,28 @@ def _open(spec: VisionSpec, kwargs: dict[str, Any], download: bool) -> Any:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, spec.cls)
-    root = data_dir()
+    root = spec.root()
     try:
         return cls(str(root), download=False, **kwargs)
+    except ImportError as e:  # a reader's optional dependency (scipy for .mat files)
+        raise ReaderMissingError(
+            f"task {spec.name!r}: torchvision's {spec.cls} reader needs the Python package "
+            f"{e.name or ', '.join(spec.needs)!r}, which is not installed ({e}); run `make install` "
+            f"or `pip install {' '.join(spec.needs) or e.name}`"
+        ) from e
     except (RuntimeError, FileNotFoundError, OSError) as missing:
         host = DATASET_HOSTS.get(spec.name, "")
         if not download or not url_reachable(host):
             why = "downloads are off" if not download else f"{host} is not reachable (offline?)"
             raise TaskError(
-                f"task {spec.name!r}: no data under {root / spec.folder} ({missing}); "
+                f"task {spec.name!r}: no data under {spec.where()} ({missing}); "
                 f"{why}. To get it: {_how(spec.name)}."
             ) from missing
+    except Exception as e:  # damaged files: bad pickles, .mat files, index lines
+        raise TaskError(
+            f"task {spec.name!r}: the data under {spec.where()} is unreadable "
+            f"({type(e).__name__}: {e}); remove it and fetch it again. To get it: {_how(spec.name)}."
+        ) from e
     log.info("downloading %s into %s", spec.name, root)
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -209,10 +241,12 @@ def _locate(spec: VisionSpec) -> Callable[[], Availability]:
     def locate() -> Availability:
         if spec.name == "fashion-mnist" and (d := _idx_dir()) is not None:
             return Availability(True, str(d))
-        where = str(data_dir() / spec.folder)
+        where = str(spec.where())
         try:
             for kwargs in spec.splits.values():
                 _open(spec, kwargs, download=False)
+        except ReaderMissingError as e:
+            return Availability(False, where, str(e))
         except TaskError:
             host = DATASET_HOSTS.get(spec.name, "")
             online = url_reachable(host)

@@ -41,7 +41,6 @@ import numpy as np
 import torch
 
 from mist_fed.cloud.config import ServeConfig
-from mist_fed.cloud.precompute import precompute
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.core.methods import get_method, method_gather
 from mist_fed.core.specs import GatherSpec, candidate_ks
@@ -408,7 +407,9 @@ def run_compare(
                 rows = list(range(len(s) if ids is None else len(ids)))
                 if split == "train" and cfg.few_shot:
                     rows = list(range(len(s)))
-                precompute(backbone, serve.store_dir, s, rows, pairs)
+                source.client.warm(
+                    spec, split, [(g.kind, g.k, d) for g, d in pairs], limit=len(rows)
+                )
             for shots in cfg.few_shot or (None,):
                 for seed in range(cfg.seeds):
                     if (spec, shots, seed) in skip:

@@ -13,6 +13,9 @@ Robustness: an unreachable cloud is retried with exponential backoff, then
 :class:`~mist_fed.errors.CloudUnavailableError`; a stream cut midway resumes from the rows
 already received (only whole batches are ever kept); a stream whose schema metadata names
 another backbone, gather, k or dtype than asked is refused with :class:`WireError`.
+A feature stream has no deadline on its length (a real split over a slow link takes minutes):
+it times out on a *stall*, no message for ``stall_s`` seconds, and then resumes like a cut
+one. ``timeout_s`` is the deadline of the other, short calls.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import dataclasses
 import io
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,6 +49,8 @@ from mist_fed.wire.request import FeatureRequest
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+WARM_ACTION = "warm"  # do_action: fill the cloud's store for a split ahead of a run
 
 #: Errors after which a call is retried (or a stream resumed).
 TRANSIENT = (
@@ -77,6 +84,7 @@ class FeatureClient:
         retries: int = 4,
         backoff_s: float = 0.25,
         timeout_s: float | None = 60.0,
+        stall_s: float | None = 120.0,
         upload_batch: int = 64,
         tls_root_certs: bytes | None = None,
     ) -> None:
@@ -89,6 +97,8 @@ class FeatureClient:
         self.upload_batch = upload_batch
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._options = flight.FlightCallOptions(timeout=timeout_s, headers=headers)
+        self.stall_s = stall_s  # a stream with no message for this long is cut and resumed
+        self._stream_options = flight.FlightCallOptions(headers=headers)  # no total deadline
         kw: dict[str, Any] = {}
         if tls_root_certs is not None:
             kw["tls_root_certs"] = tls_root_certs
@@ -180,8 +190,10 @@ class FeatureClient:
         ticket = flight.Ticket(dataclasses.replace(req, offset=offset).to_json())
 
         def call() -> tuple[flight.FlightStreamReader, WireMeta]:
-            reader = self._client.do_get(ticket, self._options)
-            return reader, self._check(reader.schema, req)
+            reader = self._client.do_get(ticket, self._stream_options)
+            with _stall_guard(reader, self.stall_s):
+                schema = reader.schema
+            return reader, self._check(schema, req)
 
         return self._retrying(call)
 
@@ -193,12 +205,16 @@ class FeatureClient:
         received_at_break = 0
         while True:
             try:
-                for chunk in reader:
+                while True:
+                    with _stall_guard(reader, self.stall_s):
+                        try:
+                            chunk = reader.read_chunk()
+                        except StopIteration:
+                            return
                     batch = chunk.data  # a chunk is a whole batch, never a partial one
                     received += batch.num_rows
                     self._account(stats, batch)
                     yield batch
-                return
             except TRANSIENT as e:
                 if received > received_at_break:
                     attempt = 0  # the stream made progress since its last break: a fresh budget
@@ -206,10 +222,11 @@ class FeatureClient:
                 if attempt >= self.retries:
                     raise self._unavailable(e) from e
                 log.warning(
-                    "stream from %s broke after %d rows (%s); resuming",
+                    "stream from %s broke after %d rows (%s: %s); resuming",
                     self.location,
                     received,
                     type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
                 )
                 self._sleep(attempt)
                 attempt += 1
@@ -266,13 +283,14 @@ class FeatureClient:
 
     def _embed_once(self, req: FeatureRequest, images: Sequence[tuple[str, bytes]]) -> FeatureSet:
         descriptor = flight.FlightDescriptor.for_command(req.to_json())
-        writer, reader = self._client.do_exchange(descriptor, self._options)
+        writer, reader = self._client.do_exchange(descriptor, self._stream_options)
         stats = Stats()
         batches: list[pa.RecordBatch] = []
         errors: dict[str, str] = {}
         with writer:
             writer.begin(UPLOAD_SCHEMA)
-            schema = reader.schema
+            with _stall_guard(reader, self.stall_s):
+                schema = reader.schema
             self._check(schema, req)
             for start in range(0, len(images), self.upload_batch):
                 part = images[start : start + self.upload_batch]
@@ -285,7 +303,8 @@ class FeatureClient:
                         schema=UPLOAD_SCHEMA,
                     )
                 )
-                chunk = reader.read_chunk()
+                with _stall_guard(reader, self.stall_s):
+                    chunk = reader.read_chunk()
                 if chunk.app_metadata is not None:
                     errors.update(json.loads(chunk.app_metadata.to_pybytes()).get("errors", {}))
                 batches.append(chunk.data)
@@ -303,6 +322,29 @@ class FeatureClient:
             raise self._unavailable(e) from e
         except flight.FlightError as e:
             raise self._refused(e) from e
+        return dict(json.loads(results[0].body.to_pybytes()))
+
+    def warm(
+        self,
+        task: str,
+        split: str,
+        pairs: Sequence[tuple[str, int | None, str]],
+        limit: int | None = None,
+    ) -> dict[str, int]:
+        """Have the cloud store ``(gather, k, dtype)`` pairs for a split's first ``limit`` rows.
+
+        One backbone pass per image on the cloud; no features come back. No deadline (a big
+        split takes minutes); refusals and unreachable clouds raise as for :meth:`get`.
+        """
+        body: dict[str, Any] = {
+            "task": task,
+            "split": split,
+            "pairs": [{"gather": g, "k": k, "dtype": d} for g, k, d in pairs],
+        }
+        if limit is not None:
+            body["limit"] = limit
+        action = flight.Action(WARM_ACTION, json.dumps(body).encode())
+        results = self._retrying(lambda: list(self._client.do_action(action, self._stream_options)))
         return dict(json.loads(results[0].body.to_pybytes()))
 
     def edge_init(self, method: str) -> init_codec.EdgeInit:
@@ -345,6 +387,35 @@ class FeatureClient:
         except flight.FlightError as e:
             raise self._refused(e) from e
         return out
+
+
+@contextmanager
+def _stall_guard(reader: Any, stall_s: float | None) -> Iterator[None]:
+    """Cancel ``reader`` if the read in the block waits over ``stall_s`` seconds (None: never).
+
+    The cancelled read is raised as :class:`flight.FlightTimedOutError` ("no batch for N s"),
+    which callers treat as a cut stream: a stall, not the stream's length, ends a wait.
+    """
+    if stall_s is None:
+        yield
+        return
+    fired = threading.Event()
+
+    def fire() -> None:
+        fired.set()
+        reader.cancel()
+
+    timer = threading.Timer(stall_s, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except flight.FlightCancelledError as e:
+        if fired.is_set():
+            raise flight.FlightTimedOutError(f"no batch for {stall_s:g} s") from e
+        raise
+    finally:
+        timer.cancel()
 
 
 def encode_png(img: Any) -> bytes:
