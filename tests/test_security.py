@@ -17,6 +17,7 @@ import torch
 
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
+from mist_fed.core.specs import Geometry
 from mist_fed.data import get_task
 from mist_fed.defaults import DEFAULT_HOST
 from mist_fed.device.checkpoint import (
@@ -207,9 +208,8 @@ def test_no_source_unpickles_or_torch_loads_without_weights_only():
 
 def test_checkpoints_are_safetensors_only(tmp_path, pickle_bomb):
     # Prepare
-    cfg = EdgeModelConfig(
-        "mist", 3, "tiny", "random:tiny", 3, 5, 8, k=2, edge_kwargs={"depth": 1, "qkv_dim": 4}
-    )
+    geometry = Geometry("tiny", "random:tiny", num_blocks=3, embed_dim=8, num_tokens=5)
+    cfg = EdgeModelConfig("mist", 3, geometry, k=2, edge_kwargs={"depth": 1, "qkv_dim": 4})
     path = save_checkpoint(build_net(cfg), cfg, tmp_path)
     # Assert: the weights file is safetensors (8-byte header length, then a JSON header)
     raw = path.read_bytes()
