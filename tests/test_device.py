@@ -22,6 +22,7 @@ def test_a_split_is_paid_once_and_read_from_the_cache_after(tmp_path):
     # Prepare: a first device fetches train and test
     src = MemorySource()
     with _device(src, tmp_path) as dev:
+        torch.manual_seed(0)
         net = dev.new_net("mist", 3, 3)
         dev.train(net, dev.features("t", "train", "mist", 3, "float16"), FAST)
         acc = dev.evaluate(net, dev.features("t", "test", "mist", 3, "float16"))
@@ -39,7 +40,7 @@ def test_a_split_is_paid_once_and_read_from_the_cache_after(tmp_path):
     assert len(src.streams) == streams  # nothing asked of the cloud
     m = again.report()
     assert m.feature_bytes == m.bytes_down == m.images_down == m.transfer_s == 0
-    assert acc > 0.5 and acc2 > 0.5  # chance is 1/3
+    assert acc2 == acc > 0.4  # the same training on the same bytes; chance is 1/3
     assert m.train_steps == first.train_steps == 4 * 2  # 48 rows, batch 32
 
 
