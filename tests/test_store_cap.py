@@ -65,7 +65,7 @@ def test_cap_evicts_least_recently_used_shards(tmp_path):
     assert store.put(SPEC, "float32", written[1][0], written[1][1]) == 10
 
 
-def test_last_use_survives_a_restart(tmp_path, monkeypatch):
+def test_last_use_survives_a_restart(tmp_path, monkeypatch, caplog):
     # Prepare: two shards; the older one used after the newer one was written
     monkeypatch.setattr(store_mod, "TOUCH_EVERY_S", 0.0)
     size = _shard_bytes(tmp_path)
@@ -77,8 +77,10 @@ def test_last_use_survives_a_restart(tmp_path, monkeypatch):
     time.sleep(0.05)
     assert _read(first, a[0]) is not None  # a is now the most recently used
     # Execute: a new process opens the store with a cap that holds one shard
-    second = FeatureStore(tmp_path / "s", "w0", max_bytes=size + size // 2)
-    # Assert: b, the least recently used, was evicted at start
+    with caplog.at_level(logging.WARNING, logger="mist_fed.cloud.store"):
+        second = FeatureStore(tmp_path / "s", "w0", max_bytes=size + size // 2)
+    # Assert: b, the least recently used, was evicted at start, and the operator told why
+    assert "over its cap" in caplog.text
     assert _read(second, b[0]) is None
     np.testing.assert_array_equal(_read(second, a[0]), a[2])
 

@@ -284,6 +284,14 @@ class FeatureStore:
         total = sum(size for size, _ in self._budget.values())
         if total <= self.max_bytes:
             return
+        if keep is None:  # at start: a store bigger than its cap (a lowered --store-max-gb)
+            log.warning(
+                "feature store %s holds %.2f GB, over its cap of %.2f GB: evicting the least "
+                "recently used shards (raise --store-max-gb to keep them)",
+                self.base,
+                total / 1e9,
+                self.max_bytes / 1e9,
+            )
         for path, (size, _) in sorted(self._budget.items(), key=lambda kv: kv[1][1]):
             if total <= self.max_bytes:
                 break
