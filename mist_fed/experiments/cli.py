@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python simulations/comp
     )
     for noisy in ("mist_fed.cloud", "mist_fed.wire"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("mist_fed.cloud.precompute").setLevel(logging.INFO)  # embedding progress
+    logging.getLogger("mist_fed.cloud.embed").setLevel(logging.INFO)  # warm's embedding progress
     try:
         run_id = args.run_id or new_run_id("compare")
         cfg = config_from_args(args, run_id)

@@ -3,7 +3,7 @@
 Every row is a :class:`Variant`: a separated-tuning method, the wire dtype its features are
 streamed in, and how its ``k`` is set. For each task the cloud (a real
 :func:`~mist_fed.cloud.runner.running_cloud` Flight server) first fills its store from one
-backbone pass per image (:func:`~mist_fed.cloud.precompute.precompute`); then every row is one
+backbone pass per image (the service's ``warm`` action); then every row is one
 job of an :class:`~mist_fed.device.edge.EdgeDevice` (the same device the standalone client and
 the fleet run) under the comparison's profile: it pulls the row's splits over Flight into its
 on-device cache once (a rerun or ``--resume`` with the same device directory downloads nothing),
