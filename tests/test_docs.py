@@ -7,8 +7,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -51,11 +49,6 @@ def test_links_resolve_to_files_in_the_repo():
     assert _missing(links) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README's Results section links runs whose files were never committed; the reruns "
-    "that commit them (or the figures' removal) are due: then drop this marker",
-)
 def test_results_links_resolve_to_committed_runs():
     links = _links(results=True)
     assert links and _missing(links) == []
