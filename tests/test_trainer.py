@@ -7,7 +7,7 @@ from mist_fed.core.edge_nets import LAE
 from mist_fed.core.methods import build_edge_net
 from mist_fed.core.specs import Geometry
 from mist_fed.device.checkpoint import EdgeModelConfig, build_net, load_checkpoint, save_checkpoint
-from mist_fed.device.clock import DeviceClock, calibrate_host
+from mist_fed.device.clock import DeviceClock
 from mist_fed.device.profiles import load_profile
 from mist_fed.device.trainer import TrainConfig, evaluate, fit
 from mist_fed.errors import ConfigError
@@ -168,19 +168,19 @@ def test_partial1_checkpoint_round_trips_without_a_backbone(tiny_backbone, tmp_p
         build_net(cfg, init={**init, "extra.weight": torch.zeros(1)})
 
 
-def test_device_clock_scales_by_compute_and_link():
+def test_device_clock_charges_flops_and_link_not_host_speed():
     # Prepare
     rpi4 = load_profile("rpi4")
-    cal = calibrate_host(_net(), SHAPE, 3, batch=8, micro_batch=4, repeats=1)
     clock = DeviceClock(rpi4)
-    # Execute
-    dev = clock.add_compute(1.5, host_gflops=2 * rpi4.gflops)
+    # Execute: the same work, done slowly and quickly on the host
+    slow = clock.add_compute(9.0, flops=int(6e9))
+    fast = clock.add_compute(0.5, flops=int(6e9))
     link = clock.add_download(5_000_000, requests=2)
     # Assert
-    assert cal.step_flops > 0 and cal.gflops > 0
-    assert dev == pytest.approx(3.0)
+    assert slow == fast == pytest.approx(6.0 / rpi4.gflops)
+    assert clock.host_gflops == pytest.approx(12e9 / 9.5 / 1e9)
     assert link == pytest.approx(2 * rpi4.latency_ms / 1e3 + 40e6 / (rpi4.downlink_mbps * 1e6))
-    assert clock.total_device_s == pytest.approx(dev + link)
+    assert clock.total_device_s == pytest.approx(slow + fast + link)
 
 
 def test_lean_adamw_matches_torch_adamw():

@@ -70,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Overhead ratio: the Flower/Ray run vs the same rounds in one process, same cloud."""
-    from mist_fed.device import clock
     from mist_fed.fed.runner import plan_devices
     from mist_fed.fed.simulate import cloud_service, resolve_assets, run_plain, simulate
 
@@ -88,7 +87,6 @@ def bench(args: argparse.Namespace) -> int:
         first_rec = run_plain(spec, location)
         warm_s = time.perf_counter() - t
         first = stats()
-        clock._CALIBRATIONS.clear()  # as cold as a fresh Ray worker (devices start empty)
         t = time.perf_counter()
         plain_rec = run_plain(spec, location)
         plain_s = time.perf_counter() - t

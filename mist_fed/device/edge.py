@@ -11,7 +11,7 @@ pages included, against the profile's cap) over everything inside. Then:
 * :meth:`new_net` sizes the method's edge net from the cloud's geometry (Partial-1 starts from
   the pretrained block the cloud serves, fetched and cached once);
 * :meth:`train`, :meth:`evaluate` and :meth:`select_k` run the trainer and charge the virtual
-  clock: host time scaled by the method's own net's host GFLOP/s over the profile's;
+  clock: the job's FLOPs on its own net over the profile's GFLOP/s (host time measured beside);
 * :meth:`report` is the :class:`DeviceMetrics` every caller writes: ``metrics.json`` (client),
   ``devices.parquet`` (fleet) and ``compare.parquet`` (comparison) share its names.
 """
@@ -32,11 +32,11 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from mist_fed.core.cost import net_cost
+from mist_fed.core.cost import forward_macs, net_cost
 from mist_fed.core.methods import build_edge_net, get_method, method_gather, starts_from_backbone
 from mist_fed.core.specs import GatherSpec, Geometry
 from mist_fed.device.cache import CachedSplit, CacheKey, FeatureCache
-from mist_fed.device.clock import DeviceClock, host_gflops
+from mist_fed.device.clock import EVAL_FLOPS_PER_MAC, TRAIN_FLOPS_PER_MAC, DeviceClock
 from mist_fed.device.memory import MemoryGuard, check_fits, estimate_train_mb, tune_allocator
 from mist_fed.device.profiles import DeviceProfile, profile_resources
 from mist_fed.device.source import FeatureSource
@@ -68,7 +68,7 @@ class DeviceMetrics:
     peak_rss_mb: float = 0.0  # peak RSS of the process
     mem_cap_mb: float = 0.0
     torch_threads: int = 0
-    host_gflops: float = math.nan  # this host on the method's training step
+    host_gflops: float = math.nan  # this host's measured rate on the job's work (FLOPs / host s)
     device_gflops: float = 0.0
     edge_params: int = 0
     edge_macs: int = 0  # per image, forward
@@ -159,6 +159,7 @@ class EdgeDevice:
             c.compute_host_s,
         )
         m.peak_rss_mb, m.peak_mem_mb = self.guard.peak_mb, self.guard.rise_mb
+        m.host_gflops = c.host_gflops
         m.events = list(c.events)
 
     def report(self) -> DeviceMetrics:
@@ -305,12 +306,9 @@ class EdgeDevice:
         self.metrics.edge_params, self.metrics.edge_macs = cost.edge_params, cost.edge_macs
         return net
 
-    def _rate(self, net: nn.Module, data: TrainData, cfg: TrainConfig) -> float:
-        """This host's speed on ``net``'s step: the simulator's work, not the device's memory."""
-        with self.guard.excluded():
-            rate = host_gflops(net, data.shape, _head_classes(net), cfg.batch_size, cfg.micro_batch)
-        self.metrics.host_gflops = rate
-        return rate
+    def _macs(self, net: nn.Module, data: TrainData) -> int:
+        """``net``'s forward MACs per image of ``data`` (what the clock charges for)."""
+        return forward_macs(net, torch.zeros(1, *data.shape))
 
     def train(
         self,
@@ -325,7 +323,7 @@ class EdgeDevice:
         work = estimate_train_mb(0, data.shape, 4, micro, grad_checkpointing=cfg.grad_checkpointing)
         base = self.guard.baseline_mb if self.guard.counts_runtime else 0.0
         check_fits(base + work, self.profile.memory_mb, self.profile.name, "training")
-        rate = self._rate(net, data, cfg)
+        macs = self._macs(net, data)
 
         bar = None
         if self.progress:
@@ -347,19 +345,18 @@ class EdgeDevice:
         finally:
             if bar is not None:
                 bar.close()
-        self.clock.add_compute(res.seconds, "train", rate)
+        self.clock.add_compute(res.seconds, TRAIN_FLOPS_PER_MAC * macs * res.samples, "train")
         self.metrics.train_steps += res.steps
         return res
 
     def evaluate(self, net: nn.Module, data: TrainData) -> float:
         """Top-1 accuracy on ``data``, read batch by batch; charges the clock."""
+        macs = self._macs(net, data)
         t0 = time.perf_counter()
         acc = evaluate(net, data)
         self.guard.check()
-        rate = self.metrics.host_gflops
-        self.clock.add_compute(
-            time.perf_counter() - t0, "evaluate", None if math.isnan(rate) else rate
-        )
+        flops = EVAL_FLOPS_PER_MAC * macs * data.labelled
+        self.clock.add_compute(time.perf_counter() - t0, flops, "evaluate")
         return acc
 
     def select_k(
@@ -406,10 +403,3 @@ def _rows_bar(batches: Iterator[pa.RecordBatch], desc: str) -> Iterator[pa.Recor
         for b in batches:
             bar.update(b.num_rows)
             yield b
-
-
-def _head_classes(net: nn.Module) -> int:
-    head = getattr(net, "head", None)
-    if isinstance(head, nn.Linear):
-        return head.out_features
-    raise ConfigError(f"cannot tell the class count of edge net {type(net).__name__}")

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import resource
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -160,20 +159,6 @@ class MemoryGuard:
         """The peak RSS so far (file-backed pages included), in MB."""
         self.peak_mb = max(self.peak_mb, peak_rss_mb(), rss_mb())
         return self.peak_mb
-
-    @contextlib.contextmanager
-    def excluded(self) -> Iterator[None]:
-        """Leave the block's transient peak out (the simulator's own work, e.g. calibration).
-
-        What the block leaves resident still counts from then on.
-        """
-        self.measure()
-        before = self.peak_mb
-        try:
-            yield
-        finally:
-            reset_peak_rss()
-            self.peak_mb = max(before, rss_mb())
 
     @property
     def rise_mb(self) -> float:
