@@ -129,6 +129,7 @@ class EdgeDevice:
         self._splits: dict[CacheKey, CachedSplit] = {}
         self._inits: dict[str, dict[str, torch.Tensor]] = {}
         self._threads = 0
+        self._inside = False  # within the ``with`` block: the meter is running
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> EdgeDevice:
@@ -136,6 +137,7 @@ class EdgeDevice:
         torch.set_num_threads(self.plan.torch_threads)
         tune_allocator()
         self.guard.__enter__()
+        self._inside = True
         return self
 
     def __exit__(
@@ -144,6 +146,7 @@ class EdgeDevice:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._inside = False
         try:
             self.guard.__exit__(exc_type, exc, tb)
         finally:
@@ -163,9 +166,11 @@ class EdgeDevice:
         m.events = list(c.events)
 
     def report(self) -> DeviceMetrics:
-        """The metrics so far (final once the ``with`` block has exited)."""
-        self.guard.measure()
-        self._settle()
+        """The metrics so far (final once the ``with`` block has exited: what the process does
+        after it is not this device's)."""
+        if self._inside:
+            self.guard.measure()
+            self._settle()
         return self.metrics
 
     # -- what the cloud serves ---------------------------------------------------------------
