@@ -18,6 +18,25 @@ from mist_fed.wire.codec import WireMeta, batch_nbytes, encode, feature_schema
 from mist_fed.wire.edge_init import EdgeInit
 from mist_fed.wire.features import FeatureSet
 
+# A device profile with 1 MB of memory: any edge job exceeds it.
+TINY_DEVICE = """\
+name = "tiny-mem"
+cores = 1
+memory_mb = 1
+downlink_mbps = 10.0
+uplink_mbps = 5.0
+latency_ms = 10.0
+gflops = 1.0
+[sources]
+cores = "test"
+memory_mb = "test: far below any edge net's working set"
+downlink_mbps = "test"
+uplink_mbps = "test"
+latency_ms = "test"
+gflops = "test"
+"""
+
+
 GEOMETRY = Geometry(
     backbone="fake-vit",
     weights="fake:0",

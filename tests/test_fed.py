@@ -9,6 +9,7 @@ import pytest
 
 from mist_fed.fed.spec import spec_from_dict
 from mist_fed.report.results import DEVICE_COLUMNS, FLEET_COLUMNS
+from tests.fakes import TINY_DEVICE
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.network]
 
@@ -18,23 +19,6 @@ BACKBONE = {
     "random_init": True,
     "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 192, "num_heads": 3},
 }
-
-TINY_DEVICE = """\
-name = "tiny-mem"
-cores = 1
-memory_mb = 1
-downlink_mbps = 10.0
-uplink_mbps = 5.0
-latency_ms = 10.0
-gflops = 1.0
-[sources]
-cores = "test"
-memory_mb = "test: far below any edge net's working set"
-downlink_mbps = "test"
-uplink_mbps = "test"
-latency_ms = "test"
-gflops = "test"
-"""
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from mist_fed.fed.spec import (
 )
 from mist_fed.model.backbone import BackboneSpec
 from mist_fed.report.results import DEVICE_COLUMNS, FLEET_COLUMNS, summary_table, write_run
-from tests.fakes import MemorySource
+from tests.fakes import TINY_DEVICE, MemorySource
 
 FLEETS = Path(__file__).resolve().parents[1] / "simulations" / "fleets"
 
@@ -247,23 +247,6 @@ def test_device_result_columns_are_the_shared_metric_names() -> None:
 
 
 # -- the device worker: one EdgeDevice per device-round ------------------------------------------
-
-TINY_DEVICE = """\
-name = "tiny-mem"
-cores = 1
-memory_mb = 1
-downlink_mbps = 10.0
-uplink_mbps = 5.0
-latency_ms = 10.0
-gflops = 1.0
-[sources]
-cores = "test"
-memory_mb = "test: far below any edge net's working set"
-downlink_mbps = "test"
-uplink_mbps = "test"
-latency_ms = "test"
-gflops = "test"
-"""
 
 
 def _job(storage: Path, rnd: int, profile: str = "rpi4", device: int = 0) -> DeviceJob:
