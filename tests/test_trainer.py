@@ -77,7 +77,9 @@ def test_extra_loss_joins_every_step():
         )
 
     def moved(net):
-        return sum(float((p - p0).norm()) for p, p0 in zip(net.parameters(), start, strict=True))
+        return sum(
+            float((p.detach() - p0).norm()) for p, p0 in zip(net.parameters(), start, strict=True)
+        )
 
     # Execute
     plain_fit = fit(plain, data, cfg)
