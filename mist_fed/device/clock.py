@@ -12,8 +12,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -40,19 +39,17 @@ class DeviceClock:
     transfer_s: float = 0.0
     bytes_down: int = 0
     bytes_up: int = 0
-    events: list[dict[str, Any]] = field(default_factory=list)
 
     def device_seconds(self, flops: float) -> float:
         """Seconds the profiled device takes for ``flops`` floating-point operations."""
         return flops / (self.profile.gflops * 1e9)
 
-    def add_compute(self, host_seconds: float, flops: int, what: str = "train") -> float:
+    def add_compute(self, host_seconds: float, flops: int) -> float:
         """Work of ``flops`` that took ``host_seconds`` here; returns the device's seconds."""
         dev = self.device_seconds(flops)
         self.compute_host_s += host_seconds
         self.compute_device_s += dev
         self.flops += flops
-        self.events.append({"what": what, "host_s": host_seconds, "flops": flops, "device_s": dev})
         return dev
 
     @property
@@ -60,27 +57,18 @@ class DeviceClock:
         """This host's measured rate on the same work (NaN before any)."""
         return self.flops / self.compute_host_s / 1e9 if self.compute_host_s else float("nan")
 
-    def add_download(self, nbytes: int, requests: int = 1, what: str = "features") -> float:
+    def add_download(self, nbytes: int, requests: int = 1) -> float:
         s = self.profile.downlink_seconds(nbytes, requests)
         self.bytes_down += nbytes
         self.transfer_s += s
-        self.events.append({"what": what, "bytes": nbytes, "device_s": s})
         return s
 
-    def add_upload(self, nbytes: int, requests: int = 1, what: str = "upload") -> float:
+    def add_upload(self, nbytes: int, requests: int = 1) -> float:
         s = self.profile.uplink_seconds(nbytes, requests)
         self.bytes_up += nbytes
         self.transfer_s += s
-        self.events.append({"what": what, "bytes": nbytes, "device_s": s})
         return s
 
     @property
     def total_device_s(self) -> float:
         return self.compute_device_s + self.transfer_s
-
-    def summary(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("events")
-        d["profile"] = self.profile.name
-        d["total_device_s"] = self.total_device_s
-        return d

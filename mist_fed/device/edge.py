@@ -27,12 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import pyarrow as pa
 import torch
 from torch import nn
 
-from mist_fed.core.cost import forward_macs, net_cost
+from mist_fed.core.cost import EdgeCost, net_cost
 from mist_fed.core.methods import build_edge_net, get_method, method_gather, starts_from_backbone
 from mist_fed.core.specs import GatherSpec, Geometry
 from mist_fed.device.cache import CachedSplit, CacheKey, FeatureCache
@@ -72,12 +73,9 @@ class DeviceMetrics:
     device_gflops: float = 0.0
     edge_params: int = 0
     edge_macs: int = 0  # per image, forward
-    events: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("events")
-        return d
+        return asdict(self)
 
 
 @dataclass
@@ -128,6 +126,7 @@ class EdgeDevice:
         self.progress = progress  # bars on stderr for downloads and training (a terminal's)
         self._splits: dict[CacheKey, CachedSplit] = {}
         self._inits: dict[str, dict[str, torch.Tensor]] = {}
+        self._costs: WeakKeyDictionary[nn.Module, EdgeCost] = WeakKeyDictionary()
         self._threads = 0
         self._inside = False  # within the ``with`` block: the meter is running
 
@@ -163,7 +162,6 @@ class EdgeDevice:
         )
         m.peak_rss_mb, m.peak_mem_mb = self.guard.peak_mb, self.guard.rise_mb
         m.host_gflops = c.host_gflops
-        m.events = list(c.events)
 
     def report(self) -> DeviceMetrics:
         """The metrics so far (final once the ``with`` block has exited: what the process does
@@ -219,7 +217,7 @@ class EdgeDevice:
             cached = self.cache.store(
                 key, schema, batches, paid=lambda: self.source.bytes_received - before
             )
-            self._paid(cached.paid_bytes, cached.rows, f"features {split}")
+            self._paid(cached.paid_bytes, cached.rows)
             log.info(
                 "%s: %d rows, %d bytes over the link", key.label(), cached.rows, cached.paid_bytes
             )
@@ -238,7 +236,7 @@ class EdgeDevice:
         def batches() -> Iterator[pa.RecordBatch]:
             for start in range(0, len(images), chunk):
                 part = images[start : start + chunk]
-                self.clock.add_upload(sum(len(b) for _, b, _ in part), what=f"upload {split}")
+                self.clock.add_upload(sum(len(b) for _, b, _ in part))
                 fs = self.source.embed([(i, b) for i, b, _ in part], spec, dtype)
                 label = {i: y for i, _, y in part}
                 for i, reason in fs.meta.get("errors", {}).items():
@@ -247,19 +245,19 @@ class EdgeDevice:
 
         return feature_schema(meta), batches()
 
-    def _paid(self, nbytes: int, rows: int, what: str) -> None:
-        self.clock.add_download(nbytes, 1, what)
+    def _paid(self, nbytes: int, rows: int) -> None:
+        self.clock.add_download(nbytes)
         self.metrics.feature_bytes += nbytes
         self.metrics.images_down += rows
         self.metrics.requests += 1
 
-    def download_weights(self, nbytes: int, what: str = "weights") -> None:
+    def download_weights(self, nbytes: int) -> None:
         """Charge the link for weights sent to the device (a fleet's global model)."""
-        self.clock.add_download(nbytes, 1, what)
+        self.clock.add_download(nbytes)
         self.metrics.requests += 1
 
-    def upload_weights(self, nbytes: int, what: str = "weights") -> None:
-        self.clock.add_upload(nbytes, 1, what)
+    def upload_weights(self, nbytes: int) -> None:
+        self.clock.add_upload(nbytes)
 
     def edge_init(self, method: str) -> dict[str, torch.Tensor] | None:
         """The pretrained weights ``method``'s net starts from (Partial-1), fetched once."""
@@ -279,7 +277,7 @@ class EdgeDevice:
                     )
             if init is None:
                 init = self.source.edge_init(method)
-                self.clock.add_download(init.nbytes, 1, f"{method} initial weights")
+                self.clock.add_download(init.nbytes)
                 self.metrics.init_bytes_down += init.nbytes
                 self.metrics.requests += 1
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -307,13 +305,17 @@ class EdgeDevice:
         )
         if state is not None:
             net.load_state_dict(state)
-        cost = net_cost(net, self.geometry.shape(self.spec(method, k)))
-        self.metrics.edge_params, self.metrics.edge_macs = cost.edge_params, cost.edge_macs
+        self._runs(net, self.geometry.shape(self.spec(method, k)))
         return net
 
-    def _macs(self, net: nn.Module, data: TrainData) -> int:
-        """``net``'s forward MACs per image of ``data`` (what the clock charges for)."""
-        return forward_macs(net, torch.zeros(1, *data.shape))
+    def _runs(self, net: nn.Module, shape: tuple[int, ...]) -> EdgeCost:
+        """``net`` is the one the device runs: its cost (counted once per net) goes in the
+        metrics; its forward MACs per image are what the clock charges for."""
+        cost = self._costs.get(net)
+        if cost is None:
+            cost = self._costs[net] = net_cost(net, shape)
+        self.metrics.edge_params, self.metrics.edge_macs = cost.edge_params, cost.edge_macs
+        return cost
 
     def train(
         self,
@@ -328,7 +330,7 @@ class EdgeDevice:
         work = estimate_train_mb(0, data.shape, 4, micro, grad_checkpointing=cfg.grad_checkpointing)
         base = self.guard.baseline_mb if self.guard.counts_runtime else 0.0
         check_fits(base + work, self.profile.memory_mb, self.profile.name, "training")
-        macs = self._macs(net, data)
+        macs = self._runs(net, data.shape).edge_macs
 
         bar = None
         if self.progress:
@@ -350,18 +352,18 @@ class EdgeDevice:
         finally:
             if bar is not None:
                 bar.close()
-        self.clock.add_compute(res.seconds, TRAIN_FLOPS_PER_MAC * macs * res.samples, "train")
+        self.clock.add_compute(res.seconds, TRAIN_FLOPS_PER_MAC * macs * res.samples)
         self.metrics.train_steps += res.steps
         return res
 
     def evaluate(self, net: nn.Module, data: TrainData) -> float:
         """Top-1 accuracy on ``data``, read batch by batch; charges the clock."""
-        macs = self._macs(net, data)
+        macs = self._runs(net, data.shape).edge_macs
         t0 = time.perf_counter()
         acc = evaluate(net, data)
         self.guard.check()
         flops = EVAL_FLOPS_PER_MAC * macs * data.labelled
-        self.clock.add_compute(time.perf_counter() - t0, flops, "evaluate")
+        self.clock.add_compute(time.perf_counter() - t0, flops)
         return acc
 
     def select_k(
@@ -394,9 +396,7 @@ class EdgeDevice:
                 best = (val_acc[k], k, net, fits[k])
         if best is None:
             raise ConfigError("select_k needs at least one candidate k")
-        # the chosen net's cost is what the device runs
-        cost = net_cost(best[2], self.geometry.shape(self.spec(method, best[1])))
-        self.metrics.edge_params, self.metrics.edge_macs = cost.edge_params, cost.edge_macs
+        self._runs(best[2], self.geometry.shape(self.spec(method, best[1])))  # the one it keeps
         return KSelection(k=best[1], val_acc=val_acc, net=best[2], fit=best[3], fits=fits)
 
 

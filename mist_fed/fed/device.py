@@ -177,7 +177,7 @@ def run_device(
             device = _device(job, src)
             with device:
                 if state is not None:
-                    device.download_weights(state_bytes(state), "fleet weights")
+                    device.download_weights(state_bytes(state))
                 train = device.features(
                     job.task, "train", job.method, job.k, job.wire_dtype, ids=job.train_ids
                 )
@@ -191,7 +191,7 @@ def run_device(
                 result.accuracy = device.evaluate(net, test)
                 device.guard.check()  # a device over its cap sends nothing back
                 new_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-                device.upload_weights(state_bytes(new_state), "fleet weights")
+                device.upload_weights(state_bytes(new_state))
         finally:
             _close(src)
     except Exception as e:  # a device's own failure is data, not a crash of the run
