@@ -73,15 +73,10 @@ def _batch_crc(batch: pa.RecordBatch) -> int:
     crc = 0
     for col in batch.columns:
         arr = col.storage if isinstance(col, pa.ExtensionArray) else col
-        for buf in _all_buffers(arr):
-            crc = zlib.crc32(memoryview(buf), crc)
+        for buf in arr.buffers():
+            if buf is not None:
+                crc = zlib.crc32(memoryview(buf), crc)
     return crc
-
-
-def _all_buffers(arr: pa.Array) -> Iterator[pa.Buffer]:
-    for buf in arr.buffers():
-        if buf is not None:
-            yield buf
 
 
 @dataclass
@@ -290,6 +285,8 @@ class FeatureCache:
                     labelled += len(labels)
                     max_label = max([max_label, *labels])
                     nbytes += batch_nbytes(batch)
+            if rows == 0:  # nothing to keep: a later open fetches again
+                raise WireError(f"the cloud sent no rows for {key.label()}")
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -308,7 +305,4 @@ class FeatureCache:
         side_tmp = side.with_suffix(f".json.{os.getpid()}.tmp")
         side_tmp.write_text(json.dumps(info) + "\n")
         os.replace(side_tmp, side)
-        split = self._load(key, path, side)
-        if rows == 0:
-            raise WireError(f"the cloud sent no rows for {key.label()}")
-        return split
+        return self._load(key, path, side)
