@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = [
     "tests/test_load_faults.py",
     "tests/test_store_faults.py",
-    "tests/test_fed_faults.py",
+    "tests/test_fleet_faults.py",
     "tests/test_fuzz.py",
     "tests/test_security.py",
 ]

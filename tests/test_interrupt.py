@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from mist_fed.cli import EXIT_INTERRUPTED
-from mist_fed.fed import server_app
-from mist_fed.fed.device import DeviceJob
-from mist_fed.fed.server_app import GridTransport, RunStopped, wait_for_nodes
+from mist_fed.fleet import server_app
+from mist_fed.fleet.device import DeviceJob
+from mist_fed.fleet.server_app import GridTransport, RunStopped, wait_for_nodes
 from tests.conftest import sigint_as_in_a_terminal
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from mist_fed.device.profiles import load_profile
 from mist_fed.device.source import FlightSource
 from mist_fed.device.trainer import TrainConfig
 from mist_fed.experiments.compare import CompareConfig, Comparison, Variant
-from mist_fed.fed.device import DeviceJob, run_device
-from mist_fed.fed.runner import initial_state
+from mist_fed.fleet.device import DeviceJob, run_device
+from mist_fed.fleet.runner import initial_state
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

@@ -43,14 +43,14 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_spec(args: argparse.Namespace) -> Any:
-    from mist_fed.fed.spec import OVERRIDES, apply_overrides, load_fleet
+    from mist_fed.fleet.spec import OVERRIDES, apply_overrides, load_fleet
 
     spec = load_fleet(args.fleet)
     return apply_overrides(spec, **{k: getattr(args, k, None) for k in OVERRIDES})
 
 
 def run(args: argparse.Namespace) -> int:
-    from mist_fed.fed.simulate import simulate
+    from mist_fed.fleet.simulate import simulate
     from mist_fed.report.results import fleet_frame, format_table, summary_table
 
     result = simulate(
@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Overhead ratio: the Flower/Ray run vs the same rounds in one process, same cloud."""
-    from mist_fed.fed.runner import plan_devices
-    from mist_fed.fed.simulate import cloud_service, resolve_assets, run_plain, simulate
+    from mist_fed.fleet.runner import plan_devices
+    from mist_fed.fleet.simulate import cloud_service, resolve_assets, run_plain, simulate
 
     log = logging.getLogger("mist_fed.bench")
     spec = resolve_assets(load_spec(args))

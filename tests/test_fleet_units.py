@@ -16,11 +16,11 @@ import torch
 
 from mist_fed.device.edge import DeviceMetrics
 from mist_fed.errors import ConfigError
-from mist_fed.fed.aggregate import StateDict, aggregate_fleet, fedavg
-from mist_fed.fed.device import DeviceJob, DeviceResult, evaluate_device, run_device
-from mist_fed.fed.partition import dirichlet_split, iid_split, sample_pool
-from mist_fed.fed.runner import FleetRunner, PlannedDevice, device_dir
-from mist_fed.fed.spec import (
+from mist_fed.fleet.aggregate import StateDict, aggregate_fleet, fedavg
+from mist_fed.fleet.device import DeviceJob, DeviceResult, evaluate_device, run_device
+from mist_fed.fleet.partition import dirichlet_split, iid_split, sample_pool
+from mist_fed.fleet.runner import FleetRunner, PlannedDevice, device_dir
+from mist_fed.fleet.spec import (
     apply_overrides,
     assign_profiles,
     load_fleet,
@@ -320,7 +320,7 @@ def test_fleet_rounds_over_devices_with_their_own_storage(tmp_path: Path) -> Non
 def test_the_device_worker_imports_no_backbone_code() -> None:
     # Execute: what a Ray worker imports to serve the fleet's ClientApp
     code = (
-        "import sys, mist_fed.fed.client_app; "
+        "import sys, mist_fed.fleet.client_app; "
         "print(sorted({'timm', 'mist_fed.model.backbone'} & set(sys.modules)))"
     )
     out = subprocess.run(

@@ -7,9 +7,9 @@ import os
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from mist_fed.fed.device import evaluate_device, run_device
-from mist_fed.fed.faults import maybe_fault
-from mist_fed.fed.messages import eval_reply, train_reply, unpack_job
+from mist_fed.fleet.device import evaluate_device, run_device
+from mist_fed.fleet.faults import maybe_fault
+from mist_fed.fleet.messages import eval_reply, train_reply, unpack_job
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from mist_fed.fed.aggregate import StateDict
-from mist_fed.fed.device import FAILED, DeviceJob, DeviceResult
+from mist_fed.fleet.aggregate import StateDict
+from mist_fed.fleet.device import FAILED, DeviceJob, DeviceResult
 
 TRAIN, EVALUATE = "train", "evaluate"
 

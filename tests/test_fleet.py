@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mist_fed.fed.spec import spec_from_dict
+from mist_fed.fleet.spec import spec_from_dict
 from mist_fed.report.results import DEVICE_COLUMNS, FLEET_COLUMNS
 from tests.fakes import TINY_DEVICE
 
@@ -23,7 +23,7 @@ BACKBONE = {
 
 @pytest.fixture(scope="module")
 def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    from mist_fed.fed.simulate import simulate
+    from mist_fed.fleet.simulate import simulate
 
     tmp = tmp_path_factory.mktemp("fleet")
     tiny = tmp / "tiny-mem.toml"

@@ -1,9 +1,9 @@
 """The Flower ServerApp of a fleet run: send jobs to the devices' ClientApps, gather replies.
 
-The round logic lives in :class:`mist_fed.fed.runner.FleetRunner`; this module only moves
+The round logic lives in :class:`mist_fed.fleet.runner.FleetRunner`; this module only moves
 :class:`DeviceJob` s and weights through Flower's Grid and back. ``app`` is the component
 ``flwr run .`` loads (its run-config is converted into a :class:`FleetSpec` once, here);
-:func:`make_server_app` builds the same app around a ready spec for :mod:`mist_fed.fed.simulate`.
+:func:`make_server_app` builds the same app around a ready spec for :mod:`mist_fed.fleet.simulate`.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from mist_fed.fed.aggregate import StateDict
-from mist_fed.fed.device import FAILED, DeviceJob, DeviceResult
-from mist_fed.fed.messages import (
+from mist_fed.fleet.aggregate import StateDict
+from mist_fed.fleet.device import FAILED, DeviceJob, DeviceResult
+from mist_fed.fleet.messages import (
     EVALUATE,
     TRAIN,
     job_message,
     unpack_eval_reply,
     unpack_train_reply,
 )
-from mist_fed.fed.runner import FleetRunner, RunRecords, check_devices, plan_devices
-from mist_fed.fed.spec import FleetSpec, spec_from_run_config
+from mist_fed.fleet.runner import FleetRunner, RunRecords, check_devices, plan_devices
+from mist_fed.fleet.spec import FleetSpec, spec_from_run_config
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry of ``flwr run .``: run-config -> spec, then the same path as ``simulate``."""
-    from mist_fed.fed.simulate import cloud_service, device_storage, finish_run, resolve_assets
+    from mist_fed.fleet.simulate import cloud_service, device_storage, finish_run, resolve_assets
 
     # Relative fleet paths resolve against the app's root (the FAB, or this checkout).
     app_root = Path(__file__).resolve().parents[2]

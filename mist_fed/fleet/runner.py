@@ -31,8 +31,8 @@ from mist_fed.core.methods import build_edge_net, starts_from_backbone
 from mist_fed.data import get_task
 from mist_fed.device.source import FeatureSource, FlightSource
 from mist_fed.errors import ConfigError
-from mist_fed.fed.aggregate import StateDict, fedavg
-from mist_fed.fed.device import (
+from mist_fed.fleet.aggregate import StateDict, fedavg
+from mist_fed.fleet.device import (
     DROPPED,
     OK,
     STRAGGLER,
@@ -40,8 +40,8 @@ from mist_fed.fed.device import (
     DeviceResult,
     SourceFactory,
 )
-from mist_fed.fed.partition import sample_pool, split_indices
-from mist_fed.fed.spec import FleetSpec, TaskFleet, assign_profiles
+from mist_fed.fleet.partition import sample_pool, split_indices
+from mist_fed.fleet.spec import FleetSpec, TaskFleet, assign_profiles
 
 log = logging.getLogger(__name__)
 
@@ -347,13 +347,13 @@ def local_train_fn(
     jobs: Sequence[DeviceJob], states: Sequence[StateDict]
 ) -> list[tuple[DeviceResult, StateDict | None]]:
     """The plain in-process loop: the same device function, one device after another."""
-    from mist_fed.fed.device import run_device
+    from mist_fed.fleet.device import run_device
 
     return [run_device(j, s) for j, s in zip(jobs, states, strict=True)]
 
 
 def local_eval_fn(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list[float]:
-    from mist_fed.fed.device import evaluate_device
+    from mist_fed.fleet.device import evaluate_device
 
     return [evaluate_device(j, s) for j, s in zip(jobs, states, strict=True)]
 

@@ -32,15 +32,15 @@ from mist_fed.cloud.runner import running_cloud
 from mist_fed.defaults import cache_dir
 from mist_fed.device.profiles import load_profile, profile_resources
 from mist_fed.errors import BackboneError, Interrupted, MistError, TaskError
-from mist_fed.fed.device import DeviceResult
-from mist_fed.fed.runner import (
+from mist_fed.fleet.device import DeviceResult
+from mist_fed.fleet.runner import (
     FleetRunner,
     RunRecords,
     local_eval_fn,
     local_train_fn,
     plan_devices,
 )
-from mist_fed.fed.spec import FleetSpec, spec_to_dict
+from mist_fed.fleet.spec import FleetSpec, spec_to_dict
 from mist_fed.model.backbone import Backbone, BackboneSpec, create_backbone
 from mist_fed.wire.client import FeatureClient
 
@@ -292,9 +292,9 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
-    from mist_fed.fed import ray_pool
-    from mist_fed.fed.client_app import app as client_app
-    from mist_fed.fed.server_app import make_server_app
+    from mist_fed.fleet import ray_pool
+    from mist_fed.fleet.client_app import app as client_app
+    from mist_fed.fleet.server_app import make_server_app
 
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose > 1 else logging.ERROR)
     spec = resolve_assets(spec)
