@@ -46,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
         if not r["available"] and r["how"]:
             print(f"{'':<31}to get it: {r['how']}")
     print(f"\ndefault task: {default_task()}   default backbone: {default_backbone()}")
-    print("protocols: vtab-1k (800 train + 200 val, official test), few-shot (1/2/4/8/16), full")
+    print(
+        "protocols: vtab-1k (800 train + 200 val, official test or a fixed 20% where there is "
+        "none), few-shot (1/2/4/8/16), full"
+    )
     return 0
 
 

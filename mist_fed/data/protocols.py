@@ -136,12 +136,27 @@ def apply_protocol(
     }
 
 
-def carve(source: Source, fraction: float, seed: int = 0) -> tuple[Source, Source]:
-    """Split one source into (rest, held-out ``fraction``) with a fixed seed (no official test)."""
-    order = np.random.default_rng(seed).permutation(len(source))
-    n_out = max(1, round(len(source) * fraction))
-    keep = sorted(int(i) for i in order[n_out:])
-    out = sorted(int(i) for i in order[:n_out])
+def carve(
+    source: Source, fraction: float, seed: int = 0, *, stratify: bool = False
+) -> tuple[Source, Source]:
+    """Split one source into (rest, held-out ``fraction``) with a fixed seed (no official test).
+
+    ``stratify``: hold out ``fraction`` (rounded) of each class, so every class keeps its share
+    in both parts; otherwise ``fraction`` of the whole, at random.
+    """
+    rng = np.random.default_rng(seed)
+    if stratify:
+        labels = np.asarray(source.labels)
+        held: list[int] = []
+        for c in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == c))
+            held.extend(int(i) for i in members[: round(len(members) * fraction)])
+    else:
+        order = rng.permutation(len(source))
+        held = [int(i) for i in order[: max(1, round(len(source) * fraction))]]
+    out = sorted(held)
+    taken = set(out)
+    keep = [i for i in range(len(source)) if i not in taken]
 
     def sub(idx: list[int]) -> Source:
         return Source(
