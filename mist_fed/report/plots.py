@@ -1,8 +1,10 @@
-"""Plots of a fleet run (matplotlib, Agg backend): accuracy vs bytes, accuracy per round,
-device time split into transfer and compute."""
+"""Plots of a fleet run (matplotlib, Agg backend): accuracy vs bytes, accuracy per round and
+against simulated time (each with the fleet's central reference, dashed), device time split
+into transfer and compute."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -10,8 +12,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
+from matplotlib.typing import ColorType
+
+from mist_fed.report.results import numeric
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
@@ -46,16 +53,64 @@ def plot_accuracy_vs_bytes(fleets: pd.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def _central_line(ax: Axes, fleet_rows: pd.DataFrame, color: ColorType) -> float:
+    """A dashed horizontal line at the fleet's central accuracy (its last round's), in the
+    fleet's colour; returns it, NaN and nothing drawn when there is none (an older run)."""
+    central = numeric(fleet_rows.sort_values("round", kind="stable"), "central_accuracy")
+    if central.empty or math.isnan(central.iloc[-1]):
+        return math.nan
+    ax.axhline(central.iloc[-1], color=color, linestyle="--", linewidth=1, alpha=0.8)
+    return float(central.iloc[-1])
+
+
+def _finish_accuracy(ax: Axes, centrals: list[float]) -> None:
+    """Keep the dashed central lines inside the axes; the legend: the fleets' lines and one
+    "central" entry for the dashed references (when any is drawn)."""
+    drawn = [c for c in centrals if not math.isnan(c)]
+    handles, labels = ax.get_legend_handles_labels()
+    if drawn:
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, min(drawn) - 0.02), max(hi, max(drawn) + 0.02))
+        handles.append(Line2D([], [], color="grey", linestyle="--", linewidth=1))
+        labels.append("central")
+    if handles:
+        ax.legend(handles, labels, fontsize=7)
+
+
 def plot_accuracy_per_round(fleets: pd.DataFrame, path: Path) -> Path:
+    """Accuracy per round, one line per fleet, its central reference dashed."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    centrals = []
     for name, g in fleets.groupby("fleet"):
-        g = g.sort_values("round")
-        ax.plot(g["round"], g["accuracy"], marker="o", label=str(name))
+        g = g.sort_values("round", kind="stable")
+        (line,) = ax.plot(g["round"], numeric(g, "accuracy"), marker="o", label=str(name))
+        centrals.append(_central_line(ax, g, line.get_color()))
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy per round, per task fleet")
-    ax.legend(fontsize=7)
+    _finish_accuracy(ax, centrals)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_accuracy_vs_sim_time(fleets: pd.DataFrame, path: Path) -> Path:
+    """Accuracy against cumulative simulated time (hours), one line per fleet with a marker
+    per round, its central reference dashed. A fleet without simulated times (an older run)
+    is left out."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    centrals = []
+    for name, g in fleets.groupby("fleet"):
+        g = g.sort_values("round", kind="stable")
+        hours = numeric(g, "sim_time_s") / 3600
+        if hours.isna().all():
+            continue
+        (line,) = ax.plot(hours, numeric(g, "accuracy"), marker="o", label=str(name))
+        centrals.append(_central_line(ax, g, line.get_color()))
+    ax.set_xlabel("simulated time (hours)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Accuracy vs simulated time, per task fleet")
+    _finish_accuracy(ax, centrals)
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
 
@@ -82,5 +137,6 @@ def plot_run(run_dir: Path, devices: pd.DataFrame, fleets: pd.DataFrame) -> list
     return [
         plot_accuracy_vs_bytes(fleets, run_dir / "accuracy_vs_bytes.png"),
         plot_accuracy_per_round(fleets, run_dir / "accuracy_per_round.png"),
+        plot_accuracy_vs_sim_time(fleets, run_dir / "accuracy_vs_sim_time.png"),
         plot_device_time(devices, run_dir / "device_time.png"),
     ]

@@ -4,7 +4,8 @@
 * ``fleets.parquet``: one row per task fleet per round (:data:`FLEET_COLUMNS` first),
 * ``config.toml``: the resolved fleet spec (rerun with ``--fleet results/<id>/config.toml``)
   and, under ``[run]``, how this run was made (never read back as spec),
-* ``summary.md``: the final-round table, then run facts.
+* ``summary.md``: the final-round table, what its columns mean, one line per fleet on its gap
+  to the central reference and its simulated time to 95% of its final accuracy, then run facts.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ DEVICE_COLUMNS = (
     "peak_mem_mb",
     "mem_cap_mb",
     "accuracy",
-    "global_accuracy",
     "num_examples",
     "feature_bytes",
     "images_down",
@@ -48,19 +48,34 @@ FLEET_COLUMNS = (
     "method",
     "aggregation",
     "devices",
+    "sampled",
     "ok",
     "failed",
     "dropped",
     "stragglers",
     "accuracy",
+    "central_accuracy",
+    "eval_images",
+    "sample_steps",
+    "central_sample_steps",
+    "round_time_s",
+    "sim_time_s",
+    "device_hours",
+    "sim_device_hours",
     "bytes_down",
     "bytes_up",
     "bytes_per_image",
     "transfer_s",
     "compute_s",
-    "round_time_s",
     "peak_mem_mb",
 )
+# Columns that hold text; any other missing column is filled with NaN (a float column).
+TEXT_COLUMNS = frozenset(
+    {"fleet", "task", "method", "aggregation", "profile", "status", "reason", "received_digest"}
+)
+# The aggregation of a fleet whose devices keep their own models (mist_fed.fleet.strategies).
+LOCAL = "local"
+T_FRACTION = 0.95  # the share of the final accuracy that ``t95 h`` waits for
 
 
 def new_run_id(prefix: str = "fleet") -> str:
@@ -68,10 +83,12 @@ def new_run_id(prefix: str = "fleet") -> str:
 
 
 def _frame(rows: Sequence[Mapping[str, Any]], first: Sequence[str]) -> pd.DataFrame:
+    """The rows as a frame, ``first`` leading; a column no row has (an older run) is added,
+    empty: missing text, or NaN."""
     df = pd.DataFrame(list(rows))
     for c in first:
         if c not in df.columns:
-            df[c] = pd.NA
+            df[c] = pd.NA if c in TEXT_COLUMNS else math.nan
     return df[list(first) + [c for c in df.columns if c not in first]]
 
 
@@ -83,12 +100,63 @@ def fleet_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return _frame(rows, FLEET_COLUMNS)
 
 
+def numeric(df: pd.DataFrame, column: str) -> pd.Series:
+    """``df[column]`` as floats: NaN where the column is missing or a value is not a number."""
+    if column not in df.columns:
+        return pd.Series(math.nan, index=df.index, dtype=float)
+    return pd.to_numeric(df[column], errors="coerce").astype(float)
+
+
+def _reaching(fleet_rows: pd.DataFrame, fraction: float) -> pd.Series | None:
+    """The first round (a row) whose accuracy is at least ``fraction`` of the last round's;
+    None when there is no row or the last round's accuracy is NaN."""
+    rows = fleet_rows.sort_values("round", kind="stable").reset_index(drop=True)
+    acc = numeric(rows, "accuracy")
+    if rows.empty or math.isnan(acc.iloc[-1]):
+        return None
+    hit = (acc >= fraction * acc.iloc[-1]).to_numpy()  # NaN compares False
+    if not hit.any():
+        return None
+    # sim_time_s as floats (NaN when an older run has none) for time_to_fraction
+    return rows.assign(sim_time_s=numeric(rows, "sim_time_s")).iloc[int(hit.argmax())]
+
+
+def time_to_fraction(fleet_rows: pd.DataFrame, fraction: float = T_FRACTION) -> float:
+    """Simulated seconds until one fleet first reached ``fraction`` of its final accuracy.
+
+    ``fleet_rows`` are one fleet's rows of ``fleets.parquet``; the answer is the cumulative
+    ``sim_time_s`` of the first round whose accuracy is at least ``fraction`` x the last
+    round's accuracy. NaN when the last round's accuracy is NaN, or the rows have no
+    ``sim_time_s`` (an older run)."""
+    row = _reaching(fleet_rows, fraction)
+    return math.nan if row is None else float(row["sim_time_s"])
+
+
 def summary_table(fleets: pd.DataFrame) -> pd.DataFrame:
     """The table a reader wants first: each fleet's last round, with totals over the run."""
     if fleets.empty:
         return pd.DataFrame()
-    last = fleets.sort_values("round").groupby("fleet", sort=False).tail(1).set_index("fleet")
-    total = fleets.groupby("fleet", sort=False)
+    fleets = fleets.sort_values("round", kind="stable")
+    last = fleets.groupby("fleet", sort=False).tail(1).set_index("fleet")
+    total = fleets.assign(
+        **{
+            c: numeric(fleets, c)
+            for c in (
+                "feature_bytes",
+                "images_down",
+                "bytes_down",
+                "bytes_up",
+                "transfer_s",
+                "compute_s",
+                "peak_mem_mb",
+            )
+        }
+    ).groupby("fleet", sort=False)
+    accuracy, central = numeric(last, "accuracy"), numeric(last, "central_accuracy")
+    t95 = pd.Series(
+        {name: time_to_fraction(g) for name, g in fleets.groupby("fleet", sort=False)},
+        dtype=float,
+    )
     out = pd.DataFrame(
         {
             "task": last["task"],
@@ -99,7 +167,12 @@ def summary_table(fleets: pd.DataFrame) -> pd.DataFrame:
             "failed": last["failed"],
             "dropped": last["dropped"],
             "late": last["stragglers"],
-            "accuracy": last["accuracy"],
+            "accuracy": accuracy,
+            "central": central,
+            "gap": (accuracy - central) * 100,
+            "t95 h": t95 / 3600,
+            "sim h": numeric(last, "sim_time_s") / 3600,
+            "dev-h": numeric(last, "sim_device_hours"),
             "KB/image": total["feature_bytes"].sum()
             / total["images_down"].sum().where(lambda s: s > 0)
             / 1e3,
@@ -112,6 +185,51 @@ def summary_table(fleets: pd.DataFrame) -> pd.DataFrame:
     )
     out.index.name = "fleet"
     return out.reset_index()
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def gap_lines(fleets: pd.DataFrame, fraction: float = T_FRACTION) -> list[str]:
+    """One line per fleet: its final accuracy against its central reference, and the
+    simulated time until it first reached ``fraction`` of its final accuracy."""
+    lines = []
+    for name, g in fleets.sort_values("round", kind="stable").groupby("fleet", sort=False):
+        last = g.iloc[-1]
+        acc = float(numeric(g, "accuracy").iloc[-1])
+        central = float(numeric(g, "central_accuracy").iloc[-1])
+        images = float(numeric(g, "eval_images").iloc[-1])
+        local = last.get("aggregation") == LOCAL
+        head = f"* {name} ({last.get('aggregation')}): "
+        if math.isnan(acc):
+            lines.append(head + "no accuracy in the last round")
+            continue
+        n = "" if math.isnan(images) else f" {images:.0f}"
+        if math.isnan(central):
+            text = f"{_pct(acc)}, no central reference"
+        elif local:
+            text = (
+                f"{_pct(acc)} vs central {_pct(central)} (gap {100 * (acc - central):+.1f}"
+                f" points, not paired: the devices' own{n} test images)"
+            )
+        else:
+            text = (
+                f"{_pct(acc)} vs central {_pct(central)} (gap {100 * (acc - central):+.1f}"
+                f" points, paired on{n} test images)"
+            )
+        row = _reaching(g, fraction)
+        if row is not None:
+            rounds = f"round {row['round']} of {last['round']}"
+            t = time_to_fraction(g, fraction)
+            when = (
+                f"at {rounds}"
+                if math.isnan(t)
+                else f"after {t / 3600:.2f} simulated hours ({rounds})"
+            )
+            text += f"; {fraction:.0%} of final accuracy {when}"
+        lines.append(head + text)
+    return lines
 
 
 def format_table(df: pd.DataFrame) -> str:
@@ -163,10 +281,27 @@ def write_run(
         "",
         format_table(summary_table(fl)),
         "",
-        "Accuracy: last round, on the devices' test images (fedavg: the fleet's averaged model;",
-        "local: each device's own). KB/image: feature bytes streamed per image; MB down also",
-        "counts the weights each device receives every round. Times are device seconds",
-        "(transfer from the profile's link, compute measured here and scaled to the device).",
+        "Accuracy: last round. Federated fleets (`agg` a Flower strategy): the global model",
+        "scored on the server on N test images of the task (a seeded sample, the same in every",
+        "round and for every fleet of the task; N is in the lines below). Local fleets (`agg`",
+        "local): each device's own model on its own test images, weighted by their number.",
+        "`central`: the fleet's edge net trained centrally on the union of its devices' training",
+        "images for the same sample-steps, scored on the server's evaluation images; `gap` =",
+        "accuracy - central, in points. For federated fleets the two are paired (the same",
+        "images); for local fleets they are not (the devices' own test images against the",
+        "server's).",
+        "",
+        "Simulated time (a FedScale-style virtual clock): a round lasts as long as its slowest",
+        "device that ran (transfer + compute, capped at the deadline). In hours: `sim h` sums",
+        "the rounds, `dev-h` sums every device's transfer + compute over the run (dropped",
+        f"devices excluded), `t95 h` is the simulated time until the fleet first reached {T_FRACTION:.0%}",
+        "of its final accuracy. KB/image: feature bytes streamed per image; MB down also counts the",
+        "weights each device receives every round. Device times are seconds (transfer from the",
+        "profile's link, compute measured here and scaled to the device).",
+        "",
+        "## Federated gap and time to accuracy",
+        "",
+        *(gap_lines(fl) or ["(no rows)"]),
         "",
         "## Run",
         "",
