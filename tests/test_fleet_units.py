@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import subprocess
 import sys
@@ -12,12 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from mist_fed.device.edge import DeviceMetrics
 from mist_fed.errors import ConfigError
-from mist_fed.fleet.aggregate import StateDict, aggregate_fleet, fedavg
-from mist_fed.fleet.device import DeviceJob, DeviceResult, evaluate_device, run_device
+from mist_fed.fleet.device import DeviceJob, DeviceResult, StateDict, run_device
 from mist_fed.fleet.partition import dirichlet_split, iid_split, sample_pool
 from mist_fed.fleet.runner import FleetRunner, PlannedDevice, device_dir
 from mist_fed.fleet.spec import (
@@ -148,32 +145,6 @@ def test_sample_pool_nests_and_refuses_too_many() -> None:
         sample_pool(10, 11, 0)
 
 
-# -- FedAvg per task -----------------------------------------------------------------------------
-
-
-def test_fedavg_weights_by_examples_and_keeps_int_buffers() -> None:
-    # Prepare
-    a = {"w": torch.zeros(2), "n": torch.tensor(3)}
-    b = {"w": torch.ones(2), "n": torch.tensor(5)}
-    # Execute
-    avg = fedavg([a, b], [1, 3])
-    # Assert
-    assert torch.allclose(avg["w"], torch.full((2,), 0.75)) and int(avg["n"]) == 3
-
-
-def test_aggregate_fleet_fedavg_shares_local_keeps() -> None:
-    # Prepare
-    results = [(0, {"w": torch.zeros(1)}, 1.0), (1, {"w": torch.ones(1)}, 1.0)]
-    # Execute
-    shared = aggregate_fleet("fedavg", results)
-    kept = aggregate_fleet("local", results)
-    # Assert
-    assert torch.allclose(shared["w"], torch.tensor([0.5]))  # type: ignore[index]
-    assert set(kept) == {0, 1} and float(kept[1]["w"]) == 1.0  # type: ignore[index]
-    with pytest.raises(ConfigError):
-        fedavg([{"w": torch.zeros(1)}, {"w": torch.zeros(2)}], [1, 1])
-
-
 # -- messages' payloads and results --------------------------------------------------------------
 
 
@@ -197,8 +168,8 @@ def _rows() -> tuple[list[dict], list[dict]]:
             r = DeviceResult(dev, rnd, status, "" if status == "ok" else "exceeds device memory")
             r.bytes_down, r.feature_bytes, r.images_down, r.accuracy = 100, 80, 4, 0.5
             devices.append(
-                {"fleet": "t/mist", "task": "t", "method": "mist", "aggregation": "fedavg",
-                 "profile": "rpi4", "global_accuracy": math.nan, **dataclasses.asdict(r)}
+                {"fleet": "t/mist", "task": "t", "method": "mist", "aggregation": "FedAvg",
+                 "profile": "rpi4", **dataclasses.asdict(r)}
             )  # fmt: skip
     fleets = [
         {"round": rnd, "fleet": "t/mist", "task": "t", "method": "mist", "aggregation": "fedavg",
@@ -276,8 +247,6 @@ def test_a_device_pays_for_its_features_once_and_reads_its_cache_after(tmp_path:
     assert first.bytes_down == first.feature_bytes and first.bytes_up == weights
     assert second.transfer_s > 0 and second.compute_s > 0 and second.train_steps == 2 * 3
     assert 0 <= second.accuracy <= 1 and second.peak_mem_mb >= 0 and second.edge_params > 0
-    assert 0 <= evaluate_device(_job(storage, 2), again, lambda cloud: src) <= 1
-    assert len(src.streams) == 2
 
 
 def test_a_device_over_its_memory_cap_fails_and_sends_no_weights(tmp_path: Path) -> None:
@@ -304,17 +273,18 @@ def test_fleet_rounds_over_devices_with_their_own_storage(tmp_path: Path) -> Non
     def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
         return [run_device(j, s, lambda c: src) for j, s in zip(jobs, states, strict=True)]
 
-    def evaluate(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list[float]:
-        return [evaluate_device(j, s, lambda c: src) for j, s in zip(jobs, states, strict=True)]
-
-    rec = runner.run(train, evaluate)
+    rec = runner.run(train)
     # Assert
     dev = pd.DataFrame(rec.devices).set_index(["round", "device"])
     assert (dev["status"] == "ok").all(), dev["reason"]
     assert (dev.loc[1, "feature_bytes"] > 0).all() and (dev.loc[2, "feature_bytes"] == 0).all()
     assert dev.loc[2, "received_digest"].nunique() == 1  # fedavg: one global model
     assert {p.name for p in (tmp_path / "synthetic_mist").iterdir()} == {"0", "1"}
-    assert len(src.streams) == 2 * 2  # train + test per device, in round 1 only
+    # train + test per device in round 1 only; the server: the union and the evaluation images
+    assert len(src.streams) == 2 * 2 + 2
+    fl = pd.DataFrame(rec.fleets)
+    assert fl["central_sample_steps"].iloc[-1] == fl["sample_steps"].iloc[-1] == 2 * 2 * 12
+    assert fl["eval_images"].eq(16).all() and fl["central_accuracy"].between(0, 1).all()
 
 
 def test_the_device_worker_imports_no_backbone_code() -> None:

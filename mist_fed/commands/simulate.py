@@ -23,19 +23,31 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
         "--profile", help="profile mix: `rpi4` or `rpi4:30,phone-low:20` (or .toml paths)"
     )
     p.add_argument("--tasks", help="comma-separated tasks, one fleet each (replaces the spec's)")
-    p.add_argument("--method", choices=["mist", "linear", "partial1", "side"])
-    p.add_argument("--aggregation", choices=["fedavg", "local"])
+    p.add_argument("--method", choices=["mist", "mist_pool", "linear", "partial1", "side"])
+    p.add_argument(
+        "--aggregation",
+        help="a Flower strategy (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx, "
+        "FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan; any case) or local",
+    )
+    p.add_argument(
+        "--aggregation-args",
+        help="the strategy's keyword arguments as JSON, e.g. '{\"eta\": 0.01}'",
+    )
     p.add_argument("--split", choices=["iid", "dirichlet"])
     p.add_argument("--dirichlet-alpha", type=float)
     p.add_argument("--rounds", type=int)
     p.add_argument("--local-epochs", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int, help="devices' (and the central reference's) batch")
     p.add_argument("--k", type=int, help="gather depth for mist (-1: all blocks)")
     p.add_argument("--wire-dtype", choices=WIRE_DTYPES)
     p.add_argument("--dropout", type=float, help="probability a device skips a round")
     p.add_argument("--deadline-s", type=float, help="round deadline in device seconds")
     p.add_argument("--train-per-device", type=int)
     p.add_argument("--test-per-device", type=int)
+    p.add_argument(
+        "--eval-images", type=int, help="test images the global and central models are scored on"
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--cloud", help="use a running cloud (grpc://host:port); default: embedded")
     p.add_argument("--ray-address", help="attach to a running Ray cluster")

@@ -28,7 +28,7 @@ import torch
 from mist_fed.device.edge import DeviceMetrics, EdgeDevice
 from mist_fed.device.profiles import load_profile
 from mist_fed.device.source import FeatureSource, FlightSource
-from mist_fed.device.trainer import TrainConfig
+from mist_fed.device.trainer import ExtraLoss, TrainConfig
 from mist_fed.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class DeviceJob:
     batch_size: int = 32
     lr: float = 2e-3
     seed: int = 0
+    proximal_mu: float = 0.0  # FedProx: the strategy's proximal term weight (0: none)
 
     def to_config(self) -> dict[str, Any]:
         """Flat values a Flower ConfigRecord accepts."""
@@ -149,7 +150,21 @@ def train_config(job: DeviceJob) -> TrainConfig:
     )
 
 
-def _close(source: FeatureSource) -> None:
+def proximal_term(anchor: StateDict, mu: float) -> ExtraLoss:
+    """FedProx's ``mu / 2 * ||w - w_global||^2`` over the net's trained parameters."""
+    fixed = {k: v.detach().clone().float() for k, v in anchor.items()}
+
+    def term(net: torch.nn.Module) -> torch.Tensor:
+        total = torch.zeros(())
+        for name, p in net.named_parameters():
+            if p.requires_grad and name in fixed:
+                total = total + (p - fixed[name]).pow(2).sum()
+        return 0.5 * mu * total
+
+    return term
+
+
+def close_source(source: FeatureSource) -> None:
     close = getattr(source, "close", None)
     if callable(close):
         close()
@@ -186,14 +201,15 @@ def run_device(
                 )
                 result.num_examples = train.labelled
                 net = device.new_net(job.method, job.num_classes, job.k, state=state)
-                fitted = device.train(net, train, train_config(job))
+                prox = proximal_term(state, job.proximal_mu) if state and job.proximal_mu else None
+                fitted = device.train(net, train, train_config(job), extra_loss=prox)
                 result.train_loss = fitted.losses[-1] if fitted.losses else math.nan
                 result.accuracy = device.evaluate(net, test)
                 device.guard.check()  # a device over its cap sends nothing back
                 new_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
                 device.upload_weights(state_bytes(new_state))
         finally:
-            _close(src)
+            close_source(src)
     except Exception as e:  # a device's own failure is data, not a crash of the run
         log.debug("device %d failed:\n%s", job.device, traceback.format_exc())
         result.status = FAILED
@@ -202,22 +218,3 @@ def run_device(
     if device is not None:
         result.record(device.report())
     return result, new_state
-
-
-def evaluate_device(
-    job: DeviceJob, state: StateDict, source: SourceFactory = FlightSource
-) -> float:
-    """Accuracy of the fleet's aggregated weights on this device's test images (NaN if the
-    device cannot tell: the reason is logged). The features come from the device's cache."""
-    src = source(job.cloud)
-    try:
-        with _device(job, src) as device:
-            test = device.features(
-                job.task, "test", job.method, job.k, job.wire_dtype, ids=job.test_ids
-            )
-            return device.evaluate(device.new_net(job.method, job.num_classes, job.k, state), test)
-    except Exception as e:
-        log.warning("device %d could not evaluate the fleet's model: %s", job.device, e)
-        return math.nan
-    finally:
-        _close(src)

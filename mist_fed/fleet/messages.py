@@ -1,18 +1,20 @@
 """Packing and unpacking the Flower Messages of a fleet run (jobs, weights, results).
 
 Federation messages carry only edge-net weights and small configs, never features.
+:func:`strategy_reply` is a device's reply as Flower's strategies read it (one ArrayRecord,
+one MetricRecord with the example count they weight by), whichever way the reply travelled.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from mist_fed.fleet.aggregate import StateDict
-from mist_fed.fleet.device import FAILED, DeviceJob, DeviceResult
+from mist_fed.fleet.device import FAILED, DeviceJob, DeviceResult, StateDict
+from mist_fed.fleet.strategies import WEIGHT_KEY
 
-TRAIN, EVALUATE = "train", "evaluate"
+TRAIN = MessageType.TRAIN
 
 
 def job_message(job: DeviceJob, state: StateDict, node_id: int, kind: str = TRAIN) -> Message:
@@ -62,11 +64,16 @@ def unpack_train_reply(reply: Message, job: DeviceJob) -> tuple[DeviceResult, St
     return result, state
 
 
-def eval_reply(msg: Message, accuracy: float) -> Message:
-    return Message(RecordDict({"eval": MetricRecord({"accuracy": accuracy})}), reply_to=msg)
+def strategy_reply(state: StateDict, num_examples: int, node_id: int) -> Message:
+    """A device's trained weights as the reply a Flower strategy aggregates."""
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(state),
+            "metrics": MetricRecord({WEIGHT_KEY: int(num_examples)}),
+        }
+    )
+    return Message(content=content, dst_node_id=node_id, message_type=TRAIN)
 
 
-def unpack_eval_reply(reply: Message) -> float:
-    if reply.has_error():
-        return float("nan")
-    return float(reply.content.metric_records["eval"]["accuracy"])  # type: ignore[arg-type]
+def to_state(arrays: ArrayRecord) -> StateDict:
+    return dict(arrays.to_torch_state_dict())

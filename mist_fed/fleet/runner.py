@@ -1,10 +1,14 @@
 """The fleet loop, apart from how messages travel: plan devices, run rounds, aggregate, record.
 
 :func:`plan_devices` turns a :class:`FleetSpec` into devices (task, profile, image ids);
-:class:`FleetRunner` runs the rounds given two callables, ``train(jobs, states)`` and
-``evaluate(jobs, states)``. The Flower ServerApp passes callables that send Messages to
-ClientApps on Ray; the overhead benchmark passes ones that call :func:`run_device` in this
-process. Dropouts and stragglers are decided here, recorded, and never averaged in.
+:class:`FleetRunner` runs the rounds given one callable, ``train(jobs, states)``. The Flower
+ServerApp passes one that sends Messages to ClientApps on Ray; the overhead benchmark passes
+one that calls :func:`run_device` in this process. Each fleet's Flower strategy
+(:mod:`mist_fed.fleet.strategies`) picks the round's devices from its view of the Grid and
+aggregates their replies; dropouts and stragglers are decided here, recorded, and never
+averaged in. The global models are scored on the server, next to each fleet's centralized
+reference (:mod:`mist_fed.fleet.reference`), and each round's simulated wall-clock is the
+slowest participating device's transfer + compute (FedScale's virtual clock).
 
 Each device keeps one storage directory for the whole run (``<storage>/<fleet>/<device>``):
 its feature cache, so it pays for its features once, in the round that first fetches them.
@@ -22,16 +26,18 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
 
 from mist_fed.core.methods import build_edge_net, starts_from_backbone
 from mist_fed.data import get_task
 from mist_fed.device.source import FeatureSource, FlightSource
 from mist_fed.errors import ConfigError
-from mist_fed.fleet.aggregate import StateDict, fedavg
+from mist_fed.fleet import strategies
 from mist_fed.fleet.device import (
     DROPPED,
     OK,
@@ -39,8 +45,12 @@ from mist_fed.fleet.device import (
     DeviceJob,
     DeviceResult,
     SourceFactory,
+    StateDict,
 )
+from mist_fed.fleet.flower import local_identity
+from mist_fed.fleet.messages import strategy_reply, to_state
 from mist_fed.fleet.partition import sample_pool, split_indices
+from mist_fed.fleet.reference import CentralResult, Reference, central_epochs
 from mist_fed.fleet.spec import FleetSpec, TaskFleet, assign_profiles
 
 log = logging.getLogger(__name__)
@@ -48,7 +58,7 @@ log = logging.getLogger(__name__)
 TrainFn = Callable[
     [Sequence[DeviceJob], Sequence[StateDict]], list[tuple[DeviceResult, StateDict | None]]
 ]
-EvalFn = Callable[[Sequence[DeviceJob], Sequence[StateDict]], list[float]]
+Results = dict[int, tuple[DeviceResult, StateDict | None]]
 
 
 @dataclass(frozen=True)
@@ -125,8 +135,13 @@ class RunRecords:
     final_states: dict[str, StateDict] = field(default_factory=dict)
 
 
+def _like(state: StateDict, template: StateDict) -> StateDict:
+    """``state`` with ``template``'s dtypes (Flower's arithmetic runs in numpy)."""
+    return {k: state[k].to(template[k].dtype).contiguous() for k in template}
+
+
 class FleetRunner:
-    """Rounds of train -> filter (failed, dropped, stragglers) -> aggregate per fleet -> evaluate."""
+    """Rounds of sample -> train -> filter (failed, dropped, stragglers) -> aggregate -> score."""
 
     def __init__(
         self,
@@ -135,29 +150,48 @@ class FleetRunner:
         cloud: str,
         storage: str | Path,
         source: SourceFactory = FlightSource,
+        node_ids: Sequence[int] | None = None,
+        reference: Reference | None = None,
     ) -> None:
-        """``storage``: the root of the devices' own directories (one per device, every round);
-        ``source(cloud)``: where the fleets' initial weights are sized from."""
+        """``storage``: the root of the devices' own directories (one per device, every round)
+        and of the server's (``_server/``, a name no fleet directory can take); ``source(cloud)``: where the fleets' initial weights
+        are sized from; ``node_ids[device]``: the device's node on the Grid (default: its
+        number)."""
         self.spec = spec
         self.devices = list(devices)
         self.cloud = cloud
         self.storage = Path(storage)
+        self.node_of = {
+            d.device: (d.device if node_ids is None else int(node_ids[d.device]))
+            for d in self.devices
+        }
+        self.reference = reference or Reference(spec, cloud, self.storage / "_server", source)
+        self.members = {f.name: [d for d in self.devices if d.fleet == f] for f in spec.fleets}
+        self.strategies = {
+            f.name: strategies.build(f.aggregation, f.aggregation_args, f.devices)
+            for f in spec.fleets
+        }
+        self.views = {
+            f.name: strategies.FleetView([self.node_of[d.device] for d in self.members[f.name]])
+            for f in spec.fleets
+        }
         self.global_state: dict[str, StateDict] = {}
         self.device_state: dict[int, StateDict] = {}
+        self.central: dict[str, CentralResult] = {}
+        self.num_classes = {f.name: self.members[f.name][0].num_classes for f in spec.fleets}
         src = source(cloud)
         try:
             for fleet in spec.fleets:
-                first = next(d for d in self.devices if d.fleet == fleet)
-                # One seeded init per fleet: fedavg devices start equal, as do local ones.
+                # One seeded init per fleet: its devices start equal, federated or local.
                 self.global_state[fleet.name] = initial_state(
-                    src, fleet.method, first.num_classes, spec.seed
+                    src, fleet.method, self.num_classes[fleet.name], spec.seed
                 )
         finally:
             close = getattr(src, "close", None)
             if callable(close):
                 close()
 
-    def job(self, d: PlannedDevice, rnd: int) -> DeviceJob:
+    def job(self, d: PlannedDevice, rnd: int, config: dict[str, Any] | None = None) -> DeviceJob:
         s = self.spec
         return DeviceJob(
             device=d.device,
@@ -177,12 +211,70 @@ class FleetRunner:
             batch_size=s.batch_size,
             lr=s.lr,
             seed=s.seed,
+            proximal_mu=float((config or {}).get("proximal-mu", 0.0)),
         )
 
     def state_for(self, d: PlannedDevice) -> StateDict:
-        if d.fleet.aggregation == "local" and d.device in self.device_state:
+        if d.fleet.aggregation == strategies.LOCAL and d.device in self.device_state:
             return self.device_state[d.device]
         return self.global_state[d.fleet.name]
+
+    # -- the strategy's two calls ------------------------------------------------------------
+    def sample(self, fleet: TaskFleet, rnd: int) -> tuple[list[PlannedDevice], dict[str, Any]]:
+        """The devices ``fleet``'s strategy picks for round ``rnd``, and its config for them."""
+        strategy = self.strategies[fleet.name]
+        members = self.members[fleet.name]
+        if strategy is None:  # local: every device trains its own model
+            return members, {}
+        arrays = ArrayRecord(self.global_state[fleet.name])
+        index = self.spec.fleets.index(fleet)
+        with (
+            local_identity(),
+            strategies.quiet(),
+            strategies.seeded_sampling(self.spec.seed * 100_003 + rnd * 97 + index),
+        ):
+            msgs = list(
+                strategy.configure_train(
+                    rnd, arrays, ConfigRecord(), cast(Grid, self.views[fleet.name])
+                )
+            )
+        by_node = {self.node_of[d.device]: d for d in members}
+        chosen = sorted((by_node[m.metadata.dst_node_id] for m in msgs), key=lambda d: d.device)
+        config = (
+            dict(
+                msgs[0].content.config_records.get(
+                    getattr(strategy, "configrecord_key", "config"), {}
+                )
+            )
+            if msgs
+            else {}
+        )
+        return chosen, config
+
+    def aggregate(
+        self, fleet: TaskFleet, rnd: int, done: Sequence[tuple[int, StateDict, int]]
+    ) -> bool:
+        """Hand ``(device, state, num_examples)`` of the devices that finished to the fleet's
+        strategy; its result becomes the global model. ``False`` when it returned none."""
+        strategy = self.strategies[fleet.name]
+        assert strategy is not None
+        with local_identity(), strategies.quiet():
+            replies = [strategy_reply(st, n, self.node_of[dev]) for dev, st, n in done]
+            arrays, _ = strategy.aggregate_train(rnd, replies)
+        if arrays is None:
+            return False
+        self.global_state[fleet.name] = _like(to_state(arrays), self.global_state[fleet.name])
+        return True
+
+    def share(self, fleet: TaskFleet) -> float:
+        """The expected share of ``fleet``'s devices that train in a round."""
+        n = fleet.devices
+        strategy = self.strategies[fleet.name]
+        sampled = n
+        if strategy is not None:
+            frac = float(getattr(strategy, "fraction_train", 1.0))
+            sampled = min(n, max(int(n * frac), int(getattr(strategy, "min_train_nodes", 1))))
+        return sampled / n * (1.0 - self.spec.dropout)
 
     def dropped(self, rnd: int) -> set[int]:
         if self.spec.dropout <= 0:
@@ -191,25 +283,49 @@ class FleetRunner:
         draws = rng.random(len(self.devices))
         return {d.device for d, u in zip(self.devices, draws, strict=True) if u < self.spec.dropout}
 
+    # -- the run -----------------------------------------------------------------------------
+    def run_central(self) -> None:
+        """Each fleet's centralized reference (once per run, before the rounds)."""
+        for fleet in self.spec.fleets:
+            if fleet.name in self.central:
+                continue
+            ids = [i for d in self.members[fleet.name] for i in d.train_ids]
+            epochs = central_epochs(self.spec, self.share(fleet))
+            log.info(
+                "fleet %s: central reference on %d images, %d epochs", fleet.name, len(ids), epochs
+            )
+            self.central[fleet.name] = self.reference.central(
+                fleet, self.num_classes[fleet.name], ids, self.global_state[fleet.name], epochs
+            )
+            log.info(
+                "fleet %s: central accuracy %.4f", fleet.name, self.central[fleet.name].accuracy
+            )
+
     def run(
         self,
         train: TrainFn,
-        evaluate: EvalFn,
         on_result: Callable[[DeviceResult], None] | None = None,
         records: RunRecords | None = None,
     ) -> RunRecords:
-        """Run every round; each round's rows go into ``records`` (a new one by default)."""
+        """The central references, then every round; each round's rows go into ``records``."""
         rec = RunRecords() if records is None else records
         by_id = {d.device: d for d in self.devices}
+        self.run_central()
+        clock = {f.name: (0.0, 0.0, 0) for f in self.spec.fleets}  # time, device-hours, steps
         for rnd in range(1, self.spec.rounds + 1):
             log.info("round %d of %d", rnd, self.spec.rounds)
-            dropped = self.dropped(rnd)
-            active = [d for d in self.devices if d.device not in dropped]
-            jobs = [self.job(d, rnd) for d in active]
+            picked: list[PlannedDevice] = []
+            configs: dict[str, dict[str, Any]] = {}
+            for fleet in self.spec.fleets:
+                chosen, configs[fleet.name] = self.sample(fleet, rnd)
+                picked.extend(chosen)
+            dropped = self.dropped(rnd) & {d.device for d in picked}
+            active = [d for d in picked if d.device not in dropped]
+            jobs = [self.job(d, rnd, configs[d.fleet.name]) for d in active]
             sent = [self.state_for(d) for d in active]
             received = {d.device: state_digest(s) for d, s in zip(active, sent, strict=True)}
             outs = train(jobs, sent) if jobs else []
-            results: dict[int, tuple[DeviceResult, StateDict | None]] = {}
+            results: Results = {}
             for res, st in outs:
                 if res.status == OK and self._late(res):
                     res.status = STRAGGLER
@@ -223,7 +339,7 @@ class FleetRunner:
                 results[dev] = (res, None)
                 if on_result:
                     on_result(res)
-            global_acc = self._aggregate_and_evaluate(rnd, results, by_id, evaluate)
+            scores = self._aggregate_and_score(rnd, results, by_id)
             rows: list[dict[str, Any]] = []
             for dev in sorted(results):
                 res, _ = results[dev]
@@ -241,13 +357,12 @@ class FleetRunner:
                         for k, v in dataclasses.asdict(res).items()
                         if k not in ("device", "round")
                     },
-                    "global_accuracy": global_acc.get(dev, math.nan),
                     "received_digest": received.get(dev, ""),
                 }
                 rows.append(row)
             # A round's rows land together, so a run stopped mid-round leaves whole rounds.
             rec.devices.extend(rows)
-            rec.fleets.extend(self._fleet_rows(rnd, results, by_id, global_acc))
+            rec.fleets.extend(self._fleet_rows(rnd, results, by_id, scores, clock))
         rec.final_states = dict(self.global_state)
         for dev, st in self.device_state.items():
             rec.final_states[f"device-{dev}"] = st
@@ -258,58 +373,58 @@ class FleetRunner:
             res.transfer_s + res.compute_s > self.spec.deadline_s
         )
 
-    def _aggregate_and_evaluate(
-        self,
-        rnd: int,
-        results: dict[int, tuple[DeviceResult, StateDict | None]],
-        by_id: dict[int, PlannedDevice],
-        evaluate: EvalFn,
-    ) -> dict[int, float]:
-        eval_jobs: list[DeviceJob] = []
-        eval_states: list[StateDict] = []
+    def _aggregate_and_score(
+        self, rnd: int, results: Results, by_id: dict[int, PlannedDevice]
+    ) -> dict[str, float]:
+        """Aggregate each federated fleet and score its global model on the server."""
+        scores: dict[str, float] = {}
         for fleet in self.spec.fleets:
             done = [
                 (dev, st, res.num_examples)
-                for dev, (res, st) in results.items()
+                for dev, (res, st) in sorted(results.items())
                 if by_id[dev].fleet == fleet and res.status == OK and st is not None
             ]
-            if fleet.aggregation == "local":
+            if fleet.aggregation == strategies.LOCAL:
                 for dev, st, _ in done:
                     self.device_state[dev] = st
                 continue
-            if not done:
-                log.warning(
-                    "round %d: no device of fleet %s finished; weights kept", rnd, fleet.name
-                )
-                continue
-            self.global_state[fleet.name] = fedavg([s for _, s, _ in done], [n for *_, n in done])
-            for dev, _, _ in done:
-                eval_jobs.append(self.job(by_id[dev], rnd))
-                eval_states.append(self.global_state[fleet.name])
-        if not eval_jobs:
-            return {}
-        accs = evaluate(eval_jobs, eval_states)
-        return {j.device: a for j, a in zip(eval_jobs, accs, strict=True)}
+            if not done or not self.aggregate(fleet, rnd, done):
+                log.warning("round %d: fleet %s has no new model; weights kept", rnd, fleet.name)
+            scores[fleet.name] = self.reference.evaluate(
+                fleet, self.num_classes[fleet.name], self.global_state[fleet.name]
+            )
+        return scores
 
     def _fleet_rows(
         self,
         rnd: int,
-        results: dict[int, tuple[DeviceResult, StateDict | None]],
+        results: Results,
         by_id: dict[int, PlannedDevice],
-        global_acc: dict[int, float],
+        scores: dict[str, float],
+        clock: dict[str, tuple[float, float, int]],
     ) -> list[dict[str, Any]]:
         rows = []
         for fleet in self.spec.fleets:
             rs = [res for dev, (res, _) in results.items() if by_id[dev].fleet == fleet]
             ok = [r for r in rs if r.status == OK]
-            n_test = {r.device: len(by_id[r.device].test_ids) for r in ok}
-            acc_of = (
-                (lambda r: global_acc.get(r.device, math.nan))
-                if fleet.aggregation == "fedavg"
-                else (lambda r: r.accuracy)
+            if fleet.name in scores:
+                acc = scores[fleet.name]
+            else:  # local: each device's own model on its own test images
+                n_test = {r.device: len(by_id[r.device].test_ids) for r in ok}
+                w = sum(n_test.values())
+                acc = sum(r.accuracy * n_test[r.device] for r in ok) / w if w else math.nan
+            ran = [r for r in rs if r.status != DROPPED]
+            times = [r.transfer_s + r.compute_s for r in ran]
+            round_s = max(times, default=0.0)
+            if self.spec.deadline_s is not None:
+                round_s = min(round_s, self.spec.deadline_s)
+            t, hours, steps = clock[fleet.name]
+            clock[fleet.name] = (
+                t + round_s,
+                hours + sum(times) / 3600.0,
+                steps + sum(self.spec.local_epochs * r.num_examples for r in ok),
             )
-            w = sum(n_test.values())
-            acc = sum(acc_of(r) * n_test[r.device] for r in ok) / w if w else math.nan
+            central = self.central.get(fleet.name)
             images = sum(r.images_down for r in rs)
             rows.append(
                 {
@@ -318,15 +433,24 @@ class FleetRunner:
                     "task": fleet.task,
                     "method": fleet.method,
                     "aggregation": fleet.aggregation,
-                    "devices": len(rs),
+                    "devices": fleet.devices,
+                    "sampled": len(rs),
                     "ok": len(ok),
                     "failed": sum(r.status == "failed" for r in rs),
                     "dropped": sum(r.status == DROPPED for r in rs),
                     "stragglers": sum(r.status == STRAGGLER for r in rs),
                     "accuracy": acc,
+                    "central_accuracy": central.accuracy if central else math.nan,
+                    "eval_images": (
+                        len(self.reference.eval_ids(fleet.task))
+                        if fleet.name in scores
+                        else sum(len(by_id[r.device].test_ids) for r in ok)
+                    ),
                     "mean_device_accuracy": (
                         float(np.mean([r.accuracy for r in ok])) if ok else math.nan
                     ),
+                    "sample_steps": clock[fleet.name][2],
+                    "central_sample_steps": central.sample_steps if central else 0,
                     "bytes_down": sum(r.bytes_down for r in rs),
                     "bytes_up": sum(r.bytes_up for r in rs),
                     "feature_bytes": sum(r.feature_bytes for r in rs),
@@ -336,7 +460,10 @@ class FleetRunner:
                     else math.nan,
                     "transfer_s": float(np.mean([r.transfer_s for r in ok])) if ok else math.nan,
                     "compute_s": float(np.mean([r.compute_s for r in ok])) if ok else math.nan,
-                    "round_time_s": max((r.transfer_s + r.compute_s for r in ok), default=math.nan),
+                    "round_time_s": round_s,
+                    "sim_time_s": clock[fleet.name][0],
+                    "device_hours": sum(times) / 3600.0,
+                    "sim_device_hours": clock[fleet.name][1],
                     "peak_mem_mb": max((r.peak_mem_mb for r in rs), default=math.nan),
                 }
             )
@@ -350,12 +477,6 @@ def local_train_fn(
     from mist_fed.fleet.device import run_device
 
     return [run_device(j, s) for j, s in zip(jobs, states, strict=True)]
-
-
-def local_eval_fn(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list[float]:
-    from mist_fed.fleet.device import evaluate_device
-
-    return [evaluate_device(j, s) for j, s in zip(jobs, states, strict=True)]
 
 
 def check_devices(spec: FleetSpec, nodes: int) -> None:

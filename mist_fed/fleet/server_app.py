@@ -19,15 +19,8 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from mist_fed.fleet.aggregate import StateDict
-from mist_fed.fleet.device import FAILED, DeviceJob, DeviceResult
-from mist_fed.fleet.messages import (
-    EVALUATE,
-    TRAIN,
-    job_message,
-    unpack_eval_reply,
-    unpack_train_reply,
-)
+from mist_fed.fleet.device import FAILED, DeviceJob, DeviceResult, StateDict
+from mist_fed.fleet.messages import TRAIN, job_message, unpack_train_reply
 from mist_fed.fleet.runner import FleetRunner, RunRecords, check_devices, plan_devices
 from mist_fed.fleet.spec import FleetSpec, spec_from_run_config
 
@@ -47,7 +40,7 @@ def _check(stop: threading.Event | None) -> None:
 
 
 class GridTransport:
-    """Train / evaluate callables for :class:`FleetRunner` that go through a Flower Grid.
+    """The train callable of :class:`FleetRunner`, through a Flower Grid.
 
     ``stop``, once set, ends a wait for replies with :class:`RunStopped`, so the ServerApp
     thread does not outlive a simulation runtime that was interrupted.
@@ -67,10 +60,10 @@ class GridTransport:
         self.on_reply: Callable[[], None] | None = None
 
     def _exchange(
-        self, jobs: Sequence[DeviceJob], states: Sequence[StateDict], kind: str, live: bool = False
+        self, jobs: Sequence[DeviceJob], states: Sequence[StateDict]
     ) -> dict[int, Message]:
         msgs = [
-            job_message(j, s, self.node_ids[j.device], kind)
+            job_message(j, s, self.node_ids[j.device], TRAIN)
             for j, s in zip(jobs, states, strict=True)
         ]
         ids = list(self.grid.push_messages(msgs))
@@ -85,7 +78,7 @@ class GridTransport:
                 mid = m.metadata.reply_to_message_id
                 pending.discard(mid)
                 replies[device_of[mid]] = m
-                if live and self.on_reply:
+                if self.on_reply:
                     self.on_reply()
             if not got:
                 time.sleep(POLL_S)
@@ -94,7 +87,7 @@ class GridTransport:
     def train(
         self, jobs: Sequence[DeviceJob], states: Sequence[StateDict]
     ) -> list[tuple[DeviceResult, StateDict | None]]:
-        replies = self._exchange(jobs, states, TRAIN, live=True)
+        replies = self._exchange(jobs, states)
         out: list[tuple[DeviceResult, StateDict | None]] = []
         for j in jobs:
             if j.device in replies:
@@ -102,13 +95,6 @@ class GridTransport:
             else:
                 out.append((DeviceResult(j.device, j.round, FAILED, "no reply in time"), None))
         return out
-
-    def evaluate(self, jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list[float]:
-        replies = self._exchange(jobs, states, EVALUATE)
-        return [
-            unpack_eval_reply(replies[j.device]) if j.device in replies else float("nan")
-            for j in jobs
-        ]
 
 
 def wait_for_nodes(
@@ -144,8 +130,8 @@ def run_fleet(
     devices = plan_devices(spec)
     transport = GridTransport(grid, node_ids, stop=stop)
     transport.on_reply = getattr(progress, "tick", None)
-    runner = FleetRunner(spec, devices, cloud, storage)
-    return runner.run(transport.train, transport.evaluate, on_result=progress, records=records)
+    runner = FleetRunner(spec, devices, cloud, storage, node_ids=node_ids)
+    return runner.run(transport.train, on_result=progress, records=records)
 
 
 def make_server_app(

@@ -36,7 +36,6 @@ from mist_fed.fleet.device import DeviceResult
 from mist_fed.fleet.runner import (
     FleetRunner,
     RunRecords,
-    local_eval_fn,
     local_train_fn,
     plan_devices,
 )
@@ -367,7 +366,7 @@ def run_plain(
     """The same rounds with no Flower and no Ray: every device in this process, in turn."""
     with device_storage() as storage:
         runner = FleetRunner(spec, plan_devices(spec), location, storage)
-        return runner.run(local_train_fn, local_eval_fn, on_result=progress)
+        return runner.run(local_train_fn, on_result=progress)
 
 
 def finish_run(

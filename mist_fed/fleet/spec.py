@@ -12,29 +12,34 @@ import dataclasses
 import json
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mist_fed.errors import BackboneError, ConfigError
+from mist_fed.fleet import strategies
 from mist_fed.model.backbone import BackboneSpec
 from mist_fed.model.imgfocus import NAME as DEFAULT_BACKBONE
 from mist_fed.wire.dtypes import WIRE_DTYPES
 
 SPLITS = ("iid", "dirichlet")
-AGGREGATIONS = ("fedavg", "local")
-FLEET_METHODS = ("mist", "linear", "partial1", "side")
+FLEET_METHODS = ("mist", "mist_pool", "linear", "partial1", "side")
 
 
 @dataclass(frozen=True)
 class TaskFleet:
-    """Devices sharing one task (and one method): they federate or stay local."""
+    """Devices sharing one task (and one method): they federate or stay local.
+
+    ``aggregation``: a Flower strategy's name (any case; see :mod:`mist_fed.fleet.strategies`)
+    or ``local``; ``aggregation_args``: that strategy's keyword arguments.
+    """
 
     task: str
     devices: int
     method: str = "mist"
-    aggregation: str = "fedavg"
+    aggregation: str = "FedAvg"
     name: str = ""
+    aggregation_args: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -44,11 +49,12 @@ class TaskFleet:
                 f"fleet {self.task!r}: unknown method {self.method!r}; "
                 f"choose one of {', '.join(FLEET_METHODS)}"
             )
-        if self.aggregation not in AGGREGATIONS:
-            raise ConfigError(
-                f"fleet {self.task!r}: aggregation must be one of {', '.join(AGGREGATIONS)}, "
-                f"got {self.aggregation!r}"
-            )
+        try:
+            object.__setattr__(self, "aggregation", strategies.canonical(self.aggregation))
+            strategies.check_args(self.aggregation, self.aggregation_args)
+            strategies.build(self.aggregation, self.aggregation_args, self.devices)
+        except ConfigError as e:
+            raise ConfigError(f"fleet {self.task!r}: {e}") from e
         if not self.name:
             object.__setattr__(self, "name", f"{self.task}/{self.method}")
 
@@ -67,6 +73,7 @@ class FleetSpec:
     dirichlet_alpha: float = 0.5
     train_per_device: int = 20
     test_per_device: int = 10
+    eval_images: int = 1000  # the task's test images the global and central models are scored on
     rounds: int = 3
     local_epochs: int = 2
     batch_size: int = 32
@@ -91,7 +98,14 @@ class FleetSpec:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.dirichlet_alpha <= 0:
             raise ConfigError("dirichlet_alpha must be > 0")
-        for key in ("train_per_device", "test_per_device", "rounds", "local_epochs", "batch_size"):
+        for key in (
+            "train_per_device",
+            "test_per_device",
+            "eval_images",
+            "rounds",
+            "local_epochs",
+            "batch_size",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.wire_dtype not in WIRE_DTYPES:
@@ -240,6 +254,7 @@ OVERRIDES = (
     "tasks",
     "method",
     "aggregation",
+    "aggregation_args",
     "split",
     "dirichlet_alpha",
     "rounds",
@@ -252,6 +267,8 @@ OVERRIDES = (
     "seed",
     "train_per_device",
     "test_per_device",
+    "eval_images",
+    "batch_size",
 )
 
 
@@ -273,8 +290,12 @@ def apply_overrides(spec: FleetSpec, **kw: Any) -> FleetSpec:
     if "tasks" in kw:
         tasks = [t.strip() for t in str(kw.pop("tasks")).split(",") if t.strip()]
         base = fleets[0]
-        fleets = [TaskFleet(t, base.devices, base.method, base.aggregation, name="") for t in tasks]
-    fleet_kw = {k: kw.pop(k) for k in ("method", "aggregation") if k in kw}
+        fleets = [dataclasses.replace(base, task=t, name="") for t in tasks]
+    if "aggregation_args" in kw and isinstance(kw["aggregation_args"], str):
+        kw["aggregation_args"] = _json_args(kw["aggregation_args"])
+    fleet_kw = {k: kw.pop(k) for k in ("method", "aggregation", "aggregation_args") if k in kw}
+    if "aggregation" in fleet_kw and "aggregation_args" not in fleet_kw:
+        fleet_kw["aggregation_args"] = {}  # another strategy's arguments do not carry over
     if fleet_kw:
         fleets = [dataclasses.replace(f, name="", **fleet_kw) for f in fleets]
     if "devices" in kw:
@@ -285,6 +306,19 @@ def apply_overrides(spec: FleetSpec, **kw: Any) -> FleetSpec:
     if kw.get("k") is not None and int(kw["k"]) < 0:
         kw["k"] = None
     return dataclasses.replace(spec, fleets=tuple(fleets), **kw)
+
+
+def _json_args(text: str) -> dict[str, Any]:
+    """``--aggregation-args '{"eta": 0.01}'`` -> a dict (one clear line when it is not one)."""
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"aggregation args must be a JSON object, e.g. '{{\"eta\": 0.01}}': {e}"
+        ) from e
+    if not isinstance(value, dict):
+        raise ConfigError(f"aggregation args must be a JSON object, got {text!r}")
+    return value
 
 
 def spec_from_run_config(run_config: Mapping[str, Any], base_dir: Path | None = None) -> FleetSpec:

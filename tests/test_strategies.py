@@ -1,0 +1,265 @@
+"""Per-fleet aggregation by Flower's strategies: names, arguments, wiring (no Ray)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mist_fed.errors import ConfigError
+from mist_fed.fleet import strategies
+from mist_fed.fleet.device import DeviceJob, DeviceResult, StateDict, run_device
+from mist_fed.fleet.flower import in_runtime, local_identity
+from mist_fed.fleet.reference import CentralResult
+from mist_fed.fleet.runner import FleetRunner, PlannedDevice
+from mist_fed.fleet.spec import TaskFleet, apply_overrides, spec_from_dict, spec_to_dict
+from tests.fakes import MemorySource
+
+MINIMAL = {"fleets": [{"task": "synthetic", "devices": 4}], "profiles": "rpi4"}
+
+
+# -- names and arguments -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fedadam", "FEDPROX", "FedMedian", "krum", "Local"])
+def test_strategy_names_are_case_insensitive(name: str) -> None:
+    # Execute
+    fleet = TaskFleet("synthetic", 5, aggregation=name)
+    # Assert
+    assert fleet.aggregation in strategies.NAMES and fleet.aggregation.lower() == name.lower()
+
+
+def test_an_unknown_strategy_is_one_line_listing_what_exists() -> None:
+    # Execute
+    with pytest.raises(ConfigError) as e:
+        TaskFleet("synthetic", 4, aggregation="FedFoo")
+    # Assert
+    msg = str(e.value)
+    assert "\n" not in msg and "FedFoo" in msg and "FedAdam" in msg and "local" in msg
+
+
+def test_strategy_arguments_are_checked_by_name_and_kind() -> None:
+    # Execute / Assert: unknown argument names what it takes
+    with pytest.raises(ConfigError, match=r"no argument\(s\) etaa.*eta"):
+        TaskFleet("synthetic", 4, aggregation="FedAdam", aggregation_args={"etaa": 0.1})
+    with pytest.raises(ConfigError, match="must be a number"):
+        TaskFleet("synthetic", 4, aggregation="FedAdam", aggregation_args={"eta": "fast"})
+    with pytest.raises(ConfigError, match="must be an integer"):
+        TaskFleet("synthetic", 7, aggregation="Krum", aggregation_args={"num_malicious_nodes": 1.5})
+    # the fleet owns the message layout and evaluation
+    with pytest.raises(ConfigError, match="weighted_by_key"):
+        TaskFleet("synthetic", 4, aggregation="FedAvg", aggregation_args={"weighted_by_key": "x"})
+    # Flower's own checks come back as one line too
+    with pytest.raises(ConfigError, match="beta"):
+        TaskFleet("synthetic", 4, aggregation="FedTrimmedAvg", aggregation_args={"beta": 0.7})
+    with pytest.raises(ConfigError, match="min_available_nodes = 9"):
+        TaskFleet("synthetic", 4, aggregation="FedAvg", aggregation_args={"min_available_nodes": 9})
+
+
+def test_strategy_and_arguments_round_trip_through_the_spec_toml() -> None:
+    # Prepare
+    fleets = [{"task": "synthetic", "devices": 4, "aggregation": "fedadam",
+               "aggregation_args": {"eta": 0.01, "beta_1": 0.5}}]  # fmt: skip
+    # Execute
+    spec = spec_from_dict({**MINIMAL, "fleets": fleets})
+    again = spec_from_dict(spec_to_dict(spec))
+    # Assert
+    assert again.fleets[0].aggregation == "FedAdam"
+    assert again.fleets[0].aggregation_args == {"eta": 0.01, "beta_1": 0.5}
+
+
+def test_cli_aggregation_replaces_the_strategy_and_drops_its_old_arguments() -> None:
+    # Prepare
+    fleets = [{"task": "synthetic", "devices": 4, "aggregation": "FedAdam",
+               "aggregation_args": {"eta": 0.01}}]  # fmt: skip
+    spec = spec_from_dict({**MINIMAL, "fleets": fleets})
+    # Execute
+    prox = apply_overrides(spec, aggregation="fedprox", aggregation_args='{"proximal_mu": 0.1}')
+    plain = apply_overrides(spec, aggregation="FedMedian")
+    # Assert
+    assert prox.fleets[0].aggregation == "FedProx"
+    assert prox.fleets[0].aggregation_args == {"proximal_mu": 0.1}
+    assert plain.fleets[0].aggregation_args == {}
+    with pytest.raises(ConfigError, match="JSON object"):
+        apply_overrides(spec, aggregation_args="[1]")
+
+
+def test_every_supported_strategy_builds_for_a_small_fleet() -> None:
+    # Execute
+    built = {name: strategies.build(name, {}, 7) for name in strategies.NAMES}
+    # Assert
+    assert built.pop("local") is None
+    assert all(type(s).__name__ == name for name, s in built.items())
+    assert all(getattr(s, "fraction_evaluate", 0.0) == 0.0 for s in built.values())
+
+
+# -- the workaround kept in fleet/flower.py ------------------------------------------------------
+
+
+def test_flower_still_needs_a_run_identity_to_build_a_message() -> None:
+    """Fails the day Flower builds Messages outside its runtimes; then drop local_identity."""
+    from flwr.app import Message, RecordDict
+
+    assert not in_runtime()
+    with pytest.raises(RuntimeError, match="run_id"):
+        Message(content=RecordDict(), dst_node_id=1, message_type="train")
+    with local_identity():
+        assert Message(RecordDict(), dst_node_id=1, message_type="train").metadata.dst_node_id == 1
+    assert not in_runtime()  # restored
+
+
+# -- wiring through the fleet runner -------------------------------------------------------------
+
+
+class StubReference:
+    """Scores a model by a fixed rule and skips the central training (wiring tests only)."""
+
+    def __init__(self) -> None:
+        self.centrals: list[int] = []
+
+    def eval_ids(self, task: str) -> tuple[str, ...]:
+        return ("test-0",)
+
+    def evaluate(self, fleet: TaskFleet, num_classes: int, state: StateDict) -> float:
+        return float(next(iter(state.values())).float().mean())
+
+    def central(self, fleet: Any, num_classes: int, ids: Any, state: Any, epochs: int) -> Any:
+        self.centrals.append(epochs)
+        return CentralResult(math.nan, 0, epochs, len(ids), 0.0)
+
+
+def _runner(spec: Any, src: MemorySource, tmp_path: Path, ref: Any = None) -> FleetRunner:
+    fleet = spec.fleets[0]
+    devices = [
+        PlannedDevice(d, fleet, "rpi4", tuple(f"train-{6 * d + i}" for i in range(6)),
+                      (f"test-{d}",), 3)
+        for d in range(fleet.devices)
+    ]  # fmt: skip
+    return FleetRunner(spec, devices, "memory://", tmp_path, lambda c: src, reference=ref)
+
+
+def test_fedavg_weights_each_device_by_its_num_examples(tmp_path: Path) -> None:
+    # Prepare: three devices reply constant weights with different example counts
+    spec = spec_from_dict({**MINIMAL, "fleets": [{"task": "synthetic", "devices": 3}], "rounds": 1})
+    runner = _runner(spec, MemorySource(), tmp_path, StubReference())
+    replies: list[tuple[float, int]] = []
+
+    def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
+        out = []
+        for j, s in zip(jobs, states, strict=True):
+            value, n = float(j.device + 1), 10 * (j.device + 1) ** 2
+            replies.append((value, n))
+            res = DeviceResult(j.device, j.round, "ok", num_examples=n)
+            out.append((res, {k: torch.full_like(v, value) for k, v in s.items()}))
+        return out
+
+    # Execute
+    rec = runner.run(train)
+    # Assert: the example-weighted mean of the captured replies, not their plain mean
+    want = sum(v * n for v, n in replies) / sum(n for _, n in replies)
+    got = next(iter(runner.global_state[spec.fleets[0].name].values()))
+    assert torch.allclose(got, torch.full_like(got, want)) and abs(want - 2.0) > 0.1
+    assert rec.fleets[0]["accuracy"] == pytest.approx(want, rel=1e-5)
+
+
+def test_the_strategy_samples_the_round_repeatably_and_the_reference_matches_the_share(
+    tmp_path: Path,
+) -> None:
+    # Prepare: half the fleet trains each round
+    fleets = [{"task": "synthetic", "devices": 4, "aggregation_args": {"fraction_train": 0.5}}]
+    spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 4, "local_epochs": 2})
+    ref = StubReference()
+    runner = _runner(spec, MemorySource(), tmp_path, ref)
+    picked: list[list[int]] = []
+
+    def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
+        picked.append([j.device for j in jobs])
+        return [(DeviceResult(j.device, j.round, "ok", num_examples=6), dict(s))
+                for j, s in zip(jobs, states, strict=True)]  # fmt: skip
+
+    # Execute
+    runner.run(train)
+    again = [runner.sample(spec.fleets[0], r)[0] for r in range(1, 5)]
+    # Assert
+    assert all(len(p) == 2 for p in picked) and len({tuple(p) for p in picked}) > 1
+    assert picked == [[d.device for d in ds] for ds in again]
+    assert ref.centrals == [4]  # 4 rounds x 2 epochs x half the devices
+
+
+def test_fedprox_mu_reaches_the_device_and_changes_its_loss(tmp_path: Path) -> None:
+    # Prepare
+    fleets = [{"task": "synthetic", "devices": 2, "aggregation": "FedProx",
+               "aggregation_args": {"proximal_mu": 5.0}}]  # fmt: skip
+    spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 1, "batch_size": 4})
+    src = MemorySource()
+    runner = _runner(spec, src, tmp_path, StubReference())
+    start = {k: v.clone() for k, v in runner.global_state[spec.fleets[0].name].items()}
+    jobs: list[DeviceJob] = []
+
+    def train(js: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
+        jobs.extend(js)
+        return [run_device(j, s, lambda c: src) for j, s in zip(js, states, strict=True)]
+
+    runner.run(train)
+    job = jobs[0]
+    # Execute: the same job with and without the proximal term
+    free, w_free = run_device(_with(job, 0.0, tmp_path / "free"), start, lambda c: src)
+    prox, w_prox = run_device(_with(job, 50.0, tmp_path / "prox"), start, lambda c: src)
+    # Assert
+    assert job.proximal_mu == 5.0
+    assert free.status == prox.status == "ok" and prox.train_loss > free.train_loss
+    assert w_free is not None and w_prox is not None
+    assert _dist(w_prox, start) < _dist(w_free, start)
+
+
+def _with(job: DeviceJob, mu: float, storage: Path) -> DeviceJob:
+    import dataclasses
+
+    return dataclasses.replace(job, proximal_mu=mu, storage=str(storage), epochs=3)
+
+
+def _dist(a: StateDict, b: StateDict) -> float:
+    return float(
+        sum((a[k].float() - b[k].float()).pow(2).sum() for k in b if b[k].is_floating_point())
+    )
+
+
+def _poisoned_fleet(aggregation: str, tmp_path: Path, poison: bool) -> float:
+    """Accuracy of a 7-device fleet's global model after 2 rounds; device 0 sends noise."""
+    args = {"num_malicious_nodes": 1} if aggregation == "Krum" else {}
+    fleets = [{"task": "synthetic", "devices": 7, "aggregation": aggregation,
+               "aggregation_args": args, "method": "linear"}]  # fmt: skip
+    spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 4, "batch_size": 4,
+                           "lr": 0.05, "local_epochs": 3, "eval_images": 16})  # fmt: skip
+    src = MemorySource(rows={"train": 48, "val": 24, "test": 16})
+    runner = _runner(spec, src, tmp_path)
+
+    def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
+        out = [run_device(j, s, lambda c: src) for j, s in zip(jobs, states, strict=True)]
+        if poison:
+            gen = torch.Generator().manual_seed(0)
+            res, st = out[0]
+            assert st is not None
+            out[0] = (
+                res,
+                {k: v + 100 * torch.randn(v.shape, generator=gen) for k, v in st.items()},
+            )
+        return out
+
+    rec = runner.run(train)
+    return float(rec.fleets[-1]["accuracy"])
+
+
+def test_krum_keeps_a_poisoned_device_out_where_fedavg_does_not(tmp_path: Path) -> None:
+    # Execute
+    clean = _poisoned_fleet("FedAvg", tmp_path / "clean", poison=False)
+    krum = _poisoned_fleet("Krum", tmp_path / "krum", poison=True)
+    fedavg = _poisoned_fleet("FedAvg", tmp_path / "fedavg", poison=True)
+    # Assert
+    assert clean > 0.8
+    assert krum >= clean - 0.15
+    assert fedavg < clean - 0.3
