@@ -263,3 +263,30 @@ def test_krum_keeps_a_poisoned_device_out_where_fedavg_does_not(tmp_path: Path) 
     assert clean > 0.8
     assert krum >= clean - 0.15
     assert fedavg < clean - 0.3
+
+
+@pytest.mark.parametrize("name", [n for n in strategies.NAMES if n != "Bulyan"])
+def test_a_small_fleet_runs_on_each_strategy_and_records_it(name: str, tmp_path: Path) -> None:
+    # Prepare: 7 devices (Krum's family needs n > 2f + 2), a linear head, two rounds
+    from mist_fed.report.results import write_run
+
+    args = {"proximal_mu": 0.1} if name == "FedProx" else {}
+    fleets = [{"task": "synthetic", "devices": 7, "aggregation": name, "method": "linear",
+               "aggregation_args": args}]  # fmt: skip
+    spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 2, "batch_size": 4,
+                           "lr": 0.05, "eval_images": 16})  # fmt: skip
+    src = MemorySource(rows={"train": 48, "val": 24, "test": 16})
+    runner = _runner(spec, src, tmp_path)
+
+    def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
+        return [run_device(j, s, lambda c: src) for j, s in zip(jobs, states, strict=True)]
+
+    # Execute
+    rec = runner.run(train)
+    paths = write_run(tmp_path / "run", spec_to_dict(spec), rec.devices, rec.fleets, {})
+    # Assert
+    assert [r["round"] for r in rec.fleets] == [1, 2]
+    assert all(r["ok"] == 7 and 0 <= r["accuracy"] <= 1 for r in rec.fleets)
+    assert rec.fleets[-1]["accuracy"] > 0.45  # above chance (1/3) on the fake task
+    config = paths["config"].read_text()
+    assert f'aggregation = "{name}"' in config and ("proximal_mu = 0.1" in config) == bool(args)
