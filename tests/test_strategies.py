@@ -290,3 +290,23 @@ def test_a_small_fleet_runs_on_each_strategy_and_records_it(name: str, tmp_path:
     assert rec.fleets[-1]["accuracy"] > 0.45  # above chance (1/3) on the fake task
     config = paths["config"].read_text()
     assert f'aggregation = "{name}"' in config and ("proximal_mu = 0.1" in config) == bool(args)
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--aggregation", "FedFoo"], "unknown aggregation 'FedFoo'; choose one of FedAvg"),
+        (["--aggregation", "FedAdam", "--aggregation-args", '{"etaa": 1}'], "takes beta_1"),
+        (["--aggregation-args", "{eta"], "must be a JSON object"),
+    ],
+)
+def test_the_cli_refuses_a_bad_strategy_in_one_line(
+    flags: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute: refused while the spec loads, before any cloud or Ray starts
+    from mist_fed.cli import main
+
+    code = main(["simulate", "--no-progress", *flags])
+    # Assert
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and says in err and len(err.splitlines()) == 1

@@ -68,8 +68,11 @@ class Reference:
         cloud: str,
         storage: str | Path,
         source: SourceFactory = FlightSource,
+        progress: bool = False,
     ) -> None:
+        """``progress``: bars on stderr for the server's downloads and the central training."""
         self.spec = spec
+        self.progress = progress
         self.cloud = cloud
         self.storage = Path(storage)
         self.source = source
@@ -81,7 +84,13 @@ class Reference:
         return self._eval_ids[task]
 
     def _device(self, src: FeatureSource) -> EdgeDevice:
-        return EdgeDevice(load_profile(SERVER_PROFILE), src, self.storage, counts_runtime=False)
+        return EdgeDevice(
+            load_profile(SERVER_PROFILE),
+            src,
+            self.storage,
+            counts_runtime=False,
+            progress=self.progress,
+        )
 
     def evaluate(self, fleet: TaskFleet, num_classes: int, state: StateDict) -> float:
         """Accuracy of ``state`` (the fleet's global model) on the fleet's evaluation images."""

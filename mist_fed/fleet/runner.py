@@ -152,6 +152,7 @@ class FleetRunner:
         source: SourceFactory = FlightSource,
         node_ids: Sequence[int] | None = None,
         reference: Reference | None = None,
+        progress: bool = False,
     ) -> None:
         """``storage``: the root of the devices' own directories (one per device, every round)
         and of the server's (``_server/``, a name no fleet directory can take); ``source(cloud)``: where the fleets' initial weights
@@ -165,7 +166,9 @@ class FleetRunner:
             d.device: (d.device if node_ids is None else int(node_ids[d.device]))
             for d in self.devices
         }
-        self.reference = reference or Reference(spec, cloud, self.storage / "_server", source)
+        self.reference = reference or Reference(
+            spec, cloud, self.storage / "_server", source, progress=progress
+        )
         self.members = {f.name: [d for d in self.devices if d.fleet == f] for f in spec.fleets}
         self.strategies = {
             f.name: strategies.build(f.aggregation, f.aggregation_args, f.devices)

@@ -130,7 +130,8 @@ def run_fleet(
     devices = plan_devices(spec)
     transport = GridTransport(grid, node_ids, stop=stop)
     transport.on_reply = getattr(progress, "tick", None)
-    runner = FleetRunner(spec, devices, cloud, storage, node_ids=node_ids)
+    bars = getattr(progress, "bar", None) is not None  # the central reference's bars too
+    runner = FleetRunner(spec, devices, cloud, storage, node_ids=node_ids, progress=bars)
     return runner.run(transport.train, on_result=progress, records=records)
 
 
