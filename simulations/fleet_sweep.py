@@ -39,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cloud", default="grpc://127.0.0.1:8815")
     p.add_argument("--set", default="{}", help="overrides as a JSON object")
     p.add_argument("--out", required=True, help="JSON-lines file the result is appended to")
+    p.add_argument(
+        "--table", action="store_true", help="print --out as a Markdown table; run nothing"
+    )
     args = p.parse_args(argv)
+    if args.table:
+        print(table(Path(args.out)))
+        return 0
     logging.basicConfig(level=logging.WARNING)
     setting = json.loads(args.set)
     spec = resolve_assets(apply_overrides(load_fleet(args.fleet), **setting))
@@ -65,6 +71,24 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "a") as f:
             f.write(json.dumps(out) + "\n")
     return 0
+
+
+def table(path: Path) -> str:
+    """The sweep as a Markdown table, one row per setting and fleet, in the order run."""
+    lines = [
+        "| setting | strategy | rounds | final | central | gap (points) | sim min | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        s = {k: v for k, v in r["setting"].items() if k not in ("aggregation", "rounds")}
+        setting = ", ".join(f"{k}={v}" for k, v in s.items())
+        gap = 100 * (r["final"] - r["central"])
+        lines.append(
+            f"| {setting} | {r['aggregation']} | {r['rounds']} | {100 * r['final']:.1f} | "
+            f"{100 * r['central']:.1f} | {gap:+.1f} | {r['sim_time_s'] / 60:.1f} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -101,8 +101,8 @@ def test_summary_table_has_the_gap_to_central_and_the_clock() -> None:
     assert table.loc["a/fed", "central"] == pytest.approx(0.801)
     assert table.loc["a/fed", "gap"] == pytest.approx(-1.7)
     assert math.isnan(table.loc["a/local", "central"]) and math.isnan(table.loc["a/local", "gap"])
-    assert table.loc["a/local", "sim h"] == pytest.approx(1.0)
-    assert table.loc["a/local", "t95 h"] == pytest.approx(1.0)  # 0.5 first reached in round 2
+    assert table.loc["a/local", "sim min"] == pytest.approx(60.0)
+    assert table.loc["a/local", "t95 min"] == pytest.approx(60.0)  # 0.5 first reached in round 2
     assert table.loc["a/fed", "dev-h"] == pytest.approx(12 / 3600)
     assert list(table.index) == ["a/fed", "a/local"]
 
@@ -118,7 +118,9 @@ def test_summary_table_of_an_older_run_has_nan_for_the_new_columns() -> None:
     table = summary_table(pd.DataFrame(old))
     # Assert
     assert table.loc[0, "accuracy"] == 1.0
-    assert all(math.isnan(table.loc[0, c]) for c in ("central", "gap", "sim h", "dev-h", "t95 h"))
+    assert all(
+        math.isnan(table.loc[0, c]) for c in ("central", "gap", "sim min", "dev-h", "t95 min")
+    )
 
 
 # -- the files of a run --------------------------------------------------------------------------
@@ -140,7 +142,7 @@ def test_write_run_and_plot_run_write_the_gap_and_the_sim_time_plot(tmp_path: Pa
     assert "## Federated gap and time to accuracy" in summary
     assert (
         "* t/fed (FedAvg): 80.0% vs central 82.5% (gap -2.5 points, paired on 1000 test images);"
-        " 95% of final accuracy after 0.75 simulated hours (round 3 of 4)"
+        " 95% of final accuracy after 45.0 min simulated (round 3 of 4)"
     ) in summary
     assert "* t/local (local): 60.0% vs central 70.0% (gap -10.0 points, not paired" in summary
     fl = pd.read_parquet(paths["fleets"])

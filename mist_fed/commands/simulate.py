@@ -38,6 +38,7 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int)
     p.add_argument("--local-epochs", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--lr-decay", type=float, help="per-round factor on the devices' lr")
     p.add_argument("--batch-size", type=int, help="devices' (and the central reference's) batch")
     p.add_argument("--k", type=int, help="gather depth for mist (-1: all blocks)")
     p.add_argument("--wire-dtype", choices=WIRE_DTYPES)

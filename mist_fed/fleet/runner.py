@@ -212,7 +212,7 @@ class FleetRunner:
             wire_dtype=s.wire_dtype,
             epochs=s.local_epochs,
             batch_size=s.batch_size,
-            lr=s.lr,
+            lr=s.lr * s.lr_decay ** (rnd - 1),
             seed=s.seed,
             proximal_mu=float((config or {}).get("proximal-mu", 0.0)),
         )

@@ -78,6 +78,7 @@ class FleetSpec:
     local_epochs: int = 2
     batch_size: int = 32
     lr: float = 2e-3
+    lr_decay: float = 1.0  # the devices' learning rate in round r is lr * lr_decay ** (r - 1)
     k: int | None = None  # gather depth for mist; None = N (all blocks)
     wire_dtype: str = "float16"
     dropout: float = 0.0
@@ -118,6 +119,8 @@ class FleetSpec:
             raise ConfigError("deadline_s must be > 0 (or left out for no deadline)")
         if self.lr <= 0:
             raise ConfigError("lr must be > 0")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"lr_decay is a factor in (0, 1], got {self.lr_decay}")
 
     @property
     def num_devices(self) -> int:
@@ -260,6 +263,7 @@ OVERRIDES = (
     "rounds",
     "local_epochs",
     "lr",
+    "lr_decay",
     "k",
     "wire_dtype",
     "dropout",

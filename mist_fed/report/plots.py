@@ -95,19 +95,27 @@ def plot_accuracy_per_round(fleets: pd.DataFrame, path: Path) -> Path:
 
 
 def plot_accuracy_vs_sim_time(fleets: pd.DataFrame, path: Path) -> Path:
-    """Accuracy against cumulative simulated time (hours), one line per fleet with a marker
-    per round, its central reference dashed. A fleet without simulated times (an older run)
-    is left out."""
+    """Accuracy against cumulative simulated time (seconds, minutes or hours, whichever reads
+    best), one line per fleet with a marker per round, its central reference dashed. A fleet
+    without simulated times (an older run) is left out."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     centrals = []
+    longest = float(numeric(fleets, "sim_time_s").max()) if not fleets.empty else math.nan
+    unit, scale = (
+        ("hours", 3600.0)
+        if longest >= 7200
+        else ("minutes", 60.0)
+        if longest >= 120
+        else ("seconds", 1.0)
+    )
     for name, g in fleets.groupby("fleet"):
         g = g.sort_values("round", kind="stable")
-        hours = numeric(g, "sim_time_s") / 3600
-        if hours.isna().all():
+        t = numeric(g, "sim_time_s") / scale
+        if t.isna().all():
             continue
-        (line,) = ax.plot(hours, numeric(g, "accuracy"), marker="o", label=str(name))
+        (line,) = ax.plot(t, numeric(g, "accuracy"), marker="o", label=str(name))
         centrals.append(_central_line(ax, g, line.get_color()))
-    ax.set_xlabel("simulated time (hours)")
+    ax.set_xlabel(f"simulated time ({unit})")
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy vs simulated time, per task fleet")
     _finish_accuracy(ax, centrals)

@@ -75,7 +75,18 @@ TEXT_COLUMNS = frozenset(
 )
 # The aggregation of a fleet whose devices keep their own models (mist_fed.fleet.strategies).
 LOCAL = "local"
-T_FRACTION = 0.95  # the share of the final accuracy that ``t95 h`` waits for
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3.5 min`` or ``2.10 h``: a simulated duration in the unit that reads best."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+T_FRACTION = 0.95  # the share of the final accuracy that ``t95 min`` waits for
 
 
 def new_run_id(prefix: str = "fleet") -> str:
@@ -170,8 +181,8 @@ def summary_table(fleets: pd.DataFrame) -> pd.DataFrame:
             "accuracy": accuracy,
             "central": central,
             "gap": (accuracy - central) * 100,
-            "t95 h": t95 / 3600,
-            "sim h": numeric(last, "sim_time_s") / 3600,
+            "t95 min": t95 / 60,
+            "sim min": numeric(last, "sim_time_s") / 60,
             "dev-h": numeric(last, "sim_device_hours"),
             "KB/image": total["feature_bytes"].sum()
             / total["images_down"].sum().where(lambda s: s > 0)
@@ -222,11 +233,7 @@ def gap_lines(fleets: pd.DataFrame, fraction: float = T_FRACTION) -> list[str]:
         if row is not None:
             rounds = f"round {row['round']} of {last['round']}"
             t = time_to_fraction(g, fraction)
-            when = (
-                f"at {rounds}"
-                if math.isnan(t)
-                else f"after {t / 3600:.2f} simulated hours ({rounds})"
-            )
+            when = f"at {rounds}" if math.isnan(t) else f"after {duration(t)} simulated ({rounds})"
             text += f"; {fraction:.0%} of final accuracy {when}"
         lines.append(head + text)
     return lines
@@ -292,9 +299,9 @@ def write_run(
         "server's).",
         "",
         "Simulated time (a FedScale-style virtual clock): a round lasts as long as its slowest",
-        "device that ran (transfer + compute, capped at the deadline). In hours: `sim h` sums",
-        "the rounds, `dev-h` sums every device's transfer + compute over the run (dropped",
-        f"devices excluded), `t95 h` is the simulated time until the fleet first reached {T_FRACTION:.0%}",
+        "device that ran (transfer + compute, capped at the deadline). `sim min` sums the",
+        "rounds (minutes), `dev-h` sums every device's transfer + compute over the run in hours",
+        f"(dropped devices excluded), `t95 min` is the simulated time until the fleet first reached {T_FRACTION:.0%}",
         "of its final accuracy. KB/image: feature bytes streamed per image; MB down also counts the",
         "weights each device receives every round. Device times are seconds (transfer from the",
         "profile's link, compute measured here and scaled to the device).",
