@@ -103,13 +103,31 @@ def test_every_supported_strategy_builds_for_a_small_fleet() -> None:
 def test_flower_still_needs_a_run_identity_to_build_a_message() -> None:
     """Fails the day Flower builds Messages outside its runtimes; then drop local_identity."""
     from flwr.app import Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
 
-    assert not in_runtime()
-    with pytest.raises(RuntimeError, match="run_id"):
-        Message(content=RecordDict(), dst_node_id=1, message_type="train")
-    with local_identity():
-        assert Message(RecordDict(), dst_node_id=1, message_type="train").metadata.dst_node_id == 1
-    assert not in_runtime()  # restored
+    # An in-process simulation earlier in this session leaves its identity set: clear it here.
+    names = ("run_id", "node_id", "task_id")
+    saved = {n: _identity(TaskIdentity, n) for n in names}
+    for n in names:
+        setattr(TaskIdentity, n, None)
+    try:
+        assert not in_runtime()
+        with pytest.raises(RuntimeError, match="run_id"):
+            Message(content=RecordDict(), dst_node_id=1, message_type="train")
+        with local_identity():
+            msg = Message(RecordDict(), dst_node_id=1, message_type="train")
+            assert msg.metadata.dst_node_id == 1
+        assert not in_runtime()  # restored
+    finally:
+        for n, v in saved.items():
+            setattr(TaskIdentity, n, v)
+
+
+def _identity(cls: Any, name: str) -> Any:
+    try:
+        return getattr(cls, name)
+    except RuntimeError:  # unset
+        return None
 
 
 # -- wiring through the fleet runner -------------------------------------------------------------

@@ -88,6 +88,7 @@ class GridTransport:
         self, jobs: Sequence[DeviceJob], states: Sequence[StateDict]
     ) -> list[tuple[DeviceResult, StateDict | None]]:
         replies = self._exchange(jobs, states)
+        _check(self.stop)  # replies to a run being stopped do not make a completed round
         out: list[tuple[DeviceResult, StateDict | None]] = []
         for j in jobs:
             if j.device in replies:

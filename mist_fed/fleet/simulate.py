@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -233,6 +234,33 @@ def ray_runtime(address: str | None, num_cpus: int | None, verbose: int) -> Iter
             ray.shutdown()
 
 
+@contextlib.contextmanager
+def stop_on_sigint(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C sets ``stop`` at once, then interrupts as before (``KeyboardInterrupt``).
+
+    Flower's runtime starts tearing down (killing busy devices) when the interrupt reaches it;
+    with ``stop`` already set, a round whose devices were killed by that teardown is not taken
+    for a completed one. Outside the main thread it changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # -- runs ---------------------------------------------------------------------------------------
 
 
@@ -311,13 +339,14 @@ def simulate(
                     log.info("Ray client resources per device: %s", res)
                     ray_pool.install()
                     backend_config: dict[str, Any] = {"client_resources": res, "init_args": {}}
-                    run_simulation(
-                        server_app=make_server_app(spec, location, storage, sink, bar, stop),
-                        client_app=client_app,
-                        num_supernodes=spec.num_devices,
-                        backend_config=backend_config,
-                        verbose_logging=verbose > 1,
-                    )
+                    with stop_on_sigint(stop):
+                        run_simulation(
+                            server_app=make_server_app(spec, location, storage, sink, bar, stop),
+                            client_app=client_app,
+                            num_supernodes=spec.num_devices,
+                            backend_config=backend_config,
+                            verbose_logging=verbose > 1,
+                        )
             except KeyboardInterrupt:
                 interrupted = True
                 log.warning("interrupted: stopping the fleet, Ray and the cloud")
