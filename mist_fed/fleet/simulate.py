@@ -219,9 +219,13 @@ def ray_runtime(address: str | None, num_cpus: int | None, verbose: int) -> Iter
         "log_to_driver": verbose > 0,
         "runtime_env": {"env_vars": worker_env()},
     }
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         kw["address"] = address
     else:
+        # "local": always a fresh Ray of our own, whatever a stopped `ray start --head` left
+        # behind (its current-cluster file made ray.init try to join a dead cluster).
+        kw["address"] = "local"
         kw["num_cpus"] = num_cpus or min(os.cpu_count() or 1, 4)
         # Ray starts workers at niceness 15; on a busy host that starves the devices against
         # the driver (and the embedded cloud), so local workers run at the driver's priority.
