@@ -29,8 +29,7 @@ def job_message(job: DeviceJob, state: StateDict, node_id: int, kind: str = TRAI
 
 def unpack_job(msg: Message) -> tuple[DeviceJob, StateDict]:
     job = DeviceJob.from_config(msg.content.config_records["job"])
-    state = dict(msg.content.array_records["weights"].to_torch_state_dict())
-    return job, state
+    return job, to_state(msg.content.array_records["weights"])
 
 
 def train_reply(msg: Message, result: DeviceResult, state: StateDict | None) -> Message:
@@ -56,11 +55,7 @@ def unpack_train_reply(reply: Message, job: DeviceJob) -> tuple[DeviceResult, St
     result = DeviceResult.from_metrics(
         str(status["status"]), str(status["reason"]), c.metric_records["result"]
     )
-    state = (
-        dict(c.array_records["weights"].to_torch_state_dict())
-        if "weights" in c.array_records
-        else None
-    )
+    state = to_state(c.array_records["weights"]) if "weights" in c.array_records else None
     return result, state
 
 

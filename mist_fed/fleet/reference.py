@@ -17,7 +17,6 @@ run, a laptop profile whose clock and memory cap are not charged to any device):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,18 +96,12 @@ class Reference:
         src = self.source(self.cloud)
         try:
             with self._device(src) as device:
-                return self._score(
-                    device,
-                    fleet,
-                    num_classes,
-                    device.new_net(fleet.method, num_classes, self.spec.k, state=state),
-                )
+                net = device.new_net(fleet.method, num_classes, self.spec.k, state=state)
+                return self._score(device, fleet, net)
         finally:
             close_source(src)
 
-    def _score(
-        self, device: EdgeDevice, fleet: TaskFleet, num_classes: int, net: torch.nn.Module
-    ) -> float:
+    def _score(self, device: EdgeDevice, fleet: TaskFleet, net: torch.nn.Module) -> float:
         s = self.spec
         test = device.features(
             fleet.task, "test", fleet.method, s.k, s.wire_dtype, ids=self.eval_ids(fleet.task)
@@ -136,7 +129,7 @@ class Reference:
                     fleet.method, epochs=epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed
                 )
                 fitted = device.train(net, train, cfg)
-                acc = self._score(device, fleet, num_classes, net)
+                acc = self._score(device, fleet, net)
                 return CentralResult(
                     accuracy=acc,
                     sample_steps=fitted.samples,
@@ -146,6 +139,3 @@ class Reference:
                 )
         finally:
             close_source(src)
-
-
-NAN_CENTRAL = CentralResult(math.nan, 0, 0, 0, 0.0)

@@ -46,6 +46,7 @@ from mist_fed.fleet.device import (
     DeviceResult,
     SourceFactory,
     StateDict,
+    close_source,
 )
 from mist_fed.fleet.flower import local_identity
 from mist_fed.fleet.messages import strategy_reply, to_state
@@ -190,9 +191,7 @@ class FleetRunner:
                     src, fleet.method, self.num_classes[fleet.name], spec.seed
                 )
         finally:
-            close = getattr(src, "close", None)
-            if callable(close):
-                close()
+            close_source(src)
 
     def job(self, d: PlannedDevice, rnd: int, config: dict[str, Any] | None = None) -> DeviceJob:
         s = self.spec
@@ -429,6 +428,7 @@ class FleetRunner:
             )
             central = self.central.get(fleet.name)
             images = sum(r.images_down for r in rs)
+            feature_bytes = sum(r.feature_bytes for r in rs)
             rows.append(
                 {
                     "round": rnd,
@@ -456,11 +456,9 @@ class FleetRunner:
                     "central_sample_steps": central.sample_steps if central else 0,
                     "bytes_down": sum(r.bytes_down for r in rs),
                     "bytes_up": sum(r.bytes_up for r in rs),
-                    "feature_bytes": sum(r.feature_bytes for r in rs),
+                    "feature_bytes": feature_bytes,
                     "images_down": images,
-                    "bytes_per_image": (sum(r.feature_bytes for r in rs) / images)
-                    if images
-                    else math.nan,
+                    "bytes_per_image": feature_bytes / images if images else math.nan,
                     "transfer_s": float(np.mean([r.transfer_s for r in ok])) if ok else math.nan,
                     "compute_s": float(np.mean([r.compute_s for r in ok])) if ok else math.nan,
                     "round_time_s": round_s,

@@ -20,7 +20,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from mist_fed.fleet.device import FAILED, DeviceJob, DeviceResult, StateDict
-from mist_fed.fleet.messages import TRAIN, job_message, unpack_train_reply
+from mist_fed.fleet.messages import job_message, unpack_train_reply
 from mist_fed.fleet.runner import FleetRunner, RunRecords, check_devices, plan_devices
 from mist_fed.fleet.spec import FleetSpec, spec_from_run_config
 
@@ -63,8 +63,7 @@ class GridTransport:
         self, jobs: Sequence[DeviceJob], states: Sequence[StateDict]
     ) -> dict[int, Message]:
         msgs = [
-            job_message(j, s, self.node_ids[j.device], TRAIN)
-            for j, s in zip(jobs, states, strict=True)
+            job_message(j, s, self.node_ids[j.device]) for j, s in zip(jobs, states, strict=True)
         ]
         ids = list(self.grid.push_messages(msgs))
         device_of = dict(zip(ids, (j.device for j in jobs), strict=True))

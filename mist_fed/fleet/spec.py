@@ -51,7 +51,7 @@ class TaskFleet:
             )
         try:
             object.__setattr__(self, "aggregation", strategies.canonical(self.aggregation))
-            strategies.check_args(self.aggregation, self.aggregation_args)
+            # building it checks the arguments, and Flower's own checks run too
             strategies.build(self.aggregation, self.aggregation_args, self.devices)
         except ConfigError as e:
             raise ConfigError(f"fleet {self.task!r}: {e}") from e

@@ -122,9 +122,7 @@ def build(name: str, args: Mapping[str, Any], devices: int) -> fs.Strategy | Non
     check_args(name, args)
     if name == LOCAL:
         return None
-    allowed = allowed_args(name)
-    kw = {k: v for k, v in DEFAULTS.items() if k in allowed or k in OWNED}
-    kw.update(args)
+    kw = {**DEFAULTS, **args}
     for key in ("min_available_nodes", "min_train_nodes"):
         if int(kw.get(key, 0)) > devices:
             raise ConfigError(

@@ -219,20 +219,16 @@ def gap_lines(fleets: pd.DataFrame, fraction: float = T_FRACTION) -> list[str]:
         n = "" if math.isnan(images) else f" {images:.0f}"
         if math.isnan(central):
             text = f"{_pct(acc)}, no central reference"
-        elif local:
-            text = (
-                f"{_pct(acc)} vs central {_pct(central)} (gap {100 * (acc - central):+.1f}"
-                f" points, not paired: the devices' own{n} test images)"
-            )
         else:
+            pairing = f"not paired: the devices' own{n}" if local else f"paired on{n}"
             text = (
                 f"{_pct(acc)} vs central {_pct(central)} (gap {100 * (acc - central):+.1f}"
-                f" points, paired on{n} test images)"
+                f" points, {pairing} test images)"
             )
         row = _reaching(g, fraction)
         if row is not None:
             rounds = f"round {row['round']} of {last['round']}"
-            t = time_to_fraction(g, fraction)
+            t = float(row["sim_time_s"])
             when = f"at {rounds}" if math.isnan(t) else f"after {duration(t)} simulated ({rounds})"
             text += f"; {fraction:.0%} of final accuracy {when}"
         lines.append(head + text)
