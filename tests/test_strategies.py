@@ -246,14 +246,14 @@ def _dist(a: StateDict, b: StateDict) -> float:
     )
 
 
-def _poisoned_fleet(aggregation: str, tmp_path: Path, poison: bool) -> float:
+def _poisoned_fleet(aggregation: str, tmp_path: Path, poison: bool, seed: int = 0) -> float:
     """Accuracy of a 7-device fleet's global model after 2 rounds; device 0 sends noise."""
     args = {"num_malicious_nodes": 1} if aggregation == "Krum" else {}
     fleets = [{"task": "synthetic", "devices": 7, "aggregation": aggregation,
                "aggregation_args": args, "method": "linear"}]  # fmt: skip
     spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 4, "batch_size": 4,
                            "lr": 0.05, "local_epochs": 3, "eval_images": 16})  # fmt: skip
-    src = MemorySource(rows={"train": 48, "val": 24, "test": 16})
+    src = MemorySource(rows={"train": 48, "val": 24, "test": 16}, seed=seed)
     runner = _runner(spec, src, tmp_path)
 
     def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
@@ -277,10 +277,11 @@ def test_krum_keeps_a_poisoned_device_out_where_fedavg_does_not(tmp_path: Path) 
     clean = _poisoned_fleet("FedAvg", tmp_path / "clean", poison=False)
     krum = _poisoned_fleet("Krum", tmp_path / "krum", poison=True)
     fedavg = _poisoned_fleet("FedAvg", tmp_path / "fedavg", poison=True)
-    # Assert
+    # Assert: Krum keeps one device's model, so it may miss a few of the 16 test images the
+    # clean average gets (up to 3 over data seeds 0-11); the poisoned average loses most of them
     assert clean > 0.8
-    assert krum >= clean - 0.15
-    assert fedavg < clean - 0.3
+    assert krum >= clean - 0.2
+    assert fedavg < clean - 0.5
 
 
 @pytest.mark.parametrize("name", [n for n in strategies.NAMES if n != "Bulyan"])
