@@ -27,7 +27,8 @@ from pathlib import Path
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mist_fed.fleet.simulate import resolve_assets, run_plain
+from mist_fed.fleet.lifecycle import resolve_assets
+from mist_fed.fleet.run import run_plain
 from mist_fed.fleet.spec import apply_overrides, load_fleet
 
 DEFAULT_FLEET = Path(__file__).resolve().parent / "fleets" / "default.toml"

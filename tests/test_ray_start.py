@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from mist_fed.fleet import simulate
+from mist_fed.fleet import ray_env
 
 
 class FakeRay:
@@ -46,7 +46,7 @@ def test_a_local_run_starts_its_own_ray_unless_a_cluster_is_named(
     else:
         monkeypatch.setenv("RAY_ADDRESS", env)
     # Execute
-    with simulate.ray_runtime(flag, 2, verbose=0):
+    with ray_env.ray_runtime(flag, 2, verbose=0):
         pass
     # Assert: num_cpus only for a Ray of our own (Ray refuses it when joining a cluster)
     assert fake.kw["address"] == address and ("num_cpus" in fake.kw) == cpus

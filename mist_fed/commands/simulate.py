@@ -63,7 +63,7 @@ def load_spec(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mist_fed.fleet.simulate import simulate
+    from mist_fed.fleet.run import simulate
     from mist_fed.report.results import fleet_frame, format_table, summary_table
 
     result = simulate(
@@ -83,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Overhead ratio: the Flower/Ray run vs the same rounds in one process, same cloud."""
+    from mist_fed.fleet.lifecycle import cloud_service, resolve_assets
+    from mist_fed.fleet.run import run_plain, simulate
     from mist_fed.fleet.runner import plan_devices
-    from mist_fed.fleet.simulate import cloud_service, resolve_assets, run_plain, simulate
 
     log = logging.getLogger("mist_fed.bench")
     spec = resolve_assets(load_spec(args))

@@ -3,7 +3,8 @@
 The round logic lives in :class:`mist_fed.fleet.runner.FleetRunner`; this module only moves
 :class:`DeviceJob` s and weights through Flower's Grid and back. ``app`` is the component
 ``flwr run .`` loads (its run-config is converted into a :class:`FleetSpec` once, here);
-:func:`make_server_app` builds the same app around a ready spec for :mod:`mist_fed.fleet.simulate`.
+:func:`make_server_app` builds the same app around a ready spec for :mod:`mist_fed.fleet.run`,
+which owns that run's lifecycle and reads what the app produced from a :class:`FleetOutcome`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from mist_fed.fleet.device import FAILED, DeviceJob, DeviceResult, StateDict
+from mist_fed.fleet.lifecycle import cloud_service, device_storage, finish_run, resolve_assets
 from mist_fed.fleet.messages import job_message, unpack_train_reply
 from mist_fed.fleet.runner import FleetRunner, RunRecords, check_devices, plan_devices
 from mist_fed.fleet.spec import FleetSpec, spec_from_run_config
@@ -28,6 +30,21 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
+
+
+@dataclass
+class FleetOutcome:
+    """What a ServerApp's fleet produced, for whoever owns the run's lifecycle.
+
+    ``records`` receives each round's rows as the round completes (what is left of a run that
+    stops early); ``completed`` is set once every round has; ``done`` is set when the app's
+    thread ends, however it ends (``started`` says whether it began at all).
+    """
+
+    records: RunRecords = field(default_factory=RunRecords)
+    completed: bool = False
+    started: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 class RunStopped(Exception):
@@ -139,26 +156,21 @@ def make_server_app(
     spec: FleetSpec,
     cloud: str,
     storage: str | Path,
-    sink: dict[str, Any],
+    outcome: FleetOutcome,
     progress: Callable[[DeviceResult], None] | None = None,
     stop: threading.Event | None = None,
 ) -> ServerApp:
-    """A ServerApp around a ready spec.
-
-    The records land in ``sink["records"]`` when the run completes; meanwhile
-    ``sink["partial"]`` holds the rounds completed so far, and ``sink["done"]`` (an Event) is
-    set when the app's thread ends, however it ends. ``stop`` ends the run early.
-    """
+    """A ServerApp around a ready spec whose rounds land in ``outcome``; ``stop`` ends it early."""
     server = ServerApp()
-    sink["partial"] = RunRecords()
-    sink["done"] = threading.Event()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        outcome.started = True
         try:
-            sink["records"] = run_fleet(grid, spec, cloud, storage, progress, stop, sink["partial"])
+            run_fleet(grid, spec, cloud, storage, progress, stop, outcome.records)
+            outcome.completed = True
         finally:
-            sink["done"].set()
+            outcome.done.set()
 
     return server
 
@@ -169,8 +181,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry of ``flwr run .``: run-config -> spec, then the same path as ``simulate``."""
-    from mist_fed.fleet.simulate import cloud_service, device_storage, finish_run, resolve_assets
-
     # Relative fleet paths resolve against the app's root (the FAB, or this checkout).
     app_root = Path(__file__).resolve().parents[2]
     spec = resolve_assets(spec_from_run_config(context.run_config, base_dir=app_root))

@@ -329,7 +329,7 @@ def spec_from_run_config(run_config: Mapping[str, Any], base_dir: Path | None = 
     """Flower's kebab-case run-config (``[tool.flwr.app.config]``) -> a spec, once, at the edge.
 
     ``fleet`` names the TOML spec; any of the kebab-case forms of :data:`OVERRIDES` override it;
-    ``spec-json`` (set by :mod:`mist_fed.fleet.simulate`) carries a complete spec instead.
+    ``spec-json`` (set by :mod:`mist_fed.fleet.run`) carries a complete spec instead.
     """
     rc = {str(k).replace("-", "_"): v for k, v in run_config.items()}
     if rc.get("spec_json"):

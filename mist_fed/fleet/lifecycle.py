@@ -1,0 +1,160 @@
+"""What every fleet run path needs around its rounds: assets, the cloud, storage, results.
+
+``mist-fed simulate`` (:mod:`mist_fed.fleet.run`) and ``flwr run .`` (the ServerApp of
+:mod:`mist_fed.fleet.server_app`) both resolve the spec's assets (:func:`resolve_assets`),
+find or start the cloud feature service (:func:`cloud_service`), give the devices a run-long
+storage root (:func:`device_storage`) and write the run's files (:func:`finish_run`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from mist_fed.cloud.config import ServeConfig
+from mist_fed.cloud.runner import running_cloud
+from mist_fed.defaults import cache_dir
+from mist_fed.errors import BackboneError, MistError, TaskError
+from mist_fed.fleet.runner import RunRecords
+from mist_fed.fleet.spec import FleetSpec, spec_to_dict
+from mist_fed.model.backbone import Backbone, BackboneSpec, create_backbone
+from mist_fed.wire.client import FeatureClient
+
+log = logging.getLogger(__name__)
+
+CLOUD_FACTS = ("images_embedded", "cache_hits", "cache_misses", "bytes_served", "rows_served")
+StatsFn = Callable[[], dict[str, Any]]
+
+_BACKBONES: dict[str, Backbone] = {}
+
+
+def load_backbone(cfg: BackboneSpec) -> Backbone:
+    """The embedded cloud's backbone (built once per process; devices never build one)."""
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    if key not in _BACKBONES:
+        _BACKBONES[key] = create_backbone(
+            cfg.name,
+            weights=cfg.weights,
+            random_init=cfg.random_init,
+            seed=cfg.seed,
+            **cfg.model_kwargs,
+        )
+    return _BACKBONES[key]
+
+
+@contextlib.contextmanager
+def device_storage(root: str | Path | None = None) -> Iterator[Path]:
+    """A fresh directory for the run's devices' storage (their feature caches), removed after.
+
+    Under ``root`` (default ``$MIST_FED_CACHE/devices``): simulated devices start empty and
+    keep their files for every round of the run, not beyond it.
+    """
+    base = Path(root) if root is not None else cache_dir() / "devices"
+    base.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_assets(spec: FleetSpec) -> FleetSpec:
+    """The spec itself when its tasks and backbone load here, else its synthetic fallback."""
+    from mist_fed.data import get_task
+
+    try:
+        for f in spec.fleets:
+            get_task(f.task)
+        load_backbone(spec.backbone)
+        return spec
+    except (TaskError, BackboneError) as e:
+        if spec.fallback_task is None or spec.fallback_backbone is None:
+            raise
+        log.warning("real assets unavailable (%s); running the synthetic fallback fleet", e)
+        fleets = tuple(
+            dataclasses.replace(f, task=spec.fallback_task, name="") for f in spec.fleets
+        )
+        names = [f.name for f in fleets]
+        if len(set(names)) != len(names):  # several real tasks collapse onto one synthetic
+            fleets = tuple(
+                dataclasses.replace(f, name=f"{f.name}#{i}") for i, f in enumerate(fleets)
+            )
+        return dataclasses.replace(
+            spec,
+            fleets=fleets,
+            backbone=spec.fallback_backbone,
+            fallback_task=None,
+            fallback_backbone=None,
+        )
+
+
+def serve_config(spec: FleetSpec) -> ServeConfig:
+    """The embedded cloud's config: the spec's backbone, a free port on 127.0.0.1."""
+    b = spec.backbone
+    return ServeConfig(
+        port=0,
+        backbone=b.name,
+        weights=b.weights,
+        random_init=b.random_init,
+        seed=b.seed,
+        model_kwargs=dict(b.model_kwargs),
+        tasks=tuple(dict.fromkeys(f.task for f in spec.fleets)),
+        default_dtype=spec.wire_dtype,
+    )
+
+
+def cloud_stats(location: str) -> dict[str, Any]:
+    """The service's counters (images embedded, cache hits, bytes served)."""
+    try:
+        with FeatureClient(location, retries=1) as c:
+            return c.stats()
+    except MistError as e:
+        log.warning("could not read the cloud's counters: %s", e)
+        return {}
+
+
+@contextlib.contextmanager
+def cloud_service(spec: FleetSpec, address: str | None) -> Iterator[tuple[str, StatsFn]]:
+    """Yield ``(location, stats)``: ``address`` when given, else an embedded cloud for the run."""
+    if address:
+        yield address, lambda: cloud_stats(address)
+        return
+    with running_cloud(serve_config(spec), backbone=load_backbone(spec.backbone)) as location:
+        log.info("embedded cloud feature service at %s", location)
+        yield location, lambda: cloud_stats(location)
+
+
+def finish_run(
+    spec: FleetSpec,
+    records: RunRecords,
+    results_dir: str | Path | None,
+    wall_s: float,
+    cloud_stats: dict[str, Any],
+    run_id: str | None = None,
+    facts: dict[str, Any] | None = None,
+) -> Path | None:
+    """Write the run's files and plots; ``results_dir=None`` writes nothing."""
+    if results_dir is None:
+        return None
+    from mist_fed.report.plots import plot_run
+    from mist_fed.report.results import device_frame, fleet_frame, new_run_id, write_run
+
+    run_dir = Path(results_dir) / (run_id or new_run_id())
+    all_facts = {
+        **(facts or {}),
+        "wall_s": round(wall_s, 2),
+        "devices": spec.num_devices,
+        "rounds": spec.rounds,
+        **{f"cloud_{k}": v for k, v in cloud_stats.items() if k in CLOUD_FACTS},
+    }
+    write_run(run_dir, spec_to_dict(spec), records.devices, records.fleets, all_facts)
+    plot_run(run_dir, device_frame(records.devices), fleet_frame(records.fleets))
+    log.info("results in %s", run_dir)
+    return run_dir
