@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,9 +16,24 @@ import pytest
 from mist_fed.device.edge import DeviceMetrics
 from mist_fed.errors import ConfigError
 from mist_fed.fleet.device import DeviceJob, DeviceResult, StateDict, run_device
-from mist_fed.fleet.partition import dirichlet_split, iid_split, sample_pool
-from mist_fed.fleet.runner import FleetRunner, PlannedDevice, device_dir
+from mist_fed.fleet.partition import (
+    dirichlet_split,
+    iid_split,
+    sample_pool,
+    share_images,
+    split_indices,
+)
+from mist_fed.fleet.reference import eval_ids
+from mist_fed.fleet.runner import (
+    FleetRunner,
+    PlannedDevice,
+    device_dir,
+    image_sharing,
+    plan_devices,
+)
 from mist_fed.fleet.spec import (
+    FleetSpec,
+    TaskFleet,
     apply_overrides,
     assign_profiles,
     load_fleet,
@@ -143,6 +159,45 @@ def test_sample_pool_nests_and_refuses_too_many() -> None:
     assert sample_pool(100, 10, 0) == sample_pool(100, 30, 0)[:10]
     with pytest.raises(ConfigError, match="fewer devices"):
         sample_pool(10, 11, 0)
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet"])
+def test_share_images_is_disjoint_when_it_fits_and_shares_when_not(kind: str) -> None:
+    # Prepare
+    labels = [i % 10 for i in range(800)]
+    # Execute
+    fits = share_images(labels, 50, 16, kind, seed=0)
+    big = share_images(labels, 1000, 16, kind, seed=0)
+    # Assert: a fleet that fits gets disjoint shares (as the plain split of one pool would)
+    pool = sample_pool(800, 800, 0)
+    expected = split_indices([labels[i] for i in pool], 50, kind, 0)
+    assert fits == [[pool[i] for i in s] for s in expected]
+    assert len({i for s in fits for i in s}) == sum(len(s) for s in fits)
+    # ... and a larger one shares: its first 50 devices are the small fleet, every device's
+    # images are distinct, and (IID) every image is used the same number of times
+    assert big[:50] == fits and len(big) == 1000
+    assert all(len(set(s)) == len(s) for s in big)
+    if kind == "iid":
+        assert all(len(s) == 16 for s in big)
+        uses = Counter(i for s in big for i in s)
+        assert set(uses) == set(range(800)) and set(uses.values()) == {20}
+    with pytest.raises(ConfigError, match="fewer images per device"):
+        share_images(labels, 2, 801, kind, seed=0)
+
+
+def test_plan_shares_images_when_the_split_is_smaller_than_the_fleet() -> None:
+    # Prepare: 40 training and 20 test images for 8 devices x 8 (and x 4 test)
+    spec = FleetSpec(
+        fleets=(TaskFleet(task="synthetic:classes=4,train=40,test=20", devices=8),),
+        train_per_device=8, test_per_device=4, eval_images=12,
+    )  # fmt: skip
+    # Execute
+    devices = plan_devices(spec)
+    # Assert
+    assert image_sharing(devices, spec.fleets[0]) == (64, 40)
+    assert all(len(set(d.train_ids)) == 8 and len(set(d.test_ids)) == 4 for d in devices)
+    evals = set(eval_ids(spec.fleets[0].task, spec.eval_images, spec.seed))
+    assert set().union(*(d.test_ids for d in devices)) <= evals
 
 
 # -- messages' payloads and results --------------------------------------------------------------

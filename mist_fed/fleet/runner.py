@@ -50,7 +50,7 @@ from mist_fed.fleet.device import (
 )
 from mist_fed.fleet.flower import local_identity
 from mist_fed.fleet.messages import strategy_reply, to_state
-from mist_fed.fleet.partition import sample_pool, split_indices
+from mist_fed.fleet.partition import sample_pool, share_images, shared
 from mist_fed.fleet.reference import CentralResult, Reference, central_epochs
 from mist_fed.fleet.spec import FleetSpec, TaskFleet, assign_profiles
 
@@ -97,21 +97,38 @@ def device_dir(root: str | Path, fleet: str, device: int) -> Path:
 
 
 def plan_devices(spec: FleetSpec) -> list[PlannedDevice]:
-    """Every device of the run: its fleet, profile and share of the task's images."""
+    """Every device of the run: its fleet, profile and share of the task's images.
+
+    Training shares are disjoint while the task's training split holds the fleet's
+    ``devices x train_per_device`` images; beyond that devices share images
+    (:func:`~mist_fed.fleet.partition.share_images`; :func:`image_sharing` says how many).
+    Test shares are drawn from the server's evaluation images (the first ``eval_images`` of
+    the test split's seeded permutation), shared the same way when they are too few.
+    """
     profiles = assign_profiles(spec.profiles, spec.num_devices)
     out: list[PlannedDevice] = []
     for fleet in spec.fleets:
         task = get_task(fleet.task)
         train, test = task.split("train"), task.split("test")
         n = fleet.devices
-        pool = sample_pool(len(train), n * spec.train_per_device, spec.seed)
-        train_ids, train_labels = list(train.ids), list(train.labels)
-        labels = [train_labels[i] for i in pool]
-        shares = split_indices(labels, n, spec.split, spec.seed, spec.dirichlet_alpha)
-        n_test = min(len(test), n * spec.test_per_device)
-        test_pool = sample_pool(len(test), n_test, spec.seed + 1)
+        train_ids = list(train.ids)
+        shares = share_images(
+            list(train.labels), n, spec.train_per_device, spec.split, spec.seed,
+            spec.dirichlet_alpha,
+        )  # fmt: skip
         test_all = list(test.ids)
-        test_shares = np.array_split(np.asarray(test_pool), n)
+        n_eval = min(len(test), spec.eval_images)
+        if not shared(n, spec.test_per_device, n_eval):
+            n_test = min(len(test), n * spec.test_per_device)
+            test_pool = sample_pool(len(test), n_test, spec.seed + 1)
+            test_shares = [s.tolist() for s in np.array_split(np.asarray(test_pool), n)]
+        else:  # more devices than the evaluation images cover: they share those
+            eval_pool = sample_pool(len(test), n_eval, spec.seed + 1)
+            per = min(spec.test_per_device, n_eval)
+            test_shares = [
+                [eval_pool[i] for i in s]
+                for s in share_images([0] * n_eval, n, per, "iid", spec.seed + 1)
+            ]
         for j in range(n):
             dev = len(out)
             out.append(
@@ -119,12 +136,25 @@ def plan_devices(spec: FleetSpec) -> list[PlannedDevice]:
                     device=dev,
                     fleet=fleet,
                     profile=profiles[dev],
-                    train_ids=tuple(train_ids[pool[i]] for i in shares[j]),
+                    train_ids=tuple(train_ids[i] for i in shares[j]),
                     test_ids=tuple(test_all[int(i)] for i in test_shares[j]),
                     num_classes=task.num_classes,
                 )
             )
     return out
+
+
+def sharing_note(slots: int, images: int) -> str:
+    """``"16,000 slots over 800 images"``: the devices' training images, counted per device
+    and distinct."""
+    return f"{slots:,} slots over {images:,} images"
+
+
+def image_sharing(devices: Sequence[PlannedDevice], fleet: TaskFleet) -> tuple[int, int]:
+    """``(slots, images)`` of ``fleet``'s training shares: the devices' images counted per
+    device, and the distinct ones (equal when no two devices share an image)."""
+    ids = [i for d in devices if d.fleet == fleet for i in d.train_ids]
+    return len(ids), len(set(ids))
 
 
 @dataclass
@@ -183,6 +213,10 @@ class FleetRunner:
         self.device_state: dict[int, StateDict] = {}
         self.central: dict[str, CentralResult] = {}
         self.num_classes = {f.name: self.members[f.name][0].num_classes for f in spec.fleets}
+        self.sharing = {f.name: image_sharing(self.devices, f) for f in spec.fleets}
+        for name, (slots, distinct) in self.sharing.items():
+            if slots > distinct:
+                log.info("fleet %s: devices share images: %s", name, sharing_note(slots, distinct))
         src = source(cloud)
         try:
             for fleet in spec.fleets:
@@ -291,8 +325,11 @@ class FleetRunner:
         for fleet in self.spec.fleets:
             if fleet.name in self.central:
                 continue
-            ids = [i for d in self.members[fleet.name] for i in d.train_ids]
-            epochs = central_epochs(self.spec, self.share(fleet))
+            # The union of the devices' images; where they share images, more epochs over it
+            # make the same sample-steps as the fleet's (slots / distinct images as many).
+            ids = list(dict.fromkeys(i for d in self.members[fleet.name] for i in d.train_ids))
+            slots, distinct = self.sharing[fleet.name]
+            epochs = central_epochs(self.spec, self.share(fleet) * slots / distinct)
             log.info(
                 "fleet %s: central reference on %d images, %d epochs", fleet.name, len(ids), epochs
             )
@@ -457,6 +494,8 @@ class FleetRunner:
                     "bytes_down": sum(r.bytes_down for r in rs),
                     "bytes_up": sum(r.bytes_up for r in rs),
                     "feature_bytes": feature_bytes,
+                    "train_slots": self.sharing[fleet.name][0],
+                    "train_images": self.sharing[fleet.name][1],
                     "images_down": images,
                     "bytes_per_image": feature_bytes / images if images else math.nan,
                     "transfer_s": float(np.mean([r.transfer_s for r in ok])) if ok else math.nan,

@@ -68,6 +68,8 @@ FLEET_COLUMNS = (
     "transfer_s",
     "compute_s",
     "peak_mem_mb",
+    "train_slots",
+    "train_images",
 )
 # Columns that hold text; any other missing column is filled with NaN (a float column).
 TEXT_COLUMNS = frozenset(
@@ -235,6 +237,22 @@ def gap_lines(fleets: pd.DataFrame, fraction: float = T_FRACTION) -> list[str]:
     return lines
 
 
+def sharing_lines(fleets: pd.DataFrame) -> list[str]:
+    """One line per fleet whose devices share training images (more slots than images)."""
+    if fleets.empty or "train_slots" not in fleets:
+        return []
+    lines = []
+    for name, g in fleets.groupby("fleet", sort=False):
+        slots, images = numeric(g, "train_slots").iloc[-1], numeric(g, "train_images").iloc[-1]
+        if slots > images > 0:
+            lines.append(
+                f"* {name}: devices share images: {slots:,.0f} slots over {images:,.0f} images"
+                f" (each image on {slots / images:.1f} devices on average; a device's own"
+                " images are distinct)"
+            )
+    return lines
+
+
 def format_table(df: pd.DataFrame) -> str:
     """A plain-text table (also valid GitHub Markdown)."""
     if df.empty:
@@ -306,6 +324,7 @@ def write_run(
         "",
         *(gap_lines(fl) or ["(no rows)"]),
         "",
+        *(["## Shared images", "", *sharing_lines(fl), ""] if sharing_lines(fl) else []),
         "## Run",
         "",
         *(f"* {k}: {v}" for k, v in facts.items() if v is not None),
