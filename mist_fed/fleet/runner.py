@@ -345,8 +345,10 @@ class FleetRunner:
         train: TrainFn,
         on_result: Callable[[DeviceResult], None] | None = None,
         records: RunRecords | None = None,
+        on_round: Callable[[RunRecords], None] | None = None,
     ) -> RunRecords:
-        """The central references, then every round; each round's rows go into ``records``."""
+        """The central references, then every round; each round's rows go into ``records``
+        (then ``on_round`` gets them, e.g. to write what a run killed later would lose)."""
         rec = RunRecords() if records is None else records
         by_id = {d.device: d for d in self.devices}
         self.run_central()
@@ -402,6 +404,8 @@ class FleetRunner:
             # A round's rows land together, so a run stopped mid-round leaves whole rounds.
             rec.devices.extend(rows)
             rec.fleets.extend(self._fleet_rows(rnd, results, by_id, scores, clock))
+            if on_round:
+                on_round(rec)
         rec.final_states = dict(self.global_state)
         for dev, st in self.device_state.items():
             rec.final_states[f"device-{dev}"] = st
