@@ -5,6 +5,7 @@ from pathlib import Path
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8815
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")  # bind on every interface; no host to dial
 DEFAULT_BACKBONE = "vit_base_patch16_224.augreg_in21k"
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mist_fed.defaults import DEFAULT_HOST
 from mist_fed.wire.dtypes import WIRE_DTYPES
 
 DEFAULT_FLEET = Path(__file__).resolve().parents[2] / "simulations" / "fleets" / "default.toml"
@@ -51,7 +52,9 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--cloud", help="use a running cloud (grpc://host:port); default: embedded")
-    p.add_argument("--ray-address", help="attach to a running Ray cluster")
+    p.add_argument(
+        "--ray-address", help="run the devices on a running Ray cluster (HEAD:6379; see README)"
+    )
     p.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray (default: min(cores, 4))")
 
 
@@ -73,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         cloud=args.cloud,
         ray_address=args.ray_address,
         ray_cpus=args.ray_cpus,
+        cloud_bind=args.cloud_bind,
+        cloud_advertise=args.cloud_advertise,
         progress=not args.no_progress,
         verbose=args.verbose,
     )
@@ -143,6 +148,19 @@ def register(sub: Any) -> None:
     p.add_argument("--results", default="results", help="results directory (default: %(default)s)")
     p.add_argument("--run-id", help="name of the run's folder (default: fleet-<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--cloud-bind",
+        default=DEFAULT_HOST,
+        metavar="HOST",
+        help="where the embedded cloud listens (default: %(default)s; 0.0.0.0 lets devices on "
+        "other machines of a Ray cluster reach it)",
+    )
+    p.add_argument(
+        "--cloud-advertise",
+        metavar="HOST",
+        help="the host devices dial for the embedded cloud (default: the bind host; for "
+        "0.0.0.0 this machine's IP as Ray names its nodes)",
+    )
     p.set_defaults(handler=run)
 
 

@@ -17,11 +17,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
-from mist_fed.defaults import cache_dir
-from mist_fed.errors import BackboneError, MistError, TaskError
+from mist_fed.defaults import DEFAULT_HOST, cache_dir
+from mist_fed.errors import BackboneError, ConfigError, MistError, TaskError
 from mist_fed.fleet.runner import RunRecords
 from mist_fed.fleet.spec import FleetSpec, spec_to_dict
 from mist_fed.model.backbone import Backbone, BackboneSpec, create_backbone
@@ -95,10 +96,11 @@ def resolve_assets(spec: FleetSpec) -> FleetSpec:
         )
 
 
-def serve_config(spec: FleetSpec) -> ServeConfig:
-    """The embedded cloud's config: the spec's backbone, a free port on 127.0.0.1."""
+def serve_config(spec: FleetSpec, host: str = DEFAULT_HOST) -> ServeConfig:
+    """The embedded cloud's config: the spec's backbone, a free port on ``host`` (loopback)."""
     b = spec.backbone
     return ServeConfig(
+        host=host,
         port=0,
         backbone=b.name,
         weights=b.weights,
@@ -120,15 +122,45 @@ def cloud_stats(location: str) -> dict[str, Any]:
         return {}
 
 
+def with_host(location: str, host: str) -> str:
+    """``location`` with its host replaced (``grpc+tcp://0.0.0.0:41234`` -> ``...//HOST:41234``)."""
+    url = urlsplit(location)
+    name = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return urlunsplit(url._replace(netloc=f"{name}:{url.port}"))
+
+
 @contextlib.contextmanager
-def cloud_service(spec: FleetSpec, address: str | None) -> Iterator[tuple[str, StatsFn]]:
-    """Yield ``(location, stats)``: ``address`` when given, else an embedded cloud for the run."""
+def cloud_service(
+    spec: FleetSpec,
+    address: str | None,
+    bind: str = DEFAULT_HOST,
+    advertise: str | None = None,
+) -> Iterator[tuple[str, StatsFn]]:
+    """Yield ``(location, stats)``: ``address`` when given, else an embedded cloud for the run.
+
+    The embedded cloud listens on ``bind`` (loopback by default; ``0.0.0.0`` for devices on
+    other machines) and ``location`` names ``advertise``, the host devices dial (default:
+    ``bind``, or for a wildcard bind this machine's IP as Ray names it). The run's own counters
+    are read over loopback when the bind host allows it.
+    """
     if address:
+        if bind != DEFAULT_HOST or advertise:
+            raise ConfigError(
+                "--cloud-bind and --cloud-advertise are for the embedded cloud; with --cloud "
+                f"{address} the devices dial that address"
+            )
         yield address, lambda: cloud_stats(address)
         return
-    with running_cloud(serve_config(spec), backbone=load_backbone(spec.backbone)) as location:
-        log.info("embedded cloud feature service at %s", location)
-        yield location, lambda: cloud_stats(location)
+    from mist_fed.fleet.ray_env import advertised_host, is_wildcard
+
+    if advertise is not None and is_wildcard(advertise):
+        raise ConfigError(f"--cloud-advertise {advertise!r} is not a host devices can dial")
+    host = advertise or advertised_host(bind)
+    with running_cloud(serve_config(spec, bind), backbone=load_backbone(spec.backbone)) as bound:
+        location = with_host(bound, host)
+        here = with_host(bound, DEFAULT_HOST) if is_wildcard(bind) else location
+        log.info("embedded cloud feature service on %s; devices dial %s", bound, location)
+        yield location, lambda: cloud_stats(here)
 
 
 def finish_run(

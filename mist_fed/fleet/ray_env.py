@@ -1,23 +1,46 @@
-"""Ray for a fleet run: a local Ray of the run's own or a named cluster, and device resources.
+"""Ray for a fleet run: a local Ray of the run's own or a named cluster, what its workers get,
+and the Ray resources of one device.
 
-:func:`ray_runtime` starts (or joins) Ray for :func:`mist_fed.fleet.run.simulate`;
-:func:`client_resources` is the Ray resource shape of one virtual device.
+:func:`ray_runtime` starts (or joins) Ray for :func:`mist_fed.fleet.run.simulate`. Code reaches
+the workers through Ray's ``runtime_env``, the same way on a local Ray and on a cluster:
+:func:`code_package` stages the ``mist_fed`` package the driver runs plus the device profiles
+(``edge_profiles``) as the job's ``working_dir``; Ray uploads it to the cluster and unpacks it on
+every node, and workers import ``mist_fed`` from there, not from what the node has installed
+(its dependencies, torch and Flower among them, must be installed on every node). The only
+variables the job adds are :func:`worker_env`'s, which name no path of the driver's machine:
+a worker on another machine uses its own cache directory (its ``MIST_FED_CACHE``, else
+``~/.cache/mist-fed``). A local Ray's workers are children of the driver's own Ray processes
+and, as with any Ray, inherit the driver's environment; a cluster's inherit ``ray start``'s.
+
+:func:`client_resources` is the Ray resource shape of one virtual device; :func:`fit_cluster`
+shrinks it until every node of the cluster hosts at least one device, and
+:func:`advertised_host` / :func:`check_cloud_reachable` keep the cloud's address one that
+every node can dial.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
-import sys
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from mist_fed.device.profiles import load_profile, profile_resources
+from mist_fed.defaults import WILDCARD_HOSTS
+from mist_fed.device.profiles import load_profile, profile_resources, profiles_dir
+from mist_fed.errors import ConfigError, ResourceLimitError
 from mist_fed.fleet.spec import FleetSpec
 
 log = logging.getLogger(__name__)
+
+# Variables a worker gets from the driver: switches, never paths.
+SHIPPED_ENV = ("HF_HUB_OFFLINE", "MIST_FED_OFFLINE", "MIST_FED_FAULTS")
+_SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
 
 
 def client_resources(spec: FleetSpec) -> dict[str, float]:
@@ -34,17 +57,47 @@ def client_resources(spec: FleetSpec) -> dict[str, float]:
     }
 
 
-def fit_memory(res: dict[str, float]) -> dict[str, float]:
-    """Clip the memory request to what one actor slot of this Ray cluster can get."""
+def node_resources() -> list[dict[str, float]]:
+    """The resources of each live node of the Ray cluster this process is connected to."""
     import ray
 
-    total = ray.cluster_resources()
-    slots = max(1, int(total.get("CPU", 1) // max(res["num_cpus"], 1e-9)))
-    per_slot = float(total.get("memory", res["memory"])) / slots
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+
+
+def fit_cluster(
+    res: dict[str, float], nodes: Sequence[dict[str, float]] | None = None
+) -> dict[str, float]:
+    """Shrink one device's Ray ask until every node with CPUs hosts at least one device.
+
+    The CPU ask is clipped to the smallest node's CPUs, the memory ask to one actor slot of the
+    tightest node (Flower sizes its actor pool node by node; an actor that fits no node would
+    wait forever). Each device still runs with its own profile's threads and memory cap, checked
+    inside :func:`~mist_fed.fleet.device.run_device`: only Ray's bookkeeping shrinks.
+    """
+    usable = [n for n in (node_resources() if nodes is None else nodes) if n.get("CPU", 0) > 0]
+    if not usable:
+        raise ResourceLimitError(
+            "the Ray cluster has no node with CPUs to host devices; add one with "
+            "`ray start --address HEAD:PORT --num-cpus N`"
+        )
+    smallest = min(n["CPU"] for n in usable)
+    if res["num_cpus"] > smallest:
+        log.info(
+            "a device asks %g CPUs but the smallest Ray node has %g: Ray reserves %g per "
+            "device (its torch threads still follow its profile)",
+            res["num_cpus"],
+            smallest,
+            smallest,
+        )
+        res = {**res, "num_cpus": smallest}
+    per_slot = min(
+        float(n.get("memory", res["memory"])) / max(1, int(n["CPU"] // res["num_cpus"]))
+        for n in usable
+    )
     if res["memory"] > per_slot:
         log.info(
-            "profile memory %.0f MB per device exceeds this host's %.0f MB per actor; "
-            "Ray reserves the latter, the device cap is still checked per device",
+            "profile memory %.0f MB per device exceeds the %.0f MB one actor of the tightest "
+            "Ray node gets; Ray reserves the latter, the device cap is still checked per device",
             res["memory"] / 2**20,
             per_slot / 2**20,
         )
@@ -53,21 +106,95 @@ def fit_memory(res: dict[str, float]) -> dict[str, float]:
 
 
 def worker_env() -> dict[str, str]:
-    # This checkout's package first, so workers import the same mist_fed as the driver.
-    here = str(Path(__file__).resolve().parents[2])
-    paths = [here, *(os.path.abspath(p or ".") for p in sys.path)]
-    env = {
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),
-    }
-    for key in ("MIST_FED_CACHE", "HF_HUB_OFFLINE", "MIST_FED_FAULTS"):
+    """The variables a fleet's Ray job sets in its workers: switches only, no driver path."""
+    env = {"FLWR_TELEMETRY_ENABLED": "0"}
+    for key in SHIPPED_ENV:
         if key in os.environ:
             env[key] = os.environ[key]
     return env
 
 
 @contextlib.contextmanager
-def ray_runtime(address: str | None, num_cpus: int | None, verbose: int) -> Iterator[None]:
+def code_package() -> Iterator[Path]:
+    """A temporary folder of what workers import: this ``mist_fed`` package and its profiles.
+
+    ``<tmp>/mist_fed`` (no ``__pycache__``) and ``<tmp>/edge_profiles`` (the ``*.toml`` of
+    :func:`~mist_fed.device.profiles.profiles_dir`, where a worker's ``profiles_dir`` looks
+    first). Ray zips and uploads it in ``ray.init``; the folder is removed after.
+    """
+    import mist_fed
+
+    src = Path(mist_fed.__file__).resolve().parent
+    profiles = profiles_dir()
+    with tempfile.TemporaryDirectory(prefix="mist-fed-code-") as tmp:
+        root = Path(tmp)
+        shutil.copytree(src, root / "mist_fed", ignore=_SKIP)
+        (root / "edge_profiles").mkdir()
+        for p in sorted(profiles.glob("*.toml")):
+            shutil.copyfile(p, root / "edge_profiles" / p.name)
+        yield root
+
+
+def runtime_env(code: Path) -> dict[str, Any]:
+    """The job's ``runtime_env``: ``code`` (see :func:`code_package`) and :func:`worker_env`."""
+    return {"working_dir": str(code), "env_vars": worker_env()}
+
+
+def is_wildcard(host: str) -> bool:
+    return host in WILDCARD_HOSTS
+
+
+def advertised_host(bind: str) -> str:
+    """The host devices dial for a cloud bound on ``bind``.
+
+    ``bind`` itself, except for a wildcard (``0.0.0.0``, ``::``): then this machine's IP as Ray
+    names its nodes (the address ``ray start`` would register this machine with).
+    """
+    if not is_wildcard(bind):
+        return bind
+    import ray.util
+
+    return str(ray.util.get_node_ip_address())
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_cloud_reachable(cloud: str) -> None:
+    """Fail in one line when Ray nodes on other machines could not dial ``cloud``.
+
+    A loopback address (``127.0.0.1``, ``localhost``) reaches only this machine's nodes.
+    """
+    host = urlparse(cloud).hostname or ""
+    if not _is_loopback(host):
+        return
+    import ray
+    import ray.util
+
+    here = ray.util.get_node_ip_address()
+    others = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")} - {here})
+    if others:
+        raise ConfigError(
+            f"the cloud at {cloud} is on loopback, which Ray nodes on other machines "
+            f"({', '.join(others)}) cannot reach: pass --cloud-bind 0.0.0.0 (devices then dial "
+            f"{here}, or --cloud-advertise HOST), or --cloud grpc://HOST:PORT for a running cloud"
+        )
+
+
+@contextlib.contextmanager
+def ray_runtime(
+    address: str | None, num_cpus: int | None, verbose: int, cloud: str | None = None
+) -> Iterator[None]:
+    """Ray for the run: ``address`` (or ``RAY_ADDRESS``) names a cluster, else a local Ray.
+
+    ``cloud``: the location devices will dial; a loopback one fails on a multi-machine cluster.
+    """
     import ray
 
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
@@ -76,7 +203,6 @@ def ray_runtime(address: str | None, num_cpus: int | None, verbose: int) -> Iter
         "include_dashboard": False,
         "logging_level": logging.INFO if verbose else logging.ERROR,
         "log_to_driver": verbose > 0,
-        "runtime_env": {"env_vars": worker_env()},
     }
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
@@ -89,8 +215,11 @@ def ray_runtime(address: str | None, num_cpus: int | None, verbose: int) -> Iter
         # Ray starts workers at niceness 15; on a busy host that starves the devices against
         # the driver (and the embedded cloud), so local workers run at the driver's priority.
         os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(**kw)
+    with code_package() as code:
+        ray.init(runtime_env=runtime_env(code), **kw)  # uploads the code; the folder may go
     try:
+        if cloud is not None:
+            check_cloud_reachable(cloud)
         yield
     finally:
         if ray.is_initialized():

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mist_fed.defaults import DEFAULT_HOST
 from mist_fed.errors import Interrupted, MistError
 from mist_fed.fleet.device import DeviceResult
 from mist_fed.fleet.lifecycle import cloud_service, device_storage, finish_run, resolve_assets
-from mist_fed.fleet.ray_env import client_resources, fit_memory, ray_runtime
+from mist_fed.fleet.ray_env import client_resources, fit_cluster, ray_runtime
 from mist_fed.fleet.runner import FleetRunner, RunRecords, local_train_fn, plan_devices
 from mist_fed.fleet.server_app import FleetOutcome, make_server_app
 from mist_fed.fleet.spec import FleetSpec
@@ -121,11 +122,16 @@ def simulate(
     cloud: str | None = None,
     ray_address: str | None = None,
     ray_cpus: int | None = None,
+    cloud_bind: str = DEFAULT_HOST,
+    cloud_advertise: str | None = None,
     progress: bool = True,
     verbose: int = 0,
 ) -> SimulationResult:
     """Run ``spec`` on Flower's Ray backend and write ``results_dir/<run-id>/``.
 
+    ``cloud_bind`` / ``cloud_advertise``: where the embedded cloud listens and the host the
+    devices dial (default: the bind host; for ``0.0.0.0`` this machine's Ray node IP); see
+    :func:`~mist_fed.fleet.lifecycle.cloud_service`.
     ``verbose``: 0 keeps Flower and Ray quiet, 1 lets Ray workers log, 2 adds Flower's debug log.
     On Ctrl-C it cleans up, writes the completed rounds (``config.toml`` records
     ``interrupted`` and ``rounds_completed``) and raises :class:`~mist_fed.errors.Interrupted`.
@@ -144,10 +150,13 @@ def simulate(
     interrupted = False
     facts = {"engine": "flower+ray", "cloud": cloud or "embedded", "ray_address": ray_address}
     try:
-        with device_storage() as storage, cloud_service(spec, cloud) as (location, stats):
+        with (
+            device_storage() as storage,
+            cloud_service(spec, cloud, cloud_bind, cloud_advertise) as (location, stats),
+        ):
             try:
-                with ray_runtime(ray_address, ray_cpus, verbose):
-                    res = fit_memory(client_resources(spec))
+                with ray_runtime(ray_address, ray_cpus, verbose, cloud=location):
+                    res = fit_cluster(client_resources(spec))
                     log.info("Ray client resources per device: %s", res)
                     ray_pool.install()
                     backend_config: dict[str, Any] = {"client_resources": res, "init_args": {}}
