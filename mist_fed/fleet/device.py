@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import socket
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ SourceFactory = Callable[[str], FeatureSource]  # cloud location -> source
 
 OK, FAILED, DROPPED, STRAGGLER = "ok", "failed", "dropped", "straggler"
 STATUSES = (OK, FAILED, DROPPED, STRAGGLER)
+TEXT_FIELDS = ("status", "reason", "node")  # DeviceResult's text: a reply's ConfigRecord
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class DeviceResult:
     device_gflops: float = 0.0
     edge_params: int = 0
     edge_macs: int = 0
+    node: str = ""  # where the job ran: the Ray node's id (see host_node)
 
     def record(self, metrics: DeviceMetrics) -> DeviceResult:
         """Take the device's measurements (the shared names)."""
@@ -121,15 +125,15 @@ class DeviceResult:
 
     def metrics(self) -> dict[str, float | int]:
         d = dataclasses.asdict(self)
-        d.pop("status")
-        d.pop("reason")
+        for text in TEXT_FIELDS:
+            d.pop(text)
         return d
 
     @classmethod
     def from_metrics(cls, status: str, reason: str, m: Any) -> DeviceResult:
         kw: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name in ("status", "reason") or f.name not in m:
+            if f.name in TEXT_FIELDS or f.name not in m:
                 continue
             kw[f.name] = int(m[f.name]) if isinstance(f.default, int) else float(m[f.name])
         kw["device"], kw["round"] = int(m["device"]), int(m["round"])
@@ -164,6 +168,14 @@ def proximal_term(anchor: StateDict, mu: float) -> ExtraLoss:
     return term
 
 
+def host_node() -> str:
+    """Where this process runs: its Ray node's id inside Ray, else the host's name."""
+    ray = sys.modules.get("ray")  # no import: a device outside Ray never loads it
+    if ray is not None and ray.is_initialized():
+        return str(ray.get_runtime_context().get_node_id())
+    return socket.gethostname()
+
+
 def close_source(source: FeatureSource) -> None:
     close = getattr(source, "close", None)
     if callable(close):
@@ -183,7 +195,7 @@ def run_device(
     """Train and evaluate one device for one round. Never raises for the device's own failures:
     they come back as ``status="failed"`` with the reason. ``source(job.cloud)``: where the
     device's features come from (the cloud's Flight service; a fake in tests)."""
-    result = DeviceResult(device=job.device, round=job.round, status=OK)
+    result = DeviceResult(device=job.device, round=job.round, status=OK, node=host_node())
     device: EdgeDevice | None = None
     new_state: StateDict | None = None
     try:

@@ -11,7 +11,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from mist_fed.fleet.device import FAILED, DeviceJob, DeviceResult, StateDict
+from mist_fed.fleet.device import FAILED, TEXT_FIELDS, DeviceJob, DeviceResult, StateDict
 from mist_fed.fleet.strategies import WEIGHT_KEY
 
 TRAIN = MessageType.TRAIN
@@ -36,7 +36,7 @@ def train_reply(msg: Message, result: DeviceResult, state: StateDict | None) -> 
     content = RecordDict(
         {
             "result": MetricRecord(result.metrics()),  # type: ignore[arg-type]
-            "status": ConfigRecord({"status": result.status, "reason": result.reason}),
+            "status": ConfigRecord({k: getattr(result, k) for k in TEXT_FIELDS}),
         }
     )
     if state is not None:
@@ -55,6 +55,7 @@ def unpack_train_reply(reply: Message, job: DeviceJob) -> tuple[DeviceResult, St
     result = DeviceResult.from_metrics(
         str(status["status"]), str(status["reason"]), c.metric_records["result"]
     )
+    result.node = str(status.get("node", ""))
     state = to_state(c.array_records["weights"]) if "weights" in c.array_records else None
     return result, state
 

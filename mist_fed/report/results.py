@@ -40,6 +40,7 @@ DEVICE_COLUMNS = (
     "feature_bytes",
     "images_down",
     "received_digest",
+    "node",
 )
 FLEET_COLUMNS = (
     "round",
@@ -73,7 +74,17 @@ FLEET_COLUMNS = (
 )
 # Columns that hold text; any other missing column is filled with NaN (a float column).
 TEXT_COLUMNS = frozenset(
-    {"fleet", "task", "method", "aggregation", "profile", "status", "reason", "received_digest"}
+    {
+        "fleet",
+        "task",
+        "method",
+        "aggregation",
+        "profile",
+        "status",
+        "reason",
+        "received_digest",
+        "node",
+    }
 )
 # The aggregation of a fleet whose devices keep their own models (mist_fed.fleet.strategies).
 LOCAL = "local"
