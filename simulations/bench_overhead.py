@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Simulation overhead: ``python simulations/bench_overhead.py [fleet flags]``.
+"""Simulation overhead: ``python simulations/bench_overhead.py [fleet flags] [--small N]``.
 
-Runs the fleet twice in one process (the first fills the cloud's store), then through Flower
-and Ray against the same cloud, and prints the wall-time ratio and the cloud's embed counters.
-The same as ``mist-fed bench sim``.
+At two fleet sizes (``--small``, default 50, and ``--devices``) runs the same rounds as a plain
+loop in one process and through Flower and Ray, each in its own process against one warm
+cloud, and prints the overhead per device-round, Ray's start-up apart, and the driver's peak
+RSS (the embedded cloud excluded). The same as ``mist-fed bench sim``.
 """
 
 import os

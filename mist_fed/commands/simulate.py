@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -87,58 +85,39 @@ def run(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    """Overhead ratio: the Flower/Ray run vs the same rounds in one process, same cloud."""
-    from mist_fed.fleet.lifecycle import cloud_service, resolve_assets
-    from mist_fed.fleet.run import run_plain, simulate
-    from mist_fed.fleet.runner import plan_devices
+    """Flower + Ray against a plain loop at two fleet sizes: the overhead per device-round,
+    Ray's start-up apart, and the driver's peak RSS (`mist_fed.fleet.bench`)."""
+    import dataclasses
+    import json
 
-    log = logging.getLogger("mist_fed.bench")
+    from mist_fed.fleet.bench import bench_sim
+    from mist_fed.fleet.lifecycle import resolve_assets
+
     spec = resolve_assets(load_spec(args))
-    distinct = {
-        (d.fleet.task, split, i)
-        for d in plan_devices(spec)
-        for split, ids in (("train", d.train_ids), ("test", d.test_ids))
-        for i in ids
-    }
-    with cloud_service(spec, args.cloud) as (location, stats):
-        log.info("warming the cloud's store (untimed plain run)")
-        t = time.perf_counter()
-        first_rec = run_plain(spec, location)
-        warm_s = time.perf_counter() - t
-        first = stats()
-        t = time.perf_counter()
-        plain_rec = run_plain(spec, location)
-        plain_s = time.perf_counter() - t
-        sim = simulate(
-            spec,
-            None,
-            cloud=location,
-            ray_address=args.ray_address,
-            ray_cpus=args.ray_cpus,
-            progress=False,
-            verbose=args.verbose,
-        )
-        after = stats()
-    ratio = sim.wall_s / plain_s
-    embedded = after.get("images_embedded", float("nan"))
-    print(f"devices x rounds          {spec.num_devices} x {spec.rounds}")
-    print(f"first plain run (cold)    {warm_s:8.1f} s  (fills the cloud's store)")
-    print(f"plain loop, one process   {plain_s:8.1f} s")
-    print(f"Flower + Ray simulation   {sim.wall_s:8.1f} s")
-    for name, rec in (("first plain", first_rec), ("plain", plain_rec), ("flower", sim.records)):
-        counts: dict[str, int] = {}
-        for row in rec.devices:
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
-        reasons = {row["reason"][:80] for row in rec.devices if row["reason"]}
-        print(f"  {name:<12} device-rounds {counts} {sorted(reasons)[:3]}")
-    print(f"overhead ratio            {ratio:8.2f}  (target <= 1.30)")
-    print(
-        f"cloud: {embedded} images embedded for {len(distinct)} distinct images requested "
-        f"by 3 runs ({first.get('images_embedded')} after the first); "
-        f"cache hits {after.get('cache_hits')}"
+    result = bench_sim(
+        spec,
+        small=args.small,
+        cloud=args.cloud,
+        ray_address=args.ray_address,
+        ray_cpus=args.ray_cpus,
+        verbose=max(0, args.verbose - 1),  # -v: the bench's progress; -vv: the runs' logs too
     )
-    ok = embedded <= len(distinct)
-    print("embed-once check          " + ("ok" if ok else "FAILED: some image was embedded twice"))
+    lines = result.lines()
+    print("\n".join(lines))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text("\n".join(lines) + "\n")
+        data = {
+            "spec": {"fleet": args.fleet, "devices": spec.num_devices, "rounds": spec.rounds},
+            "rows": result.rows(),
+            "runs": [dataclasses.asdict(m) for m in result.runs],
+            "distinct_images": result.distinct_images,
+            "cloud": result.cloud,
+        }
+        (out / "bench.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        print(f"\nwritten to {out}")
+    ok = all(set(m.statuses) <= {"ok"} for m in result.runs)
     return 0 if ok else 1
 
 
@@ -166,6 +145,15 @@ def register(sub: Any) -> None:
 
 def add_bench_parser(bsub: Any) -> None:
     """`mist-fed bench sim`, registered by the bench command."""
-    b = bsub.add_parser("sim", help="simulation overhead: Flower + Ray vs a plain loop")
+    b = bsub.add_parser(
+        "sim", help="simulation overhead at two fleet sizes: Flower + Ray vs a plain loop"
+    )
     add_fleet_args(b)
+    b.add_argument(
+        "--small",
+        type=int,
+        default=50,
+        help="the smaller fleet measured beside --devices (default: %(default)s)",
+    )
+    b.add_argument("--out", help="also write table.md and bench.json into this directory")
     b.set_defaults(handler=bench)

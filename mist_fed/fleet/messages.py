@@ -17,13 +17,12 @@ from mist_fed.fleet.strategies import WEIGHT_KEY
 TRAIN = MessageType.TRAIN
 
 
-def job_message(job: DeviceJob, state: StateDict, node_id: int, kind: str = TRAIN) -> Message:
-    content = RecordDict(
-        {
-            "job": ConfigRecord(job.to_config()),
-            "weights": ArrayRecord.from_torch_state_dict(state),
-        }
-    )
+def job_message(
+    job: DeviceJob, state: StateDict | ArrayRecord, node_id: int, kind: str = TRAIN
+) -> Message:
+    """The job and its weights (an ArrayRecord already made from them is used as it is)."""
+    arrays = state if isinstance(state, ArrayRecord) else ArrayRecord.from_torch_state_dict(state)
+    content = RecordDict({"job": ConfigRecord(job.to_config()), "weights": arrays})
     return Message(content=content, dst_node_id=node_id, message_type=kind)
 
 

@@ -164,6 +164,9 @@ class RunRecords:
     devices: list[dict[str, Any]] = field(default_factory=list)
     fleets: list[dict[str, Any]] = field(default_factory=list)
     final_states: dict[str, StateDict] = field(default_factory=dict)
+    # time.perf_counter() stamps of this process: "start" (the devices are planned from
+    # here) and "end" (the last round recorded), so a caller can tell runtime start-up apart
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 def _like(state: StateDict, template: StateDict) -> StateDict:
@@ -287,16 +290,23 @@ class FleetRunner:
         )
         return chosen, config
 
-    def aggregate(
-        self, fleet: TaskFleet, rnd: int, done: Sequence[tuple[int, StateDict, int]]
-    ) -> bool:
+    def aggregate(self, fleet: TaskFleet, rnd: int, done: list[tuple[int, StateDict, int]]) -> bool:
         """Hand ``(device, state, num_examples)`` of the devices that finished to the fleet's
-        strategy; its result becomes the global model. ``False`` when it returned none."""
+        strategy; its result becomes the global model. ``False`` when it returned none.
+
+        ``done`` is consumed: each state is let go once its reply is made, so a round holds
+        one copy of its devices' weights, not two."""
         strategy = self.strategies[fleet.name]
         assert strategy is not None
         with local_identity(), strategies.quiet():
-            replies = [strategy_reply(st, n, self.node_of[dev]) for dev, st, n in done]
+            replies = []
+            done.reverse()
+            while done:
+                dev, st, n = done.pop()
+                replies.append(strategy_reply(st, n, self.node_of[dev]))
+                del st
             arrays, _ = strategy.aggregate_train(rnd, replies)
+            del replies
         if arrays is None:
             return False
         self.global_state[fleet.name] = _like(to_state(arrays), self.global_state[fleet.name])
@@ -364,7 +374,9 @@ class FleetRunner:
             active = [d for d in picked if d.device not in dropped]
             jobs = [self.job(d, rnd, configs[d.fleet.name]) for d in active]
             sent = [self.state_for(d) for d in active]
-            received = {d.device: state_digest(s) for d, s in zip(active, sent, strict=True)}
+            digests = {id(s): state_digest(s) for s in sent}  # a few distinct states
+            received = {d.device: digests[id(s)] for d, s in zip(active, sent, strict=True)}
+            del digests
             outs = train(jobs, sent) if jobs else []
             results: Results = {}
             for res, st in outs:
@@ -431,6 +443,8 @@ class FleetRunner:
                 for dev, st, _ in done:
                     self.device_state[dev] = st
                 continue
+            for dev, _, _ in done:  # the states live on in ``done`` only, until aggregated
+                results[dev] = (results[dev][0], None)
             if not done or not self.aggregate(fleet, rnd, done):
                 log.warning("round %d: fleet %s has no new model; weights kept", rnd, fleet.name)
             scores[fleet.name] = self.reference.evaluate(

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from mist_fed.fleet.device import FAILED, DeviceJob, DeviceResult, StateDict
@@ -59,8 +61,15 @@ def _check(stop: threading.Event | None) -> None:
 class GridTransport:
     """The train callable of :class:`FleetRunner`, through a Flower Grid.
 
-    ``stop``, once set, ends a wait for replies with :class:`RunStopped`, so the ServerApp
-    thread does not outlive a simulation runtime that was interrupted.
+    ``window``: at most this many jobs in flight (pushed, not yet answered); a reply makes
+    room for the next. In a simulation the devices run a few at a time (one per Ray actor)
+    whatever is pushed, and Flower's in-memory runtime scans every stored message for every
+    node on each of its 0.1 s sweeps: with a whole 1,000-device round pushed at once that
+    scan alone is a million checks a sweep. A window of a few jobs per actor keeps the
+    actors busy and the scan short; ``None`` pushes the round at once (real SuperNodes, each
+    pulling its own job). ``stop``, once set, ends a wait for replies with
+    :class:`RunStopped`, so the ServerApp thread does not outlive a simulation runtime that
+    was interrupted.
     """
 
     def __init__(
@@ -69,33 +78,48 @@ class GridTransport:
         node_ids: Sequence[int],
         timeout_s: float | None = None,
         stop: threading.Event | None = None,
+        window: int | None = None,
     ):
         self.grid = grid
         self.node_ids = list(node_ids)
         self.timeout_s = timeout_s
         self.stop = stop
+        self.window = window
         self.on_reply: Callable[[], None] | None = None
 
     def _exchange(
         self, jobs: Sequence[DeviceJob], states: Sequence[StateDict]
-    ) -> dict[int, Message]:
-        msgs = [
-            job_message(j, s, self.node_ids[j.device]) for j, s in zip(jobs, states, strict=True)
-        ]
-        ids = list(self.grid.push_messages(msgs))
-        device_of = dict(zip(ids, (j.device for j in jobs), strict=True))
-        pending = set(ids)
-        replies: dict[int, Message] = {}
+    ) -> dict[int, tuple[DeviceResult, StateDict | None]]:
+        """Each device's unpacked reply (a Message is dropped as soon as it is read)."""
+        todo = deque(zip(jobs, states, strict=True))
+        job_of: dict[str, DeviceJob] = {}  # message id -> job, while in flight
+        weights: dict[int, ArrayRecord] = {}  # one serialized copy per distinct state
+
+        def push(n: int) -> None:
+            batch = [todo.popleft() for _ in range(min(n, len(todo)))]
+            msgs = []
+            for j, s in batch:
+                arrays = weights.get(id(s))
+                if arrays is None:
+                    arrays = weights[id(s)] = ArrayRecord.from_torch_state_dict(s)
+                msgs.append(job_message(j, arrays, self.node_ids[j.device]))
+            ids = list(self.grid.push_messages(msgs))
+            job_of.update(zip(ids, (j for j, _ in batch), strict=True))
+
+        replies: dict[int, tuple[DeviceResult, StateDict | None]] = {}
+        push(len(todo) if self.window is None else self.window)
         end = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-        while pending and (end is None or time.monotonic() < end):
+        while job_of and (end is None or time.monotonic() < end):
             _check(self.stop)
-            got = list(self.grid.pull_messages(list(pending)))
-            for m in got:
-                mid = m.metadata.reply_to_message_id
-                pending.discard(mid)
-                replies[device_of[mid]] = m
+            got = 0
+            for m in self.grid.pull_messages(list(job_of)):
+                job = job_of.pop(m.metadata.reply_to_message_id)
+                replies[job.device] = unpack_train_reply(m, job)
+                got += 1
                 if self.on_reply:
                     self.on_reply()
+            if got and todo:
+                push(got if self.window is not None else len(todo))
             if not got:
                 time.sleep(POLL_S)
         return replies
@@ -105,13 +129,12 @@ class GridTransport:
     ) -> list[tuple[DeviceResult, StateDict | None]]:
         replies = self._exchange(jobs, states)
         _check(self.stop)  # replies to a run being stopped do not make a completed round
-        out: list[tuple[DeviceResult, StateDict | None]] = []
-        for j in jobs:
-            if j.device in replies:
-                out.append(unpack_train_reply(replies[j.device], j))
-            else:
-                out.append((DeviceResult(j.device, j.round, FAILED, "no reply in time"), None))
-        return out
+        return [
+            replies.pop(j.device)
+            if j.device in replies
+            else (DeviceResult(j.device, j.round, FAILED, "no reply in time"), None)
+            for j in jobs
+        ]
 
 
 def wait_for_nodes(
@@ -125,6 +148,22 @@ def wait_for_nodes(
         time.sleep(POLL_S)
         node_ids = sorted(grid.get_node_ids())
     return node_ids
+
+
+JOBS_PER_ACTOR = 2  # a simulation's jobs in flight per Ray actor (GridTransport's window)
+
+
+def in_flight_window(spec: FleetSpec) -> int | None:
+    """Jobs in flight for :class:`GridTransport`: in a simulation (Ray runs in this process)
+    a couple per actor that fits the cluster, plus two; else ``None`` (the whole round)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    from mist_fed.fleet.ray_env import client_resources
+
+    per_device = max(client_resources(spec)["num_cpus"], 1e-9)
+    actors = max(1, int(float(ray.cluster_resources().get("CPU", 1)) // per_device))
+    return JOBS_PER_ACTOR * actors + 2
 
 
 def run_fleet(
@@ -144,12 +183,16 @@ def run_fleet(
     """
     node_ids = wait_for_nodes(grid, spec.num_devices, stop=stop)
     check_devices(spec, len(node_ids))
+    records = RunRecords() if records is None else records
+    records.timing["start"] = time.perf_counter()
     devices = plan_devices(spec)
-    transport = GridTransport(grid, node_ids, stop=stop)
+    transport = GridTransport(grid, node_ids, stop=stop, window=in_flight_window(spec))
     transport.on_reply = getattr(progress, "tick", None)
     bars = getattr(progress, "bar", None) is not None  # the central reference's bars too
     runner = FleetRunner(spec, devices, cloud, storage, node_ids=node_ids, progress=bars)
-    return runner.run(transport.train, on_result=progress, records=records)
+    runner.run(transport.train, on_result=progress, records=records)
+    records.timing["end"] = time.perf_counter()
+    return records
 
 
 def make_server_app(
