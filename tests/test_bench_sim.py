@@ -24,14 +24,16 @@ COLUMNS = [
     "ray start/stop s",
     "overhead ms/dev-round",
     "driver peak MB",
+    "driver rounds peak MB",
     "plain peak MB",
     "MB/added device",
+    "rounds MB/added device",
     "marginal ms/added dev-round",
 ]
 
 
 def _run(engine: str, n: int, wall: float, rss: float, startup: float = 0.0) -> Measured:
-    return Measured(engine, n, n, wall, startup, wall + startup, rss, {"ok": n})
+    return Measured(engine, n, n, wall, startup, wall + startup, rss, rss - 100.0, {"ok": n})
 
 
 def test_rows_put_both_engines_side_by_side_with_the_overhead_and_rss_growth() -> None:
@@ -51,6 +53,7 @@ def test_rows_put_both_engines_side_by_side_with_the_overhead_and_rss_growth() -
     assert big["ray start/stop s"] == 11.0  # shown apart, never in the overhead
     assert math.isnan(small["MB/added device"])
     assert big["MB/added device"] == pytest.approx((608.0 - 600.0) / 4)
+    assert big["rounds MB/added device"] == pytest.approx((508.0 - 500.0) / 4)
     assert big["marginal ms/added dev-round"] == pytest.approx(((5.4 - 4.0) - 1.0) / 4 * 1e3)
 
 

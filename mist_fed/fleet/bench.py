@@ -17,8 +17,11 @@ have each device fetch its features into its own cache, train and evaluate throu
   a device-round costs once every fixed cost (the Ray workers' first imports among them,
   which fall inside the span above) is paid.
 * **Driver peak RSS**: every run is its own child process and reports its own peak RSS
-  (``ru_maxrss``); the embedded cloud lives in the parent, so it is not in it, nor are the
-  Ray workers (other processes). The plain loop's figure includes its devices' training.
+  (``ru_maxrss``, start-up included) and the peak of its RSS sampled every 0.1 s within the
+  span above (the rounds, where per-device state would pile up); the embedded cloud lives in
+  the parent, so it is in neither, nor are the Ray workers (other processes). The plain
+  loop's figures include its devices' training. Growth per added device compares the two
+  sizes' Flower + Ray drivers.
 
 The cloud is warmed first (untimed): every image either run will ask for is embedded before
 either is timed, so neither pays for the backbone.
@@ -54,13 +57,53 @@ class Measured:
     wall_s: float  # planning to the last round (the span both engines share)
     startup_s: float  # Flower + Ray only: start-up and teardown around that span
     total_s: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # the whole process, start-up included
+    span_peak_rss_mb: float  # within the span of ``wall_s`` (sampled every 0.1 s)
     statuses: dict[str, int] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+class RssSampler:
+    """This process's RSS every ``every_s`` seconds, stamped with ``time.perf_counter()``
+    (Linux ``/proc/self/statm``; nothing elsewhere): the peak within a span of the run."""
+
+    def __init__(self, every_s: float = 0.1) -> None:
+        import threading
+
+        self.every_s = every_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    @staticmethod
+    def rss_mb() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                pages = int(f.read().split()[1])
+        except OSError:
+            return float("nan")
+        return pages * resource.getpagesize() / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), self.rss_mb()))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self, start: float, end: float) -> float:
+        inside = [mb for t, mb in self.samples if start <= t <= end]
+        return max(inside, default=float("nan"))
 
 
 def _measure(
@@ -77,24 +120,27 @@ def _measure(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from mist_fed.fleet.run import run_plain, simulate
 
-    t0 = time.perf_counter()
-    if engine == "plain":
-        rec = run_plain(spec, location)
-        total = time.perf_counter() - t0
-        wall, startup = total, 0.0
-    else:
-        sim = simulate(
-            spec,
-            None,
-            cloud=location,
-            ray_address=ray_address,
-            ray_cpus=ray_cpus,
-            progress=False,
-            verbose=verbose,
-        )
-        rec, total = sim.records, sim.wall_s
-        wall = rec.timing["end"] - rec.timing["start"]
-        startup = total - wall
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        if engine == "plain":
+            rec = run_plain(spec, location)
+            end = time.perf_counter()
+            total = end - t0
+            wall, startup, span = total, 0.0, (t0, end)
+        else:
+            sim = simulate(
+                spec,
+                None,
+                cloud=location,
+                ray_address=ray_address,
+                ray_cpus=ray_cpus,
+                progress=False,
+                verbose=verbose,
+            )
+            rec, total = sim.records, sim.wall_s
+            span = (rec.timing["start"], rec.timing["end"])
+            wall = span[1] - span[0]
+            startup = total - wall
     ran = [r for r in rec.devices if r["status"] != "dropped"]
     return Measured(
         engine=engine,
@@ -104,6 +150,7 @@ def _measure(
         startup_s=startup,
         total_s=total,
         peak_rss_mb=_peak_rss_mb(),
+        span_peak_rss_mb=rss.peak(*span),
         statuses=dict(Counter(r["status"] for r in rec.devices)),
         reasons=sorted({r["reason"][:80] for r in rec.devices if r["reason"]})[:3],
     )
@@ -176,14 +223,19 @@ class BenchResult:
                 if dr
                 else float("nan"),
                 "driver peak MB": flower.peak_rss_mb,
+                "driver rounds peak MB": flower.span_peak_rss_mb,
                 "plain peak MB": plain.peak_rss_mb,
                 "MB/added device": float("nan"),
+                "rounds MB/added device": float("nan"),
                 "marginal ms/added dev-round": float("nan"),
             }
             if out:
                 first = out[0]
                 added = n - first["devices"]
                 row["MB/added device"] = (flower.peak_rss_mb - first["driver peak MB"]) / added
+                row["rounds MB/added device"] = (
+                    flower.span_peak_rss_mb - first["driver rounds peak MB"]
+                ) / added
                 extra = (flower.wall_s - plain.wall_s) - (first["flower+ray s"] - first["plain s"])
                 more = dr - first["device-rounds"]
                 if more > 0:
