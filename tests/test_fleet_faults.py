@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pandas as pd
@@ -77,9 +78,10 @@ def test_dead_ray_worker_fails_one_device_and_the_round_completes(tmp_path, monk
         assert (run_dir / name).is_file()
     st = dev.set_index(["round", "device"])["status"]
     reason = dev.set_index(["round", "device"])["reason"]
-    assert st[(1, 1)] == "failed" and "ActorDied" in reason[(1, 1)]
+    # Ray says the actor died, or (restarting it) that it was unavailable mid-job
+    assert st[(1, 1)] == "failed" and re.search("Actor(Died|Unavailable)", reason[(1, 1)])
     others = st.drop(index=(1, 1))
-    assert (others == "ok").all(), others  # the dead worker was replaced; nobody else failed
+    assert (others == "ok").all(), others  # the dead worker was restarted; nobody else failed
     assert fl.set_index("round").loc[1, "failed"] == 1 and fl.set_index("round").loc[2, "ok"] == 3
     print(
         f"\nRELIABILITY ray_worker_killed: faults=1 failed_devices=1 ok_device_rounds={len(others)}"

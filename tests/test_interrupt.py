@@ -164,6 +164,7 @@ def test_ctrl_c_mid_round_exits_130_keeps_round_one_and_leaves_no_process(tmp_pa
             time.sleep(0.5)
         assert _tagged_pids(tag) == []
         assert stop_s < STOP_LIMIT_S
+        print(f"\nRELIABILITY ctrl_c_mid_round: exit_s={stop_s:.1f}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

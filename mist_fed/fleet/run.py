@@ -28,12 +28,13 @@ from mist_fed.fleet.device import DeviceResult
 from mist_fed.fleet.lifecycle import cloud_service, device_storage, finish_run, resolve_assets
 from mist_fed.fleet.ray_env import client_resources, fit_cluster, ray_runtime
 from mist_fed.fleet.runner import FleetRunner, RunRecords, local_train_fn, plan_devices
-from mist_fed.fleet.server_app import FleetOutcome, make_server_app
+from mist_fed.fleet.server_app import FleetOutcome, RunStopped, make_server_app
 from mist_fed.fleet.spec import FleetSpec
 
 log = logging.getLogger(__name__)
 
 SERVER_STOP_S = 10.0  # bound on waiting for the ServerApp thread after the runtime ends
+STOP_POLL_S = 0.2  # how soon a stopped run tells its busy device jobs
 
 
 @dataclass
@@ -50,11 +51,13 @@ class SimulationResult:
 
 @contextlib.contextmanager
 def stop_on_sigint(stop: threading.Event) -> Iterator[None]:
-    """Ctrl-C sets ``stop`` at once, then interrupts as before (``KeyboardInterrupt``).
+    """The first Ctrl-C sets ``stop``; a second one interrupts (``KeyboardInterrupt``).
 
-    Flower's runtime starts tearing down (killing busy devices) when the interrupt reaches it;
-    with ``stop`` already set, a round whose devices were killed by that teardown is not taken
-    for a completed one. Outside the main thread it changes nothing.
+    ``stop`` ends the ServerApp (:class:`~mist_fed.fleet.server_app.RunStopped`) and, through
+    :func:`jobs_end_with_run`, the devices' busy jobs; Flower's runtime then ends as after a
+    completed run, once no thread waits on a job, before it shuts Ray down. An interrupt would
+    cut that wait short and shut Ray down under busy jobs (see ``fleet/flower.py``); it stays
+    the way out of a run that does not stop. Outside the main thread it changes nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -62,7 +65,10 @@ def stop_on_sigint(stop: threading.Event) -> Iterator[None]:
     previous = signal.getsignal(signal.SIGINT)
 
     def handler(signum: int, frame: Any) -> None:
-        stop.set()
+        if not stop.is_set():
+            stop.set()
+            log.warning("interrupted: stopping the fleet, Ray and the cloud (Ctrl-C again: now)")
+            return
         if callable(previous):
             previous(signum, frame)
         else:
@@ -73,6 +79,40 @@ def stop_on_sigint(stop: threading.Event) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def jobs_end_with_run(
+    storage: Path, stop: threading.Event, done: threading.Event
+) -> Iterator[None]:
+    """Once the run stops (``stop``) or its ServerApp ends (``done``), busy device jobs end.
+
+    Flower's runtime waits for every busy job before it returns; the jobs end themselves when
+    asked (:func:`mist_fed.fleet.flower.request_stop`), so neither a Ctrl-C nor a ServerApp
+    that ended early waits on a device still training (or hanging).
+    """
+    from mist_fed.fleet.flower import request_stop
+
+    closed = threading.Event()
+
+    def watch() -> None:
+        while not (stop.wait(STOP_POLL_S) or done.is_set() or closed.is_set()):
+            pass
+        if not closed.is_set():
+            # Flower logs each ended job as an error with its traceback: noise here, since
+            # whatever ended the run is reported (or the run is complete).
+            flwr_log = logging.getLogger("flwr")
+            if flwr_log.level != logging.DEBUG:  # -vv shows everything
+                flwr_log.setLevel(logging.CRITICAL)
+            request_stop(storage)
+
+    watcher = threading.Thread(target=watch, name="mist-fed-run-stop", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        closed.set()
+        watcher.join()
 
 
 # -- runs ---------------------------------------------------------------------------------------
@@ -138,8 +178,8 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
-    from mist_fed.fleet import ray_pool
     from mist_fed.fleet.client_app import app as client_app
+    from mist_fed.fleet.flower import actor_options, quiet_actor_retries
 
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose > 1 else logging.ERROR)
     spec = resolve_assets(spec)
@@ -155,13 +195,18 @@ def simulate(
             cloud_service(spec, cloud, cloud_bind, cloud_advertise) as (location, stats),
         ):
             try:
+                quiet_actor_retries()
                 with ray_runtime(ray_address, ray_cpus, verbose, cloud=location):
                     res = fit_cluster(client_resources(spec))
                     log.info("Ray client resources per device: %s", res)
-                    ray_pool.install()
-                    backend_config: dict[str, Any] = {"client_resources": res, "init_args": {}}
+                    # Ray restarts a device's dead worker (fleet/flower.py says why it must).
+                    actor_res = {**res, **actor_options()}
+                    backend_config: dict[str, Any] = {
+                        "client_resources": actor_res,
+                        "init_args": {},
+                    }
                     app = make_server_app(spec, location, storage, outcome, bar, stop)
-                    with stop_on_sigint(stop):
+                    with stop_on_sigint(stop), jobs_end_with_run(storage, stop, outcome.done):
                         run_simulation(
                             server_app=app,
                             client_app=client_app,
@@ -169,9 +214,10 @@ def simulate(
                             backend_config=backend_config,
                             verbose_logging=verbose > 1,
                         )
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, RunStopped) as e:  # RunStopped: a Ctrl-C set ``stop``
                 interrupted = True
-                log.warning("interrupted: stopping the fleet, Ray and the cloud")
+                if isinstance(e, KeyboardInterrupt):
+                    log.warning("interrupted: stopping the fleet, Ray and the cloud")
             finally:
                 # However the runtime ended, the ServerApp's thread must not outlive it.
                 stop.set()
