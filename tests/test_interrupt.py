@@ -23,6 +23,7 @@ from mist_fed.fleet import server_app
 from mist_fed.fleet.device import DeviceJob
 from mist_fed.fleet.server_app import GridTransport, RunStopped, wait_for_nodes
 from tests.conftest import sigint_as_in_a_terminal
+from tests.procs import tagged_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 START_LIMIT_S = 420  # until round 2 starts (Ray start, embedding, round 1) on a loaded host
@@ -44,21 +45,6 @@ name = "vit_tiny_patch16_224"
 random_init = true
 model_kwargs = { img_size = 32, patch_size = 8, depth = 2, embed_dim = 32, num_heads = 2 }
 """
-
-
-def _tagged_pids(tag: str) -> list[int]:
-    """Processes whose environment carries ``tag`` (the run and everything it started)."""
-    needle = tag.encode()
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if needle in (d / "environ").read_bytes():
-                pids.append(int(d.name))
-        except OSError:  # gone, or not ours to read
-            continue
-    return pids
 
 
 class _SilentGrid:
@@ -160,15 +146,15 @@ def test_ctrl_c_mid_round_exits_130_keeps_round_one_and_leaves_no_process(tmp_pa
         assert facts["cloud_images_embedded"] > 0
         # ... and nothing it started outlives it (Ray's processes stop within a few seconds)
         end = time.monotonic() + 15
-        while _tagged_pids(tag) and time.monotonic() < end:
+        while tagged_pids(tag) and time.monotonic() < end:
             time.sleep(0.5)
-        assert _tagged_pids(tag) == []
+        assert tagged_pids(tag) == []
         assert stop_s < STOP_LIMIT_S
         print(f"\nRELIABILITY ctrl_c_mid_round: exit_s={stop_s:.1f}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
-        for pid in _tagged_pids(tag):
+        for pid in tagged_pids(tag):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

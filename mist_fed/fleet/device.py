@@ -171,8 +171,11 @@ def proximal_term(anchor: StateDict, mu: float) -> ExtraLoss:
 def host_node() -> str:
     """Where this process runs: its Ray node's id inside Ray, else the host's name."""
     ray = sys.modules.get("ray")  # no import: a device outside Ray never loads it
-    if ray is not None and ray.is_initialized():
-        return str(ray.get_runtime_context().get_node_id())
+    try:
+        if ray is not None and ray.is_initialized():
+            return str(ray.get_runtime_context().get_node_id())
+    except AttributeError:  # another thread is still importing ray (flwr run's ServerApp)
+        pass
     return socket.gethostname()
 
 

@@ -171,8 +171,9 @@ def finish_run(
     cloud_stats: dict[str, Any],
     run_id: str | None = None,
     facts: dict[str, Any] | None = None,
+    plots: bool = True,
 ) -> Path | None:
-    """Write the run's files and plots; ``results_dir=None`` writes nothing."""
+    """Write the run's files and (``plots``) its plots; ``results_dir=None`` writes nothing."""
     if results_dir is None:
         return None
     from mist_fed.report.plots import plot_run
@@ -187,6 +188,7 @@ def finish_run(
         **{f"cloud_{k}": v for k, v in cloud_stats.items() if k in CLOUD_FACTS},
     }
     write_run(run_dir, spec_to_dict(spec), records.devices, records.fleets, all_facts)
-    plot_run(run_dir, device_frame(records.devices), fleet_frame(records.fleets))
-    log.info("results in %s", run_dir)
+    if plots:
+        plot_run(run_dir, device_frame(records.devices), fleet_frame(records.fleets))
+        log.info("results in %s", run_dir)
     return run_dir

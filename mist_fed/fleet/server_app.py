@@ -9,20 +9,25 @@ which owns that run's lifecycle and reads what the app produced from a :class:`F
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from mist_fed.defaults import cache_dir
+from mist_fed.errors import ConfigError
 from mist_fed.fleet.device import FAILED, DeviceJob, DeviceResult, StateDict
+from mist_fed.fleet.flower import on_runtime_exit
 from mist_fed.fleet.lifecycle import cloud_service, device_storage, finish_run, resolve_assets
 from mist_fed.fleet.messages import job_message, unpack_train_reply
 from mist_fed.fleet.runner import FleetRunner, RunRecords, check_devices, plan_devices
@@ -32,6 +37,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
+EXIT_WAIT_S = 20.0  # bound on the fleet's own stop when Flower's runtime exits
 
 
 @dataclass
@@ -174,6 +180,7 @@ def run_fleet(
     progress: Callable[[DeviceResult], None] | None = None,
     stop: threading.Event | None = None,
     records: RunRecords | None = None,
+    on_round: Callable[[RunRecords], None] | None = None,
 ) -> RunRecords:
     """Plan the devices, map them onto the grid's nodes, and run every round.
 
@@ -190,7 +197,7 @@ def run_fleet(
     transport.on_reply = getattr(progress, "tick", None)
     bars = getattr(progress, "bar", None) is not None  # the central reference's bars too
     runner = FleetRunner(spec, devices, cloud, storage, node_ids=node_ids, progress=bars)
-    runner.run(transport.train, on_result=progress, records=records)
+    runner.run(transport.train, on_result=progress, records=records, on_round=on_round)
     records.timing["end"] = time.perf_counter()
     return records
 
@@ -218,19 +225,122 @@ def make_server_app(
     return server
 
 
+def settled_nodes(
+    grid: Grid, settle_s: float = 1.0, timeout_s: float = 120.0, stop: threading.Event | None = None
+) -> list[int]:
+    """The grid's node ids once some have registered and none joined for ``settle_s``."""
+    end = time.monotonic() + timeout_s
+    nodes: list[int] = []
+    since = time.monotonic()
+    while time.monotonic() < end:
+        _check(stop)
+        now = sorted(grid.get_node_ids())
+        if now != nodes:
+            nodes, since = now, time.monotonic()
+        elif nodes and time.monotonic() - since >= settle_s:
+            break
+        time.sleep(POLL_S)
+    return nodes
+
+
+def wait_for_ray(timeout_s: float = 120.0, stop: threading.Event | None = None) -> None:
+    """Until the runtime's Ray is up (Flower starts it in its main thread as the ServerApp
+    starts): touching ``ray`` from this thread while that thread still imports it finds a
+    partially initialised module (``AttributeError`` on ``ray.is_initialized``)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        _check(stop)
+        ray = sys.modules.get("ray")
+        with contextlib.suppress(AttributeError):
+            if ray is not None and ray.is_initialized():
+                return
+        time.sleep(POLL_S)
+
+
+def results_root(run_config: Mapping[str, Any]) -> Path:
+    """``results-dir`` if absolute, else under the cache directory (never relative to the
+    working directory of Flower's long-lived SuperLink, which is wherever it first started)."""
+    given = Path(str(run_config.get("results-dir") or "results")).expanduser()
+    return given if given.is_absolute() else cache_dir() / given
+
+
+class _ToFlower(logging.Handler):
+    """Our log records through Flower's logger, so ``flwr run --stream`` and ``flwr log``
+    show the rounds."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("flwr").handle(record)
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry of ``flwr run .``: run-config -> spec, then the same path as ``simulate``."""
-    # Relative fleet paths resolve against the app's root (the FAB, or this checkout).
+    """Entry of ``flwr run .``: Flower's runtime owns this process and Ray; the app owns the
+    fleet, its cloud (embedded unless ``cloud`` names one), device storage and the results.
+
+    ``devices = 0`` (the default) gives one device per SuperNode of the federation. Each
+    completed round is written at once (``interrupted``/``rounds_completed`` in
+    ``config.toml``); the finished run rewrites the files without them and adds the plots.
+    """
+    ours = logging.getLogger("mist_fed")
+    if not any(isinstance(h, _ToFlower) for h in ours.handlers):
+        ours.addHandler(_ToFlower())
+        ours.setLevel(logging.INFO)
+    stop, finished = threading.Event(), threading.Event()
+
+    def on_exit() -> None:  # flwr stop, or a signal: end the fleet, then Ray (see flower.py)
+        stop.set()
+        if not finished.wait(EXIT_WAIT_S):
+            log.warning("the fleet did not stop in %.0f s", EXIT_WAIT_S)
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+    on_runtime_exit(on_exit)
+    try:
+        _run_app(grid, context, stop)
+    finally:
+        finished.set()
+
+
+def _run_app(grid: Grid, context: Context, stop: threading.Event) -> None:
+    rc = dict(context.run_config)
+    nodes = settled_nodes(grid, stop=stop)
+    wait_for_ray(stop=stop)
+    if int(str(rc.get("devices") or 0)) <= 0:
+        rc["devices"] = len(nodes)
+    # Relative fleet paths resolve against the app's root (the installed FAB, or a checkout).
     app_root = Path(__file__).resolve().parents[2]
-    spec = resolve_assets(spec_from_run_config(context.run_config, base_dir=app_root))
-    cloud = str(context.run_config.get("cloud", "") or "")
-    results = Path(str(context.run_config.get("results-dir", "results")))
+    spec = resolve_assets(spec_from_run_config(rc, base_dir=app_root))
+    if spec.num_devices > len(nodes):
+        raise ConfigError(
+            f"the fleet has {spec.num_devices} devices but the federation {len(nodes)} "
+            f'SuperNodes: run with --federation-config "num-supernodes={spec.num_devices}" '
+            f"or --run-config devices={len(nodes)}"
+        )
+    cloud = str(rc.get("cloud") or "") or None
+    results = results_root(rc)
+    run_id = str(rc.get("run-id") or f"flwr-{context.run_id}")
+    facts = {"engine": "flwr run", "flower_run_id": context.run_id, "cloud": cloud or "embedded"}
+    log.info("fleet of %d devices; results in %s", spec.num_devices, results / run_id)
     t0 = time.perf_counter()
-    with device_storage() as storage, cloud_service(spec, cloud or None) as (location, stats):
-        records = run_fleet(grid, spec, location, storage)
+    records = RunRecords()
+
+    def checkpoint(rec: RunRecords) -> None:
+        done = {"interrupted": True, "rounds_completed": rec.fleets[-1]["round"]}
+        wall = time.perf_counter() - t0
+        finish_run(spec, rec, results, wall, {}, run_id, {**facts, **done}, plots=False)
+
+    with device_storage() as storage, cloud_service(spec, cloud) as (location, stats):
+        try:
+            run_fleet(
+                grid, spec, location, storage, stop=stop, records=records, on_round=checkpoint
+            )
+        except RunStopped:
+            log.warning("run stopped; its completed rounds are in %s", results / run_id)
+            return
         cloud_stats = stats()
-    finish_run(spec, records, results, wall_s=time.perf_counter() - t0, cloud_stats=cloud_stats)
+    finish_run(spec, records, results, time.perf_counter() - t0, cloud_stats, run_id, facts)
