@@ -112,6 +112,25 @@ def test_run_config_is_converted_once_from_kebab_case() -> None:
     assert spec.num_devices == 6 and spec.local_epochs == 1 and spec.deadline_s is None
 
 
+def test_flwr_run_config_declares_every_override_and_its_defaults_keep_the_fleet_file() -> None:
+    # Prepare: Flower refuses a --run-config key the app's config does not declare
+    import tomllib
+
+    from mist_fed.fleet.spec import OVERRIDES, load_fleet
+
+    config = tomllib.loads((FLEETS.parents[1] / "pyproject.toml").read_text())
+    declared = config["tool"]["flwr"]["app"]["config"]
+    fleet = FLEETS.parents[1] / str(declared["fleet"])
+    # Execute: the declared defaults, with the one-device-per-SuperNode count filled in
+    spec = spec_from_run_config({**declared, "fleet": str(fleet), "devices": 10})
+    base = load_fleet(fleet)
+    # Assert
+    assert {k.replace("_", "-") for k in OVERRIDES} <= set(declared)
+    assert spec.num_devices == 10 and spec.rounds == declared["rounds"]
+    assert spec.profiles == base.profiles
+    assert (spec.lr, spec.local_epochs) == (base.lr, base.local_epochs)
+
+
 def test_profile_mix_parsing_and_assignment() -> None:
     # Execute
     mix = parse_profile_mix("rpi4:30, phone-low:20")
