@@ -46,7 +46,7 @@ class SimulationResult:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
-# -- assets and services ------------------------------------------------------------------------
+# -- stopping ----------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
