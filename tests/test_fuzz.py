@@ -22,8 +22,16 @@ from mist_fed.wire.codec import (
     decode_ipc,
     encode,
     encode_arrays,
+    feature_schema,
+    ipc_options,
 )
-from mist_fed.wire.dtypes import QUANTIZED, WIRE_DTYPES, scale_shape
+from mist_fed.wire.dtypes import (
+    PACKED,
+    QUANTIZED,
+    WIRE_DTYPES,
+    base_dtype,
+    scale_shape,
+)
 from mist_fed.wire.request import FeatureRequest
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -61,7 +69,7 @@ def _good(n: int = 4, dtype: str = "float32") -> tuple[WireMeta, pa.RecordBatch]
     return meta, encode(meta, [f"i{j}" for j in range(n)], list(range(n)), x)
 
 
-TRIED = {"tickets": 0, "ipc_bytes": 0, "schemas": 0}
+TRIED = {"tickets": 0, "ipc_bytes": 0, "schemas": 0, "packed": 0}
 
 
 @FUZZ
@@ -116,12 +124,85 @@ def test_decoder_refuses_wrong_schemas_and_shapes(shape, dtype, drop, claimed):
         table = table.drop_columns([drop])
     table = table.replace_schema_metadata(lie.to_metadata())
     honest = not dropped and real == lie
+    # same columns, other claim: float16 sent as float16+zstd, or int4 of 3 channels claimed
+    # as 4 (ceil(C / 2) bytes either way): decodes as claimed, or int4's padding check refuses
+    same_layout = not dropped and feature_schema(real).remove_metadata().equals(
+        feature_schema(lie).remove_metadata()
+    )
     # Execute / Assert
     if honest:
         assert len(decode(table)) == 2
+    elif same_layout:
+        try:
+            assert len(decode(table)) == 2
+        except WireError:
+            assert base_dtype(real.dtype) in PACKED
     else:
         with pytest.raises(WireError):
             decode(table)
+
+
+@FUZZ
+@given(
+    dtype=st.sampled_from(PACKED),
+    channels=st.integers(min_value=1, max_value=7),
+    codec=st.sampled_from(["", "+zstd", "+lz4"]),
+    junk=st.binary(min_size=1, max_size=64),
+    cut=st.integers(min_value=0, max_value=10_000),
+)
+def test_decoder_refuses_malformed_packed_int4_with_wire_errors_only(
+    dtype, channels, codec, junk, cut
+):
+    TRIED["packed"] += 1
+    # Prepare: a well-formed packed stream, then its packed bytes overwritten with junk,
+    # and its IPC bytes (compressed or not) cut or corrupted
+    meta = WireMeta("tiny", "w0", "mist", 2, dtype + codec, (3, channels))
+    x = np.random.default_rng(channels).standard_normal((2, 3, channels)).astype(np.float32)
+    batch = encode(meta, ["a", "b"], [0, 1], x)
+    packed = np.asarray(batch.column("features").to_numpy_ndarray()).copy()
+    flat = packed.reshape(-1)
+    flat[:] = np.frombuffer((junk * flat.size)[: flat.size], np.uint8)
+    cols = {
+        "features": pa.FixedShapeTensorArray.from_numpy_ndarray(packed),
+        "scale": batch.column("scale"),
+    }
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema, options=ipc_options(meta.dtype)) as w:
+        w.write_batch(assemble_batch(meta, ["a", "b"], [0, 1], cols))
+    data = sink.getvalue().to_pybytes()
+    pos = cut % len(data)
+    for raw in (data, data[:pos], data[:pos] + junk + data[pos + len(junk) :]):
+        # Execute / Assert: a decode gives finite features of the claimed shape, or WireError
+        try:
+            fs = decode_ipc(raw)
+        except WireError:
+            continue
+        assert tuple(fs.features.shape[1:]) == (3, channels)
+        assert bool(fs.features.isfinite().all())
+
+
+@pytest.mark.parametrize("dtype", PACKED)
+@pytest.mark.parametrize("channels", [3, 4])
+def test_decoder_refuses_int4_codes_no_encoder_writes(dtype, channels):
+    # Prepare: code -8 (nibble 0x8), and for an odd channel count a nonzero padding nibble
+    meta = WireMeta("tiny", "w0", "mist", 2, dtype, (2, channels))
+    batch = encode(meta, ["a"], [0], np.ones((1, 2, channels), np.float32))
+    packed = np.asarray(batch.column("features").to_numpy_ndarray()).copy()
+    code = packed.copy()
+    code[0, 0, 0] = (code[0, 0, 0] & 0xF0) | 0x08  # channel 0 := -8
+    cases = {"code -8": code}
+    if channels % 2:
+        pad = packed.copy()
+        pad[0, 1, -1] |= 0x10  # the padding nibble of token 1's last byte
+        cases["padding nibble"] = pad
+    for match, p in cases.items():
+        cols = {
+            "features": pa.FixedShapeTensorArray.from_numpy_ndarray(p),
+            "scale": batch.column("scale"),
+        }
+        # Execute / Assert
+        with pytest.raises(WireError, match=match):
+            decode(assemble_batch(meta, ["a"], [0], cols))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -131,13 +212,15 @@ def test_non_finite_features_are_refused_both_ways(bad, dtype):
     meta = WireMeta("tiny", "w0", "mist", 2, dtype, (3, 4))
     x = np.ones((3, 3, 4), np.float32)
     x[1, 2, 3] = bad
-    if dtype in QUANTIZED:
+    if base_dtype(dtype) in QUANTIZED:
         cols = encode_arrays(meta, np.ones_like(x))
         scale = np.ones((3, *scale_shape(meta.shape, dtype)), np.float32)
         scale[1, 2] = bad
         cols["scale"] = pa.FixedShapeTensorArray.from_numpy_ndarray(scale)
     else:
-        cols = {"features": pa.FixedShapeTensorArray.from_numpy_ndarray(x.astype(dtype))}
+        cols = {
+            "features": pa.FixedShapeTensorArray.from_numpy_ndarray(x.astype(base_dtype(dtype)))
+        }
     stream = _ipc(assemble_batch(meta, ["a", "b", "c"], [0, 1, 2], cols))
     # Execute / Assert
     with pytest.raises(WireError, match="NaN or Inf"):
@@ -226,5 +309,5 @@ def test_live_server_refuses_oversize_and_still_serves(small_limits_cloud):
     assert table.num_rows == 8 and len(decode(table)) == 8
     print(
         f"\nRELIABILITY fuzz: tickets={TRIED['tickets']} ipc_inputs={TRIED['ipc_bytes'] * 3} "
-        f"schemas={TRIED['schemas']} live_tickets={LIVE['tickets'] * 2} crashes=0"
+        f"schemas={TRIED['schemas']} packed_int4={TRIED['packed'] * 3} live_tickets={LIVE['tickets'] * 2} crashes=0"
     )

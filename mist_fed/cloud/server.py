@@ -17,6 +17,12 @@
   may ask: these are backbone weights, not a task's data, so task scopes do not apply.
 
 Bad requests fail with a ``FlightServerError`` naming the problem; they never stop the server.
+
+A compressed wire dtype (``float16+zstd``, ``int4ch+lz4``, ...) is served from its base dtype's
+store partition (compression is the link's business, not the store's) and streamed with Arrow
+IPC buffer compression (:func:`~mist_fed.wire.codec.ipc_options`); its ``FlightInfo`` says
+``total_bytes = -1`` (unknown: the compressed size depends on the data). The ``served``
+counters count the Arrow bytes before compression.
 """
 
 from __future__ import annotations
@@ -48,8 +54,8 @@ from mist_fed.errors import MistError, TaskError, WireError
 from mist_fed.model.backbone import Backbone, create_backbone
 from mist_fed.wire import edge_init
 from mist_fed.wire.client import WARM_ACTION
-from mist_fed.wire.codec import UPLOAD_SCHEMA, Stats, assemble_batch, feature_schema
-from mist_fed.wire.dtypes import feature_bytes
+from mist_fed.wire.codec import UPLOAD_SCHEMA, Stats, assemble_batch, feature_schema, ipc_options
+from mist_fed.wire.dtypes import FIXED_SIZE, base_dtype, feature_bytes
 from mist_fed.wire.request import FeatureRequest
 
 log = logging.getLogger(__name__)
@@ -221,14 +227,15 @@ class FeatureServer(flight.FlightServerBase):
         _, rows = self._rows(req)
         meta = self.embedder.meta(req.spec, req.dtype)
         schema = feature_schema(meta)
-        per_row = feature_bytes(meta.shape, req.dtype)
+        fixed = req.dtype in FIXED_SIZE
+        per_row = feature_bytes(meta.shape, req.dtype) if fixed else 0
         ticket = flight.Ticket(req.to_json())
         return flight.FlightInfo(
             schema,
             flight.FlightDescriptor.for_command(req.to_json()),
             [flight.FlightEndpoint(ticket, [])],
             total_records=len(rows),
-            total_bytes=len(rows) * per_row,
+            total_bytes=len(rows) * per_row if fixed else -1,
         )
 
     def _guard(self, fn: Any, *args: Any) -> Any:
@@ -282,7 +289,9 @@ class FeatureServer(flight.FlightServerBase):
             self.requests["do_get"] += 1
             meta = self.embedder.meta(req.spec, req.dtype)
             return flight.GeneratorStream(
-                feature_schema(meta), self._stream(context, principal, req, split, rows, meta)
+                feature_schema(meta),
+                self._stream(context, principal, req, split, rows, meta),
+                options=ipc_options(req.dtype),
             )
 
         return self._guard(run)
@@ -304,7 +313,7 @@ class FeatureServer(flight.FlightServerBase):
             try:
                 hashes = self._split_hashes(req, split, chunk)
                 cols = self.embedder.columns(
-                    req.spec, req.dtype, hashes, partial(_load_row, split, chunk)
+                    req.spec, base_dtype(req.dtype), hashes, partial(_load_row, split, chunk)
                 )
             except MistError as e:
                 self.requests["refused"] += 1
@@ -326,7 +335,7 @@ class FeatureServer(flight.FlightServerBase):
         client = self._client(context, principal)
         self.requests["do_exchange"] += 1
         meta = self.embedder.meta(req.spec, req.dtype)
-        writer.begin(feature_schema(meta))
+        writer.begin(feature_schema(meta), options=ipc_options(req.dtype))
         seen = 0
         for chunk in reader:
             batch = chunk.data
@@ -354,7 +363,10 @@ class FeatureServer(flight.FlightServerBase):
             try:
                 cols = (
                     self.embedder.columns(
-                        req.spec, req.dtype, [image_hash(im) for im in images], images.__getitem__
+                        req.spec,
+                        base_dtype(req.dtype),
+                        [image_hash(im) for im in images],
+                        images.__getitem__,
                     )
                     if images
                     else _empty_columns(feature_schema(meta))
@@ -410,7 +422,8 @@ class FeatureServer(flight.FlightServerBase):
         rows = list(range(n))
         req = FeatureRequest(task, split, "final")  # names the split for the hash cache
         hashes = self._split_hashes(req, sp, rows)
-        embedded = self.embedder.warm(pairs, hashes, partial(_load_row, sp, rows))
+        stored = list(dict.fromkeys((s, base_dtype(d)) for s, d in pairs))  # base: one store
+        embedded = self.embedder.warm(stored, hashes, partial(_load_row, sp, rows))
         return {"images_embedded": embedded, "rows": n}
 
     def edge_init_blob(self, method: str) -> bytes:

@@ -128,7 +128,11 @@ def register(sub: Any) -> None:
     p.add_argument("--micro-batch", type=int, help="rows per forward/backward (0 = whole batch)")
     p.add_argument("--seed", type=int)
     p.add_argument(
-        "--dtype", default="float16", choices=WIRE_DTYPES, help="wire dtype (default float16)"
+        "--dtype",
+        default="float16",
+        choices=WIRE_DTYPES,
+        metavar="DTYPE",
+        help=f"wire dtype (default float16): {', '.join(WIRE_DTYPES)}",
     )
     p.add_argument(
         "--device-dir",

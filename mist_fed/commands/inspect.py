@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from mist_fed.commands.common import add_backbone_args
-from mist_fed.wire.dtypes import WIRE_DTYPES
+from mist_fed.wire.dtypes import FIXED_SIZE
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +66,12 @@ def register(sub: Any) -> None:
     )
     add_backbone_args(p)
     p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--dtype", default="float32", choices=WIRE_DTYPES)
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=FIXED_SIZE,
+        help="wire dtype (compressed ones have no predicted size: they are measured)",
+    )
     p.add_argument("--all", action="store_true", help="include the ablations")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run)

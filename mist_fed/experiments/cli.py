@@ -57,8 +57,8 @@ def parser() -> argparse.ArgumentParser:
         "--wire",
         nargs="*",
         choices=WIRE_DTYPES,
-        default=list(WIRE_DTYPES[1:]),
-        help="MIST's extra wire dtypes",
+        default=["float16", "int8", "int8ch"],
+        help="MIST's extra wire dtypes (default float16 int8 int8ch)",
     )
     p.add_argument(
         "--mist-k",

@@ -7,7 +7,9 @@
 
 Both return a :class:`FeatureSet` whose ``meta["wire"]`` holds the bytes, rows and batches
 received (also in ``client.last``; ``client.total`` sums every call). ``on_batch(nbytes)`` is
-called after each received batch (a bandwidth shaper may sleep in it).
+called after each received batch (a bandwidth shaper may sleep in it). Bytes are those that
+crossed the link for each batch, :func:`~mist_fed.wire.codec.batch_nbytes`: the Arrow buffers,
+or for a compressed dtype (``int8ch+zstd``, ...) the compressed IPC body, measured.
 
 Robustness: an unreachable cloud is retried with exponential backoff, then
 :class:`~mist_fed.errors.CloudUnavailableError`; a stream cut midway resumes from the rows
@@ -150,10 +152,10 @@ class FeatureClient:
             )
         return meta
 
-    def _account(self, stats: Stats, batch: pa.RecordBatch) -> None:
-        nbytes = batch_nbytes(batch)
-        stats.add(batch)
-        self.total.add(batch)
+    def _account(self, stats: Stats, batch: pa.RecordBatch, dtype: str) -> None:
+        nbytes = batch_nbytes(batch, dtype)  # a compressed dtype: its compressed IPC body
+        stats.add(batch, nbytes=nbytes)
+        self.total.add(batch, nbytes=nbytes)
         if self.on_batch is not None:
             self.on_batch(nbytes)
 
@@ -213,7 +215,7 @@ class FeatureClient:
                             return
                     batch = chunk.data  # a chunk is a whole batch, never a partial one
                     received += batch.num_rows
-                    self._account(stats, batch)
+                    self._account(stats, batch, req.dtype)
                     yield batch
             except TRANSIENT as e:
                 if received > received_at_break:
@@ -308,7 +310,7 @@ class FeatureClient:
                 if chunk.app_metadata is not None:
                     errors.update(json.loads(chunk.app_metadata.to_pybytes()).get("errors", {}))
                 batches.append(chunk.data)
-                self._account(stats, chunk.data)
+                self._account(stats, chunk.data, req.dtype)
             writer.done_writing()
         fs = self._finish(batches, schema, stats)
         fs.meta["errors"] = errors

@@ -5,12 +5,19 @@ Every feature batch has the columns of :data:`FEATURE_COLUMNS`:
 * ``id`` (string), ``label`` (int64, null where unknown),
 * ``features``: ``arrow.fixed_shape_tensor`` of the per-image shape (``[tokens, dim]`` for
   ``mist``/``block``, ``[N+1, tokens, dim]`` for ``side``, ``[dim]`` for ``final``),
-* ``scale`` (``int8`` and ``int8ch`` only): float32 absmax scales, per token for ``int8``,
-  per channel for ``int8ch`` (shapes in :mod:`mist_fed.wire.dtypes`), so ``x ~= q * scale / 127``.
+  The int4 dtypes hold the packed bytes: ``uint8`` of shape ``[..., ceil(dim / 2)]``, two
+  codes per byte (layout in :mod:`mist_fed.wire.dtypes`); ``shape`` in the metadata keeps the
+  unpacked shape, so an odd ``dim`` decodes exactly.
+* ``scale`` (quantized dtypes only): float32 absmax scales, per token for ``int8``/``int4``,
+  per channel for ``int8ch``/``int4ch`` (shapes in :mod:`mist_fed.wire.dtypes`), so
+  ``x ~= q * scale / 127`` (int4: ``/ 7``).
+
+A compressed dtype (``base+zstd``, ``base+lz4``) has ``base``'s columns; the stream's IPC
+messages carry compressed buffers (:func:`ipc_options`) and the metadata names the whole dtype.
 
 Schema metadata records ``backbone``, ``weights`` (``Backbone.weights_id``), ``gather``, ``k``,
 ``dtype`` and the format version. Decoding is zero-copy where pyarrow allows (one chunk of
-float32/float16); the int8 dtypes are dequantized to float32.
+float32/float16); the quantized dtypes are dequantized to float32.
 """
 
 from __future__ import annotations
@@ -31,7 +38,10 @@ from mist_fed.wire.dtypes import (
     NUMPY_DTYPE,
     QUANTIZED,
     WIRE_DTYPES,
+    base_dtype,
+    codec_of,
     dequantize,
+    packed_shape,
     quantize,
     scale_shape,
 )
@@ -116,13 +126,15 @@ class WireMeta:
 @functools.lru_cache(maxsize=256)
 def feature_schema(meta: WireMeta) -> pa.Schema:
     """The schema of a feature stream (the column layout of :data:`FEATURE_COLUMNS`); cached."""
+    base = base_dtype(meta.dtype)
+    stored = list(packed_shape(meta.shape, base))
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("label", pa.int64(), nullable=True),
-        pa.field("features", pa.fixed_shape_tensor(_ARROW_DTYPE[meta.dtype], list(meta.shape))),
+        pa.field("features", pa.fixed_shape_tensor(_ARROW_DTYPE[base], stored)),
     ]
-    if meta.dtype in QUANTIZED:
-        scales = list(scale_shape(meta.shape, meta.dtype))
+    if base in QUANTIZED:
+        scales = list(scale_shape(meta.shape, base))
         fields.append(pa.field("scale", pa.fixed_shape_tensor(pa.float32(), scales)))
     return pa.schema(fields, metadata=meta.to_metadata())
 
@@ -139,13 +151,14 @@ def encode_arrays(meta: WireMeta, features: np.ndarray | torch.Tensor) -> dict[s
         raise WireError(
             "features hold NaN or Inf; refusing to encode them (check the backbone's weights)"
         )
-    if meta.dtype in QUANTIZED:
-        q, scale = quantize(features, meta.dtype)
+    base = base_dtype(meta.dtype)
+    if base in QUANTIZED:
+        q, scale = quantize(features, base)
         return {
             "features": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(q)),
             "scale": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(scale)),
         }
-    arr = np.ascontiguousarray(features, dtype=NUMPY_DTYPE[meta.dtype])
+    arr = np.ascontiguousarray(features, dtype=NUMPY_DTYPE[base])
     return {"features": pa.FixedShapeTensorArray.from_numpy_ndarray(arr)}
 
 
@@ -210,7 +223,7 @@ def decode_ipc(data: bytes | pa.Buffer) -> FeatureSet:
 
 
 def decode(data: pa.RecordBatch | pa.Table | Iterable[pa.RecordBatch]) -> FeatureSet:
-    """Pure decoder: record batch(es) -> :class:`FeatureSet` (int8 dequantized to float32).
+    """Pure decoder: record batch(es) -> :class:`FeatureSet` (quantized ones as float32).
 
     Refuses with :class:`WireError` a stream whose columns or tensor shapes differ from its
     metadata, and features that are not finite (NaN or Inf).
@@ -241,13 +254,15 @@ def _decode_checked(data: pa.RecordBatch | pa.Table, meta: WireMeta) -> FeatureS
     # to_pylist, not pyarrow.compute's fill_null: its kernels cost ~35 MB on a device
     labels = torch.tensor([-1 if v is None else v for v in data.column("label").to_pylist()])
     labels = labels.to(torch.int64)
+    base = base_dtype(meta.dtype)
     if n == 0:
-        torch_dtype = torch.float16 if meta.dtype == "float16" else torch.float32
+        torch_dtype = torch.float16 if base == "float16" else torch.float32
         feats = torch.empty((0, *meta.shape), dtype=torch_dtype)
     else:
         x = _tensor_numpy(data.column("features"))
-        if meta.dtype in QUANTIZED:
-            x = dequantize(x, _tensor_numpy(data.column("scale")), meta.dtype)
+        if base in QUANTIZED:
+            channels = meta.shape[-1] if meta.shape else 0
+            x = dequantize(x, _tensor_numpy(data.column("scale")), base, channels)
         with warnings.catch_warnings():  # Arrow buffers are read-only; share them, do not copy
             warnings.simplefilter("ignore", UserWarning)
             feats = torch.from_numpy(x)
@@ -256,15 +271,22 @@ def _decode_checked(data: pa.RecordBatch | pa.Table, meta: WireMeta) -> FeatureS
 
 @dataclass
 class Stats:
-    """Wire byte accounting: bytes, rows and batches seen on one stream (or summed)."""
+    """Wire byte accounting: bytes, rows and batches seen on one stream (or summed).
+
+    ``bytes`` is what :func:`batch_nbytes` counts for each batch, unless the caller measured
+    it itself (``add(batch, nbytes=...)``, as the client does for compressed streams).
+    """
 
     bytes: int = 0
     rows: int = 0
     batches: int = 0
     per_client: dict[str, int] = field(default_factory=dict)
 
-    def add(self, batch: pa.RecordBatch, client: str | None = None) -> int:
-        nbytes = batch_nbytes(batch)
+    def add(
+        self, batch: pa.RecordBatch, client: str | None = None, nbytes: int | None = None
+    ) -> int:
+        if nbytes is None:
+            nbytes = batch_nbytes(batch)
         self.bytes += nbytes
         self.rows += batch.num_rows
         self.batches += 1
@@ -281,6 +303,43 @@ class Stats:
         }
 
 
-def batch_nbytes(batch: pa.RecordBatch) -> int:
-    """Bytes a batch occupies in Arrow buffers (what crosses the wire, framing aside)."""
-    return int(batch.nbytes)
+def ipc_options(dtype: str) -> pa.ipc.IpcWriteOptions | None:
+    """The IPC write options a stream of ``dtype`` is sent with (``None``: Arrow's defaults)."""
+    codec = codec_of(dtype)
+    return None if codec is None else pa.ipc.IpcWriteOptions(compression=codec)
+
+
+def batch_nbytes(batch: pa.RecordBatch, dtype: str | None = None) -> int:
+    """Bytes of ``batch`` on the wire: its IPC message body, headers and schema amortized away.
+
+    Uncompressed (``dtype`` without a codec, or ``None``): the bytes of the batch's Arrow
+    buffers, ``batch.nbytes``; for a fixed-size dtype the ``features`` and ``scale`` columns
+    are exactly ``rows * feature_bytes(shape, dtype)`` of it, the rest is ids and labels.
+
+    Compressed (``base+zstd``, ``base+lz4``): the body of the record-batch IPC message that
+    carries ``batch`` compressed, i.e. for each buffer an 8-byte uncompressed-length prefix
+    plus its compressed bytes, padded to 8 bytes (Arrow's layout). A Flight reader hands the
+    client the batch already decompressed and no Python API reports the received message's
+    size, so the client measures it by writing the decompressed batch again with the same
+    :func:`ipc_options`: the decompressed buffers are the ones the cloud wrote and the codecs
+    are deterministic (same codec, default level), so this is the body the cloud sent, byte
+    for byte when both run the same pyarrow (``tests/test_wire_formats.py`` checks it against
+    the stream a live cloud sends). In both cases each message's flatbuffer header, the schema
+    message and the end-of-stream marker are not counted: a few hundred bytes per batch,
+    amortized over its rows.
+    """
+    options = None if dtype is None else ipc_options(dtype)
+    if options is None:
+        return int(batch.nbytes)
+    return ipc_body_nbytes(batch, options)
+
+
+def ipc_body_nbytes(batch: pa.RecordBatch, options: pa.ipc.IpcWriteOptions | None = None) -> int:
+    """The body length of the IPC record-batch message that ``batch`` is written as."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema, options=options) as w:
+        w.write_batch(batch)
+    for msg in pa.ipc.MessageReader.open_stream(sink.getvalue()):
+        if msg.type == "record batch":
+            return int(msg.body.size)
+    raise WireError("writing a record batch gave no record-batch message")  # pragma: no cover
