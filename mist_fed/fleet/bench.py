@@ -118,15 +118,19 @@ def _measure(
     import os
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from mist_fed.fleet.run import run_plain, simulate
+    from mist_fed.fleet.lifecycle import device_storage
+    from mist_fed.fleet.run import simulate
+    from mist_fed.fleet.runner import FleetRunner, local_train_fn, plan_devices
 
     with RssSampler() as rss:
-        t0 = time.perf_counter()
-        if engine == "plain":
-            rec = run_plain(spec, location)
-            end = time.perf_counter()
-            total = end - t0
-            wall, startup, span = total, 0.0, (t0, end)
+        if engine == "plain":  # run_plain, timed over the ServerApp's span: planning to rounds
+            with device_storage() as storage:
+                t0 = time.perf_counter()
+                runner = FleetRunner(spec, plan_devices(spec), location, storage)
+                rec = runner.run(local_train_fn)
+                end = time.perf_counter()
+            total = wall = end - t0
+            startup, span = 0.0, (t0, end)
         else:
             sim = simulate(
                 spec,
