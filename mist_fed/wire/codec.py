@@ -236,6 +236,9 @@ def decode(data: pa.RecordBatch | pa.Table | Iterable[pa.RecordBatch]) -> Featur
             data = pa.Table.from_batches(batches)
         meta = WireMeta.from_schema(data.schema)
         check_schema(data.schema, meta)
+        # IPC reading does not check buffers: a corrupt body (bad string offsets) would crash
+        # the conversion below; a full validation turns it into ArrowInvalid
+        data.validate(full=True)
         fs = _decode_checked(data, meta)
     except (pa.ArrowException, ValueError, TypeError, KeyError, RecursionError) as e:
         raise WireError(f"feature stream does not decode ({type(e).__name__}: {e})") from e
