@@ -140,7 +140,7 @@ def test_upload_reports_bad_images_and_serves_the_rest(cloud, tiny_backbone):
         (b"{not json", "not JSON"),
         (json.dumps({"task": "no-such-task", "split": "val", "k": 1}).encode(), "unknown task"),
         (json.dumps({"task": TASK, "split": "val", "k": 99}).encode(), "k=99 is outside"),
-        (json.dumps({"task": TASK, "split": "val", "k": 1, "dtype": "int4"}).encode(), "dtype"),
+        (json.dumps({"task": TASK, "split": "val", "k": 1, "dtype": "int3"}).encode(), "dtype"),
         (json.dumps({"task": TASK, "split": "val", "k": 1, "ids": ["nope"]}).encode(), "not in"),
     ],
 )

@@ -371,7 +371,9 @@ def test_cli_config_filters_methods():
     assert config_from_args(mine).profile == "rpi4"
     assert str(config_from_args(mine).storage) == "/x/d"
     with pytest.raises(SystemExit):  # an unknown wire dtype is refused by the parser
-        parser().parse_args(["--wire", "int4"])
+        parser().parse_args(["--wire", "int3"])
+    new = parser().parse_args(["--tasks", TASK, "--wire", "int4ch", "int8ch+zstd"])  # #17 names
+    assert new.wire == ["int4ch", "int8ch+zstd"]
 
 
 def test_fixed_mist_k_trains_mist_at_that_k_only(tmp_path, tiny_backbone):
