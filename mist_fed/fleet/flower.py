@@ -23,6 +23,10 @@
   device storage, and every job, through :func:`end_on_stop`, ends its own actor (public
   ``ray.kill``) when that file appears. ``tests/test_flower_workarounds.py`` fails the day
   Flower's runtime stops waiting for busy jobs itself.
+* :func:`on_runtime_exit`: under ``flwr run .``, ``flwr stop`` makes Flower 1.42's runtime
+  force its process out without shutting Ray down (Ray's agents outlive the run); the
+  ServerApp's exit hook stops the fleet and Ray first. ``tests/test_flwr_run.py`` stops a run
+  with and without it, and fails the day the runtime leaves nothing behind by itself.
 """
 
 from __future__ import annotations
