@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import math
 import socket
-import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from mist_fed.device.profiles import load_profile
 from mist_fed.device.source import FeatureSource, FlightSource
 from mist_fed.device.trainer import ExtraLoss, TrainConfig
 from mist_fed.errors import ConfigError
+from mist_fed.fleet.ray_env import running_ray
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +170,9 @@ def proximal_term(anchor: StateDict, mu: float) -> ExtraLoss:
 
 def host_node() -> str:
     """Where this process runs: its Ray node's id inside Ray, else the host's name."""
-    ray = sys.modules.get("ray")  # no import: a device outside Ray never loads it
-    try:
-        if ray is not None and ray.is_initialized():
-            return str(ray.get_runtime_context().get_node_id())
-    except AttributeError:  # another thread is still importing ray (flwr run's ServerApp)
-        pass
+    ray = running_ray()
+    if ray is not None:
+        return str(ray.get_runtime_context().get_node_id())
     return socket.gethostname()
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 from flwr.supercore.task_identity import TaskIdentity
 
 from mist_fed.errors import MistError
+from mist_fed.fleet.ray_env import running_ray
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ def end_on_stop(storage: str | Path | None) -> Iterator[None]:
 
 def _current_actor() -> Any:
     """This process's Ray actor handle, when it runs one (as Flower's ClientApp actors do)."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    ray = running_ray()
+    if ray is None:
         return None
     context = ray.get_runtime_context()
     return context.current_actor if context.get_actor_id() is not None else None

@@ -25,9 +25,11 @@ import ipaddress
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlparse
 
@@ -41,6 +43,20 @@ log = logging.getLogger(__name__)
 # Variables a worker gets from the driver: switches, never paths.
 SHIPPED_ENV = ("HF_HUB_OFFLINE", "MIST_FED_OFFLINE", "MIST_FED_FAULTS")
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+
+
+def running_ray() -> ModuleType | None:
+    """The ``ray`` module when this process already runs Ray, else ``None``; never imports it.
+
+    Under ``flwr run .`` Flower's main thread imports and starts Ray while the ServerApp's
+    thread runs: until that import ends, ``ray`` is a partially initialised module
+    (``AttributeError`` on its functions), which counts as not running.
+    """
+    ray = sys.modules.get("ray")
+    try:
+        return ray if ray is not None and ray.is_initialized() else None
+    except AttributeError:
+        return None
 
 
 def client_resources(spec: FleetSpec) -> dict[str, float]:

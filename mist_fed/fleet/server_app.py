@@ -9,10 +9,8 @@ which owns that run's lifecycle and reads what the app produced from a :class:`F
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -30,6 +28,7 @@ from mist_fed.fleet.device import FAILED, DeviceJob, DeviceResult, StateDict
 from mist_fed.fleet.flower import on_runtime_exit
 from mist_fed.fleet.lifecycle import cloud_service, device_storage, finish_run, resolve_assets
 from mist_fed.fleet.messages import job_message, unpack_train_reply
+from mist_fed.fleet.ray_env import client_resources, running_ray
 from mist_fed.fleet.runner import FleetRunner, RunRecords, check_devices, plan_devices
 from mist_fed.fleet.spec import FleetSpec, spec_from_run_config
 
@@ -162,11 +161,9 @@ JOBS_PER_ACTOR = 2  # a simulation's jobs in flight per Ray actor (GridTransport
 def in_flight_window(spec: FleetSpec) -> int | None:
     """Jobs in flight for :class:`GridTransport`: in a simulation (Ray runs in this process)
     a couple per actor that fits the cluster, plus two; else ``None`` (the whole round)."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    ray = running_ray()
+    if ray is None:
         return None
-    from mist_fed.fleet.ray_env import client_resources
-
     per_device = max(client_resources(spec)["num_cpus"], 1e-9)
     actors = max(1, int(float(ray.cluster_resources().get("CPU", 1)) // per_device))
     return JOBS_PER_ACTOR * actors + 2
@@ -246,14 +243,12 @@ def settled_nodes(
 def wait_for_ray(timeout_s: float = 120.0, stop: threading.Event | None = None) -> None:
     """Until the runtime's Ray is up (Flower starts it in its main thread as the ServerApp
     starts): touching ``ray`` from this thread while that thread still imports it finds a
-    partially initialised module (``AttributeError`` on ``ray.is_initialized``)."""
+    partially initialised module (see :func:`~mist_fed.fleet.ray_env.running_ray`)."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         _check(stop)
-        ray = sys.modules.get("ray")
-        with contextlib.suppress(AttributeError):
-            if ray is not None and ray.is_initialized():
-                return
+        if running_ray() is not None:
+            return
         time.sleep(POLL_S)
 
 
@@ -294,9 +289,8 @@ def main(grid: Grid, context: Context) -> None:
         stop.set()
         if not finished.wait(EXIT_WAIT_S):
             log.warning("the fleet did not stop in %.0f s", EXIT_WAIT_S)
-        import ray
-
-        if ray.is_initialized():
+        ray = running_ray()
+        if ray is not None:
             ray.shutdown()
 
     on_runtime_exit(on_exit)
