@@ -39,6 +39,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from mist_fed.device.memory import rss_mb
 from mist_fed.fleet.spec import FleetSpec, apply_overrides
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,14 @@ class Measured:
 
 
 def _peak_rss_mb() -> float:
+    # ru_maxrss, not memory.peak_rss_mb (VmHWM): the devices' memory guards reset VmHWM in the
+    # plain loop, and this is the whole process's peak.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
 class RssSampler:
     """This process's RSS every ``every_s`` seconds, stamped with ``time.perf_counter()``
-    (Linux ``/proc/self/statm``; nothing elsewhere): the peak within a span of the run."""
+    (:func:`~mist_fed.device.memory.rss_mb`): the peak within a span of the run."""
 
     def __init__(self, every_s: float = 0.1) -> None:
         import threading
@@ -79,18 +82,9 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
-    @staticmethod
-    def rss_mb() -> float:
-        try:
-            with open("/proc/self/statm") as f:
-                pages = int(f.read().split()[1])
-        except OSError:
-            return float("nan")
-        return pages * resource.getpagesize() / 2**20
-
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), self.rss_mb()))
+            self.samples.append((time.perf_counter(), rss_mb()))
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> RssSampler:
