@@ -30,13 +30,15 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from mist_fed.defaults import WILDCARD_HOSTS
 from mist_fed.device.profiles import load_profile, profile_resources, profiles_dir
 from mist_fed.errors import ConfigError, ResourceLimitError
-from mist_fed.fleet.spec import FleetSpec
+
+if TYPE_CHECKING:  # devices import running_ray from here: no spec, backbone or timm for them
+    from mist_fed.fleet.spec import FleetSpec
 
 log = logging.getLogger(__name__)
 
