@@ -159,17 +159,11 @@ def test_flwr_run_writes_the_run_and_records_failed_devices(flwr, tmp_path: Path
     assert _wait_left_empty(tag, STOP_LIMIT_S) == []
 
 
-@pytest.mark.parametrize("hook", ["on", "off"])
-def test_flwr_stop_keeps_completed_rounds_and_leaves_no_process(
-    flwr, tmp_path: Path, hook: str
-) -> None:
+def test_flwr_stop_keeps_completed_rounds_and_leaves_no_process(flwr, tmp_path: Path) -> None:
     # Prepare: stopped once round 1 is written, while device 0 hangs in round 2 (a busy job:
-    # the case Flower's runtime mishandles); "off" runs without the exit hook of
-    # fleet/flower.py, to show what Flower 1.42 leaves behind without it
+    # the case Flower's runtime mishandles, see fleet/flower.py::on_runtime_exit)
     run, tag, env = flwr
     env["MIST_FED_FAULTS"] = "hang:device=0,round=2"
-    if hook == "off":
-        env["MIST_FED_FLOWER_EXIT_HOOK"] = "0"
     (tmp_path / "fleet.toml").write_text(FLEET)
     results = tmp_path / "results"
     config = f"fleet='{tmp_path / 'fleet.toml'}' rounds=3 results-dir='{results}' run-id='stop'"
@@ -191,13 +185,10 @@ def test_flwr_stop_keeps_completed_rounds_and_leaves_no_process(
     stop_s = time.monotonic() - t0
     # Assert
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    if hook == "off":  # fails the day Flower's runtime stops without leaving Ray's processes
-        assert any("ray::" in c for c in left), left
-    else:
-        assert left == [], left
+    assert left == [], left
     facts = tomllib.loads(written.read_text())["run"]
     done = facts["rounds_completed"]
     assert facts["interrupted"] is True and done == 1
     dev = pd.read_parquet(results / "stop" / "devices.parquet")
     assert sorted(dev["round"].unique()) == list(range(1, done + 1)) and len(dev) == 3 * done
-    print(f"hook {hook}: stopped after {done} rounds; {len(left)} left {stop_s:.1f} s after")
+    print(f"stopped after {done} rounds; {len(left)} left {stop_s:.1f} s after")
