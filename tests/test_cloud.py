@@ -325,9 +325,9 @@ class _CutOnce(FeatureServer):
 
     offsets: ClassVar[list[int]] = []
 
-    def _stream(self, context, principal, req, split, rows, meta):
+    def _stream(self, context, principal, req, split, rows, *rest):
         type(self).offsets.append(req.offset)
-        inner = super()._stream(context, principal, req, split, rows, meta)
+        inner = super()._stream(context, principal, req, split, rows, *rest)
         if len(type(self).offsets) > 1:
             yield from inner
             return
@@ -346,8 +346,8 @@ def test_cut_stream_resumes_from_last_received_row(tiny_backbone, tmp_path):
 class _CutEveryStream(FeatureServer):
     """Breaks every stream after one batch: a flaky link that still makes progress."""
 
-    def _stream(self, context, principal, req, split, rows, meta):
-        inner = super()._stream(context, principal, req, split, rows, meta)
+    def _stream(self, context, principal, req, split, rows, *rest):
+        inner = super()._stream(context, principal, req, split, rows, *rest)
         yield next(inner)
         for _ in inner:
             raise flight.FlightUnavailableError("connection dropped")

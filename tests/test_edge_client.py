@@ -183,9 +183,9 @@ class _CutFirstStreams(FeatureServer):
 
     offsets: ClassVar[list[int]] = []
 
-    def _stream(self, context, principal, req, split, rows, meta):
+    def _stream(self, context, principal, req, split, rows, *rest):
         type(self).offsets.append(req.offset)
-        inner = super()._stream(context, principal, req, split, rows, meta)
+        inner = super()._stream(context, principal, req, split, rows, *rest)
         if req.offset:
             yield from inner
             return

@@ -25,7 +25,7 @@ import torch
 
 from mist_fed import defaults
 from mist_fed.errors import ConfigError
-from mist_fed.wire.dtypes import WIRE_DTYPES
+from mist_fed.wire.dtypes import parse_wire
 
 SECTIONS = ("server", "backbone", "store", "limits", "tls")
 DEFAULT_MAX_GB = 32.0  # a full comparison's features (about 17 GB) fit
@@ -53,6 +53,10 @@ class ServeConfig:
     rows_per_batch: int = 64  # rows per streamed record batch
     default_dtype: str = "float32"
     max_gb: float = DEFAULT_MAX_GB  # least recently used shards go beyond it
+    # pca<D>- wires: the basis is fitted on this task's first projection_images training
+    # images (pca<D>task-: on the requested task's); see mist_fed/cloud/projections.py
+    projection_sample: str = "digits"
+    projection_images: int = 1000
     # [limits]
     max_ticket_bytes: int = 1 << 20
     max_ids_per_ticket: int = 100_000
@@ -68,10 +72,14 @@ class ServeConfig:
         for name in ("batch_size", "rows_per_batch", "max_ticket_bytes", "max_ids_per_ticket"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.projection_images < 2:
+            raise ConfigError(f"projection_images must be >= 2, got {self.projection_images}")
         if self.max_upload_images < 1 or self.max_image_bytes < 1:
             raise ConfigError("max_upload_images and max_image_bytes must be >= 1")
-        if self.default_dtype not in WIRE_DTYPES:
-            raise ConfigError(f"default_dtype {self.default_dtype!r} is not one of {WIRE_DTYPES}")
+        try:
+            parse_wire(self.default_dtype)
+        except ValueError as e:
+            raise ConfigError(f"default_dtype: {e}") from e
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise ConfigError(f"device {self.device!r} is not cpu, cuda, cuda:N or auto")
         if (self.tls_cert is None) != (self.tls_key is None):

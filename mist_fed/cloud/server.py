@@ -23,6 +23,10 @@ store partition (compression is the link's business, not the store's) and stream
 IPC buffer compression (:func:`~mist_fed.wire.codec.ipc_options`); its ``FlightInfo`` says
 ``total_bytes = -1`` (unknown: the compressed size depends on the data). The ``served``
 counters count the Arrow bytes before compression.
+
+A projected wire (``pca192-int4ch``, ``pca64task-int8ch+zstd``) is served from the gather's
+``float16`` partition: each batch is projected on the basis :mod:`mist_fed.cloud.projections`
+fitted once (the stream's metadata names its id) and encoded in the wire's dtype.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ from mist_fed.cloud.auth import (
     principal_of,
 )
 from mist_fed.cloud.config import ServeConfig
-from mist_fed.cloud.embed import Embedder, decode_image, image_hash
+from mist_fed.cloud.embed import Embedder, ImageLoader, decode_image, image_hash
+from mist_fed.cloud.projections import Projections, project_columns, wire_meta
 from mist_fed.cloud.store import FeatureStore
 from mist_fed.core.specs import GatherSpec
 from mist_fed.data import get_task
@@ -54,8 +59,16 @@ from mist_fed.errors import MistError, TaskError, WireError
 from mist_fed.model.backbone import Backbone, create_backbone
 from mist_fed.wire import edge_init
 from mist_fed.wire.client import WARM_ACTION
-from mist_fed.wire.codec import UPLOAD_SCHEMA, Stats, assemble_batch, feature_schema, ipc_options
-from mist_fed.wire.dtypes import FIXED_SIZE, base_dtype, feature_bytes
+from mist_fed.wire.codec import (
+    UPLOAD_SCHEMA,
+    Stats,
+    WireMeta,
+    assemble_batch,
+    feature_schema,
+    ipc_options,
+)
+from mist_fed.wire.dtypes import feature_bytes, is_fixed_size, stored_dtype
+from mist_fed.wire.projection import Projection
 from mist_fed.wire.request import FeatureRequest
 
 log = logging.getLogger(__name__)
@@ -120,6 +133,14 @@ class FeatureServer(flight.FlightServerBase):
         )
         self.embedder = Embedder(
             self.backbone, self.store, config.batch_size, config.torch_device()
+        )
+        self.projections = Projections(
+            self.embedder,
+            self.store.root / "projections" if self.store.persistent else None,
+            self._train_images,
+            config.projection_sample,
+            config.projection_images,
+            config.rows_per_batch,
         )
         self.served = Stats()
         self.requests = {"do_get": 0, "do_exchange": 0, "edge_init": 0, "refused": 0}
@@ -217,6 +238,24 @@ class FeatureServer(flight.FlightServerBase):
             out.append(h)
         return out
 
+    def _train_images(self, task: str, limit: int) -> tuple[list[str], ImageLoader]:
+        """The first ``limit`` training images of ``task`` (a projection's fit): hashes, loader."""
+        # the sample task need not be offered (only its features' statistics leave the cloud),
+        # so it is built here and kept apart from the offered tasks of _task
+        try:
+            t = self._task(task)
+        except TaskError:
+            t = get_task(task)
+        split = t.split("train")
+        rows = list(range(min(limit, len(split))))
+        hashes = self._split_hashes(FeatureRequest(task, "train", "final"), split, rows)
+        return hashes, partial(_load_row, split, rows)
+
+    def _meta(self, req: FeatureRequest) -> tuple[WireMeta, Projection | None]:
+        """The stream's metadata and, for a projected wire, the projection it applies."""
+        proj = self.projections.get(req.spec, req.dtype, req.task)
+        return wire_meta(self.embedder, req.spec, req.dtype, proj), proj
+
     def _check_scope(self, context: Any, req: FeatureRequest) -> Principal:
         principal = principal_of(context)
         if req.task is not None:
@@ -225,9 +264,9 @@ class FeatureServer(flight.FlightServerBase):
 
     def _info(self, req: FeatureRequest) -> flight.FlightInfo:
         _, rows = self._rows(req)
-        meta = self.embedder.meta(req.spec, req.dtype)
+        meta, _ = self._meta(req)
         schema = feature_schema(meta)
-        fixed = req.dtype in FIXED_SIZE
+        fixed = is_fixed_size(req.dtype)
         per_row = feature_bytes(meta.shape, req.dtype) if fixed else 0
         ticket = flight.Ticket(req.to_json())
         return flight.FlightInfo(
@@ -287,10 +326,10 @@ class FeatureServer(flight.FlightServerBase):
             principal = self._check_scope(context, req)
             split, rows = self._rows(req)
             self.requests["do_get"] += 1
-            meta = self.embedder.meta(req.spec, req.dtype)
+            meta, proj = self._meta(req)
             return flight.GeneratorStream(
                 feature_schema(meta),
-                self._stream(context, principal, req, split, rows, meta),
+                self._stream(context, principal, req, split, rows, meta, proj),
                 options=ipc_options(req.dtype),
             )
 
@@ -303,7 +342,8 @@ class FeatureServer(flight.FlightServerBase):
         req: FeatureRequest,
         split: TaskSplit,
         rows: list[int],
-        meta: Any,
+        meta: WireMeta,
+        proj: Projection | None,
     ) -> Iterator[pa.RecordBatch]:
         client = self._client(context, principal)
         ids, labels = self._ids_labels(req, split)
@@ -313,8 +353,9 @@ class FeatureServer(flight.FlightServerBase):
             try:
                 hashes = self._split_hashes(req, split, chunk)
                 cols = self.embedder.columns(
-                    req.spec, base_dtype(req.dtype), hashes, partial(_load_row, split, chunk)
+                    req.spec, stored_dtype(req.dtype), hashes, partial(_load_row, split, chunk)
                 )
+                cols = project_columns(meta, proj, cols)
             except MistError as e:
                 self.requests["refused"] += 1
                 log.info("refused request mid-stream: %s", e)
@@ -334,7 +375,7 @@ class FeatureServer(flight.FlightServerBase):
         principal = principal_of(context)
         client = self._client(context, principal)
         self.requests["do_exchange"] += 1
-        meta = self.embedder.meta(req.spec, req.dtype)
+        meta, proj = self._guard(self._meta, req)
         writer.begin(feature_schema(meta), options=ipc_options(req.dtype))
         seen = 0
         for chunk in reader:
@@ -362,11 +403,15 @@ class FeatureServer(flight.FlightServerBase):
                 log.info("upload from %s: %d images did not decode", client, len(errors))
             try:
                 cols = (
-                    self.embedder.columns(
-                        req.spec,
-                        base_dtype(req.dtype),
-                        [image_hash(im) for im in images],
-                        images.__getitem__,
+                    project_columns(
+                        meta,
+                        proj,
+                        self.embedder.columns(
+                            req.spec,
+                            stored_dtype(req.dtype),
+                            [image_hash(im) for im in images],
+                            images.__getitem__,
+                        ),
                     )
                     if images
                     else _empty_columns(feature_schema(meta))
@@ -399,6 +444,7 @@ class FeatureServer(flight.FlightServerBase):
             "batches_served": served["batches"],
             "bytes_per_client": served["per_client"],
             "store": self.store.stats(),
+            "projections": self.projections.stats(),
         }
 
     def warm(
@@ -422,8 +468,10 @@ class FeatureServer(flight.FlightServerBase):
         rows = list(range(n))
         req = FeatureRequest(task, split, "final")  # names the split for the hash cache
         hashes = self._split_hashes(req, sp, rows)
-        stored = list(dict.fromkeys((s, base_dtype(d)) for s, d in pairs))  # base: one store
+        stored = list(dict.fromkeys((s, stored_dtype(d)) for s, d in pairs))  # one store each
         embedded = self.embedder.warm(stored, hashes, partial(_load_row, sp, rows))
+        for spec, dtype in pairs:  # a projected wire's basis, fitted now rather than mid-run
+            self._meta(FeatureRequest(task, split, spec.kind, spec.k, dtype))
         return {"images_embedded": embedded, "rows": n}
 
     def edge_init_blob(self, method: str) -> bytes:

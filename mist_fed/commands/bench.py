@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from mist_fed.defaults import DEFAULT_HOST
-from mist_fed.wire.dtypes import WIRE_DTYPES
+from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
 
 
 def bench_cloud(args: argparse.Namespace) -> int:
@@ -57,7 +57,7 @@ def register(sub: Any) -> None:
     c.add_argument(
         "--stream-reps", type=int, default=40, help="do_get streams per side (best kept)"
     )
-    c.add_argument("--dtype", default="float32", choices=WIRE_DTYPES)
+    c.add_argument("--dtype", default="float32", type=wire_arg, help=WIRE_HELP)
     c.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(handler=bench_cloud)

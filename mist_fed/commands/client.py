@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mist_fed.defaults import cloud_location
-from mist_fed.wire.dtypes import WIRE_DTYPES
+from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
 
 TOKEN_ENV = "MIST_FED_TOKEN"
 RUNS_DIR = Path("runs")
@@ -130,9 +130,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--dtype",
         default="float16",
-        choices=WIRE_DTYPES,
+        type=wire_arg,
         metavar="DTYPE",
-        help=f"wire dtype (default float16): {', '.join(WIRE_DTYPES)}",
+        help=f"wire dtype (default float16): {WIRE_HELP}",
     )
     p.add_argument(
         "--device-dir",

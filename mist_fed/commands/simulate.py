@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mist_fed.defaults import DEFAULT_HOST
-from mist_fed.wire.dtypes import WIRE_DTYPES
+from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
 
 DEFAULT_FLEET = Path(__file__).resolve().parents[2] / "simulations" / "fleets" / "default.toml"
 
@@ -40,7 +40,7 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-decay", type=float, help="per-round factor on the devices' lr")
     p.add_argument("--batch-size", type=int, help="devices' (and the central reference's) batch")
     p.add_argument("--k", type=int, help="gather depth for mist (-1: all blocks)")
-    p.add_argument("--wire-dtype", choices=WIRE_DTYPES)
+    p.add_argument("--wire-dtype", type=wire_arg, help=WIRE_HELP)
     p.add_argument("--dropout", type=float, help="probability a device skips a round")
     p.add_argument("--deadline-s", type=float, help="round deadline in device seconds")
     p.add_argument("--train-per-device", type=int)

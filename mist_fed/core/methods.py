@@ -89,6 +89,8 @@ METHODS: dict[str, Method] = {
 }
 
 PAPER_METHODS = ("linear", "partial1", "side", "mist")
+#: edge nets that read a [tokens, channels] map of any width: a projected wire can feed them
+PROJECTABLE_EDGES = ("lae", "gather_linear")
 
 
 def get_method(name: str) -> Method:
@@ -112,9 +114,14 @@ def build_edge_net(
     geometry: Geometry,
     num_classes: int,
     init: Mapping[str, torch.Tensor] | None = None,
+    *,
+    channels: int | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """The edge network a method trains, sized from the cloud's ``geometry``.
+
+    ``channels``: per token, as the features arrive (a projected wire's ``D``,
+    :func:`mist_fed.wire.dtypes.wire_dim`); by default the backbone's width.
 
     ``init``: the pretrained weights it starts from (Partial-1's last block and final norm, as
     the cloud's ``edge_init`` serves them, or a checkpoint's state); required where
@@ -122,8 +129,15 @@ def build_edge_net(
     """
     method = get_method(name)
     shape = geometry.shape(method.gather(geometry.num_blocks, None))
+    projected = channels is not None and channels != geometry.embed_dim
+    if projected and (method.edge not in PROJECTABLE_EDGES or len(shape) != 2):
+        fits = [m.name for m in METHODS.values() if m.edge in PROJECTABLE_EDGES]
+        raise ConfigError(
+            f"{name} needs the backbone's own {geometry.embed_dim} channels, not "
+            f"{channels}: a projected wire is for {', '.join(fits)}"
+        )
     kw: dict[str, Any] = {
-        "dim": geometry.embed_dim,
+        "dim": channels or geometry.embed_dim,
         "tokens": shape[-2] if len(shape) > 1 else geometry.num_tokens,
         "num_classes": num_classes,
         "prefix_tokens": geometry.num_prefix_tokens,

@@ -22,6 +22,7 @@ from torch import nn
 from mist_fed.core.methods import build_edge_net, get_method, starts_from_backbone
 from mist_fed.core.specs import Geometry
 from mist_fed.errors import ConfigError
+from mist_fed.wire.dtypes import wire_dim
 
 WEIGHTS_FILE = "lae.safetensors"
 CONFIG_FILE = "lae.json"
@@ -36,6 +37,7 @@ class EdgeModelConfig:
     gather: str = "mist"  # gather kind
     k: int | None = None
     dtype: str = "float32"  # wire dtype it was trained on
+    basis: str = ""  # a projected wire's projection id: features of another basis are refused
     classes: list[str] = field(default_factory=list)
     task: str = ""
     edge_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -73,7 +75,10 @@ def build_net(cfg: EdgeModelConfig, init: Mapping[str, torch.Tensor] | None = No
     """
     init = dict(init) if init else None
     partial = init if starts_from_backbone(cfg.method) else None
-    net = build_edge_net(cfg.method, cfg.geometry, cfg.num_classes, partial, **cfg.edge_kwargs)
+    channels = wire_dim(cfg.dtype, cfg.geometry.embed_dim)
+    net = build_edge_net(
+        cfg.method, cfg.geometry, cfg.num_classes, partial, channels=channels, **cfg.edge_kwargs
+    )
     if init:
         _load_init(net, init)
     return net

@@ -24,9 +24,9 @@ from mist_fed.device.edge import EdgeDevice
 from mist_fed.device.profiles import DeviceProfile, load_profile
 from mist_fed.device.source import FlightSource
 from mist_fed.device.trainer import TrainConfig, predict
-from mist_fed.errors import ConfigError, TaskError
+from mist_fed.errors import ConfigError, TaskError, WireError
 from mist_fed.wire.client import FeatureClient, encode_png
-from mist_fed.wire.dtypes import WIRE_DTYPES
+from mist_fed.wire.dtypes import WIRE_HELP, parse_wire
 from mist_fed.wire.shaping import LinkShaper
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,10 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         get_method(self.method)
-        if self.dtype not in WIRE_DTYPES:
-            raise ConfigError(f"unknown --dtype {self.dtype!r}; choose {', '.join(WIRE_DTYPES)}")
+        try:
+            parse_wire(self.dtype)
+        except ValueError:
+            raise ConfigError(f"unknown --dtype {self.dtype!r}; choose {WIRE_HELP}") from None
         if not self.time_scale > 0:
             raise ConfigError(f"--time-scale must be > 0, got {self.time_scale}")
 
@@ -144,6 +146,7 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
             gather=spec.kind,
             k=sel.k,
             dtype=cfg.dtype,
+            basis=test.meta.basis,
             classes=classes,
             task=cfg.task,
         )
@@ -202,6 +205,12 @@ def predict_images(
         on_batch=shaper.on_batch if shaper else None,
     ) as client:
         fs = client.embed(blobs, mcfg.gather, mcfg.k, mcfg.dtype)
+    if fs.meta.get("basis", "") != mcfg.basis:
+        raise WireError(
+            f"the cloud sent features projected with basis {fs.meta.get('basis') or '(none)'}; "
+            f"this model was trained on basis {mcfg.basis or '(none)'} of {mcfg.dtype}: "
+            "retrain it on this cloud's features"
+        )
     probs = predict(net, fs.features).softmax(1)
     out = []
     for i, row in zip(fs.ids, probs, strict=True):

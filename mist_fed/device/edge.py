@@ -7,9 +7,12 @@ pages included, against the profile's cap) over everything inside. Then:
 
 * :meth:`features` pulls a split once over the link into the on-device cache
   (:mod:`mist_fed.device.cache`) and returns it for batch-by-batch reads; bytes are counted
-  when paid, once: a split found in the cache costs nothing;
-* :meth:`new_net` sizes the method's edge net from the cloud's geometry (Partial-1 starts from
-  the pretrained block the cloud serves, fetched and cached once);
+  when paid, once: a split found in the cache costs nothing. A projected wire's features are
+  pinned to the first projection id the device sees for them (task, gather, k, wire): features
+  projected with another basis are refused, whether from the cache or the cloud;
+* :meth:`new_net` sizes the method's edge net from the cloud's geometry and the wire (a
+  projected wire's ``D`` channels; Partial-1 starts from the pretrained block the cloud serves,
+  fetched and cached once);
 * :meth:`train`, :meth:`evaluate` and :meth:`select_k` run the trainer and charge the virtual
   clock: the job's FLOPs on its own net over the profile's GFLOP/s (host time measured beside);
 * :meth:`report` is the :class:`DeviceMetrics` every caller writes: ``metrics.json`` (client),
@@ -45,6 +48,8 @@ from mist_fed.device.trainer import ExtraLoss, FitResult, TrainConfig, TrainData
 from mist_fed.errors import ConfigError, WireError
 from mist_fed.wire import edge_init as init_codec
 from mist_fed.wire.codec import WireMeta, encode, feature_schema
+from mist_fed.wire.dtypes import parse_wire, wire_dim, wire_shape
+from mist_fed.wire.features import FeatureSet
 
 LocalImages = Callable[[str, str], list[tuple[str, bytes, int]]]  # (task, split) -> images
 
@@ -125,6 +130,7 @@ class EdgeDevice:
         self.local_images = local_images
         self.progress = progress  # bars on stderr for downloads and training (a terminal's)
         self._splits: dict[CacheKey, CachedSplit] = {}
+        self._bases: dict[tuple[str, ...], str] = {}  # pinned projection ids (see features)
         self._inits: dict[str, dict[str, torch.Tensor]] = {}
         self._costs: WeakKeyDictionary[nn.Module, EdgeCost] = WeakKeyDictionary()
         self._threads = 0
@@ -179,6 +185,24 @@ class EdgeDevice:
     def spec(self, method: str, k: int | None = None) -> GatherSpec:
         return method_gather(method, self.geometry.num_blocks, k)
 
+    def feature_shape(self, method: str, k: int | None, wire: str) -> tuple[int, ...]:
+        """Per-image features of ``method`` at ``k`` as ``wire`` sends them."""
+        try:
+            return wire_shape(self.geometry.shape(self.spec(method, k)), wire)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+    def pin_basis(self, key: CacheKey, basis: str) -> None:
+        """Refuse features projected with another basis than the first seen for ``key``'s kind."""
+        kind = (key.backbone, key.weights, key.task, key.gather, str(key.k), key.dtype)
+        pinned = self._bases.setdefault(kind, basis)
+        if basis != pinned:
+            raise WireError(
+                f"{key.label()}: features projected with basis {basis or '(none)'}, but this "
+                f"device pinned {pinned} for them (the cloud refitted its projection?); "
+                "features of two bases cannot train or be scored by one net"
+            )
+
     def candidate_ks(self, method: str, ks: Sequence[int] | None = None) -> list[int | None]:
         """The ``k`` values to select among: ``ks`` if given, else the method's candidates."""
         if not get_method(method).tunes_k:
@@ -221,6 +245,7 @@ class EdgeDevice:
             log.info(
                 "%s: %d rows, %d bytes over the link", key.label(), cached.rows, cached.paid_bytes
             )
+        self.pin_basis(key, cached.meta.basis)
         self._splits[key] = cached
         return cached
 
@@ -231,16 +256,27 @@ class EdgeDevice:
         assert self.local_images is not None
         images = self.local_images(task, split)
         g = self.geometry
-        meta = WireMeta(g.backbone, g.weights, spec.kind, spec.k, dtype, g.shape(spec))
+        shape = wire_shape(g.shape(spec), dtype)
+        meta = WireMeta(g.backbone, g.weights, spec.kind, spec.k, dtype, shape)
+        parts = [images[s : s + chunk] for s in range(0, len(images), chunk)]
+
+        def upload(part: list[tuple[str, bytes, int]]) -> tuple[FeatureSet, dict[str, int]]:
+            self.clock.add_upload(sum(len(b) for _, b, _ in part))
+            fs = self.source.embed([(i, b) for i, b, _ in part], spec, dtype)
+            for i, reason in fs.meta.get("errors", {}).items():
+                log.warning("the cloud could not read image %s: %s", i, reason)
+            return fs, {i: y for i, _, y in part}
+
+        # a projected wire's schema names the basis: the cloud's first reply says which
+        first = upload(parts[0]) if parts and parse_wire(dtype).projected else None
+        if first is not None:
+            meta = WireMeta.from_dict({**first[0].meta, "dtype": dtype})
 
         def batches() -> Iterator[pa.RecordBatch]:
-            for start in range(0, len(images), chunk):
-                part = images[start : start + chunk]
-                self.clock.add_upload(sum(len(b) for _, b, _ in part))
-                fs = self.source.embed([(i, b) for i, b, _ in part], spec, dtype)
-                label = {i: y for i, _, y in part}
-                for i, reason in fs.meta.get("errors", {}).items():
-                    log.warning("the cloud could not read image %s: %s", i, reason)
+            for n, part in enumerate(parts):
+                fs, label = first if (n == 0 and first is not None) else upload(part)
+                if fs.meta.get("basis", "") != meta.basis:
+                    raise WireError(f"the cloud changed its projection during an upload of {split}")
                 yield encode(meta, fs.ids, [label[i] for i in fs.ids], fs.features)
 
         return feature_schema(meta), batches()
@@ -292,20 +328,27 @@ class EdgeDevice:
         num_classes: int,
         k: int | None = None,
         state: dict[str, torch.Tensor] | None = None,
+        wire: str = "float32",
         **edge_kwargs: Any,
     ) -> nn.Module:
-        """``method``'s edge net for this cloud; ``state`` (e.g. a fleet's global model) loaded.
+        """``method``'s edge net for this cloud and ``wire``; ``state`` (e.g. a fleet's global
+        model) loaded.
 
         Given ``state``, a method that starts from the backbone (Partial-1) takes its
         pretrained part from it (same keys) and fetches no initial weights.
         """
         init = state if state is not None and starts_from_backbone(method) else None
         net = build_edge_net(
-            method, self.geometry, num_classes, init or self.edge_init(method), **edge_kwargs
+            method,
+            self.geometry,
+            num_classes,
+            init or self.edge_init(method),
+            channels=wire_dim(wire, self.geometry.embed_dim),
+            **edge_kwargs,
         )
         if state is not None:
             net.load_state_dict(state)
-        self._runs(net, self.geometry.shape(self.spec(method, k)))
+        self._runs(net, self.feature_shape(method, k, wire))
         return net
 
     def _runs(self, net: nn.Module, shape: tuple[int, ...]) -> EdgeCost:
@@ -388,7 +431,7 @@ class EdgeDevice:
             train = self.features(task, "train", method, k, dtype, train_ids)
             val = self.features(task, "val", method, k, dtype)
             torch.manual_seed(cfg.seed)
-            net = self.new_net(method, num_classes, k, **edge_kwargs)
+            net = self.new_net(method, num_classes, k, wire=dtype, **edge_kwargs)
             fits[k] = self.train(net, train, cfg)
             val_acc[k] = self.evaluate(net, val)
             log.info("k=%s: val accuracy %.4f", k, val_acc[k])
@@ -396,7 +439,7 @@ class EdgeDevice:
                 best = (val_acc[k], k, net, fits[k])
         if best is None:
             raise ConfigError("select_k needs at least one candidate k")
-        self._runs(best[2], self.geometry.shape(self.spec(method, best[1])))  # the one it keeps
+        self._runs(best[2], self.feature_shape(method, best[1], dtype))  # the one it keeps
         return KSelection(k=best[1], val_acc=val_acc, net=best[2], fit=best[3], fits=fits)
 
 

@@ -26,7 +26,7 @@ from mist_fed.experiments.compare import (
 )
 from mist_fed.report.compare import write_compare
 from mist_fed.report.results import new_run_id
-from mist_fed.wire.dtypes import WIRE_DTYPES
+from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
 
 log = logging.getLogger("mist_fed.compare")
 
@@ -56,9 +56,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--wire",
         nargs="*",
-        choices=WIRE_DTYPES,
+        type=wire_arg,
         default=["float16", "int8", "int8ch"],
-        help="MIST's extra wire dtypes (default float16 int8 int8ch)",
+        help=f"MIST's extra wire dtypes (default float16 int8 int8ch): {WIRE_HELP}",
     )
     p.add_argument(
         "--mist-k",

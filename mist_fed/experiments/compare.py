@@ -266,7 +266,7 @@ class Comparison:
         # the in-process cloud's among them, are not the edge job's).
         with device:
             torch.manual_seed(seed)
-            net = device.new_net(v.method, self.task.num_classes, k)
+            net = device.new_net(v.method, self.task.num_classes, k, wire=v.dtype)
             device.train(net, train, tcfg)
             val_acc = device.evaluate(net, val)
             acc = device.evaluate(net, test)

@@ -212,7 +212,9 @@ def run_device(
                     job.task, "test", job.method, job.k, job.wire_dtype, ids=job.test_ids
                 )
                 result.num_examples = train.labelled
-                net = device.new_net(job.method, job.num_classes, job.k, state=state)
+                net = device.new_net(
+                    job.method, job.num_classes, job.k, state=state, wire=job.wire_dtype
+                )
                 prox = proximal_term(state, job.proximal_mu) if state and job.proximal_mu else None
                 fitted = device.train(net, train, train_config(job), extra_loss=prox)
                 result.train_loss = fitted.losses[-1] if fitted.losses else math.nan

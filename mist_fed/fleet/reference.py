@@ -96,7 +96,9 @@ class Reference:
         src = self.source(self.cloud)
         try:
             with self._device(src) as device:
-                net = device.new_net(fleet.method, num_classes, self.spec.k, state=state)
+                net = device.new_net(
+                    fleet.method, num_classes, self.spec.k, state=state, wire=self.spec.wire_dtype
+                )
                 return self._score(device, fleet, net)
         finally:
             close_source(src)
@@ -124,7 +126,7 @@ class Reference:
                 train = device.features(
                     fleet.task, "train", fleet.method, s.k, s.wire_dtype, ids=tuple(train_ids)
                 )
-                net = device.new_net(fleet.method, num_classes, s.k, state=state)
+                net = device.new_net(fleet.method, num_classes, s.k, state=state, wire=s.wire_dtype)
                 cfg = TrainConfig.for_method(
                     fleet.method, epochs=epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed
                 )

@@ -53,6 +53,7 @@ from mist_fed.fleet.messages import strategy_reply, to_state
 from mist_fed.fleet.partition import sample_pool, share_images, shared
 from mist_fed.fleet.reference import CentralResult, Reference, central_epochs
 from mist_fed.fleet.spec import FleetSpec, TaskFleet, assign_profiles
+from mist_fed.wire.dtypes import wire_dim
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,15 @@ def state_digest(state: StateDict) -> str:
     return h.hexdigest()[:12]
 
 
-def initial_state(source: FeatureSource, method: str, num_classes: int, seed: int) -> StateDict:
-    """A fleet's seeded initial edge net, sized from the cloud's geometry."""
+def initial_state(
+    source: FeatureSource, method: str, num_classes: int, seed: int, wire: str = "float32"
+) -> StateDict:
+    """A fleet's seeded initial edge net, sized from the cloud's geometry and the wire."""
     init = source.edge_init(method).state if starts_from_backbone(method) else None
+    g = source.geometry()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = build_edge_net(method, source.geometry(), num_classes, init)
+        net = build_edge_net(method, g, num_classes, init, channels=wire_dim(wire, g.embed_dim))
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
@@ -225,7 +229,7 @@ class FleetRunner:
             for fleet in spec.fleets:
                 # One seeded init per fleet: its devices start equal, federated or local.
                 self.global_state[fleet.name] = initial_state(
-                    src, fleet.method, self.num_classes[fleet.name], spec.seed
+                    src, fleet.method, self.num_classes[fleet.name], spec.seed, spec.wire_dtype
                 )
         finally:
             close_source(src)

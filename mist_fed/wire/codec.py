@@ -16,7 +16,8 @@ A compressed dtype (``base+zstd``, ``base+lz4``) has ``base``'s columns; the str
 messages carry compressed buffers (:func:`ipc_options`) and the metadata names the whole dtype.
 
 Schema metadata records ``backbone``, ``weights`` (``Backbone.weights_id``), ``gather``, ``k``,
-``dtype`` and the format version. Decoding is zero-copy where pyarrow allows (one chunk of
+``dtype``, ``shape`` (as sent: a projected wire's ``[tokens, D]``), ``basis`` (the projection's
+id; empty for an unprojected wire) and the format version. Decoding is zero-copy where pyarrow allows (one chunk of
 float32/float16); the quantized dtypes are dequantized to float32.
 """
 
@@ -37,11 +38,11 @@ from mist_fed.errors import WireError
 from mist_fed.wire.dtypes import (
     NUMPY_DTYPE,
     QUANTIZED,
-    WIRE_DTYPES,
     base_dtype,
     codec_of,
     dequantize,
     packed_shape,
+    parse_wire,
     quantize,
     scale_shape,
 )
@@ -49,7 +50,7 @@ from mist_fed.wire.features import FeatureSet
 
 WIRE_VERSION = "1"
 FEATURE_COLUMNS = ("id", "label", "features", "scale")
-META_KEYS = ("backbone", "weights", "gather", "k", "dtype", "shape")
+META_KEYS = ("backbone", "weights", "gather", "k", "dtype", "shape", "basis")
 
 #: What a device uploads to ``do_exchange``: its own encoded images (PNG/JPEG bytes).
 UPLOAD_SCHEMA = pa.schema(
@@ -69,11 +70,21 @@ class WireMeta:
     k: int | None
     dtype: str
     shape: tuple[int, ...]
+    basis: str = ""  # the channel projection's id (pca wires), else empty
 
     def __post_init__(self) -> None:
-        if self.dtype not in WIRE_DTYPES:
+        try:
+            wire = parse_wire(self.dtype)
+        except ValueError as e:
+            raise WireError(f"feature {e}") from e
+        if wire.projected != bool(self.basis):
             raise WireError(
-                f"unknown feature dtype {self.dtype!r}; choose one of {', '.join(WIRE_DTYPES)}"
+                f"feature dtype {self.dtype!r} with basis {self.basis!r}: a pca wire names its "
+                "projection's id, no other wire has one"
+            )
+        if wire.projected and (not self.shape or self.shape[-1] != wire.dims):
+            raise WireError(
+                f"feature dtype {self.dtype!r} sends {wire.dims} channels, not shape {self.shape}"
             )
 
     def to_metadata(self) -> dict[bytes, bytes]:
@@ -85,6 +96,7 @@ class WireMeta:
             b"mist_fed.k": b"" if self.k is None else str(self.k).encode(),
             b"mist_fed.dtype": self.dtype.encode(),
             b"mist_fed.shape": json.dumps(list(self.shape)).encode(),
+            b"mist_fed.basis": self.basis.encode(),
         }
 
     @classmethod
@@ -108,6 +120,7 @@ class WireMeta:
                 k=int(get["k"]) if get["k"] else None,
                 dtype=get["dtype"],
                 shape=tuple(json.loads(get["shape"])),
+                basis=get.get("basis", ""),
             )
         except (KeyError, ValueError) as e:
             raise WireError(f"feature stream has no valid mist_fed schema metadata ({e})") from e
@@ -120,7 +133,24 @@ class WireMeta:
             "k": self.k,
             "dtype": self.dtype,
             "shape": list(self.shape),
+            "basis": self.basis,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WireMeta:
+        """From :meth:`as_dict` (a :class:`FeatureSet`'s ``meta``); other keys are ignored."""
+        try:
+            return cls(
+                backbone=data["backbone"],
+                weights=data["weights"],
+                gather=data["gather"],
+                k=data["k"],
+                dtype=data["dtype"],
+                shape=tuple(data["shape"]),
+                basis=data.get("basis", ""),
+            )
+        except (KeyError, TypeError) as e:
+            raise WireError(f"feature metadata lacks {e}") from e
 
 
 @functools.lru_cache(maxsize=256)

@@ -22,12 +22,21 @@ A wire dtype's name is a *base* dtype, optionally ``+`` an Arrow IPC buffer code
 
 ``x ~= q * scale / L`` (``L`` = 127 for int8, 7 for int4); :func:`scale_shape` says the scale's
 shape per image.
+
+A channel projection may come first: ``pca<D>-<dtype>`` (``pca192-int4ch``, ``pca64-int8ch+zstd``)
+sends each token's ``D`` coordinates in the principal axes the cloud fitted on a fixed image
+sample for the backbone and gather (``pca<D>task-<dtype>``: fitted on the task's training
+images instead), in ``<dtype>``. The features are ``[..., D]`` instead of ``[..., C]``: the
+edge net is sized from that (:func:`wire_dim`), and the stream names the basis by id
+(:mod:`mist_fed.wire.projection`), so a device trained on one basis refuses another's features.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,16 +70,100 @@ NUMPY_DTYPE = {
 LEVELS = {"int8": 127, "int8ch": 127, "int4": 7, "int4ch": 7}
 
 
+PROJECTION_SCOPES = ("sample", "task")  # pca<D>-: the cloud's fixed sample; pca<D>task-
+MAX_PROJECTED_DIM = 4096
+_PROJECTED = re.compile(r"pca([1-9][0-9]{0,3})(task)?-(.+)")
+WIRE_HELP = f"{', '.join(WIRE_DTYPES)}, or pca<D>[task]-<any of these> (e.g. pca192-int4ch)"
+
+
+@dataclass(frozen=True)
+class Wire:
+    """A parsed wire name: an optional channel projection, the base dtype, an optional codec."""
+
+    name: str
+    base: str
+    codec: str | None = None
+    dims: int | None = None  # channels after the projection (None: no projection)
+    scope: str | None = None  # where the projection was fitted: "sample" or "task"
+
+    @property
+    def projected(self) -> bool:
+        return self.dims is not None
+
+    @property
+    def encoded(self) -> str:
+        """The name without the projection: how the projected coordinates are sent."""
+        return self.base if self.codec is None else f"{self.base}+{self.codec}"
+
+
+def parse_wire(name: str) -> Wire:
+    """``"pca192task-int4ch+zstd"`` -> its parts; ``ValueError`` naming the choices if unknown."""
+    if not isinstance(name, str):
+        raise ValueError(f"a wire dtype is a name, got {name!r}")
+    dims: int | None = None
+    scope: str | None = None
+    rest = name
+    m = _PROJECTED.fullmatch(name)
+    if m is not None:
+        dims, scope, rest = int(m.group(1)), "task" if m.group(2) else "sample", m.group(3)
+        if dims > MAX_PROJECTED_DIM:
+            raise ValueError(f"wire {name!r} projects to {dims} channels, over {MAX_PROJECTED_DIM}")
+    if rest not in WIRE_DTYPES:
+        raise ValueError(f"unknown wire dtype {name!r}; choose {WIRE_HELP}")
+    base, _, codec = rest.partition("+")
+    return Wire(name, base, codec or None, dims, scope)
+
+
+def wire_arg(name: str) -> str:
+    """argparse ``type=`` for a wire name: ``name``, or the parser's error naming the choices."""
+    import argparse
+
+    try:
+        parse_wire(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
+def is_fixed_size(name: str) -> bool:
+    """Whether the cost model predicts the wire's bytes per image exactly (no codec)."""
+    return parse_wire(name).codec is None
+
+
+def wire_dim(name: str, channels: int) -> int:
+    """Channels per token on the wire: the projection's ``D``, else the backbone's ``channels``."""
+    dims = parse_wire(name).dims
+    if dims is not None and dims > channels:
+        raise ValueError(f"wire {name!r} projects to {dims} channels; the features have {channels}")
+    return channels if dims is None else dims
+
+
+def wire_shape(shape: Sequence[int], name: str) -> tuple[int, ...]:
+    """A gather's per-image feature ``shape`` as the wire ``name`` sends it."""
+    shape = tuple(shape)
+    if not parse_wire(name).projected:
+        return shape
+    if len(shape) != 2:
+        raise ValueError(
+            f"wire {name!r} projects a [tokens, channels] map; this gather's feature is {list(shape)}"
+        )
+    return (shape[0], wire_dim(name, shape[1]))
+
+
+def stored_dtype(name: str) -> str:
+    """What the cloud's store keeps for a wire: its base, or float16 maps to project from."""
+    wire = parse_wire(name)
+    return "float16" if wire.projected else wire.base
+
+
 def split_dtype(name: str) -> tuple[str, str | None]:
-    """``"int8ch+zstd"`` -> ``("int8ch", "zstd")``; ``"float16"`` -> ``("float16", None)``."""
-    if name not in WIRE_DTYPES:
-        raise ValueError(f"unknown wire dtype {name!r}; choose one of {', '.join(WIRE_DTYPES)}")
-    base, _, codec = name.partition("+")
-    return base, codec or None
+    """``"int8ch+zstd"`` -> ``("int8ch", "zstd")``; ``"pca64-float16"`` -> ``("float16", None)``."""
+    wire = parse_wire(name)
+    return wire.base, wire.codec
 
 
 def base_dtype(name: str) -> str:
-    """The column layout of a wire dtype: its name without the codec."""
+    """The column layout of a wire dtype: its name without projection and codec."""
     return split_dtype(name)[0]
 
 
@@ -111,7 +204,8 @@ def feature_bytes(shape: Sequence[int], dtype: str = "float32") -> int:
     A compressed dtype (``base+codec``) has no fixed size: its bytes depend on the data and
     are measured, never predicted, so this raises ``ValueError`` for one.
     """
-    base, codec = split_dtype(dtype)
+    wire = parse_wire(dtype)
+    base, codec = wire.base, wire.codec
     if codec is not None:
         raise ValueError(
             f"{dtype!r} is compressed: its bytes per image depend on the data and are measured "

@@ -1,7 +1,7 @@
 """``FeatureRequest``: the JSON ticket of ``do_get`` (and descriptor command of ``do_exchange``).
 
 ``{"task": "...", "split": "train|val|test", "gather": "mist|side|final|block", "k": INT,
-"dtype": "float32|float16|int8|int8ch", "ids": [optional subset], "offset": optional}``. Parsing
+"dtype": a wire name (mist_fed.wire.dtypes), "ids": [optional subset], "offset": optional}``. Parsing
 checks every field and names the one at fault; the server checks ``k`` against its backbone.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from mist_fed.core.specs import DEPTH_GATHERS, GATHERS, GatherSpec
 from mist_fed.errors import WireError
-from mist_fed.wire.dtypes import WIRE_DTYPES
+from mist_fed.wire.dtypes import parse_wire
 
 SPLITS = ("train", "val", "test")
 _KEYS = {"task", "split", "gather", "k", "dtype", "ids", "offset"}
@@ -32,8 +32,10 @@ class FeatureRequest:
     def __post_init__(self) -> None:
         if self.gather not in GATHERS:
             raise WireError(f"unknown gather {self.gather!r}; choose one of {', '.join(GATHERS)}")
-        if self.dtype not in WIRE_DTYPES:
-            raise WireError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(WIRE_DTYPES)}")
+        try:
+            parse_wire(self.dtype)
+        except ValueError as e:
+            raise WireError(str(e)) from e
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int)):
             raise WireError(f"k must be an integer, got {self.k!r}")
         if self.gather in DEPTH_GATHERS and self.k is None:
