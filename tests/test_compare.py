@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -29,7 +30,9 @@ from mist_fed.experiments.compare import (
 from mist_fed.report.compare import (
     COMPARE_COLUMNS,
     aggregate,
+    choose_wire,
     markdown_table,
+    paired_differences,
     pareto_front,
     write_compare,
 )
@@ -424,7 +427,39 @@ def test_resume_runs_only_the_seeds_an_earlier_run_lacks(tmp_path):
     old = out / "old"  # a run written before the device metrics: start a new run instead
     old.mkdir()
     pd.DataFrame([{"task": TASK, "seed": 0, "transfer_bytes_per_image": 1.0}]).to_parquet(
-        old / "compare_seeds.parquet"
+        old / "compare.parquet"
     )
     with pytest.raises(ConfigError, match="new --run-id"):
         resumed_rows(old, cfg2)
+
+
+def _seed_rows(label, wire, nbytes, test, val):
+    return [
+        {"label": label, "wire_dtype": wire, "task": "t", "seed": s, "bytes_per_image": nbytes,
+         "accuracy": a, "val_accuracy": v}
+        for s, (a, v) in enumerate(zip(test, val, strict=True))
+    ]  # fmt: skip
+
+
+def test_paired_differences_pair_by_seed_and_the_wire_is_chosen_on_validation_only():
+    # Prepare: float32 MIST and three wires over three seeds. "small" is best on test but
+    # worst on validation; "big" is over the byte budget; "ok" is within it on validation.
+    rows = _seed_rows("mist", "float32", 400_000, [0.80, 0.82, 0.84], [0.80, 0.80, 0.80])
+    rows += _seed_rows("mist_pool", "small", 2_000, [0.90, 0.92, 0.94], [0.70, 0.70, 0.70])
+    rows += _seed_rows("mist_pool", "ok", 9_000, [0.79, 0.82, 0.83], [0.795, 0.80, 0.79])
+    rows += _seed_rows("mist", "big", 50_000, [0.85, 0.87, 0.89], [0.85, 0.85, 0.85])
+    seeds = pd.DataFrame(rows)
+    # Execute
+    paired = paired_differences(seeds).set_index("wire_dtype")
+    chosen = choose_wire(paired.reset_index())
+    # Assert: paired per seed (0.79-0.80, 0.82-0.82, 0.83-0.84), t interval over 3 seeds
+    d = np.array([-0.01, 0.0, -0.01])
+    assert paired.loc["ok", "test_diff"] == pytest.approx(d.mean())
+    half = 4.303 * d.std(ddof=1) / np.sqrt(3)
+    assert paired.loc["ok", "ci95_low"] == pytest.approx(d.mean() - half)
+    assert paired.loc["ok", "val_diff"] == pytest.approx(-0.005)
+    assert paired.loc["small", "test_diff"] == pytest.approx(0.10)
+    assert chosen is not None and chosen["wire_dtype"] == "ok"
+    # nothing qualifies once the tolerance is below "ok"'s validation gap
+    assert choose_wire(paired.reset_index(), tolerance=0.001) is None
+    assert paired_differences(seeds[seeds["label"] != "mist"]).empty  # no reference, no pairs

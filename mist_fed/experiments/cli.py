@@ -16,11 +16,13 @@ from mist_fed.device.profiles import list_profiles
 from mist_fed.errors import ConfigError, MistError
 from mist_fed.experiments.compare import (
     DEFAULT_PROFILE,
+    JPEG_QUALITY,
     CompareConfig,
     RowResult,
     SeedKey,
     default_device_dir,
     default_variants,
+    jpeg_bytes_per_image,
     run_compare,
     seeds_done,
 )
@@ -132,14 +134,14 @@ def config_from_args(args: argparse.Namespace, run_id: str = "default") -> Compa
 
 
 def resumed_rows(run_dir: Path, cfg: CompareConfig) -> tuple[list[dict[str, Any]], set[SeedKey]]:
-    """An earlier run's rows (``compare_seeds.parquet``) and the seeds they complete."""
-    path = run_dir / "compare_seeds.parquet"
+    """An earlier run's rows (``compare.parquet``: one per seed) and the seeds they complete."""
+    path = run_dir / "compare.parquet"
     if not path.exists():
         raise ConfigError(f"--resume: {path} does not exist; give the --run-id of an earlier run")
     import pandas as pd
 
     frame = pd.read_parquet(path)
-    if "bytes_per_image" not in frame.columns:
+    if "bytes_per_image" not in frame.columns or "seed" not in frame.columns:
         raise ConfigError(
             f"--resume: {path} was written by an earlier version of the comparison (no "
             "bytes_per_image column); start a new --run-id"
@@ -170,9 +172,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "python simulations/comp
         rows, done = resumed_rows(run_dir, cfg) if args.resume else ([], set())
         kept = f"; resumed: {len(rows)} rows of the earlier run kept" if args.resume else ""
 
+        jpeg = {
+            f"224-px JPEG (quality {JPEG_QUALITY}) of the {t} test images": jpeg_bytes_per_image(
+                t, "test", cfg.limits.get("test")
+            )
+            for t in cfg.tasks
+        }
+
         def on_row(r: RowResult) -> None:  # write as we go: a long run leaves partial results
             rows.append(r.as_dict())
-            write_compare(rows, run_dir, header)
+            write_compare(rows, run_dir, header, jpeg)
 
         command = f"{prog} " + " ".join(
             shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
@@ -190,7 +199,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python simulations/comp
             f"scaled to the `{cfg.profile}` profile."
         )
         run_compare(cfg, on_row, skip=done)
-        paths = write_compare(rows, run_dir, header)
+        paths = write_compare(rows, run_dir, header, jpeg)
     except MistError as e:
         log.error("%s", e)
         return 2

@@ -1,16 +1,20 @@
 """The comparison's outputs: ``compare.parquet`` / ``compare.md`` (Table 1's shape) and plots.
 
-* ``compare_seeds.parquet``: one row per variant, task, seed (and shots in few-shot mode);
-* ``compare.parquet``: one row per variant (method x wire dtype) and task, accuracy as mean
-  and spread (sample std) over seeds, with :data:`COMPARE_COLUMNS` first;
+* ``compare.parquet``: one row per variant (method x wire dtype), task and seed (and shots in
+  few-shot mode): what each device job measured;
+* ``compare_summary.parquet``: one row per variant and task, accuracy as mean and spread
+  (sample std) over seeds, with :data:`COMPARE_COLUMNS` first;
 * ``compare.md``: method, wire, MB per image, edge params, edge and cloud GMACs, the device
   job's peak memory and compute seconds on its profile, accuracy per task (mean ± std) and
-  their mean;
+  their mean; then, where the run has MIST on the float32 wire and other wires, each wire's
+  paired difference to it (:func:`paired_differences`) and the wire chosen on validation
+  under a byte budget (:func:`choose_wire`);
 
 Per-seed rows carry the device's own :class:`~mist_fed.device.edge.DeviceMetrics` names
 (``feature_bytes``, ``images_down``, ``peak_mem_mb``, ``compute_s``, ``host_compute_s``,
 ``edge_params``, ``edge_macs``, ...), the names ``metrics.json`` and ``devices.parquet`` use.
-* ``accuracy_vs_mb.png``: accuracy against MB per image (log x), Pareto front marked;
+* ``accuracy_vs_bytes.png``: accuracy against bytes per image (log x), every method and wire,
+  the Pareto front marked, and a 224-px JPEG of the same images as a reference line;
 * few-shot mode: ``fewshot.md`` and ``accuracy_vs_shots.png`` instead of the table above.
 """
 
@@ -27,6 +31,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from mist_fed.report.plots import save_figure
+
+REFERENCE = ("mist", "float32")  # (label, wire): what the other wires are paired with
+WIRE_BUDGET = 10_000  # bytes per image a chosen wire may cost (#17)
+WIRE_TOLERANCE = 0.01  # how far below the reference's validation accuracy it may be
+# two-sided 95% Student t quantiles by degrees of freedom (n - 1 paired seeds)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 COMPARE_COLUMNS = (
     "method",
@@ -143,6 +153,100 @@ def fewshot_table(agg: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
+def paired_differences(seeds: pd.DataFrame, reference: tuple[str, str] = REFERENCE) -> pd.DataFrame:
+    """Each variant's accuracy minus the ``reference`` variant's, paired by task and seed.
+
+    One row per variant and task: the mean paired difference of test and of validation
+    accuracy, the test differences' sample std, the number of pairs and a 95% interval for the
+    mean test difference (Student t over the paired seeds: the seed is the unit, so the
+    interval covers the run-to-run spread of training, not only the test set's sampling).
+    Empty when the run has no ``reference`` rows.
+    """
+    label, wire = reference
+    ref = seeds[(seeds["label"] == label) & (seeds["wire_dtype"] == wire)]
+    if ref.empty:
+        return pd.DataFrame()
+    ref = ref.set_index(["task", "seed"])[["accuracy", "val_accuracy"]]
+    out = []
+    for (lab, w, task), g in seeds.groupby(["label", "wire_dtype", "task"], sort=False):
+        if (lab, w) == reference:
+            continue
+        g = g.set_index(["task", "seed"])
+        both = g.join(ref, rsuffix="_ref", how="inner")
+        if both.empty:
+            continue
+        d = both["accuracy"] - both["accuracy_ref"]
+        n = len(d)
+        sd = float(d.std()) if n > 1 else float("nan")
+        half = _T95.get(n - 1, 1.96) * sd / n**0.5 if n > 1 else float("nan")
+        out.append(
+            {
+                "label": lab,
+                "wire_dtype": w,
+                "task": task,
+                "bytes_per_image": float(g["bytes_per_image"].mean()),
+                "pairs": n,
+                "val_diff": float((both["val_accuracy"] - both["val_accuracy_ref"]).mean()),
+                "test_diff": float(d.mean()),
+                "test_diff_std": sd,
+                "ci95_low": float(d.mean()) - half,
+                "ci95_high": float(d.mean()) + half,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def choose_wire(
+    paired: pd.DataFrame, budget: float = WIRE_BUDGET, tolerance: float = WIRE_TOLERANCE
+) -> pd.Series | None:
+    """The wire chosen on validation only: within ``budget`` bytes per image, validation
+    accuracy (paired mean) at most ``tolerance`` below the reference's, the best validation
+    accuracy among those (ties: fewer bytes). ``None`` if no wire qualifies."""
+    if paired.empty:
+        return None
+    ok = paired[(paired["bytes_per_image"] <= budget) & (paired["val_diff"] >= -tolerance)]
+    if ok.empty:
+        return None
+    return ok.sort_values(["val_diff", "bytes_per_image"], ascending=[False, True]).iloc[0]
+
+
+def paired_table(
+    paired: pd.DataFrame,
+    chosen: pd.Series | None,
+    reference: tuple[str, str] = REFERENCE,
+    budget: float = WIRE_BUDGET,
+    tolerance: float = WIRE_TOLERANCE,
+) -> str:
+    """Markdown: every wire's paired difference to the reference, by bytes, the choice named."""
+    label, wire = reference
+    lines = [
+        f"### Paired with {label} [{wire}] (same task and seed)\n",
+        f"Chosen on validation only: the wire with the best paired validation accuracy among "
+        f"those at <= {budget:,.0f} bytes per image and at most {100 * tolerance:.1f} points "
+        f"below {label} [{wire}] on validation (ties: fewer bytes). Test: mean paired "
+        "difference and its 95% interval (Student t over the seeds).\n",
+        "| method | wire | bytes/img | pairs | val diff (pt) | test diff (pt) | test 95% interval |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for _, r in paired.sort_values("bytes_per_image").iterrows():
+        pick = (
+            chosen is not None
+            and r["label"] == chosen["label"]
+            and r["wire_dtype"] == chosen["wire_dtype"]
+            and r["task"] == chosen["task"]
+        )
+        name = f"**{r['label']}**" if pick else str(r["label"])
+        lines.append(
+            f"| {name} | {r['wire_dtype']}{' (chosen)' if pick else ''} | "
+            f"{r['bytes_per_image']:,.0f} | {int(r['pairs'])} | {100 * r['val_diff']:+.2f} | "
+            f"{100 * r['test_diff']:+.2f} | "
+            f"[{100 * r['ci95_low']:+.2f}, {100 * r['ci95_high']:+.2f}] |"
+        )
+    if chosen is None:
+        lines.append("\nNo wire met the validation rule.")
+    return "\n".join(lines) + "\n"
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats (fewer or equal bytes AND higher accuracy)."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
@@ -154,8 +258,11 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot_accuracy_vs_mb(agg: pd.DataFrame, path: Path) -> Path:
-    """Accuracy (mean over tasks) vs MB per image, log x; the Pareto front as a line."""
+def plot_accuracy_vs_bytes(
+    agg: pd.DataFrame, path: Path, references: Mapping[str, float] | None = None
+) -> Path:
+    """Accuracy (mean over tasks) vs bytes per image, log x; the Pareto front as a line;
+    ``references``: name -> bytes per image, drawn as vertical lines (a JPEG of the image)."""
     g = (
         agg.groupby(_KEYS, sort=False)
         .agg(
@@ -165,8 +272,7 @@ def plot_accuracy_vs_mb(agg: pd.DataFrame, path: Path) -> Path:
         )
         .reset_index()
     )
-    g["mb"] = g["mb"] / 1e6
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     cmap = plt.get_cmap("tab20")
     colors = [cmap(i / 20) for i in range(20)]
     for i, (_, r) in enumerate(g.iterrows()):
@@ -185,11 +291,14 @@ def plot_accuracy_vs_mb(agg: pd.DataFrame, path: Path) -> Path:
     fr = g.iloc[front]
     ax.plot(fr["mb"], 100 * fr["acc"], "k--", lw=1, label="Pareto front")
     ax.scatter(fr["mb"], 100 * fr["acc"], s=140, facecolors="none", edgecolors="k")
+    for i, (name, nbytes) in enumerate((references or {}).items()):
+        ax.axvline(nbytes, color="0.4", ls=":" if i else "-.", lw=1.2, label=name)
     ax.set_xscale("log")
-    ax.set_xlabel("MB per image over the link (measured, log)")
+    ax.set_xlabel("bytes per image over the link (measured, log)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6, loc="best", ncol=2)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -214,24 +323,37 @@ def plot_accuracy_vs_shots(agg: pd.DataFrame, path: Path) -> Path:
 
 
 def write_compare(
-    rows: Sequence[Mapping[str, Any]], run_dir: Path, header: str = ""
+    rows: Sequence[Mapping[str, Any]],
+    run_dir: Path,
+    header: str = "",
+    references: Mapping[str, float] | None = None,
 ) -> dict[str, Path]:
-    """Write the parquet files, the markdown table and the plot(s) into ``run_dir``."""
+    """Write the parquet files, the markdown table and the plot(s) into ``run_dir``.
+
+    ``references``: name -> bytes per image of a reference (a JPEG of the same images),
+    drawn on the accuracy-vs-bytes plot and listed under the table.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     seeds = seeds_frame(rows)
     agg = aggregate(seeds)
     paths = {
-        "seeds": run_dir / "compare_seeds.parquet",
-        "table": run_dir / "compare.parquet",
+        "seeds": run_dir / "compare.parquet",
+        "table": run_dir / "compare_summary.parquet",
         "markdown": run_dir / "compare.md",
     }
     seeds.to_parquet(paths["seeds"], index=False)
     agg.to_parquet(paths["table"], index=False)
     few = "shots" in agg.columns
     body = fewshot_table(agg) if few else markdown_table(agg)
+    if not few:
+        for name, nbytes in (references or {}).items():
+            body += f"\nReference: {name}, {nbytes:,.0f} bytes per image.\n"
+        paired = paired_differences(seeds)
+        if not paired.empty:
+            body += "\n" + paired_table(paired, choose_wire(paired))
     paths["markdown"].write_text((header + "\n\n" if header else "") + body)
     if few:
         paths["plot"] = plot_accuracy_vs_shots(agg, run_dir / "accuracy_vs_shots.png")
     else:
-        paths["plot"] = plot_accuracy_vs_mb(agg, run_dir / "accuracy_vs_mb.png")
+        paths["plot"] = plot_accuracy_vs_bytes(agg, run_dir / "accuracy_vs_bytes.png", references)
     return paths
