@@ -26,10 +26,14 @@ from mist_fed.wire.codec import (
     ipc_options,
 )
 from mist_fed.wire.dtypes import (
+    MAX_PROJECTED_DIM,
+    NUMPY_DTYPE,
     PACKED,
     QUANTIZED,
     WIRE_DTYPES,
     base_dtype,
+    packed_shape,
+    parse_wire,
     scale_shape,
 )
 from mist_fed.wire.request import FeatureRequest
@@ -69,7 +73,7 @@ def _good(n: int = 4, dtype: str = "float32") -> tuple[WireMeta, pa.RecordBatch]
     return meta, encode(meta, [f"i{j}" for j in range(n)], list(range(n)), x)
 
 
-TRIED = {"tickets": 0, "ipc_bytes": 0, "schemas": 0, "packed": 0}
+TRIED = {"tickets": 0, "ipc_bytes": 0, "schemas": 0, "packed": 0, "projected": 0}
 
 
 @FUZZ
@@ -179,6 +183,173 @@ def test_decoder_refuses_malformed_packed_int4_with_wire_errors_only(
             continue
         assert tuple(fs.features.shape[1:]) == (3, channels)
         assert bool(fs.features.isfinite().all())
+
+
+# -- projected streams (pca<D>-<dtype>): the basis id and D in the metadata ----------------------
+PROJECTED = (
+    "pca3-float32",
+    "pca4-float16",
+    "pca3-int8",
+    "pca4-int8ch",
+    "pca3-int4",
+    "pca4task-int4ch",
+    "pca4-int8ch+zstd",
+    "pca3-float16+lz4",
+    "pca1-int4ch+zstd",
+)
+BASIS = "0123456789abcdef"
+CLAIMS = (
+    *PROJECTED,
+    "float32",
+    "int8",
+    "int4ch+zstd",
+    "pca4096-float16",
+    "pca0-int8",
+    f"pca{MAX_PROJECTED_DIM + 1}-int8",
+    "pca99999-int8",
+    "pca4-foo",
+)
+
+
+def _projected(dtype: str) -> tuple[WireMeta, pa.RecordBatch]:
+    """Two rows of 3 tokens x D coordinates, encoded as ``dtype`` under basis :data:`BASIS`."""
+    d = parse_wire(dtype).dims
+    assert d is not None
+    meta = WireMeta("tiny", "w0", "mist", 2, dtype, (3, d), BASIS)
+    x = np.random.default_rng(d).standard_normal((2, 3, d)).astype(np.float32)
+    return meta, encode(meta, ["a", "b"], [0, 1], x)
+
+
+def _layout(dtype: str, shape: tuple) -> tuple | None:
+    """What the columns of ``dtype`` at ``shape`` look like (``None``: no such layout)."""
+    try:
+        base = base_dtype(dtype)
+        scales = scale_shape(shape, base) if base in QUANTIZED else None
+        return NUMPY_DTYPE[base], packed_shape(shape, base), scales
+    except (ValueError, TypeError):
+        return None
+
+
+def _consistent(fs) -> None:
+    """A decoded projected set agrees with its own metadata: basis, D, finite values."""
+    wire = parse_wire(fs.meta["dtype"])
+    assert bool(fs.meta["basis"]) == wire.projected
+    assert tuple(fs.features.shape[1:]) == tuple(fs.meta["shape"])
+    if wire.projected:
+        assert fs.meta["shape"][-1] == wire.dims
+    assert bool(fs.features.isfinite().all())
+
+
+KEEP, DROP = "keep", "drop"  # a metadata value left as encoded, or its key removed
+
+
+@FUZZ
+@given(
+    dtype=st.sampled_from(PROJECTED),
+    claimed=st.one_of(st.just(KEEP), st.sampled_from(CLAIMS)),
+    basis=st.one_of(st.sampled_from([KEEP, DROP, "", "f" * 16]), st.text(max_size=20)),
+    shape=st.one_of(st.just(KEEP), st.lists(st.integers(min_value=-1, max_value=5), max_size=3)),
+)
+def test_decoder_refuses_projected_streams_whose_metadata_lies(dtype, claimed, basis, shape):
+    TRIED["projected"] += 1
+    # Prepare: a well-formed projected batch; its metadata's dtype, shape and basis replaced
+    real, batch = _projected(dtype)
+    claimed = dtype if claimed == KEEP else claimed
+    claimed_shape = real.shape if shape == KEEP else tuple(shape)
+    claimed_basis = {KEEP: BASIS, DROP: ""}.get(basis, basis)
+    md = dict(batch.schema.metadata)
+    md[b"mist_fed.dtype"] = claimed.encode()
+    md[b"mist_fed.shape"] = json.dumps(list(claimed_shape)).encode()
+    md[b"mist_fed.basis"] = claimed_basis.encode()
+    if basis == DROP:
+        del md[b"mist_fed.basis"]
+    table = pa.Table.from_batches([batch]).replace_schema_metadata(md)
+    # The rules, stated apart from the decoder: a name it knows (D in 1..4096), a basis id iff
+    # the wire is projected, shape[-1] == D, and columns laid out as claimed
+    try:
+        wire = parse_wire(claimed)
+    except ValueError:
+        wire = None
+    lies = (
+        wire is None
+        or wire.projected != bool(claimed_basis)
+        or (wire.projected and (not claimed_shape or claimed_shape[-1] != wire.dims))
+        or _layout(claimed, claimed_shape) != _layout(dtype, real.shape)
+    )
+    # Execute / Assert
+    if lies:
+        with pytest.raises(WireError):
+            decode(table)
+        return
+    try:
+        fs = decode(table)
+    except WireError:  # int4 of 3 channels claimed as 4 (same bytes): its padding check
+        assert base_dtype(dtype) in PACKED
+        return
+    _consistent(fs)
+    assert fs.meta["basis"] == claimed_basis and fs.meta["dtype"] == claimed
+    if (claimed, claimed_shape, claimed_basis) == (dtype, real.shape, BASIS):
+        assert fs.ids == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "basis", "match"),
+    [
+        ("pca4-int8", [3, 4], None, "a pca wire names its projection's id"),
+        ("pca4-int8", [3, 4], "", "a pca wire names its projection's id"),
+        ("int8", [3, 4], BASIS, "no other wire has one"),
+        ("float16+zstd", [3, 4], BASIS, "no other wire has one"),
+        ("pca4-int8", [3, 5], BASIS, "sends 4 channels"),
+        ("pca4-int8", [], BASIS, "sends 4 channels"),
+        ("pca5-int8", [3, 4], BASIS, "sends 5 channels"),
+        ("pca0-int8", [3, 4], BASIS, "unknown wire dtype"),
+        ("pca99999-int8", [3, 4], BASIS, "unknown wire dtype"),
+        (f"pca{MAX_PROJECTED_DIM + 1}-int8", [3, 4], BASIS, "over 4096"),
+    ],
+)
+def test_decoder_names_what_is_wrong_with_a_projected_streams_metadata(dtype, shape, basis, match):
+    # Prepare: a pca4-int8 batch whose metadata claims otherwise
+    _, batch = _projected("pca4-int8")
+    md = dict(batch.schema.metadata)
+    md.update({b"mist_fed.dtype": dtype.encode(), b"mist_fed.shape": json.dumps(shape).encode()})
+    if basis is None:
+        del md[b"mist_fed.basis"]
+    else:
+        md[b"mist_fed.basis"] = basis.encode()
+    table = pa.Table.from_batches([batch]).replace_schema_metadata(md)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    # Execute / Assert: from a table and from the bytes of the wire alike
+    with pytest.raises(WireError, match=match):
+        decode(table)
+    with pytest.raises(WireError, match=match):
+        decode_ipc(sink.getvalue())
+
+
+@FUZZ
+@given(
+    dtype=st.sampled_from(PROJECTED),
+    junk=st.binary(min_size=1, max_size=64),
+    cut=st.integers(min_value=0, max_value=10_000),
+)
+def test_decoder_refuses_damaged_projected_streams_with_wire_errors_only(dtype, junk, cut):
+    TRIED["projected"] += 1
+    # Prepare: a projected IPC stream (compressed where the wire says so), then junk, cut, spliced
+    _, batch = _projected(dtype)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema, options=ipc_options(dtype)) as w:
+        w.write_batch(batch)
+    data = sink.getvalue().to_pybytes()
+    pos = cut % len(data)
+    assert decode_ipc(data).meta["basis"] == BASIS  # the control
+    for raw in (junk, data[:pos], data[:pos] + junk + data[pos + len(junk) :]):
+        # Execute / Assert: WireError, or features that agree with what the stream claims
+        try:
+            fs = decode_ipc(raw)
+        except WireError:
+            continue
+        _consistent(fs)
 
 
 @pytest.mark.parametrize("dtype", PACKED)
@@ -309,5 +480,6 @@ def test_live_server_refuses_oversize_and_still_serves(small_limits_cloud):
     assert table.num_rows == 8 and len(decode(table)) == 8
     print(
         f"\nRELIABILITY fuzz: tickets={TRIED['tickets']} ipc_inputs={TRIED['ipc_bytes'] * 3} "
-        f"schemas={TRIED['schemas']} packed_int4={TRIED['packed'] * 3} live_tickets={LIVE['tickets'] * 2} crashes=0"
+        f"schemas={TRIED['schemas']} packed_int4={TRIED['packed'] * 3} "
+        f"projected={TRIED['projected']} live_tickets={LIVE['tickets'] * 2} crashes=0"
     )

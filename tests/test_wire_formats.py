@@ -1,7 +1,8 @@
 """The #17 wire formats: int4/int4ch and Arrow IPC compressed dtypes, their round trips on
 random and adversarial maps, and their bytes, counted by the client, against the cost model
 (fixed-size) and against the IPC stream a live cloud sends (compressed), the latter also
-checked against the TCP bytes that crossed a counting proxy."""
+checked against the TCP bytes that crossed a counting proxy. Projected wires (``pca<D>-...``,
+the rest of their tests in ``test_projection.py``) are counted the same way."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 
 from mist_fed.cli import build_parser
@@ -40,7 +42,9 @@ from mist_fed.wire.dtypes import (
     base_dtype,
     feature_bytes,
     scale_shape,
+    wire_shape,
 )
+from mist_fed.wire.request import FeatureRequest
 
 NEW = ("int4", "int4ch", *(d for d in WIRE_DTYPES if "+" in d))
 TASK = "synthetic:train=24,val=8,test=12"
@@ -113,12 +117,14 @@ def test_dtypes_are_selectable_by_name_in_the_fleet_spec_and_the_client_cli():
     # Prepare
     fleet = TaskFleet(task=TASK, devices=1, name="a")
     # Execute / Assert
-    for name in ("int4", "int4ch", "int8ch+lz4", "int4ch+zstd", "float16+zstd"):
+    for name in ("int4", "int4ch", "int8ch+lz4", "int4ch+zstd", "float16+zstd", "pca16-int4ch"):
         assert FleetSpec(fleets=(fleet,), wire_dtype=name).wire_dtype == name
         args = build_parser().parse_args(["client", "--task", TASK, "--dtype", name])
         assert args.dtype == name
     with pytest.raises(ConfigError, match="wire_dtype"):
         FleetSpec(fleets=(fleet,), wire_dtype="int4+gzip")
+    with pytest.raises(ConfigError, match="wire_dtype"):
+        FleetSpec(fleets=(fleet,), wire_dtype="pca0-int4ch")
 
 
 # -- live: the bytes a cloud sends ----------------------------------------------------------------
@@ -186,6 +192,8 @@ def cloud(tiny_backbone, tmp_path_factory) -> Iterator[tuple[str, RecordingServe
         cache_dir=str(tmp_path_factory.mktemp("store")),
         rows_per_batch=8,
         tasks=(TASK,),
+        projection_sample=TASK,  # pca wires: a basis fitted on 16 of its training images
+        projection_images=16,
     )
     servers: list[RecordingServer] = []
 
@@ -212,26 +220,40 @@ def _fetch(cloud, dtype: str) -> tuple[FeatureClient, list[pa.RecordBatch], int]
     return client, list(server.sent), proxy.down
 
 
+PROJECTED_FIXED = ("pca8-int4ch", "pca5-int8", "pca16-float16")
+
+
 @pytest.mark.network
-@pytest.mark.parametrize("dtype", FIXED_SIZE)
+@pytest.mark.parametrize("dtype", FIXED_SIZE + PROJECTED_FIXED)
 def test_fixed_size_bytes_per_image_equal_the_cost_model(cloud, tiny_backbone, dtype):
-    # Prepare
-    shape = (tiny_backbone.num_tokens, tiny_backbone.embed_dim)
+    # Prepare: the per-image shape as the wire sends it (a pca wire's [tokens, D])
+    shape = wire_shape((tiny_backbone.num_tokens, tiny_backbone.embed_dim), dtype)
+    req = FeatureRequest(TASK, "train", "mist", 2, dtype)
     # Execute
     client, sent, tcp = _fetch(cloud, dtype)
-    # Assert: counted = the Arrow buffers sent; their feature columns = rows x the cost model
+    with flight.connect(cloud[0]) as raw:
+        info = raw.get_flight_info(flight.FlightDescriptor.for_command(req.to_json()))
+    # Assert: counted = the Arrow buffers sent; their feature columns = rows x the cost model,
+    # which is also what the cloud announced for the stream
     assert client.last.rows == 24 and client.last.bytes == sum(b.nbytes for b in sent)
     cols = sum(b.column(c).nbytes for b in sent for c in b.schema.names[2:])
     assert cols / 24 == feature_bytes(shape, dtype)
+    assert info.total_bytes == cols and info.total_records == 24
     assert client.last.bytes < tcp  # framing, headers and schema on top
+    meta = WireMeta.from_schema(sent[0].schema)
+    assert meta.shape == shape and bool(meta.basis) == dtype.startswith("pca")
+
+
+COMPRESSED = (
+    *(f"{b}+{c}" for c in CODECS for b in ("float32", "float16", "int8ch", "int4ch")),
+    "pca8-int8ch+zstd",
+    "pca16task-float16+lz4",
+)
 
 
 @pytest.mark.network
-@pytest.mark.parametrize("base", ["float32", "float16", "int8ch", "int4ch"])
-@pytest.mark.parametrize("codec", CODECS)
-def test_compressed_bytes_counted_equal_the_ipc_stream_sent(cloud, base, codec):
-    # Prepare
-    dtype = f"{base}+{codec}"
+@pytest.mark.parametrize("dtype", COMPRESSED)
+def test_compressed_bytes_counted_equal_the_ipc_stream_sent(cloud, dtype):
     # Execute
     client, sent, tcp = _fetch(cloud, dtype)
     # The IPC stream the cloud sent: its batches, written with the dtype's options
@@ -258,7 +280,9 @@ def test_compressed_bytes_counted_equal_the_ipc_stream_sent(cloud, base, codec):
 
 
 @pytest.mark.network
-@pytest.mark.parametrize("dtype", ["int4ch", "int8ch+zstd", "int4+lz4"])
+@pytest.mark.parametrize(
+    "dtype", ["int4ch", "int8ch+zstd", "int4+lz4", "pca8-int4ch", "pca6-int8ch+zstd"]
+)
 def test_a_device_fetches_a_new_dtype_by_name_and_pays_what_crossed(cloud, tmp_path, dtype):
     # Prepare
     loc, _ = cloud
@@ -267,11 +291,12 @@ def test_a_device_fetches_a_new_dtype_by_name_and_pays_what_crossed(cloud, tmp_p
         split = dev.features(TASK, "train", "mist", 2, dtype)
         paid = dev.report().feature_bytes
         counted = src.client.last.bytes
-        net = dev.new_net("mist", 10, 2)
+        net = dev.new_net("mist", 10, 2, wire=dtype)
         acc = dev.evaluate(net, split)
+        shape = dev.feature_shape("mist", 2, dtype)
     # Assert
     assert split.rows == 24 and paid == counted > 0
     assert 0.0 <= acc <= 1.0
+    assert split.shape == shape and bool(split.meta.basis) == dtype.startswith("pca")
     if "+" not in dtype:
-        geometry = dev.geometry
-        assert paid > 24 * feature_bytes(geometry.shape(dev.spec("mist", 2)), dtype)
+        assert paid > 24 * feature_bytes(shape, dtype)
