@@ -7,8 +7,9 @@ once, served by id, loaded again by a restarted cloud; a refitted one is refused
 pinned to the old id and by a model saved on it; a task-fitted wire is refused on an upload.
 Then which methods and names take a projection at all.
 
-Tests marked ``BUG`` (``xfail(strict=True)``) pin library defects found while writing these:
-they fail today (reported as xfailed) and turn the suite red once fixed, so the marker goes.
+The ``test_bug_*`` tests pin defects found while writing these, since fixed: a full-width
+projection fed to Partial-1, long task names sharing a basis, a NaN basis file loaded, a
+too-wide projection escaping the error hierarchy.
 """
 
 from __future__ import annotations
@@ -237,12 +238,6 @@ def test_a_damaged_basis_file_raises_wire_error(tmp_path, how):
         Basis.load(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Basis.load accepts a file whose numbers are NaN/Inf (projection.py, Basis.load: "
-    "no finiteness check); the cloud then serves every pca request of that gather as a "
-    "'features hold NaN' refusal instead of refitting",
-)
 @pytest.mark.parametrize("tensor", ["mean", "axes"])
 def test_bug_a_basis_file_holding_nan_raises_wire_error(tmp_path, tensor):
     # Prepare: a bit-flipped file, the damage landing in one value (safetensors has no checksum)
@@ -483,12 +478,6 @@ def test_a_task_fitted_wire_fits_on_the_tasks_own_images(tiny_backbone, tmp_path
     assert len(stats["projections"]) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Projections._key (cloud/projections.py) keeps the task name's first 80 "
-    "sanitized characters only, so two task specs alike up to there (long folder paths, "
-    "names differing in punctuation) share one basis and its file",
-)
 @pytest.mark.network
 def test_bug_two_long_task_names_get_their_own_task_bases(tiny_backbone, tmp_path, fits):
     # Prepare: two valid specs with other images (seed), alike for their first 80+ characters
@@ -513,8 +502,8 @@ def test_methods_that_need_the_backbones_channels_refuse_a_projection(
     source = MemorySource(geometry=tiny_backbone.geometry, init=init)
     dev = EdgeDevice(load_profile("laptop"), source, tmp_path)
     # Execute / Assert: the net builder, and a device asked for the net of a pca wire
-    with pytest.raises(ConfigError, match="48 channels, not 8: a projected wire is for"):
-        build_edge_net(method, tiny_backbone.geometry, 4, init, channels=8)
+    with pytest.raises(ConfigError, match="48 channels, not a projection: a projected wire is"):
+        build_edge_net(method, tiny_backbone.geometry, 4, init, projection=8)
     with pytest.raises(ConfigError, match="a projected wire is for"):
         dev.new_net(method, 4, wire="pca8-int8")
     assert dev.new_net(method, 4, wire="int8") is not None  # the control: its own channels
@@ -536,12 +525,6 @@ def test_projectable_methods_build_a_net_of_d_channels_that_runs(method, tmp_pat
     assert tuple(logits.shape) == (2, 3) and bool(logits.isfinite().all())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: build_edge_net (core/methods.py) detects a projection by channels != "
-    "embed_dim, so pca<embed_dim> (a full rotation) builds a Partial-1 net that is then fed "
-    "rotated features; EdgeDevice.new_net and checkpoint.build_net pass no wire to tell",
-)
 def test_bug_partial1_refuses_a_projection_to_the_full_width(tiny_backbone, tmp_path):
     # Prepare: D == the backbone's 48 channels: still a rotation of z_{N-1}
     init = tiny_backbone.edge_init_state("partial1")
@@ -552,11 +535,6 @@ def test_bug_partial1_refuses_a_projection_to_the_full_width(tiny_backbone, tmp_
         dev.new_net("partial1", 4, wire="pca48-int8")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: EdgeDevice.new_net (device/edge.py) calls wire_dim without turning its "
-    "ValueError into a ConfigError: a D over the cloud's width escapes the error hierarchy",
-)
 def test_bug_a_projection_wider_than_the_backbone_is_a_config_error(tmp_path):
     dev = EdgeDevice(load_profile("laptop"), MemorySource(), tmp_path)  # 16 channels
     with pytest.raises(ConfigError, match="32 channels"):

@@ -18,6 +18,7 @@ the gather's float16 map from the store and encoding the coordinates in the wire
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -72,8 +73,9 @@ class Projections:
         self._lock = threading.Lock()  # one fit at a time: a fit runs the backbone
 
     def _key(self, spec: GatherSpec, task: str) -> str:
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", task)[:80]
-        return f"{spec.label()}-{safe}-{self.images}"
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", task)[:60]
+        tag = hashlib.sha256(task.encode()).hexdigest()[:12]  # the whole spec, not its prefix
+        return f"{spec.label()}-{safe}-{tag}-{self.images}"
 
     def basis(self, spec: GatherSpec, task: str) -> Basis:
         """The basis of ``spec``'s features fitted on ``task``'s training images (once)."""

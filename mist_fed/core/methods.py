@@ -115,13 +115,13 @@ def build_edge_net(
     num_classes: int,
     init: Mapping[str, torch.Tensor] | None = None,
     *,
-    channels: int | None = None,
+    projection: int | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """The edge network a method trains, sized from the cloud's ``geometry``.
 
-    ``channels``: per token, as the features arrive (a projected wire's ``D``,
-    :func:`mist_fed.wire.dtypes.wire_dim`); by default the backbone's width.
+    ``projection``: the features arrive projected to this many channels per token (a
+    ``pca<D>-`` wire's ``D``, :func:`mist_fed.wire.dtypes.parse_wire`), not the backbone's own.
 
     ``init``: the pretrained weights it starts from (Partial-1's last block and final norm, as
     the cloud's ``edge_init`` serves them, or a checkpoint's state); required where
@@ -129,15 +129,20 @@ def build_edge_net(
     """
     method = get_method(name)
     shape = geometry.shape(method.gather(geometry.num_blocks, None))
-    projected = channels is not None and channels != geometry.embed_dim
-    if projected and (method.edge not in PROJECTABLE_EDGES or len(shape) != 2):
-        fits = [m.name for m in METHODS.values() if m.edge in PROJECTABLE_EDGES]
-        raise ConfigError(
-            f"{name} needs the backbone's own {geometry.embed_dim} channels, not "
-            f"{channels}: a projected wire is for {', '.join(fits)}"
-        )
+    if projection is not None:
+        if method.edge not in PROJECTABLE_EDGES or len(shape) != 2:
+            fits = [m.name for m in METHODS.values() if m.edge in PROJECTABLE_EDGES]
+            raise ConfigError(
+                f"{name} needs the backbone's own {geometry.embed_dim} channels, not a "
+                f"projection: a projected wire is for {', '.join(fits)}"
+            )
+        if not 1 <= projection <= geometry.embed_dim:
+            raise ConfigError(
+                f"a projection to {projection} channels needs 1..{geometry.embed_dim} "
+                f"(the width of {geometry.backbone})"
+            )
     kw: dict[str, Any] = {
-        "dim": channels or geometry.embed_dim,
+        "dim": projection or geometry.embed_dim,
         "tokens": shape[-2] if len(shape) > 1 else geometry.num_tokens,
         "num_classes": num_classes,
         "prefix_tokens": geometry.num_prefix_tokens,

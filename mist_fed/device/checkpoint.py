@@ -22,7 +22,7 @@ from torch import nn
 from mist_fed.core.methods import build_edge_net, get_method, starts_from_backbone
 from mist_fed.core.specs import Geometry
 from mist_fed.errors import ConfigError
-from mist_fed.wire.dtypes import wire_dim
+from mist_fed.wire.dtypes import wire_projection
 
 WEIGHTS_FILE = "lae.safetensors"
 CONFIG_FILE = "lae.json"
@@ -75,9 +75,13 @@ def build_net(cfg: EdgeModelConfig, init: Mapping[str, torch.Tensor] | None = No
     """
     init = dict(init) if init else None
     partial = init if starts_from_backbone(cfg.method) else None
-    channels = wire_dim(cfg.dtype, cfg.geometry.embed_dim)
     net = build_edge_net(
-        cfg.method, cfg.geometry, cfg.num_classes, partial, channels=channels, **cfg.edge_kwargs
+        cfg.method,
+        cfg.geometry,
+        cfg.num_classes,
+        partial,
+        projection=wire_projection(cfg.dtype),
+        **cfg.edge_kwargs,
     )
     if init:
         _load_init(net, init)

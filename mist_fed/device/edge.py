@@ -48,7 +48,7 @@ from mist_fed.device.trainer import ExtraLoss, FitResult, TrainConfig, TrainData
 from mist_fed.errors import ConfigError, WireError
 from mist_fed.wire import edge_init as init_codec
 from mist_fed.wire.codec import WireMeta, encode, feature_schema
-from mist_fed.wire.dtypes import parse_wire, wire_dim, wire_shape
+from mist_fed.wire.dtypes import parse_wire, wire_projection, wire_shape
 from mist_fed.wire.features import FeatureSet
 
 LocalImages = Callable[[str, str], list[tuple[str, bytes, int]]]  # (task, split) -> images
@@ -197,10 +197,16 @@ class EdgeDevice:
         kind = (key.backbone, key.weights, key.task, key.gather, str(key.k), key.dtype)
         pinned = self._bases.setdefault(kind, basis)
         if basis != pinned:
+            held = [
+                f"{k.label()} in {self.cache.root / k.digest()}.*"
+                for k, split in self._splits.items()
+                if split.meta.basis == pinned and k.dtype == key.dtype
+            ]
             raise WireError(
                 f"{key.label()}: features projected with basis {basis or '(none)'}, but this "
                 f"device pinned {pinned} for them (the cloud refitted its projection?); "
                 "features of two bases cannot train or be scored by one net"
+                + (f". Delete the device's {'; '.join(held)} to use the new one" if held else "")
             )
 
     def candidate_ks(self, method: str, ks: Sequence[int] | None = None) -> list[int | None]:
@@ -236,6 +242,7 @@ class EdgeDevice:
                 schema, batches = self._upload(task, split, spec, dtype)
             else:
                 schema, batches = self.source.stream(task, split, spec, dtype, ids)
+            self.pin_basis(key, WireMeta.from_schema(schema).basis)  # before it is cached
             if self.progress:
                 batches = _rows_bar(batches, f"{split} {spec.label()} {dtype}")
             cached = self.cache.store(
@@ -343,7 +350,7 @@ class EdgeDevice:
             self.geometry,
             num_classes,
             init or self.edge_init(method),
-            channels=wire_dim(wire, self.geometry.embed_dim),
+            projection=wire_projection(wire),
             **edge_kwargs,
         )
         if state is not None:

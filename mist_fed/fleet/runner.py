@@ -53,7 +53,7 @@ from mist_fed.fleet.messages import strategy_reply, to_state
 from mist_fed.fleet.partition import sample_pool, share_images, shared
 from mist_fed.fleet.reference import CentralResult, Reference, central_epochs
 from mist_fed.fleet.spec import FleetSpec, TaskFleet, assign_profiles
-from mist_fed.wire.dtypes import wire_dim
+from mist_fed.wire.dtypes import wire_projection
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def initial_state(
     g = source.geometry()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = build_edge_net(method, g, num_classes, init, channels=wire_dim(wire, g.embed_dim))
+        net = build_edge_net(method, g, num_classes, init, projection=wire_projection(wire))
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 

@@ -27,7 +27,7 @@ A channel projection may come first: ``pca<D>-<dtype>`` (``pca192-int4ch``, ``pc
 sends each token's ``D`` coordinates in the principal axes the cloud fitted on a fixed image
 sample for the backbone and gather (``pca<D>task-<dtype>``: fitted on the task's training
 images instead), in ``<dtype>``. The features are ``[..., D]`` instead of ``[..., C]``: the
-edge net is sized from that (:func:`wire_dim`), and the stream names the basis by id
+edge net is sized from that (:func:`wire_projection`), and the stream names the basis by id
 (:mod:`mist_fed.wire.projection`), so a device trained on one basis refuses another's features.
 """
 
@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from mist_fed.errors import ConfigError
 
 BASE_DTYPES = ("float32", "float16", "int8", "int8ch", "int4", "int4ch")
 CODECS = ("zstd", "lz4")
@@ -136,6 +138,15 @@ def wire_dim(name: str, channels: int) -> int:
     if dims is not None and dims > channels:
         raise ValueError(f"wire {name!r} projects to {dims} channels; the features have {channels}")
     return channels if dims is None else dims
+
+
+def wire_projection(name: str) -> int | None:
+    """The channels a wire projects to (``None``: the backbone's own); ``ConfigError`` if
+    ``name`` is no wire."""
+    try:
+        return parse_wire(name).dims
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def wire_shape(shape: Sequence[int], name: str) -> tuple[int, ...]:

@@ -114,6 +114,8 @@ class Basis:
         c = mean.shape[0] if mean.ndim == 1 else -1
         if c < 1 or axes.shape != (c, c) or var.shape != (c,):
             raise WireError(f"projection basis {path} has inconsistent shapes")
+        if not all(np.isfinite(a).all() for a in (mean, axes, var)):
+            raise WireError(f"projection basis {path} holds NaN or Inf")
         return cls(mean, axes, var, meta.get("fitted_on", ""))
 
 
