@@ -463,3 +463,17 @@ def test_paired_differences_pair_by_seed_and_the_wire_is_chosen_on_validation_on
     # nothing qualifies once the tolerance is below "ok"'s validation gap
     assert choose_wire(paired.reset_index(), tolerance=0.001) is None
     assert paired_differences(seeds[seeds["label"] != "mist"]).empty  # no reference, no pairs
+
+
+def test_a_wire_is_chosen_among_mist_rows_only():
+    # Prepare: linear probing is cheap and, here, better on validation than MIST
+    rows = _seed_rows("mist", "float32", 400_000, [0.80, 0.82], [0.80, 0.80])
+    rows += _seed_rows("linear", "float32", 1_600, [0.81, 0.83], [0.85, 0.85])
+    rows += _seed_rows("mist_pool", "pca64-int4ch", 2_400, [0.80, 0.81], [0.80, 0.80])
+    # Execute
+    chosen = choose_wire(paired_differences(pd.DataFrame(rows)))
+    # Assert
+    assert chosen is not None and (chosen["label"], chosen["wire_dtype"]) == (
+        "mist_pool",
+        "pca64-int4ch",
+    )

@@ -35,6 +35,7 @@ from mist_fed.report.plots import save_figure
 REFERENCE = ("mist", "float32")  # (label, wire): what the other wires are paired with
 WIRE_BUDGET = 10_000  # bytes per image a chosen wire may cost (#17)
 WIRE_TOLERANCE = 0.01  # how far below the reference's validation accuracy it may be
+WIRE_METHODS = ("mist", "mist_pool")  # the rows a wire is chosen among: MIST's own
 # two-sided 95% Student t quantiles by degrees of freedom (n - 1 paired seeds)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -197,14 +198,21 @@ def paired_differences(seeds: pd.DataFrame, reference: tuple[str, str] = REFEREN
 
 
 def choose_wire(
-    paired: pd.DataFrame, budget: float = WIRE_BUDGET, tolerance: float = WIRE_TOLERANCE
+    paired: pd.DataFrame,
+    budget: float = WIRE_BUDGET,
+    tolerance: float = WIRE_TOLERANCE,
+    methods: Sequence[str] = WIRE_METHODS,
 ) -> pd.Series | None:
-    """The wire chosen on validation only: within ``budget`` bytes per image, validation
-    accuracy (paired mean) at most ``tolerance`` below the reference's, the best validation
-    accuracy among those (ties: fewer bytes). ``None`` if no wire qualifies."""
+    """The MIST wire chosen on validation only: among ``methods``' rows within ``budget``
+    bytes per image and with a validation accuracy (paired mean) at most ``tolerance`` below
+    the reference's, the best on validation (ties: fewer bytes). ``None`` if none qualifies."""
     if paired.empty:
         return None
-    ok = paired[(paired["bytes_per_image"] <= budget) & (paired["val_diff"] >= -tolerance)]
+    ok = paired[
+        paired["label"].isin(list(methods))
+        & (paired["bytes_per_image"] <= budget)
+        & (paired["val_diff"] >= -tolerance)
+    ]
     if ok.empty:
         return None
     return ok.sort_values(["val_diff", "bytes_per_image"], ascending=[False, True]).iloc[0]
@@ -221,8 +229,8 @@ def paired_table(
     label, wire = reference
     lines = [
         f"### Paired with {label} [{wire}] (same task and seed)\n",
-        f"Chosen on validation only: the wire with the best paired validation accuracy among "
-        f"those at <= {budget:,.0f} bytes per image and at most {100 * tolerance:.1f} points "
+        f"Chosen on validation only: the MIST wire ({', '.join(WIRE_METHODS)}) with the best "
+        f"paired validation accuracy among those at <= {budget:,.0f} bytes per image and at most {100 * tolerance:.1f} points "
         f"below {label} [{wire}] on validation (ties: fewer bytes). Test: mean paired "
         "difference and its 95% interval (Student t over the seeds).\n",
         "| method | wire | bytes/img | pairs | val diff (pt) | test diff (pt) | test 95% interval |",
@@ -272,7 +280,7 @@ def plot_accuracy_vs_bytes(
         )
         .reset_index()
     )
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     cmap = plt.get_cmap("tab20")
     colors = [cmap(i / 20) for i in range(20)]
     for i, (_, r) in enumerate(g.iterrows()):
