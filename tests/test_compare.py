@@ -443,7 +443,7 @@ def _seed_rows(label, wire, nbytes, test, val):
 
 def test_paired_differences_pair_by_seed_and_the_wire_is_chosen_on_validation_only():
     # Prepare: float32 MIST and three wires over three seeds. "small" is best on test but
-    # worst on validation; "big" is over the byte budget; "ok" is within it on validation.
+    # worst on validation; "big" is best on validation but over the byte budget.
     rows = _seed_rows("mist", "float32", 400_000, [0.80, 0.82, 0.84], [0.80, 0.80, 0.80])
     rows += _seed_rows("mist_pool", "small", 2_000, [0.90, 0.92, 0.94], [0.70, 0.70, 0.70])
     rows += _seed_rows("mist_pool", "ok", 9_000, [0.79, 0.82, 0.83], [0.795, 0.80, 0.79])
@@ -460,8 +460,8 @@ def test_paired_differences_pair_by_seed_and_the_wire_is_chosen_on_validation_on
     assert paired.loc["ok", "val_diff"] == pytest.approx(-0.005)
     assert paired.loc["small", "test_diff"] == pytest.approx(0.10)
     assert chosen is not None and chosen["wire_dtype"] == "ok"
-    # nothing qualifies once the tolerance is below "ok"'s validation gap
-    assert choose_wire(paired.reset_index(), tolerance=0.001) is None
+    # nothing qualifies under a budget below every MIST row's bytes
+    assert choose_wire(paired.reset_index(), budget=1_000) is None
     assert paired_differences(seeds[seeds["label"] != "mist"]).empty  # no reference, no pairs
 
 
