@@ -263,7 +263,10 @@ class EdgeDevice:
         assert self.local_images is not None
         images = self.local_images(task, split)
         g = self.geometry
-        shape = wire_shape(g.shape(spec), dtype)
+        try:
+            shape = wire_shape(g.shape(spec), dtype)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         meta = WireMeta(g.backbone, g.weights, spec.kind, spec.k, dtype, shape)
         parts = [images[s : s + chunk] for s in range(0, len(images), chunk)]
 
