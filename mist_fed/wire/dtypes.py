@@ -72,7 +72,6 @@ NUMPY_DTYPE = {
 LEVELS = {"int8": 127, "int8ch": 127, "int4": 7, "int4ch": 7}
 
 
-PROJECTION_SCOPES = ("sample", "task")  # pca<D>-: the cloud's fixed sample; pca<D>task-
 MAX_PROJECTED_DIM = 4096
 _PROJECTED = re.compile(r"pca([1-9][0-9]{0,3})(task)?-(.+)")
 WIRE_HELP = f"{', '.join(WIRE_DTYPES)}, or pca<D>[task]-<any of these> (e.g. pca192-int4ch)"
