@@ -18,6 +18,7 @@ the gather's float16 map from the store and encoding the coordinates in the wire
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -27,13 +28,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from mist_fed.cloud.embed import Embedder, ImageLoader
 from mist_fed.core.specs import GatherSpec
 from mist_fed.errors import WireError
-from mist_fed.wire.codec import WireMeta, encode_arrays
+from mist_fed.wire.codec import WireMeta, encode_arrays, tensor_numpy
 from mist_fed.wire.dtypes import parse_wire, stored_dtype, wire_shape
 from mist_fed.wire.projection import Basis, BasisFit, Projection
 
@@ -41,14 +41,6 @@ log = logging.getLogger(__name__)
 
 #: ``(task, limit)`` -> the hashes of its first ``limit`` training images, a loader for image ``i``
 TrainImages = Callable[[str, int], tuple[list[str], ImageLoader]]
-
-
-def stored_maps(columns: dict[str, pa.Array]) -> np.ndarray:
-    """The float maps in a store's ``float16`` columns, ``[n, tokens, C]``."""
-    col = columns["features"]
-    if isinstance(col, pa.ChunkedArray):
-        col = pa.concat_arrays(col.chunks)
-    return np.asarray(col.to_numpy_ndarray())
 
 
 class Projections:
@@ -108,7 +100,7 @@ class Projections:
         for start in range(0, len(hashes), self.chunk):
             part = hashes[start : start + self.chunk]
             cols = self.embedder.columns(spec, "float16", part, partial(_offset, load, start))
-            maps = stored_maps(cols)
+            maps = tensor_numpy(cols["features"])
             fit = fit or BasisFit(maps.shape[-1])
             fit.add(maps)
         assert fit is not None
@@ -151,7 +143,7 @@ def wire_meta(
         shape = wire_shape(meta.shape, dtype)
     except ValueError as e:
         raise WireError(str(e)) from e
-    return WireMeta(meta.backbone, meta.weights, meta.gather, meta.k, dtype, shape, proj.id)
+    return dataclasses.replace(meta, dtype=dtype, shape=shape, basis=proj.id)
 
 
 def project_columns(
@@ -160,7 +152,7 @@ def project_columns(
     """Stored columns as the wire sends them: projected and encoded in ``meta.dtype``."""
     if proj is None:
         return columns
-    return encode_arrays(meta, proj.apply(stored_maps(columns)))
+    return encode_arrays(meta, proj.apply(tensor_numpy(columns["features"])))
 
 
 def _offset(load: ImageLoader, start: int, i: int) -> Any:

@@ -236,6 +236,7 @@ class EdgeDevice:
         cached = self.cache.open(key)
         if cached is not None:
             log.info("%s: %d rows from the device cache (0 bytes)", key.label(), cached.rows)
+            self.pin_basis(key, cached.meta.basis)
         else:
             before = self.source.bytes_received
             if self.local_images is not None:
@@ -252,7 +253,6 @@ class EdgeDevice:
             log.info(
                 "%s: %d rows, %d bytes over the link", key.label(), cached.rows, cached.paid_bytes
             )
-        self.pin_basis(key, cached.meta.basis)
         self._splits[key] = cached
         return cached
 

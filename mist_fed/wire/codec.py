@@ -219,7 +219,8 @@ def encode(
     return assemble_batch(meta, ids, labels, encode_arrays(meta, features))
 
 
-def _tensor_numpy(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def tensor_numpy(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A fixed-shape tensor column (one chunk, several or none) as one ``[n, *shape]`` array."""
     if isinstance(col, pa.ChunkedArray):
         if col.num_chunks == 1:
             col = col.chunk(0)
@@ -292,10 +293,10 @@ def _decode_checked(data: pa.RecordBatch | pa.Table, meta: WireMeta) -> FeatureS
         torch_dtype = torch.float16 if base == "float16" else torch.float32
         feats = torch.empty((0, *meta.shape), dtype=torch_dtype)
     else:
-        x = _tensor_numpy(data.column("features"))
+        x = tensor_numpy(data.column("features"))
         if base in QUANTIZED:
             channels = meta.shape[-1] if meta.shape else 0
-            x = dequantize(x, _tensor_numpy(data.column("scale")), base, channels)
+            x = dequantize(x, tensor_numpy(data.column("scale")), base, channels)
         with warnings.catch_warnings():  # Arrow buffers are read-only; share them, do not copy
             warnings.simplefilter("ignore", UserWarning)
             feats = torch.from_numpy(x)
