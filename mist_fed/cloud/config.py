@@ -25,7 +25,7 @@ import torch
 
 from mist_fed import defaults
 from mist_fed.errors import ConfigError
-from mist_fed.wire.dtypes import parse_wire
+from mist_fed.wire.dtypes import check_wire
 
 SECTIONS = ("server", "backbone", "store", "limits", "tls")
 DEFAULT_MAX_GB = 32.0  # a full comparison's features (about 17 GB) fit
@@ -76,10 +76,7 @@ class ServeConfig:
             raise ConfigError(f"projection_images must be >= 2, got {self.projection_images}")
         if self.max_upload_images < 1 or self.max_image_bytes < 1:
             raise ConfigError("max_upload_images and max_image_bytes must be >= 1")
-        try:
-            parse_wire(self.default_dtype)
-        except ValueError as e:
-            raise ConfigError(f"default_dtype: {e}") from e
+        check_wire(self.default_dtype, ConfigError, "default_dtype")
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise ConfigError(f"device {self.device!r} is not cpu, cuda, cuda:N or auto")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -26,7 +26,7 @@ from mist_fed.device.source import FlightSource
 from mist_fed.device.trainer import TrainConfig, predict
 from mist_fed.errors import ConfigError, TaskError, WireError
 from mist_fed.wire.client import FeatureClient, encode_png
-from mist_fed.wire.dtypes import WIRE_HELP, parse_wire
+from mist_fed.wire.dtypes import check_wire
 from mist_fed.wire.shaping import LinkShaper
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,7 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         get_method(self.method)
-        try:
-            parse_wire(self.dtype)
-        except ValueError:
-            raise ConfigError(f"unknown --dtype {self.dtype!r}; choose {WIRE_HELP}") from None
+        check_wire(self.dtype, ConfigError, "--dtype")
         if not self.time_scale > 0:
             raise ConfigError(f"--time-scale must be > 0, got {self.time_scale}")
 

@@ -20,7 +20,7 @@ from mist_fed.errors import BackboneError, ConfigError
 from mist_fed.fleet import strategies
 from mist_fed.model.backbone import BackboneSpec
 from mist_fed.model.imgfocus import NAME as DEFAULT_BACKBONE
-from mist_fed.wire.dtypes import WIRE_HELP, parse_wire
+from mist_fed.wire.dtypes import check_wire
 
 SPLITS = ("iid", "dirichlet")
 FLEET_METHODS = ("mist", "mist_pool", "linear", "partial1", "side")
@@ -109,10 +109,7 @@ class FleetSpec:
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        try:
-            parse_wire(self.wire_dtype)
-        except ValueError:
-            raise ConfigError(f"wire_dtype must be {WIRE_HELP}; got {self.wire_dtype!r}") from None
+        check_wire(self.wire_dtype, ConfigError, "wire_dtype")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout is a probability in [0, 1), got {self.dropout}")
         if self.deadline_s is not None and self.deadline_s <= 0:

@@ -39,10 +39,10 @@ from mist_fed.wire.dtypes import (
     NUMPY_DTYPE,
     QUANTIZED,
     base_dtype,
+    check_wire,
     codec_of,
     dequantize,
     packed_shape,
-    parse_wire,
     quantize,
     scale_shape,
 )
@@ -73,10 +73,7 @@ class WireMeta:
     basis: str = ""  # the channel projection's id (pca wires), else empty
 
     def __post_init__(self) -> None:
-        try:
-            wire = parse_wire(self.dtype)
-        except ValueError as e:
-            raise WireError(f"feature {e}") from e
+        wire = check_wire(self.dtype, WireError, "feature")
         if wire.projected != bool(self.basis):
             raise WireError(
                 f"feature dtype {self.dtype!r} with basis {self.basis!r}: a pca wire names its "

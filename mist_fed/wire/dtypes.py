@@ -115,14 +115,20 @@ def parse_wire(name: str) -> Wire:
     return Wire(name, base, codec or None, dims, scope)
 
 
+def check_wire(name: str, error: type[Exception], field: str = "") -> Wire:
+    """:func:`parse_wire`, its one-line ``ValueError`` raised as ``error`` (after ``field: ``):
+    how a config, a request or a command line refuses a wire name in its own kind of error."""
+    try:
+        return parse_wire(name)
+    except ValueError as e:
+        raise error(f"{field}: {e}" if field else str(e)) from None
+
+
 def wire_arg(name: str) -> str:
     """argparse ``type=`` for a wire name: ``name``, or the parser's error naming the choices."""
     import argparse
 
-    try:
-        parse_wire(name)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    check_wire(name, argparse.ArgumentTypeError)
     return name
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from mist_fed.core.specs import DEPTH_GATHERS, GATHERS, GatherSpec
 from mist_fed.errors import WireError
-from mist_fed.wire.dtypes import parse_wire
+from mist_fed.wire.dtypes import check_wire
 
 SPLITS = ("train", "val", "test")
 _KEYS = {"task", "split", "gather", "k", "dtype", "ids", "offset"}
@@ -32,10 +32,7 @@ class FeatureRequest:
     def __post_init__(self) -> None:
         if self.gather not in GATHERS:
             raise WireError(f"unknown gather {self.gather!r}; choose one of {', '.join(GATHERS)}")
-        try:
-            parse_wire(self.dtype)
-        except ValueError as e:
-            raise WireError(str(e)) from e
+        check_wire(self.dtype, WireError)
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int)):
             raise WireError(f"k must be an integer, got {self.k!r}")
         if self.gather in DEPTH_GATHERS and self.k is None:
