@@ -199,7 +199,7 @@ def simulate(
         ):
             try:
                 quiet_actor_retries()
-                with ray_runtime(ray_address, ray_cpus, verbose, cloud=location):
+                with ray_runtime(ray_address, ray_cpus, verbose, location, storage.name):
                     res = fit_cluster(client_resources(spec))
                     log.info("Ray client resources per device: %s", res)
                     # Ray restarts a device's dead worker (fleet/flower.py says why it must).

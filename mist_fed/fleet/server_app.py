@@ -28,7 +28,7 @@ from mist_fed.fleet.device import FAILED, DeviceJob, DeviceResult, StateDict
 from mist_fed.fleet.flower import on_runtime_exit
 from mist_fed.fleet.lifecycle import cloud_service, finish_run, resolve_assets
 from mist_fed.fleet.messages import job_message, unpack_train_reply
-from mist_fed.fleet.ray_env import client_resources, running_ray
+from mist_fed.fleet.ray_env import clean_nodes, client_resources, running_ray
 from mist_fed.fleet.runner import FleetRunner, RunRecords, check_devices, plan_devices
 from mist_fed.fleet.spec import FleetSpec, spec_from_run_config
 from mist_fed.fleet.storage import RunStorage, device_storage
@@ -337,5 +337,7 @@ def _run_app(grid: Grid, context: Context, stop: threading.Event) -> None:
         except RunStopped:
             log.warning("run stopped; its completed rounds are in %s", results / run_id)
             return
+        if running_ray() is not None:  # every job has replied: each node removes its copy
+            clean_nodes(storage.name)  # (a stopped run's jobs may be busy: this machine's only)
         cloud_stats = stats()
     finish_run(spec, records, results, time.perf_counter() - t0, cloud_stats, run_id, facts)

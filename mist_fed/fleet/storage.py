@@ -6,7 +6,8 @@ path of the driver's machine; the process that runs the job resolves it under it
 (:func:`resolve`: :func:`devices_root`, ``$MIST_FED_CACHE/devices`` of that process), so each
 node writes only under its own cache directory. :func:`device_storage` makes the run's
 directory on the driver, where the in-process devices and the server's reference
-(``_server/``) resolve theirs, and removes it after (:func:`remove_run`).
+(``_server/``) resolve theirs, and removes it after; on a Ray cluster each node's copy goes
+with :func:`remove_run` in a task on that node (:func:`mist_fed.fleet.ray_env.clean_nodes`).
 """
 
 from __future__ import annotations
