@@ -47,7 +47,7 @@ def _job(device: int) -> DeviceJob:
     return DeviceJob(
         device=device, fleet="f", task="synthetic", method="mist", profile="rpi4", round=1,
         train_ids=("a",), test_ids=("b",), num_classes=2, cloud="grpc+tcp://127.0.0.1:1",
-        storage=f"/nonexistent/devices/f/{device}",
+        storage=f"run-1/f/{device}",
     )  # fmt: skip
 
 

@@ -27,7 +27,6 @@ from mist_fed.fleet.reference import eval_ids
 from mist_fed.fleet.runner import (
     FleetRunner,
     PlannedDevice,
-    device_dir,
     image_sharing,
     plan_devices,
 )
@@ -42,6 +41,7 @@ from mist_fed.fleet.spec import (
     spec_from_run_config,
     spec_to_dict,
 )
+from mist_fed.fleet.storage import RunStorage, device_storage, resolve, run_name
 from mist_fed.model.backbone import BackboneSpec
 from mist_fed.report.results import DEVICE_COLUMNS, FLEET_COLUMNS, summary_table, write_run
 from tests.fakes import TINY_DEVICE, MemorySource
@@ -227,7 +227,7 @@ def test_device_job_round_trips_through_a_config_dict() -> None:
     job = DeviceJob(
         device=3, fleet="f", task="synthetic", method="mist", profile="rpi4", round=2,
         train_ids=("a", "b"), test_ids=("c",), num_classes=4, cloud="grpc+tcp://127.0.0.1:1",
-        storage="/tmp/devices/f/3",
+        storage="run-1/f/3",
     )  # fmt: skip
     # Execute
     again = DeviceJob.from_config(job.to_config())
@@ -294,22 +294,53 @@ def test_device_result_columns_are_the_shared_metric_names() -> None:
 # -- the device worker: one EdgeDevice per device-round ------------------------------------------
 
 
-def _job(storage: Path, rnd: int, profile: str = "rpi4", device: int = 0) -> DeviceJob:
+def _job(storage: str, rnd: int, profile: str = "rpi4", device: int = 0) -> DeviceJob:
     return DeviceJob(
         device=device, fleet="t/mist", task="t", method="mist", profile=profile, round=rnd,
         train_ids=tuple(f"train-{i}" for i in range(12)), test_ids=("test-0", "test-1", "test-2"),
-        num_classes=3, cloud="memory://", storage=str(storage), epochs=2, batch_size=4,
+        num_classes=3, cloud="memory://", storage=storage, epochs=2, batch_size=4,
     )  # fmt: skip
+
+
+def test_a_job_names_its_storage_relative_to_the_root_of_the_node_that_runs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the driver's run, under the driver's cache; the device's process has its own
+    monkeypatch.setenv("MIST_FED_CACHE", str(tmp_path / "driver"))
+    with device_storage() as run:
+        job = _job(run.location("t/mist", 0), 1)
+        monkeypatch.setenv("MIST_FED_CACHE", str(tmp_path / "node"))
+        # Execute
+        res, _ = run_device(job, None, lambda cloud: MemorySource())
+        # Assert: the job names no path; the device stored under its own process's cache
+        assert res.status == "ok", res.reason
+        assert job.storage == f"{run.name}/t_mist/0" and run.name.startswith("run-")
+        assert run.path == tmp_path / "driver" / "devices" / run.name and run.path.is_dir()
+        assert (tmp_path / "node" / "devices" / job.storage / "features").is_dir()
+        assert list(run.path.iterdir()) == []  # nothing of the device's in the driver's cache
+        assert resolve(run_name(job.storage)) == tmp_path / "node" / "devices" / run.name
+    assert not run.path.exists()  # the run's directory goes with the run
+
+
+@pytest.mark.parametrize("storage", ["/tmp/devices/run-1/f/0", "run-1/../../etc", "..", ""])
+def test_an_absolute_or_escaping_storage_is_refused(storage: str, tmp_path: Path) -> None:
+    # Execute / Assert: in one line, and the device that gets such a job fails with it
+    with pytest.raises(ConfigError, match="relative to a node's device storage") as e:
+        resolve(storage, tmp_path)
+    assert "\n" not in str(e.value)
+    res, state = run_device(_job(storage, 1), None, lambda cloud: MemorySource(), tmp_path)
+    assert res.status == "failed" and res.reason.startswith("ConfigError") and state is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_device_pays_for_its_features_once_and_reads_its_cache_after(tmp_path: Path) -> None:
     # Prepare
     src = MemorySource()
-    storage = device_dir(tmp_path, "t/mist", 0)
+    storage = RunStorage(tmp_path, "run-1").location("t/mist", 0)
     # Execute: two rounds of the same device, the second from the first's weights
-    first, state = run_device(_job(storage, 1), None, lambda cloud: src)
+    first, state = run_device(_job(storage, 1), None, lambda cloud: src, tmp_path)
     asked = len(src.streams)
-    second, again = run_device(_job(storage, 2), state, lambda cloud: src)
+    second, again = run_device(_job(storage, 2), state, lambda cloud: src, tmp_path)
     # Assert
     assert first.status == second.status == "ok", (first.reason, second.reason)
     assert state is not None and again is not None
@@ -328,7 +359,7 @@ def test_a_device_over_its_memory_cap_fails_and_sends_no_weights(tmp_path: Path)
     tiny = tmp_path / "tiny-mem.toml"
     tiny.write_text(TINY_DEVICE)
     # Execute
-    res, state = run_device(_job(tmp_path / "dev", 1, str(tiny)), None, lambda c: MemorySource())
+    res, state = run_device(_job("dev", 1, str(tiny)), None, lambda c: MemorySource(), tmp_path)
     # Assert
     assert res.status == "failed" and "exceeds device memory" in res.reason
     assert state is None and res.bytes_up == 0 and res.mem_cap_mb == 1
@@ -341,11 +372,16 @@ def test_fleet_rounds_over_devices_with_their_own_storage(tmp_path: Path) -> Non
     spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 2, "batch_size": 4})
     ids = [tuple(f"train-{6 * d + i}" for i in range(6)) for d in range(2)]
     devices = [PlannedDevice(d, spec.fleets[0], "rpi4", ids[d], (f"test-{d}",), 3) for d in (0, 1)]
-    runner = FleetRunner(spec, devices, "memory://", tmp_path, source=lambda c: src)
+    run = RunStorage(tmp_path, "run-1")
+    runner = FleetRunner(spec, devices, "memory://", run, source=lambda c: src)
+    jobs_sent: list[DeviceJob] = []
 
     # Execute
     def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
-        return [run_device(j, s, lambda c: src) for j, s in zip(jobs, states, strict=True)]
+        jobs_sent.extend(jobs)
+        return [
+            run_device(j, s, lambda c: src, tmp_path) for j, s in zip(jobs, states, strict=True)
+        ]
 
     rec = runner.run(train)
     # Assert
@@ -353,7 +389,8 @@ def test_fleet_rounds_over_devices_with_their_own_storage(tmp_path: Path) -> Non
     assert (dev["status"] == "ok").all(), dev["reason"]
     assert (dev.loc[1, "feature_bytes"] > 0).all() and (dev.loc[2, "feature_bytes"] == 0).all()
     assert dev.loc[2, "received_digest"].nunique() == 1  # fedavg: one global model
-    assert {p.name for p in (tmp_path / "synthetic_mist").iterdir()} == {"0", "1"}
+    assert {j.storage for j in jobs_sent} == {"run-1/synthetic_mist/0", "run-1/synthetic_mist/1"}
+    assert {p.name for p in (tmp_path / "run-1" / "synthetic_mist").iterdir()} == {"0", "1"}
     # train + test per device in round 1 only; the server: the union and the evaluation images
     assert len(src.streams) == 2 * 2 + 2
     fl = pd.DataFrame(rec.fleets)

@@ -7,6 +7,7 @@ works around: then the workaround, its test and its lines in ``fleet/flower.py``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -26,7 +27,7 @@ from mist_fed.fleet.flower import (
     request_stop,
 )
 from mist_fed.fleet.run import jobs_end_with_run
-from mist_fed.fleet.runner import device_dir
+from mist_fed.fleet.storage import RunStorage, resolve, run_name
 
 BUSY_S = 4.0  # a job the ServerApp leaves running when it ends
 RUN_LIMIT_S = 240  # one small simulation, Ray start included, on a loaded host
@@ -36,15 +37,17 @@ RUN_LIMIT_S = 240  # one small simulation, Ray start included, on a loaded host
 
 
 def test_a_job_does_not_start_in_a_stopping_run(tmp_path) -> None:
-    # Prepare: the ClientApp finds the run's storage two levels above a device's directory
-    job_dir = device_dir(tmp_path, "fleet one", 3)
-    assert job_dir.parents[1] == tmp_path
+    # Prepare: the ClientApp finds the run's storage on its node from a device's location
+    run = RunStorage(tmp_path, "run-1")
+    run.path.mkdir()
+    watched = resolve(run_name(run.location("fleet one", 3)), tmp_path)
+    assert watched == run.path
     # Execute / Assert
-    with end_on_stop(tmp_path):
+    with end_on_stop(watched):
         pass  # no stop yet: the job runs (no Ray here, so nothing watches it)
-    request_stop(tmp_path)
-    assert (tmp_path / STOP_FILE).is_file()
-    with pytest.raises(JobStopped), end_on_stop(tmp_path):
+    request_stop(run.path)
+    assert (run.path / STOP_FILE).is_file()
+    with pytest.raises(JobStopped), end_on_stop(watched):
         pytest.fail("a job started in a stopping run")
     request_stop(tmp_path / "gone")  # a run whose storage is gone: nothing to do, no error
 
@@ -82,7 +85,8 @@ def _client_app() -> ClientApp:
             os._exit(17)  # the worker process dies, as on a segfault or the OOM killer
         if step["act"] == "busy":
             Path(str(step["dir"]), "started").touch()
-            with end_on_stop(str(step["dir"]) if step["watch"] else None):
+            watch = end_on_stop(str(step["dir"])) if step["watch"] else contextlib.nullcontext()
+            with watch:
                 time.sleep(float(step["s"]))
             Path(str(step["dir"]), "ended").touch()
         return Message(RecordDict(), reply_to=msg)

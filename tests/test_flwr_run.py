@@ -143,6 +143,7 @@ def test_flwr_run_writes_the_run_and_records_failed_devices(flwr, tmp_path: Path
     facts = tomllib.loads((run_dir / "config.toml").read_text())["run"]
     assert facts["engine"] == "flwr run" and "interrupted" not in facts
     assert "round 3 of 3" in log  # our progress reaches Flower's log stream
+    assert "removed on 1 of 1 nodes" in log  # the devices' storage, on the runtime's Ray
     status = dev.set_index(["round", "device"])["status"].to_dict()
     reason = dev.set_index(["round", "device"])["reason"].to_dict()
     print(f"flwr run wall {wall:.1f} s", dev[["round", "device", "status", "reason"]], sep="\n")

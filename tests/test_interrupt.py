@@ -67,7 +67,7 @@ def test_a_stopped_run_stops_waiting_for_nodes_and_replies(monkeypatch) -> None:
     job = DeviceJob(
         device=0, fleet="f", task="synthetic", method="mist", profile="rpi4", round=1,
         train_ids=("a",), test_ids=("b",), num_classes=2, cloud="grpc+tcp://127.0.0.1:1",
-        storage="/nonexistent/devices/f/0",
+        storage="run-1/f/0",
     )  # fmt: skip
     transport = GridTransport(_SilentGrid(), [7], stop=stop)  # type: ignore[arg-type]
     threading.Timer(0.2, stop.set).start()

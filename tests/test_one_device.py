@@ -53,12 +53,12 @@ def test_client_fleet_and_comparison_measure_one_device_alike(tiny_backbone, tmp
         job = DeviceJob(
             device=0, fleet="f", task=TASK, method="mist", profile=PROFILE, round=1,
             train_ids=tuple(task.split("train").ids), test_ids=tuple(task.split("test").ids),
-            num_classes=task.num_classes, cloud=loc, storage=str(tmp_path / "fleet"),
+            num_classes=task.num_classes, cloud=loc, storage="fleet",
             k=K, wire_dtype=DTYPE, epochs=EPOCHS, seed=0,
         )  # fmt: skip
         with FlightSource(loc) as src:
             state = initial_state(src, "mist", task.num_classes, seed=0)
-        fleet, _ = run_device(job, state)
+        fleet, _ = run_device(job, state, root=tmp_path)
         # Execute 3: the comparison's row
         cfg = CompareConfig(
             tasks=(TASK,), backbone=tiny_backbone.name, epochs=EPOCHS, micro_batch=8,

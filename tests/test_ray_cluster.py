@@ -1,10 +1,12 @@
 """A fleet on a real two-node Ray cluster started outside the driver (``ray start``), as on
 several machines: code reaches the workers through Ray's runtime_env only, devices run on
-both nodes, and stopping the cluster leaves no process behind.
+both nodes and store under each node's own cache, and stopping the cluster leaves no process
+behind.
 
-Both nodes run on this host (each with its own temp dir, one CPU and a resource naming it);
-the driver is ``mist-fed simulate --ray-address HEAD``, a process of its own. Ray's own
-servers listen where Ray puts them; the embedded cloud binds 127.0.0.1.
+Both nodes run on this host (each with its own temp dir, cache dir, one CPU and a resource
+naming it); the driver is ``mist-fed simulate --ray-address HEAD``, a process of its own, with
+a cache dir of its own. Ray's own servers listen where Ray puts them; the embedded cloud binds
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -111,11 +114,16 @@ class Cluster:
     address: str = ""
     seen: dict[int, str | None] = field(default_factory=dict)
 
-    def env(self) -> dict[str, str]:
-        # What a node's shell would have: no PYTHONPATH, no MIST_FED_CACHE of the driver's.
+    def cache(self, name: str) -> Path:
+        """The node's own cache directory (its ``MIST_FED_CACHE``)."""
+        return self.tmp / f"{name}-cache"
+
+    def env(self, name: str) -> dict[str, str]:
+        # What a node's shell would have: no PYTHONPATH, a cache dir of its own.
         keep = ("PATH", "HOME", "LANG", "LC_ALL", "USER", "TMPDIR")
         env = {k: os.environ[k] for k in keep if k in os.environ}
         env.update(
+            MIST_FED_CACHE=str(self.cache(name)),
             MIST_FED_CLUSTER_TAG=self.tag,
             RAY_USAGE_STATS_ENABLED="0",
             FLWR_TELEMETRY_ENABLED="0",
@@ -149,7 +157,7 @@ class Cluster:
                     cmd,
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    env=self.env(),
+                    env=self.env(name),
                     cwd=self.tmp,
                     start_new_session=True,
                 )
@@ -271,27 +279,53 @@ def test_workers_get_the_code_through_runtime_env_and_no_driver_path(
         leaks = {k: _driver_local(v, cache) for k, v in f["env"].items()}
         assert not {k: v for k, v in leaks.items() if v}, (name, leaks)
         assert not [p for p in f["path"] if _driver_local(p, cache)], (name, f["path"])
-        assert "MIST_FED_CACHE" not in f["env"], name  # a worker's own default cache dir
+        assert f["env"].get("MIST_FED_CACHE") == str(cluster.cache(name))  # its node's own
 
 
-def test_a_fleet_runs_on_both_nodes_of_a_cluster(
+@contextlib.contextmanager
+def _watching(roots: dict[str, Path]) -> Iterator[dict[str, set[Path]]]:
+    """While inside: every path seen under each root's ``devices/``, three levels deep (run,
+    fleet, device), relative to it; a device's directory lives the whole run."""
+    seen: dict[str, set[Path]] = {name: set() for name in roots}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.2):
+            for name, root in roots.items():
+                devices = root / "devices"
+                for pattern in ("*", "*/*", "*/*/*"):
+                    with contextlib.suppress(OSError):  # a run's directory going as we look
+                        seen[name].update(p.relative_to(devices) for p in devices.glob(pattern))
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_a_fleet_runs_on_both_nodes_of_a_cluster_each_with_its_own_storage(
     cluster: Cluster, worker_facts: dict[str, dict], tmp_path: Path
 ) -> None:
-    # Prepare
+    # Prepare: the driver and each node have a cache dir of their own
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(FLEET)
     cmd = [sys.executable, "-m", "mist_fed.cli", "simulate", "--fleet", str(fleet)]
     cmd += ["--ray-address", cluster.address, "--results", str(tmp_path), "--run-id", "cluster"]
+    roots = {"driver": cluster.tmp / "driver-cache", **{n: cluster.cache(n) for n in NODES}}
     # Execute
     t0 = time.monotonic()
-    run = subprocess.run(
-        [*cmd, "--no-progress"],
-        capture_output=True,
-        text=True,
-        env=_driver_env(cluster),
-        cwd=ROOT,
-        timeout=RUN_S,
-    )
+    with _watching(roots) as seen:
+        run = subprocess.run(
+            [*cmd, "--no-progress"],
+            capture_output=True,
+            text=True,
+            env=_driver_env(cluster),
+            cwd=ROOT,
+            timeout=RUN_S,
+        )
     wall = time.monotonic() - t0
     # Assert: every device-round ok, jobs on both nodes
     assert run.returncode == 0, run.stderr[-4000:]
@@ -301,6 +335,16 @@ def test_a_fleet_runs_on_both_nodes_of_a_cluster(
     per_node = {name: int((dev["node"] == node).sum()) for name, node in nodes.items()}
     print(f"cluster fleet: {wall:.1f} s wall, device-rounds per node {per_node}")
     assert set(dev["node"]) == set(nodes.values()) and min(per_node.values()) > 0, per_node
+    # ... one run directory, named alike on every root; in the driver's only the server's
+    # reference (and the stop file), each device's under the cache of the node it ran on
+    assert len({p.parts[0] for paths in seen.values() for p in paths}) == 1, seen
+    assert {p.parts[1] for p in seen["driver"] if len(p.parts) > 1} <= {"_server", ".stop"}
+    for name, node in nodes.items():
+        stored = {int(p.parts[2]) for p in seen[name] if len(p.parts) == 3}
+        assert stored == set(dev.loc[dev["node"] == node, "device"]), (name, stored)
+    # ... and gone from every root after the run
+    for name, root in roots.items():
+        assert (root / "devices").is_dir() and not list((root / "devices").iterdir()), name
 
 
 def test_stopping_the_cluster_leaves_no_process(cluster: Cluster) -> None:

@@ -17,6 +17,7 @@ from mist_fed.fleet.flower import in_runtime, local_identity
 from mist_fed.fleet.reference import CentralResult
 from mist_fed.fleet.runner import FleetRunner, PlannedDevice, state_digest
 from mist_fed.fleet.spec import TaskFleet, apply_overrides, spec_from_dict, spec_to_dict
+from mist_fed.fleet.storage import RunStorage
 from tests.fakes import MemorySource
 
 MINIMAL = {"fleets": [{"task": "synthetic", "devices": 4}], "profiles": "rpi4"}
@@ -157,7 +158,8 @@ def _runner(spec: Any, src: MemorySource, tmp_path: Path, ref: Any = None) -> Fl
                       (f"test-{d}",), 3)
         for d in range(fleet.devices)
     ]  # fmt: skip
-    return FleetRunner(spec, devices, "memory://", tmp_path, lambda c: src, reference=ref)
+    run = RunStorage(tmp_path, "run-test")
+    return FleetRunner(spec, devices, "memory://", run, lambda c: src, reference=ref)
 
 
 def test_fedavg_weights_each_device_by_its_num_examples(tmp_path: Path) -> None:
@@ -220,13 +222,13 @@ def test_fedprox_mu_reaches_the_device_and_changes_its_loss(tmp_path: Path) -> N
 
     def train(js: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
         jobs.extend(js)
-        return [run_device(j, s, lambda c: src) for j, s in zip(js, states, strict=True)]
+        return [run_device(j, s, lambda c: src, tmp_path) for j, s in zip(js, states, strict=True)]
 
     runner.run(train)
     job = jobs[0]
     # Execute: the same job with and without the proximal term
-    free, w_free = run_device(_with(job, 0.0, tmp_path / "free"), start, lambda c: src)
-    prox, w_prox = run_device(_with(job, 50.0, tmp_path / "prox"), start, lambda c: src)
+    free, w_free = run_device(_with(job, 0.0, "free/0"), start, lambda c: src, tmp_path)
+    prox, w_prox = run_device(_with(job, 50.0, "prox/0"), start, lambda c: src, tmp_path)
     # Assert
     assert job.proximal_mu == 5.0
     assert free.status == prox.status == "ok" and prox.train_loss > free.train_loss
@@ -234,10 +236,10 @@ def test_fedprox_mu_reaches_the_device_and_changes_its_loss(tmp_path: Path) -> N
     assert _dist(w_prox, start) < _dist(w_free, start)
 
 
-def _with(job: DeviceJob, mu: float, storage: Path) -> DeviceJob:
+def _with(job: DeviceJob, mu: float, storage: str) -> DeviceJob:
     import dataclasses
 
-    return dataclasses.replace(job, proximal_mu=mu, storage=str(storage), epochs=3)
+    return dataclasses.replace(job, proximal_mu=mu, storage=storage, epochs=3)
 
 
 def _dist(a: StateDict, b: StateDict) -> float:
@@ -257,7 +259,7 @@ def _poisoned_fleet(aggregation: str, tmp_path: Path, poison: bool, seed: int = 
     runner = _runner(spec, src, tmp_path)
 
     def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
-        out = [run_device(j, s, lambda c: src) for j, s in zip(jobs, states, strict=True)]
+        out = [run_device(j, s, lambda c: src, tmp_path) for j, s in zip(jobs, states, strict=True)]
         if poison:
             gen = torch.Generator().manual_seed(0)
             res, st = out[0]
@@ -298,7 +300,9 @@ def test_a_small_fleet_runs_on_each_strategy_and_records_it(name: str, tmp_path:
     runner = _runner(spec, src, tmp_path)
 
     def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
-        return [run_device(j, s, lambda c: src) for j, s in zip(jobs, states, strict=True)]
+        return [
+            run_device(j, s, lambda c: src, tmp_path) for j, s in zip(jobs, states, strict=True)
+        ]
 
     before = state_digest(runner.global_state[spec.fleets[0].name])
     # Execute

@@ -112,9 +112,9 @@ def _measure(
     import os
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from mist_fed.fleet.lifecycle import device_storage
     from mist_fed.fleet.run import simulate
     from mist_fed.fleet.runner import FleetRunner, local_train_fn, plan_devices
+    from mist_fed.fleet.storage import device_storage
 
     with RssSampler() as rss:
         if engine == "plain":  # run_plain, timed over the ServerApp's span: planning to rounds

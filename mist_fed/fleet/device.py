@@ -2,7 +2,8 @@
 
 :func:`run_device` opens the job's device: its profile, the cloud as a
 :class:`~mist_fed.device.source.FlightSource` (no link shaper: the fleet charges transfer to the
-virtual clock only, nothing sleeps) and its own storage directory (``DeviceJob.storage``). The
+virtual clock only, nothing sleeps) and its own storage directory (``DeviceJob.storage``,
+relative: under this process's device-storage root, :func:`~mist_fed.fleet.storage.resolve`). The
 device gets its train and test features (pulled into its on-device cache in the round that
 first needs them, read from there in every later round: features are paid once), builds its
 edge net from the cloud's geometry and the weights it was sent, trains, evaluates, and reports
@@ -22,6 +23,7 @@ import socket
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,8 +32,8 @@ from mist_fed.device.edge import DeviceMetrics, EdgeDevice
 from mist_fed.device.profiles import load_profile
 from mist_fed.device.source import FeatureSource, FlightSource
 from mist_fed.device.trainer import ExtraLoss, TrainConfig
-from mist_fed.errors import ConfigError
 from mist_fed.fleet.ray_env import running_ray
+from mist_fed.fleet.storage import resolve
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,9 @@ class DeviceJob:
     test_ids: tuple[str, ...]
     num_classes: int
     cloud: str
-    storage: str  # the device's own directory (feature cache, initial weights), every round
+    # The device's own directory (feature cache, initial weights), every round: relative to the
+    # device-storage root of whichever node runs the job (fleet/storage.py)
+    storage: str
     k: int | None = None
     wire_dtype: str = "float16"
     epochs: int = 1
@@ -182,26 +186,29 @@ def close_source(source: FeatureSource) -> None:
         close()
 
 
-def _device(job: DeviceJob, source: FeatureSource) -> EdgeDevice:
-    if not job.storage:
-        raise ConfigError(f"device {job.device}'s job has no storage directory")
+def _device(job: DeviceJob, source: FeatureSource, root: str | Path | None) -> EdgeDevice:
+    storage = resolve(job.storage, root)
     # A worker process hosts many devices: the cap covers what this job adds.
-    return EdgeDevice(load_profile(job.profile), source, job.storage, counts_runtime=False)
+    return EdgeDevice(load_profile(job.profile), source, storage, counts_runtime=False)
 
 
 def run_device(
-    job: DeviceJob, state: StateDict | None, source: SourceFactory = FlightSource
+    job: DeviceJob,
+    state: StateDict | None,
+    source: SourceFactory = FlightSource,
+    root: str | Path | None = None,
 ) -> tuple[DeviceResult, StateDict | None]:
     """Train and evaluate one device for one round. Never raises for the device's own failures:
     they come back as ``status="failed"`` with the reason. ``source(job.cloud)``: where the
-    device's features come from (the cloud's Flight service; a fake in tests)."""
+    device's features come from (the cloud's Flight service; a fake in tests); ``root``: the
+    device-storage root its storage resolves under (default: this process's)."""
     result = DeviceResult(device=job.device, round=job.round, status=OK, node=host_node())
     device: EdgeDevice | None = None
     new_state: StateDict | None = None
     try:
         src = source(job.cloud)
         try:
-            device = _device(job, src)
+            device = _device(job, src, root)
             with device:
                 if state is not None:
                     device.download_weights(state_bytes(state))

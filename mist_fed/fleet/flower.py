@@ -21,7 +21,9 @@
   thread in ``ray.get`` on one then never returns, and the interpreter cannot exit). So a
   stopping run asks its busy jobs to end: :func:`request_stop` leaves a file in the run's
   device storage, and every job, through :func:`end_on_stop`, ends its own actor (public
-  ``ray.kill``) when that file appears. ``tests/test_flower_workarounds.py`` fails the day
+  ``ray.kill``) when that file appears. Each node has its own device storage
+  (``fleet/storage.py``), so the file reaches only the jobs on the driver's machine; on a
+  cluster, jobs elsewhere run to their end. ``tests/test_flower_workarounds.py`` fails the day
   Flower's runtime stops waiting for busy jobs itself.
 * :func:`on_runtime_exit`: under ``flwr run .``, ``flwr stop`` makes Flower 1.42's runtime
   force its process out without shutting Ray down (Ray's agents outlive the run); the
@@ -92,18 +94,15 @@ def request_stop(storage: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def end_on_stop(storage: str | Path | None) -> Iterator[None]:
+def end_on_stop(storage: str | Path) -> Iterator[None]:
     """Around one device job: end it when its run asks to stop (:func:`request_stop`).
 
-    ``storage``: the run's device storage (``None``: nothing to watch). A job that starts in a
-    stopping run raises :class:`JobStopped`. Inside a Ray actor, a watcher thread ends the
+    ``storage``: the run's device storage on this machine. A job that starts in a stopping run
+    raises :class:`JobStopped`. Inside a Ray actor, a watcher thread ends the
     actor (``ray.kill``, no restart) once the stop file appears, so the job's ``ray.get`` in
     Flower's runtime fails at once instead of waiting for the job; elsewhere (in-process
     runs) it only checks at the start.
     """
-    if storage is None:
-        yield
-        return
     stop_file = Path(storage) / STOP_FILE
     if stop_file.exists():
         raise JobStopped("the fleet run is stopping")

@@ -1,9 +1,9 @@
-"""What every fleet run path needs around its rounds: assets, the cloud, storage, results.
+"""What every fleet run path needs around its rounds: assets, the cloud, results.
 
 ``mist-fed simulate`` (:mod:`mist_fed.fleet.run`) and ``flwr run .`` (the ServerApp of
 :mod:`mist_fed.fleet.server_app`) both resolve the spec's assets (:func:`resolve_assets`),
-find or start the cloud feature service (:func:`cloud_service`), give the devices a run-long
-storage root (:func:`device_storage`) and write the run's files (:func:`finish_run`).
+find or start the cloud feature service (:func:`cloud_service`) and write the run's files
+(:func:`finish_run`); the devices' storage is :mod:`mist_fed.fleet.storage`'s.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
-from mist_fed.defaults import DEFAULT_HOST, cache_dir
+from mist_fed.defaults import DEFAULT_HOST
 from mist_fed.errors import BackboneError, ConfigError, MistError, TaskError
 from mist_fed.fleet.runner import RunRecords
 from mist_fed.fleet.spec import FleetSpec, spec_to_dict
@@ -48,22 +46,6 @@ def load_backbone(cfg: BackboneSpec) -> Backbone:
             **cfg.model_kwargs,
         )
     return _BACKBONES[key]
-
-
-@contextlib.contextmanager
-def device_storage(root: str | Path | None = None) -> Iterator[Path]:
-    """A fresh directory for the run's devices' storage (their feature caches), removed after.
-
-    Under ``root`` (default ``$MIST_FED_CACHE/devices``): simulated devices start empty and
-    keep their files for every round of the run, not beyond it.
-    """
-    base = Path(root) if root is not None else cache_dir() / "devices"
-    base.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix="run-", dir=base))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_assets(spec: FleetSpec) -> FleetSpec:

@@ -15,7 +15,8 @@ and, as with any Ray, inherit the driver's environment; a cluster's inherit ``ra
 :func:`client_resources` is the Ray resource shape of one virtual device; :func:`fit_cluster`
 shrinks it until every node of the cluster hosts at least one device, and
 :func:`advertised_host` / :func:`check_cloud_reachable` keep the cloud's address one that
-every node can dial.
+every node can dial. :func:`clean_nodes` removes a run's device storage on every node, each
+under its own root.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from urllib.parse import urlparse
 from mist_fed.defaults import WILDCARD_HOSTS
 from mist_fed.device.profiles import load_profile, profile_resources, profiles_dir
 from mist_fed.errors import ConfigError, ResourceLimitError
+from mist_fed.fleet.storage import remove_run
 
 if TYPE_CHECKING:  # devices import running_ray from here: no spec, backbone or timm for them
     from mist_fed.fleet.spec import FleetSpec
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 # Variables a worker gets from the driver: switches, never paths.
 SHIPPED_ENV = ("HF_HUB_OFFLINE", "MIST_FED_OFFLINE", "MIST_FED_FAULTS")
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+CLEAN_S = 30.0  # bound on waiting for the nodes to remove a run's device storage
 
 
 def running_ray() -> ModuleType | None:
@@ -205,13 +208,62 @@ def check_cloud_reachable(cloud: str) -> None:
         )
 
 
+def clean_nodes(run: str, timeout_s: float = CLEAN_S) -> None:
+    """Remove the run's device storage on every live node of the connected Ray cluster.
+
+    One task per node (no CPUs, pinned to it with ``NodeAffinitySchedulingStrategy``) runs
+    :func:`~mist_fed.fleet.storage.remove_run` under that node's own root. A node whose task
+    fails, or does not end within ``timeout_s``, is logged and left as it is.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remove = ray.remote(num_cpus=0, max_retries=0)(remove_run)
+    node_of = {
+        remove.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(run): n["NodeID"]
+        for n in ray.nodes()
+        if n.get("Alive")
+    }
+    done, late = ray.wait(list(node_of), num_returns=len(node_of), timeout=timeout_s)
+    removed = 0
+    for ref in done:
+        try:
+            ray.get(ref)
+            removed += 1
+        except Exception as e:  # that node keeps its copy; the run itself is over
+            log.warning("node %s could not remove device storage %s: %s", node_of[ref], run, e)
+    for ref in late:
+        log.warning(
+            "node %s did not remove device storage %s in %.0f s", node_of[ref], run, timeout_s
+        )
+    log.info("device storage %s removed on %d of %d nodes", run, removed, len(node_of))
+
+
+def _connect(kw: dict[str, Any]) -> None:
+    """``ray.init(**kw)`` with the job's code and variables (:func:`runtime_env`)."""
+    import ray
+
+    with code_package() as code:
+        ray.init(runtime_env=runtime_env(code), **kw)  # uploads the code; the folder may go
+
+
 @contextlib.contextmanager
 def ray_runtime(
-    address: str | None, num_cpus: int | None, verbose: int, cloud: str | None = None
+    address: str | None,
+    num_cpus: int | None,
+    verbose: int,
+    cloud: str | None = None,
+    run: str | None = None,
 ) -> Iterator[None]:
     """Ray for the run: ``address`` (or ``RAY_ADDRESS``) names a cluster, else a local Ray.
 
     ``cloud``: the location devices will dial; a loopback one fails on a multi-machine cluster.
+    ``run``: the run's device storage, removed after from every node of a cluster
+    (:func:`clean_nodes`; Flower's runtime shuts Ray down as its run ends, so this connects
+    again). A local Ray's workers share this machine and the driver's environment: its
+    storage is the driver's own.
     """
     import ray
 
@@ -233,12 +285,18 @@ def ray_runtime(
         # Ray starts workers at niceness 15; on a busy host that starves the devices against
         # the driver (and the embedded cloud), so local workers run at the driver's priority.
         os.environ.setdefault("RAY_worker_niceness", "0")
-    with code_package() as code:
-        ray.init(runtime_env=runtime_env(code), **kw)  # uploads the code; the folder may go
+    _connect(kw)
     try:
         if cloud is not None:
             check_cloud_reachable(cloud)
         yield
     finally:
+        if run is not None and address:
+            try:
+                if not ray.is_initialized():
+                    _connect(kw)
+                clean_nodes(run)
+            except Exception as e:  # the cluster is gone: nothing there to clean either
+                log.warning("could not remove device storage %s on the cluster: %s", run, e)
         if ray.is_initialized():
             ray.shutdown()

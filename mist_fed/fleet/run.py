@@ -25,11 +25,12 @@ from typing import Any
 from mist_fed.defaults import DEFAULT_HOST
 from mist_fed.errors import Interrupted, MistError
 from mist_fed.fleet.device import DeviceResult
-from mist_fed.fleet.lifecycle import cloud_service, device_storage, finish_run, resolve_assets
+from mist_fed.fleet.lifecycle import cloud_service, finish_run, resolve_assets
 from mist_fed.fleet.ray_env import client_resources, fit_cluster, ray_runtime
 from mist_fed.fleet.runner import FleetRunner, RunRecords, local_train_fn, plan_devices
 from mist_fed.fleet.server_app import FleetOutcome, RunStopped, make_server_app
 from mist_fed.fleet.spec import FleetSpec
+from mist_fed.fleet.storage import device_storage
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ def jobs_end_with_run(
     storage: Path, stop: threading.Event, done: threading.Event
 ) -> Iterator[None]:
     """Once the run stops (``stop``) or its ServerApp ends (``done``), busy device jobs end.
+
+    ``storage``: the run's device storage on this machine (jobs on other nodes do not see it).
 
     Flower's runtime waits for every busy job before it returns; the jobs end themselves when
     asked (:func:`mist_fed.fleet.flower.request_stop`), so neither a Ctrl-C nor a ServerApp
@@ -196,7 +199,7 @@ def simulate(
         ):
             try:
                 quiet_actor_retries()
-                with ray_runtime(ray_address, ray_cpus, verbose, cloud=location):
+                with ray_runtime(ray_address, ray_cpus, verbose, location, storage.name):
                     res = fit_cluster(client_resources(spec))
                     log.info("Ray client resources per device: %s", res)
                     # Ray restarts a device's dead worker (fleet/flower.py says why it must).
@@ -206,7 +209,7 @@ def simulate(
                         "init_args": {},
                     }
                     app = make_server_app(spec, location, storage, outcome, bar, stop)
-                    with stop_on_sigint(stop), jobs_end_with_run(storage, stop, outcome.done):
+                    with stop_on_sigint(stop), jobs_end_with_run(storage.path, stop, outcome.done):
                         run_simulation(
                             server_app=app,
                             client_app=client_app,

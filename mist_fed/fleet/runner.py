@@ -10,8 +10,9 @@ averaged in. The global models are scored on the server, next to each fleet's ce
 reference (:mod:`mist_fed.fleet.reference`), and each round's simulated wall-clock is the
 slowest participating device's transfer + compute (FedScale's virtual clock).
 
-Each device keeps one storage directory for the whole run (``<storage>/<fleet>/<device>``):
-its feature cache, so it pays for its features once, in the round that first fetches them.
+Each device keeps one storage directory for the whole run (``<run>/<fleet>/<device>`` under
+the device-storage root of the node that runs it, :mod:`mist_fed.fleet.storage`): its feature
+cache, so it pays for its features once, in the round that first fetches them.
 The fleets' initial weights are built here from the cloud's geometry (and, for Partial-1, the
 pretrained block the cloud serves); the driver never builds the backbone either.
 """
@@ -22,10 +23,8 @@ import dataclasses
 import hashlib
 import logging
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -53,6 +52,7 @@ from mist_fed.fleet.messages import strategy_reply, to_state
 from mist_fed.fleet.partition import sample_pool, share_images, shared
 from mist_fed.fleet.reference import CentralResult, Reference, central_epochs
 from mist_fed.fleet.spec import FleetSpec, TaskFleet, assign_profiles
+from mist_fed.fleet.storage import RunStorage
 from mist_fed.wire.dtypes import wire_projection
 
 log = logging.getLogger(__name__)
@@ -92,12 +92,6 @@ def initial_state(
         torch.manual_seed(seed)
         net = build_edge_net(method, g, num_classes, init, projection=wire_projection(wire))
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
-def device_dir(root: str | Path, fleet: str, device: int) -> Path:
-    """A device's storage under ``root``: ``<root>/<fleet, as a safe name>/<device>``."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", fleet).strip("._") or "fleet"
-    return Path(root) / safe / str(device)
 
 
 def plan_devices(spec: FleetSpec) -> list[PlannedDevice]:
@@ -186,26 +180,27 @@ class FleetRunner:
         spec: FleetSpec,
         devices: Sequence[PlannedDevice],
         cloud: str,
-        storage: str | Path,
+        storage: RunStorage,
         source: SourceFactory = FlightSource,
         node_ids: Sequence[int] | None = None,
         reference: Reference | None = None,
         progress: bool = False,
     ) -> None:
-        """``storage``: the root of the devices' own directories (one per device, every round)
-        and of the server's (``_server/``, a name no fleet directory can take); ``source(cloud)``: where the fleets' initial weights
-        are sized from; ``node_ids[device]``: the device's node on the Grid (default: its
-        number)."""
+        """``storage``: the run's device storage; each device's job names its own directory
+        in it (one per device, every round), the server's is ``_server/`` on this machine (a
+        name no fleet directory can take). ``source(cloud)``: where the fleets' initial
+        weights are sized from; ``node_ids[device]``: the device's node on the Grid (default:
+        its number)."""
         self.spec = spec
         self.devices = list(devices)
         self.cloud = cloud
-        self.storage = Path(storage)
+        self.storage = storage
         self.node_of = {
             d.device: (d.device if node_ids is None else int(node_ids[d.device]))
             for d in self.devices
         }
         self.reference = reference or Reference(
-            spec, cloud, self.storage / "_server", source, progress=progress
+            spec, cloud, storage.path / "_server", source, progress=progress
         )
         self.members = {f.name: [d for d in self.devices if d.fleet == f] for f in spec.fleets}
         self.strategies = {
@@ -247,7 +242,7 @@ class FleetRunner:
             test_ids=d.test_ids,
             num_classes=d.num_classes,
             cloud=self.cloud,
-            storage=str(device_dir(self.storage, d.fleet.name, d.device)),
+            storage=self.storage.location(d.fleet.name, d.device),
             k=s.k,
             wire_dtype=s.wire_dtype,
             epochs=s.local_epochs,
@@ -535,7 +530,9 @@ class FleetRunner:
 def local_train_fn(
     jobs: Sequence[DeviceJob], states: Sequence[StateDict]
 ) -> list[tuple[DeviceResult, StateDict | None]]:
-    """The plain in-process loop: the same device function, one device after another."""
+    """The plain in-process loop: the same device function, one device after another (their
+    storage under this process's root, where :func:`~mist_fed.fleet.storage.device_storage`
+    makes the run's)."""
     from mist_fed.fleet.device import run_device
 
     return [run_device(j, s) for j, s in zip(jobs, states, strict=True)]

@@ -26,11 +26,12 @@ from mist_fed.defaults import cache_dir
 from mist_fed.errors import ConfigError
 from mist_fed.fleet.device import FAILED, DeviceJob, DeviceResult, StateDict
 from mist_fed.fleet.flower import on_runtime_exit
-from mist_fed.fleet.lifecycle import cloud_service, device_storage, finish_run, resolve_assets
+from mist_fed.fleet.lifecycle import cloud_service, finish_run, resolve_assets
 from mist_fed.fleet.messages import job_message, unpack_train_reply
-from mist_fed.fleet.ray_env import client_resources, running_ray
+from mist_fed.fleet.ray_env import clean_nodes, client_resources, running_ray
 from mist_fed.fleet.runner import FleetRunner, RunRecords, check_devices, plan_devices
 from mist_fed.fleet.spec import FleetSpec, spec_from_run_config
+from mist_fed.fleet.storage import RunStorage, device_storage
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def run_fleet(
     grid: Grid,
     spec: FleetSpec,
     cloud: str,
-    storage: str | Path,
+    storage: RunStorage,
     progress: Callable[[DeviceResult], None] | None = None,
     stop: threading.Event | None = None,
     records: RunRecords | None = None,
@@ -181,9 +182,9 @@ def run_fleet(
 ) -> RunRecords:
     """Plan the devices, map them onto the grid's nodes, and run every round.
 
-    ``storage``: the root of the devices' own directories. ``records`` receives each round's
-    rows as the round completes (what is left of a run that ``stop`` ends early); ``stop`` ends
-    the run with :class:`RunStopped`.
+    ``storage``: the run's device storage. ``records`` receives each round's rows as the round
+    completes (what is left of a run that ``stop`` ends early); ``stop`` ends the run with
+    :class:`RunStopped`.
     """
     node_ids = wait_for_nodes(grid, spec.num_devices, stop=stop)
     check_devices(spec, len(node_ids))
@@ -202,7 +203,7 @@ def run_fleet(
 def make_server_app(
     spec: FleetSpec,
     cloud: str,
-    storage: str | Path,
+    storage: RunStorage,
     outcome: FleetOutcome,
     progress: Callable[[DeviceResult], None] | None = None,
     stop: threading.Event | None = None,
@@ -336,5 +337,7 @@ def _run_app(grid: Grid, context: Context, stop: threading.Event) -> None:
         except RunStopped:
             log.warning("run stopped; its completed rounds are in %s", results / run_id)
             return
+        if running_ray() is not None:  # every job has replied: each node removes its copy
+            clean_nodes(storage.name)  # (a stopped run's jobs may be busy: this machine's only)
         cloud_stats = stats()
     finish_run(spec, records, results, time.perf_counter() - t0, cloud_stats, run_id, facts)
