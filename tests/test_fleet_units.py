@@ -414,3 +414,31 @@ def test_the_device_worker_imports_no_backbone_code() -> None:
     )
     # Assert
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.network
+def test_the_default_fleet_falls_back_to_a_synthetic_task_that_runs_on_its_wire(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the shipped default fleet scaled down, its real task unavailable
+    from mist_fed.cloud.config import ServeConfig
+    from mist_fed.cloud.runner import running_cloud
+    from mist_fed.fleet.lifecycle import load_backbone, resolve_assets
+    from mist_fed.fleet.run import run_plain
+
+    monkeypatch.setenv("MIST_FED_CACHE", str(tmp_path / "cache"))
+    shipped = load_fleet(FLEETS / "default.toml")
+    small = apply_overrides(shipped, devices=2, rounds=1, local_epochs=1, eval_images=16)
+    missing = dataclasses.replace(
+        small, fleets=tuple(dataclasses.replace(f, task="no-such-task") for f in small.fleets)
+    )
+    # Execute: what a run does on a machine without the real assets
+    spec = resolve_assets(missing)
+    serve = ServeConfig(port=0, cache_dir=str(tmp_path / "store"), tasks=(spec.fleets[0].task,))
+    with running_cloud(serve, backbone=load_backbone(spec.backbone)) as loc:
+        records = run_plain(spec, loc)
+    # Assert: the fallback task and backbone, on the shipped wire, every device-round ok
+    assert spec.fleets[0].task == shipped.fallback_task
+    assert spec.backbone == shipped.fallback_backbone and spec.wire_dtype == shipped.wire_dtype
+    assert [d["status"] for d in records.devices] == ["ok", "ok"]
+    assert 0.0 <= records.fleets[-1]["central_accuracy"] <= 1.0
