@@ -3,6 +3,7 @@ the summary."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -75,7 +76,7 @@ def test_transport_keeps_at_most_its_window_in_flight_and_gets_every_reply(monke
     assert len({id(w) for w in made}) == 1
 
 
-def test_summary_says_when_devices_share_images(tmp_path: Path) -> None:
+def test_summary_and_config_say_when_devices_share_images(tmp_path: Path) -> None:
     # Prepare: one fleet row of a fleet with more slots than images, one without
     base = {"round": 1, "task": "t", "method": "mist", "aggregation": "FedAvg", "devices": 2}
     fleets = [
@@ -88,3 +89,5 @@ def test_summary_says_when_devices_share_images(tmp_path: Path) -> None:
     text = paths["summary"].read_text()
     assert "* big: devices share images: 16,000 slots over 800 images" in text
     assert "small: devices share" not in text
+    config = tomllib.loads(paths["config"].read_text())
+    assert config["run"]["shared_images"] == {"big": {"train_slots": 16000, "train_images": 800}}

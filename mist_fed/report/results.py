@@ -248,20 +248,27 @@ def gap_lines(fleets: pd.DataFrame, fraction: float = T_FRACTION) -> list[str]:
     return lines
 
 
-def sharing_lines(fleets: pd.DataFrame) -> list[str]:
-    """One line per fleet whose devices share training images (more slots than images)."""
+def shared_images(fleets: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Each fleet whose devices share training images (more slots than images): its
+    ``train_slots`` and ``train_images``."""
     if fleets.empty or "train_slots" not in fleets:
-        return []
-    lines = []
+        return {}
+    shared = {}
     for name, g in fleets.groupby("fleet", sort=False):
         slots, images = numeric(g, "train_slots").iloc[-1], numeric(g, "train_images").iloc[-1]
         if slots > images > 0:
-            lines.append(
-                f"* {name}: devices share images: {slots:,.0f} slots over {images:,.0f} images"
-                f" (each image on {slots / images:.1f} devices on average; a device's own"
-                " images are distinct)"
-            )
-    return lines
+            shared[str(name)] = {"train_slots": int(slots), "train_images": int(images)}
+    return shared
+
+
+def sharing_lines(shared: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """One line per fleet of :func:`shared_images`."""
+    return [
+        f"* {name}: devices share images: {n['train_slots']:,} slots over {n['train_images']:,}"
+        f" images (each image on {n['train_slots'] / n['train_images']:.1f} devices on average;"
+        " a device's own images are distinct)"
+        for name, n in shared.items()
+    ]
 
 
 def format_table(df: pd.DataFrame) -> str:
@@ -307,6 +314,9 @@ def write_run(
         "# The [run] table records how it ran; the loader ignores it.\n"
     )
     config["run"] = {k: v for k, v in facts.items() if v is not None}
+    shared = shared_images(fl)
+    if shared:
+        config["run"]["shared_images"] = shared
     paths["config"].write_text(header + tomli_w.dumps(config))
     lines = [
         f"# Fleet run `{run_dir.name}`",
@@ -335,7 +345,7 @@ def write_run(
         "",
         *(gap_lines(fl) or ["(no rows)"]),
         "",
-        *(["## Shared images", "", *sharing_lines(fl), ""] if sharing_lines(fl) else []),
+        *(["## Shared images", "", *sharing_lines(shared), ""] if shared else []),
         "## Run",
         "",
         *(f"* {k}: {v}" for k, v in facts.items() if v is not None),
