@@ -226,7 +226,7 @@ def _driver_env(cluster: Cluster) -> dict[str, str]:
     """The driver's environment: its own cache dir, and a PYTHONPATH naming this checkout."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(
-        MIST_FED_CACHE=str(cluster.tmp / "driver-cache"),
+        MIST_FED_CACHE=str(cluster.cache("driver")),
         PYTHONPATH=str(ROOT),
         FLWR_TELEMETRY_ENABLED="0",
         RAY_USAGE_STATS_ENABLED="0",
@@ -268,7 +268,7 @@ def test_workers_get_the_code_through_runtime_env_and_no_driver_path(
 ) -> None:
     # Prepare: a driver with PYTHONPATH=<checkout> and its own MIST_FED_CACHE asked one task
     # on each node (worker_facts)
-    cache = cluster.tmp / "driver-cache"
+    cache = cluster.cache("driver")
     # Execute / Assert
     assert len({f["node"] for f in worker_facts.values()}) == 2
     for name, f in worker_facts.items():
@@ -314,7 +314,7 @@ def test_a_fleet_runs_on_both_nodes_of_a_cluster_each_with_its_own_storage(
     fleet.write_text(FLEET)
     cmd = [sys.executable, "-m", "mist_fed.cli", "simulate", "--fleet", str(fleet)]
     cmd += ["--ray-address", cluster.address, "--results", str(tmp_path), "--run-id", "cluster"]
-    roots = {"driver": cluster.tmp / "driver-cache", **{n: cluster.cache(n) for n in NODES}}
+    roots = {"driver": cluster.cache("driver"), **{n: cluster.cache(n) for n in NODES}}
     # Execute
     t0 = time.monotonic()
     with _watching(roots) as seen:

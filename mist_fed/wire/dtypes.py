@@ -148,10 +148,7 @@ def wire_dim(name: str, channels: int) -> int:
 def wire_projection(name: str) -> int | None:
     """The channels a wire projects to (``None``: the backbone's own); ``ConfigError`` if
     ``name`` is no wire."""
-    try:
-        return parse_wire(name).dims
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    return check_wire(name, ConfigError).dims
 
 
 def wire_shape(shape: Sequence[int], name: str) -> tuple[int, ...]:
