@@ -59,7 +59,9 @@ class MemorySource:
         batch_rows: int = 8,
         init: dict | None = None,
         seed: int = 0,
+        grouped: bool = False,
     ) -> None:
+        self.grouped = grouped  # a split's rows class by class (as image folders list them)
         self.seed = seed  # the same features in every process (no str hash: it varies per run)
         self.rows = rows or {"train": 48, "val": 24, "test": 30}
         self.classes = classes
@@ -85,8 +87,14 @@ class MemorySource:
         strength = 1.0 + (spec.k or self.g.num_blocks)
         for j, i in enumerate(rows):
             flat = x[j].reshape(-1, shape[-1])
-            flat[0, i % self.classes] += strength
+            flat[0, self.label(split, i)] += strength
         return x
+
+    def label(self, split: str, i: int) -> int:
+        """Row ``i``'s class: interleaved, or in blocks of equal size when ``grouped``."""
+        if self.grouped:
+            return i * self.classes // self.rows[split]
+        return i % self.classes
 
     def stream(
         self,
@@ -112,7 +120,7 @@ class MemorySource:
                 batch = encode(
                     meta,
                     [f"{split}-{i}" for i in part],
-                    [i % self.classes for i in part],
+                    [self.label(split, i) for i in part],
                     self.features(split, spec, part),
                 )
                 self.bytes_received += batch_nbytes(batch)

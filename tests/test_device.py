@@ -70,7 +70,7 @@ def test_training_batches_are_shuffled_per_epoch_and_cover_every_labelled_row(tm
     with _device(src, tmp_path) as dev:
         split = dev.features("t", "train", "mist", 3, "float32")
     gen = torch.Generator().manual_seed(0)
-    epochs = [list(split.batches(8, gen, window_rows=16)) for _ in range(2)]
+    epochs = [list(split.batches(8, gen)) for _ in range(2)]
     for batches in epochs:
         assert [len(y) for _, y in batches] == [8] * 6 + [2]
         assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(

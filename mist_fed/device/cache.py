@@ -2,16 +2,17 @@
 
 A device stores what it downloads under its storage directory, one file per feature set,
 named by a hash of what makes the features (:class:`CacheKey`: cloud backbone and weights,
-task, split, ids, gather, ``k``, wire dtype). The file keeps the wire's own record batches
-(int8 stays int8 on disk) and a JSON sidecar records rows, labelled rows, the bytes paid for
-it over the link, and a CRC32 per batch.
+task, split, ids, gather, ``k``, wire dtype). The file keeps the wire's record batches' bytes
+(int8 stays int8 on disk), one row per stored batch, and a JSON sidecar records rows, labelled
+rows, the bytes paid for it over the link, and a CRC32 per stored row.
 
-Reading never holds a split: :meth:`CachedSplit.batches` decodes one stored batch at a time
-(plain reads, not a memory map, so no file-backed page stays resident), shuffles batch order
-and rows within a small window each epoch, and yields training batches; :meth:`CachedSplit.chunks`
-yields the stored batches in order for evaluation. A file whose sidecar is missing, whose size
-differs or whose batches fail their CRC is corrupt: :meth:`FeatureCache.open` drops it and
-returns ``None``, and the device fetches it again; it is never trained on.
+Reading never holds a split: :meth:`CachedSplit.batches` draws a uniform permutation of every
+labelled row each epoch, as a shuffle in memory would, and reads each training batch's rows
+alone (plain reads, not a memory map, so no file-backed page stays resident); the order the
+cloud sent the rows in, a class-grouped one included, does not reach training.
+:meth:`CachedSplit.eval_batches` reads the rows in file order. A file whose sidecar is
+missing, whose size differs or whose rows fail their CRC is corrupt: :meth:`FeatureCache.open`
+drops it and returns ``None``, and the device fetches it again; it is never trained on.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,11 @@ import torch
 
 from mist_fed.errors import MistError, WireError
 from mist_fed.wire.codec import WireMeta, batch_nbytes, decode
-from mist_fed.wire.features import FeatureSet
 
 log = logging.getLogger(__name__)
 
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2  # one row per stored batch (1: the wire's own batches, rewritten on open)
+READABLE_VERSIONS = (1, SIDECAR_VERSION)
 Batch = tuple[torch.Tensor, torch.Tensor]  # (features [b, *shape], labels [b])
 
 
@@ -81,7 +82,7 @@ def _batch_crc(batch: pa.RecordBatch) -> int:
 
 @dataclass
 class CachedSplit:
-    """One cached feature file: its metadata, and batch-by-batch reads of it."""
+    """One cached feature file (one row per stored batch): its metadata, and row reads of it."""
 
     path: Path
     key: CacheKey
@@ -92,6 +93,7 @@ class CachedSplit:
     paid_bytes: int  # bytes this file cost over the link, once
     max_label: int = -1  # the largest label (-1: none known)
     crcs: tuple[int, ...] = ()
+    unlabelled: tuple[int, ...] = ()  # rows whose label is unknown, in file order
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -100,88 +102,50 @@ class CachedSplit:
     def __len__(self) -> int:
         return self.rows
 
-    def _reader(self) -> contextlib.AbstractContextManager[pa.ipc.RecordBatchFileReader]:
-        @contextlib.contextmanager
-        def cm() -> Iterator[pa.ipc.RecordBatchFileReader]:
-            pool = pa.system_memory_pool()  # freed batches go back to the OS, not a pool's cache
-            with pa.OSFile(str(self.path), "rb", memory_pool=pool) as f:  # plain reads, no map
-                yield pa.ipc.open_file(f, memory_pool=pool)
+    def labelled_rows(self) -> torch.Tensor:
+        """The positions of the labelled rows, in file order."""
+        keep = torch.ones(self.rows, dtype=torch.bool)
+        keep[list(self.unlabelled)] = False
+        return torch.nonzero(keep).flatten()
 
-        return cm()
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[pa.ipc.RecordBatchFileReader]:
+        pool = pa.system_memory_pool()  # freed batches go back to the OS, not a pool's cache
+        with pa.OSFile(str(self.path), "rb", memory_pool=pool) as f:  # plain reads, no map
+            yield pa.ipc.open_file(f, memory_pool=pool)
 
-    def read(self, index: int, reader: pa.ipc.RecordBatchFileReader) -> FeatureSet:
-        """Stored batch ``index``, CRC-checked and decoded (int8 dequantized to float32)."""
-        batch = reader.get_batch(index)
-        if self.crcs and _batch_crc(batch) != self.crcs[index]:
-            raise CacheCorruptError(f"{self.path}: batch {index} fails its CRC")
-        return decode(pa.Table.from_batches([batch]))
-
-    def chunks(self) -> Iterator[FeatureSet]:
-        """The stored batches in file order, one decoded at a time."""
-        with self._reader() as reader:
-            for i in range(reader.num_record_batches):
-                yield self.read(i, reader)
+    def _rows(self, reader: pa.ipc.RecordBatchFileReader, rows: Iterable[int]) -> Batch:
+        """Rows ``rows`` (stored batches, one row each), CRC-checked, decoded in that order."""
+        got: list[pa.RecordBatch] = []
+        for i in rows:
+            batch = reader.get_batch(i)
+            if self.crcs and _batch_crc(batch) != self.crcs[i]:
+                raise CacheCorruptError(f"{self.path}: row {i} fails its CRC")
+            got.append(batch)
+        fs = decode(got)
+        return fs.features, fs.labels
 
     def eval_batches(self, batch_size: int = 64) -> Iterator[Batch]:
         """Labelled rows in file order, at most ``batch_size`` at a time."""
-        for fs in self.chunks():
-            x, y = _labelled(fs)
-            for i in range(0, len(y), batch_size):
-                yield x[i : i + batch_size], y[i : i + batch_size]
-
-    def batches(
-        self, batch_size: int, generator: torch.Generator, window_rows: int = 128
-    ) -> Iterator[Batch]:
-        """One epoch of shuffled training batches over the labelled rows.
-
-        Stored batches are visited in a random order; rows are shuffled within a window of
-        about ``window_rows`` rows; rows left over at a window's end join the next one, so an
-        epoch yields ``ceil(labelled / batch_size)`` batches and only the last may be short.
-        """
-        order = torch.randperm(self.num_batches, generator=generator).tolist()
-        window: list[Batch] = []
-        size = 0
+        rows = self.labelled_rows().tolist()
         with self._reader() as reader:
-            for n, i in enumerate(order):
-                x, y = _labelled(self.read(i, reader))
-                if len(y):
-                    window.append((x, y))
-                    size += len(y)
-                last = n == len(order) - 1
-                if size >= window_rows or last:
-                    carry = yield from _emit(window, batch_size, generator, flush=last)
-                    window = [carry] if carry is not None else []
-                    size = 0 if carry is None else len(carry[1])
+            for b in range(0, len(rows), batch_size):
+                yield self._rows(reader, rows[b : b + batch_size])
 
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """One epoch of training batches over the labelled rows, shuffled as a whole.
 
-def _labelled(fs: FeatureSet) -> Batch:
-    """The rows with a known label (no copy when every row has one)."""
-    keep = fs.labels >= 0
-    if bool(keep.all()):
-        return fs.features, fs.labels
-    return fs.features[keep], fs.labels[keep]
-
-
-def _emit(
-    window: list[Batch], batch_size: int, generator: torch.Generator, flush: bool
-) -> Generator[Batch, None, Batch | None]:
-    """Shuffled batches from the rows of ``window``; returns the rows left (copied), if any."""
-    index = [(c, r) for c, (_, y) in enumerate(window) for r in range(len(y))]
-    perm = torch.randperm(len(index), generator=generator).tolist()
-    full = len(perm) - (0 if flush else len(perm) % batch_size)
-    for b in range(0, full, batch_size):
-        pick = [index[p] for p in perm[b : b + batch_size]]
-        yield _stack(window, pick)
-    if full == len(perm):
-        return None
-    x, y = _stack(window, [index[p] for p in perm[full:]])
-    return x.clone(), y.clone()
-
-
-def _stack(window: list[Batch], pick: list[tuple[int, int]]) -> Batch:
-    x = torch.stack([window[c][0][r] for c, r in pick])
-    y = torch.stack([window[c][1][r] for c, r in pick])
-    return x, y
+        The same rows in the same order as :meth:`~mist_fed.wire.features.FeatureSet.batches`
+        on the split held in memory with the same generator: a uniform permutation of every
+        labelled row, whatever order the cloud sent them in (a class-grouped split included).
+        Each batch reads only its own rows from the file (one stored batch per row), so memory
+        holds one batch.
+        """
+        rows = self.labelled_rows()
+        order = rows[torch.randperm(len(rows), generator=generator)].tolist()
+        with self._reader() as reader:
+            for b in range(0, len(order), batch_size):
+                yield self._rows(reader, order[b : b + batch_size])
 
 
 class FeatureCache:
@@ -195,13 +159,20 @@ class FeatureCache:
         return base.with_suffix(".arrow"), base.with_suffix(".json")
 
     def open(self, key: CacheKey) -> CachedSplit | None:
-        """The cached split for ``key``, verified; ``None`` if absent or dropped as corrupt."""
+        """The cached split for ``key``, verified; ``None`` if absent or dropped as corrupt.
+
+        A file of the previous layout (the wire's own batches, sidecar version 1) is verified
+        and rewritten in place one row per batch: no download, the bytes paid are kept.
+        """
         path, side = self._paths(key)
         if not path.exists() and not side.exists():
             return None
         try:
             split = self._load(key, path, side)
             self.verify(split)
+            if split.num_batches != split.rows:
+                log.info("rewriting cached %s one row per batch (local, no download)", key.label())
+                split = self._rewrite(split)
             return split
         except (CacheCorruptError, OSError, ValueError, KeyError, pa.ArrowException) as e:
             log.warning(
@@ -214,7 +185,8 @@ class FeatureCache:
 
     def _load(self, key: CacheKey, path: Path, side: Path) -> CachedSplit:
         info: dict[str, Any] = json.loads(side.read_text())
-        if info.get("version") != SIDECAR_VERSION or info.get("key") != key.digest():
+        version = info.get("version")
+        if version not in READABLE_VERSIONS or info.get("key") != key.digest():
             raise CacheCorruptError(f"{side} belongs to another key or version")
         if path.stat().st_size != info["file_bytes"]:
             raise CacheCorruptError(
@@ -228,6 +200,8 @@ class FeatureCache:
             raise CacheCorruptError(
                 f"{path} holds {num_batches} batches, its sidecar {len(info['crcs'])}"
             )
+        if version == SIDECAR_VERSION and num_batches != int(info["rows"]):
+            raise CacheCorruptError(f"{path} holds {num_batches} batches for {info['rows']} rows")
         return CachedSplit(
             path=path,
             key=key,
@@ -238,6 +212,7 @@ class FeatureCache:
             paid_bytes=int(info["paid_bytes"]),
             max_label=int(info["max_label"]),
             crcs=tuple(int(c) for c in info["crcs"]),
+            unlabelled=tuple(int(i) for i in info.get("unlabelled", ())),
         )
 
     @staticmethod
@@ -253,6 +228,18 @@ class FeatureCache:
         if rows != split.rows:
             raise CacheCorruptError(f"{split.path} holds {rows} rows, its sidecar {split.rows}")
 
+    def _rewrite(self, split: CachedSplit) -> CachedSplit:
+        """``split`` stored again one row per batch, from its own file."""
+
+        def stored() -> Iterator[pa.RecordBatch]:
+            with split._reader() as reader:
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i)
+
+        with split._reader() as reader:
+            schema = reader.schema
+        return self.store(split.key, schema, stored(), paid=lambda: split.paid_bytes)
+
     def drop(self, key: CacheKey) -> None:
         for p in self._paths(key):
             with contextlib.suppress(FileNotFoundError):
@@ -267,26 +254,32 @@ class FeatureCache:
     ) -> CachedSplit:
         """Write ``batches`` as they arrive into ``key``'s file (atomically), then open it.
 
-        ``paid()`` gives the bytes the link carried for them (default: the batches' own bytes).
+        Each row is stored as a batch of its own, so training can read any row alone (a
+        shuffle over the whole split, see :meth:`CachedSplit.batches`). ``paid()`` gives the
+        bytes the link carried for them (default: the batches' own bytes).
         """
         self.root.mkdir(parents=True, exist_ok=True)
         path, side = self._paths(key)
         tmp = path.with_suffix(f".arrow.{os.getpid()}.tmp")
         rows = labelled = nbytes = 0
         max_label = -1
-        crcs: list[int] = []
+        unlabelled: list[int] = []
         try:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
                 for batch in batches:
-                    writer.write_batch(batch)
-                    crcs.append(_batch_crc(batch))
+                    for i in range(batch.num_rows):
+                        writer.write_batch(batch.slice(i, 1))
+                    for i, v in enumerate(batch.column("label").to_pylist()):
+                        if v is None:
+                            unlabelled.append(rows + i)
+                        else:
+                            labelled += 1
+                            max_label = max(max_label, v)
                     rows += batch.num_rows
-                    labels = [v for v in batch.column("label").to_pylist() if v is not None]
-                    labelled += len(labels)
-                    max_label = max([max_label, *labels])
                     nbytes += batch_nbytes(batch)
             if rows == 0:  # nothing to keep: a later open fetches again
                 raise WireError(f"the cloud sent no rows for {key.label()}")
+            crcs = _file_crcs(tmp)  # of the rows as stored (a slice's buffers are its parent's)
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -298,6 +291,7 @@ class FeatureCache:
             "rows": rows,
             "labelled": labelled,
             "max_label": max_label,
+            "unlabelled": unlabelled,
             "paid_bytes": paid() if paid is not None else nbytes,
             "file_bytes": path.stat().st_size,
             "crcs": crcs,
@@ -306,3 +300,11 @@ class FeatureCache:
         side_tmp.write_text(json.dumps(info) + "\n")
         os.replace(side_tmp, side)
         return self._load(key, path, side)
+
+
+def _file_crcs(path: Path) -> list[int]:
+    """The CRC of each stored batch of the Arrow file at ``path``, read back one at a time."""
+    pool = pa.system_memory_pool()
+    with pa.OSFile(str(path), "rb", memory_pool=pool) as f:
+        reader = pa.ipc.open_file(f, memory_pool=pool)
+        return [_batch_crc(reader.get_batch(i)) for i in range(reader.num_record_batches)]
