@@ -7,25 +7,16 @@
   depend on how fast or how loaded this host is: the same job always costs the same device
   seconds, whichever entry point or worker ran it.
 * Transfer: bytes over the profile's downlink/uplink plus one latency per request.
-* Threads: :func:`apply_threads` sets torch's thread count from the profile's resource plan.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from mist_fed.device.profiles import DeviceProfile, ResourcePlan
+from mist_fed.device.profiles import DeviceProfile
 
 TRAIN_FLOPS_PER_MAC = 6  # forward + backward (2x the forward), 2 FLOPs per MAC
 EVAL_FLOPS_PER_MAC = 2
-
-
-def apply_threads(plan: ResourcePlan) -> int:
-    """Limit torch to the plan's threads (the device's cores, at most the host's)."""
-    torch.set_num_threads(plan.torch_threads)
-    return plan.torch_threads
 
 
 @dataclass

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -89,11 +89,6 @@ class KSelection:
     val_acc: dict[int | None, float]  # validation accuracy per candidate k
     net: nn.Module  # the net trained at the chosen k
     fit: FitResult  # its training record
-    fits: dict[int | None, FitResult] = field(default_factory=dict)
-
-    @property
-    def train_seconds(self) -> float:
-        return sum(f.seconds for f in self.fits.values())
 
 
 class EdgeDevice:
@@ -436,21 +431,20 @@ class EdgeDevice:
         """
         best: tuple[float, int | None, nn.Module, FitResult] | None = None
         val_acc: dict[int | None, float] = {}
-        fits: dict[int | None, FitResult] = {}
         for k in sorted(self.candidate_ks(method, ks), key=lambda v: -1 if v is None else v):
             train = self.features(task, "train", method, k, dtype, train_ids)
             val = self.features(task, "val", method, k, dtype)
             torch.manual_seed(cfg.seed)
             net = self.new_net(method, num_classes, k, wire=dtype, **edge_kwargs)
-            fits[k] = self.train(net, train, cfg)
+            fitted = self.train(net, train, cfg)
             val_acc[k] = self.evaluate(net, val)
             log.info("k=%s: val accuracy %.4f", k, val_acc[k])
             if best is None or val_acc[k] > best[0]:
-                best = (val_acc[k], k, net, fits[k])
+                best = (val_acc[k], k, net, fitted)
         if best is None:
             raise ConfigError("select_k needs at least one candidate k")
         self._runs(best[2], self.feature_shape(method, best[1], dtype))  # the one it keeps
-        return KSelection(k=best[1], val_acc=val_acc, net=best[2], fit=best[3], fits=fits)
+        return KSelection(k=best[1], val_acc=val_acc, net=best[2], fit=best[3])
 
 
 def _rows_bar(batches: Iterator[pa.RecordBatch], desc: str) -> Iterator[pa.RecordBatch]:

@@ -72,10 +72,6 @@ class DeviceProfile:
                 f"{where}: field 'sources' needs a note for every number; missing {', '.join(missing)}"
             )
 
-    @property
-    def memory_bytes(self) -> int:
-        return self.memory_mb * 2**20
-
     def downlink_seconds(self, nbytes: int, requests: int = 1) -> float:
         """Time to receive ``nbytes`` over this device's downlink, one latency per request."""
         return requests * self.latency_ms / 1e3 + nbytes * 8 / (self.downlink_mbps * 1e6)

@@ -40,7 +40,8 @@ from mist_fed.wire.features import Batch
 
 log = logging.getLogger(__name__)
 
-# Linear heads like larger learning rates than the LAE (DESIGN.md, reference run).
+# Linear heads like larger learning rates than the LAE (1e-2..1e-1 against 1e-3..3e-3 in the
+# reference run on DINOv2-S/14 Fashion-MNIST features).
 METHOD_LR = {"linear": 3e-2, "gather_linear": 3e-2}
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from mist_fed.defaults import cache_dir
@@ -255,8 +255,3 @@ def create_imgfocus(spec: BackboneSpec) -> tuple[nn.Module, str]:
     model = _timm_model(img_size)
     load_weights_file(model, path)
     return model, f"{'file' if spec.weights else 'imgfocus'}:{file_digest(path)}"
-
-
-def load_converted(img_size: int = IMG_SIZE) -> dict[str, torch.Tensor]:
-    """The converted state dict (for inspection and tests)."""
-    return load_file(str(converted_weights(img_size)))
