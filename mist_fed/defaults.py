@@ -7,6 +7,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8815
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")  # bind on every interface; no host to dial
 DEFAULT_BACKBONE = "vit_base_patch16_224.augreg_in21k"
+DEFAULT_PROFILE = "rpi4"  # the edge device a client runs as when none is named
 
 
 def cache_dir() -> Path:

@@ -165,6 +165,33 @@ def test_client_upload_and_predict(cloud, tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"{img}: c")
 
 
+def test_predict_runs_on_the_device_that_charges_link_clock_and_meter(cloud, tmp_path):
+    # Prepare: a saved model and one local image
+    from mist_fed.data import get_task
+    from mist_fed.device.edge import EdgeDevice
+    from mist_fed.device.profiles import load_profile
+    from mist_fed.device.source import FlightSource
+    from mist_fed.device.trainer import predict
+    from mist_fed.wire.client import encode_png
+
+    run_client(ClientConfig(TASK, cloud, "laptop", str(tmp_path / "m"), ks=(2,), train=FAST))
+    net, mcfg = load_checkpoint(tmp_path / "m")
+    png = encode_png(get_task(TASK).split("test").image(1))
+    # Execute
+    src = FlightSource(cloud)
+    with src, EdgeDevice(load_profile("rpi4"), src, tmp_path / "dev") as dev:
+        got = dev.predict(net, mcfg.method, mcfg.k, mcfg.dtype, [("x", png)], mcfg.basis)
+        with pytest.raises(WireError, match="retrain"):
+            dev.predict(net, mcfg.method, mcfg.k, mcfg.dtype, [("x", png)], "another-basis")
+    # Assert: the saved model's probabilities on the cloud's features, and the device paid
+    fs = FeatureClient(cloud).embed([("x", png)], "mist", mcfg.k, mcfg.dtype)
+    assert got.ids == ["x"] and not got.errors
+    assert torch.allclose(got.probs, predict(net, fs.features).softmax(1))
+    m = dev.report()
+    assert m.bytes_up == 2 * len(png) and m.feature_bytes > 0 and m.images_down == 2
+    assert m.compute_s > 0 and m.peak_rss_mb > 0 and m.edge_params > 0
+
+
 def test_unreachable_cloud_retries_then_fails_clearly(tmp_path):
     # Prepare: a port nobody listens on
     with socket.socket() as s:

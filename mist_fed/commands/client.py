@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mist_fed.defaults import cloud_location
+from mist_fed.defaults import DEFAULT_PROFILE, cloud_location
 from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
 
 TOKEN_ENV = "MIST_FED_TOKEN"
@@ -83,7 +83,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from mist_fed.device.client import predict_images
     from mist_fed.device.profiles import load_profile
 
-    profile = load_profile(args.profile) if args.profile else None
+    profile = load_profile(args.profile)
     token = args.token or os.environ.get(TOKEN_ENV)
     results = predict_images(args.model, args.cloud, args.images, token, args.top, profile)
     if args.json:
@@ -115,7 +115,7 @@ def register(sub: Any) -> None:
         "client", help="one edge device: pull features, train, evaluate (or `client predict`)"
     )
     p.add_argument("--task", help="task spec (default: the real offline task when available)")
-    p.add_argument("--profile", default="rpi4", help="device profile name or .toml path")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, help="device profile name or .toml path")
     p.add_argument(
         "--out",
         help="output directory for lae.safetensors and metrics.json "
@@ -153,7 +153,11 @@ def register(sub: Any) -> None:
     actions = p.add_subparsers(dest="action", required=False)
     pp = actions.add_parser("predict", help="classify local images with a saved edge model")
     pp.add_argument("--model", required=True, help="directory written by `mist-fed client --out`")
-    pp.add_argument("--profile", help="shape the link as this device profile")
+    pp.add_argument(
+        "--profile",
+        default=DEFAULT_PROFILE,
+        help="the device that runs the model: its link, clock and memory meter (default %(default)s)",
+    )
     pp.add_argument("--top", type=int, default=5)
     pp.add_argument("images", nargs="+", help="image files")
     _common(pp)

@@ -9,7 +9,8 @@ LAE is the paper's (M=4, ~0.39M params).
 Cases: ``imports`` (what the client imports), ``train`` (the client's path: an
 :class:`~mist_fed.device.edge.EdgeDevice` finds the split in its cache, streams it batch by
 batch into the trainer: fp16 on the wire, micro-batches of 8, LeanAdamW, the memory meter on),
-``infer`` (what ``client predict`` does for one image: load the saved model, decode the
+``infer`` (what ``client predict`` does for one image: load the saved model, run it on an
+:class:`~mist_fed.device.edge.EdgeDevice` (meter, clock) that decodes the
 cloud's one-row reply, classify), and ``train-naive`` for reference
 (the plain PyTorch loop: fp32 features held in memory, whole batch of 32 in one
 forward/backward, ``torch.optim.AdamW``). The paper's Raspberry Pi 4 totals are 663 MB
@@ -42,10 +43,12 @@ def _geometry(tokens: int, dim: int) -> Any:
 
 
 class _CachedOnly:
-    """A source for a device whose features are all in its cache: it may not fetch."""
+    """A source for a device whose features are all in its cache: it may not fetch. Asked to
+    embed an image, it answers with the cloud's one-row reply saved in ``storage``."""
 
-    def __init__(self, tokens: int, dim: int) -> None:
+    def __init__(self, tokens: int, dim: int, storage: str | Path = "") -> None:
         self.g = _geometry(tokens, dim)
+        self.storage = Path(storage)
         self.bytes_received = 0
 
     def geometry(self) -> Any:
@@ -54,7 +57,15 @@ class _CachedOnly:
     def stream(self, *a: Any, **kw: Any) -> Any:
         raise MistError("bench device asked the cloud for features its cache should hold")
 
-    edge_init = embed = stream
+    edge_init = stream
+
+    def embed(self, *a: Any, **kw: Any) -> Any:
+        import pyarrow as pa
+
+        from mist_fed.wire.codec import decode
+
+        with pa.OSFile(str(self.storage / "one.arrows"), "rb") as f:
+            return decode(pa.ipc.open_stream(f).read_all())
 
 
 def prepare(storage: Path, tokens: int, dim: int, rows: int, classes: int) -> None:
@@ -126,25 +137,21 @@ def _child(
         from mist_fed.device import client  # noqa: F401  (the client's imports: counted)
         from mist_fed.device.edge import EdgeDevice
         from mist_fed.device.profiles import load_profile
-        from mist_fed.device.trainer import TrainConfig, predict
+        from mist_fed.device.trainer import TrainConfig
 
         if case == "train":
             with EdgeDevice(load_profile("rpi4"), _CachedOnly(tokens, dim), storage) as dev:
                 data = dev.features(TASK, "train", "mist", 12, "float16")
                 net = dev.new_net("mist", classes, 12)
                 dev.train(net, data, TrainConfig(epochs=1, batch_size=batch, micro_batch=8))
-        elif case == "infer":  # `client predict`: the saved model on one image's features
-            import pyarrow as pa
-
+        elif case == "infer":  # `client predict`: the saved model on one image, on the device
             from mist_fed.device.checkpoint import load_checkpoint
-            from mist_fed.wire.codec import decode
 
-            net, _ = load_checkpoint(Path(storage) / "model")
-            with pa.OSFile(str(Path(storage) / "one.arrows"), "rb") as f:
-                fs = decode(pa.ipc.open_stream(f).read_all())
-            with torch.inference_mode():
+            net, m = load_checkpoint(Path(storage) / "model")
+            src = _CachedOnly(tokens, dim, storage)
+            with EdgeDevice(load_profile("rpi4"), src, storage) as dev:
                 for _ in range(steps):
-                    predict(net, fs.features)
+                    dev.predict(net, m.method, m.k, m.dtype, [("photo", b"")], m.basis)
     seconds = time.perf_counter() - t0
     peak = peak_rss_mb()
     return {

@@ -5,7 +5,8 @@ threads, a token bucket on the feature stream at the downlink (``time_scale`` to
 than real time), the memory meter against the device memory. Features land once in the
 device's cache (``device_dir``, default under ``MIST_FED_CACHE``): a rerun, with any ``--out``,
 downloads nothing. It chooses ``k`` on the validation split, reports accuracy on test, and
-charges the virtual clock. :func:`predict_images` classifies local images with a saved model.
+charges the virtual clock. :func:`predict_images` classifies local images with a saved model
+through the same device (:meth:`EdgeDevice.predict`).
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from mist_fed.core.methods import get_method
-from mist_fed.defaults import cache_dir
+from mist_fed.defaults import DEFAULT_PROFILE, cache_dir
 from mist_fed.device.checkpoint import EdgeModelConfig, load_checkpoint, save_checkpoint
 from mist_fed.device.edge import EdgeDevice
 from mist_fed.device.profiles import DeviceProfile, load_profile
 from mist_fed.device.source import FlightSource
-from mist_fed.device.trainer import TrainConfig, predict
-from mist_fed.errors import ConfigError, TaskError, WireError
-from mist_fed.wire.client import FeatureClient, encode_png
+from mist_fed.device.trainer import TrainConfig
+from mist_fed.errors import ConfigError, TaskError
+from mist_fed.wire.client import encode_png
 from mist_fed.wire.dtypes import check_wire
 from mist_fed.wire.shaping import LinkShaper
 
@@ -184,36 +185,32 @@ def predict_images(
     token: str | None = None,
     top: int = 5,
     profile: DeviceProfile | None = None,
+    storage: str | Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Classify local image files: upload them, get their features, run the saved model."""
+    """Classify local image files with a saved model, through the device that runs it
+    (``profile``, default the client's; its link shaped, clock and memory meter on)."""
     from PIL import Image
 
     net, mcfg = load_checkpoint(model_dir)
-    shaper = LinkShaper(profile.downlink_mbps, profile.latency_ms) if profile else None
+    profile = profile or load_profile(DEFAULT_PROFILE)
     blobs = []
     for p in images:
         with Image.open(p) as im:
             blobs.append((str(p), encode_png(im.convert("RGB"))))
-    with FeatureClient(
+    source = FlightSource(
         cloud,
         token,
+        LinkShaper(profile.downlink_mbps, profile.latency_ms),
         expect_backbone=mcfg.backbone,
         expect_weights=mcfg.weights_id,
-        on_batch=shaper.on_batch if shaper else None,
-    ) as client:
-        fs = client.embed(blobs, mcfg.gather, mcfg.k, mcfg.dtype)
-    if fs.meta.get("basis", "") != mcfg.basis:
-        raise WireError(
-            f"the cloud sent features projected with basis {fs.meta.get('basis') or '(none)'}; "
-            f"this model was trained on basis {mcfg.basis or '(none)'} of {mcfg.dtype}: "
-            "retrain it on this cloud's features"
-        )
-    probs = predict(net, fs.features).softmax(1)
-    out = []
-    for i, row in zip(fs.ids, probs, strict=True):
+    )
+    device = EdgeDevice(profile, source, storage or default_device_dir())
+    with source, device:
+        got = device.predict(net, mcfg.method, mcfg.k, mcfg.dtype, blobs, mcfg.basis)
+    out: list[dict[str, Any]] = []
+    for i, row in zip(got.ids, got.probs, strict=True):
         p, c = row.topk(min(top, len(row)))
         names = [mcfg.classes[j] if j < len(mcfg.classes) else str(j) for j in c.tolist()]
         out.append({"image": i, "top": list(zip(names, p.tolist(), strict=True))})
-    for i, reason in fs.meta.get("errors", {}).items():
-        out.append({"image": i, "error": reason})
+    out.extend({"image": i, "error": reason} for i, reason in got.errors.items())
     return out

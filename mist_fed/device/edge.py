@@ -15,6 +15,7 @@ pages included, against the profile's cap) over everything inside. Then:
   fetched and cached once);
 * :meth:`train`, :meth:`evaluate` and :meth:`select_k` run the trainer and charge the virtual
   clock: the job's FLOPs on its own net over the profile's GFLOP/s (host time measured beside);
+  :meth:`predict` classifies the device's own images (``mist-fed client predict``);
 * :meth:`report` is the :class:`DeviceMetrics` every caller writes: ``metrics.json`` (client),
   ``devices.parquet`` (fleet) and ``compare.parquet`` (comparison) share its names.
 """
@@ -44,7 +45,15 @@ from mist_fed.device.clock import EVAL_FLOPS_PER_MAC, TRAIN_FLOPS_PER_MAC, Devic
 from mist_fed.device.memory import MemoryGuard, check_fits, estimate_train_mb, tune_allocator
 from mist_fed.device.profiles import DeviceProfile, profile_resources
 from mist_fed.device.source import FeatureSource
-from mist_fed.device.trainer import ExtraLoss, FitResult, TrainConfig, TrainData, evaluate, fit
+from mist_fed.device.trainer import (
+    ExtraLoss,
+    FitResult,
+    TrainConfig,
+    TrainData,
+    evaluate,
+    fit,
+    predict,
+)
 from mist_fed.errors import ConfigError, WireError
 from mist_fed.wire import edge_init as init_codec
 from mist_fed.wire.codec import WireMeta, encode, feature_schema
@@ -81,6 +90,13 @@ class DeviceMetrics:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Prediction:
+    ids: list[str]  # the images the cloud could read, in order
+    probs: torch.Tensor  # [len(ids), classes]
+    errors: dict[str, str]  # image id -> why the cloud could not read it
 
 
 @dataclass
@@ -413,6 +429,40 @@ class EdgeDevice:
         flops = EVAL_FLOPS_PER_MAC * macs * data.labelled
         self.clock.add_compute(time.perf_counter() - t0, flops)
         return acc
+
+    def predict(
+        self,
+        net: nn.Module,
+        method: str,
+        k: int | None,
+        dtype: str,
+        images: Sequence[tuple[str, bytes]],
+        basis: str = "",
+    ) -> Prediction:
+        """Class probabilities of the device's own ``(id, encoded image)`` pairs: uploaded,
+        embedded by the cloud, classified by ``net`` (trained on ``method`` at ``k`` on the
+        ``dtype`` wire, projected with ``basis``). Features of another basis are refused.
+        Charges the link both ways and the clock; runs under the memory meter."""
+        self.clock.add_upload(sum(len(b) for _, b in images))
+        before = self.source.bytes_received
+        fs = self.source.embed(images, self.spec(method, k), dtype)
+        self._paid(self.source.bytes_received - before, len(fs))
+        got = str(fs.meta.get("basis", ""))
+        if got != basis:
+            raise WireError(
+                f"the cloud sent features projected with basis {got or '(none)'}; this model "
+                f"was trained on basis {basis or '(none)'} of {dtype}: retrain it on this "
+                "cloud's features"
+            )
+        errors = {str(i): str(r) for i, r in fs.meta.get("errors", {}).items()}
+        if not len(fs):
+            return Prediction([], torch.empty(0), errors)
+        macs = self._runs(net, fs.shape).edge_macs
+        t0 = time.perf_counter()
+        probs = predict(net, fs.features).softmax(1)
+        self.guard.check()
+        self.clock.add_compute(time.perf_counter() - t0, EVAL_FLOPS_PER_MAC * macs * len(fs))
+        return Prediction(list(fs.ids), probs, errors)
 
     def select_k(
         self,
