@@ -1,4 +1,4 @@
-"""Run the reliability tests and print the figures they measured (see RELIABILITY.md).
+"""Run the reliability tests and print the figures they measured (see docs/reliability.md).
 
     python simulations/reliability_report.py
 

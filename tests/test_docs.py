@@ -52,3 +52,28 @@ def test_links_resolve_to_files_in_the_repo():
 def test_results_links_resolve_to_committed_runs():
     links = _links(results=True)
     assert links and _missing(links) == []
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_anchors_name_a_heading_of_their_page():
+    bad = []
+    for doc in DOCS:
+        for target in LINK.findall(doc.read_text()):
+            if re.match(r"[a-z+]+://|mailto:", target) or "#" not in target:
+                continue
+            page, anchor = target.split("#", 1)
+            path = (doc.parent / page).resolve() if page else doc
+            if path.suffix != ".md" or not path.exists():
+                continue
+            headings = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)
+            if anchor not in {_slug(h) for h in headings}:
+                bad.append(f"{doc.name} -> {target}")
+    assert bad == []
+
+
+def test_readme_is_a_guide_of_at_most_250_lines():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250

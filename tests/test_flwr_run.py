@@ -1,7 +1,7 @@
 """``flwr run .`` end to end, as the README shows it: Flower's own CLI, its managed local
 SuperLink (private home and ports per test) and runtime, this repo as the Flower app.
 
-What RELIABILITY.md promises for this path: results land in the absolute ``results-dir`` of
+What docs/reliability.md promises for this path: results land in the absolute ``results-dir`` of
 the run config; a device over its memory cap and a device whose Ray worker dies are recorded
 as failed and the run completes; ``flwr stop`` keeps the completed rounds' files and leaves no
 process of the run (only Flower's SuperLink, which outlives runs by design, and which the
@@ -154,7 +154,7 @@ def test_flwr_run_writes_the_run_and_records_failed_devices(flwr, tmp_path: Path
     assert status[(2, 2)] == "failed" and "ActorDied" in reason[(2, 2)]
     # Flower 1.42's runtime keeps the dead actor in its pool (its one actor here: 2 CPUs, 2
     # per device), so every later job fails on it. This fails the day Flower replaces dead
-    # actors; then RELIABILITY.md's row for this path can promise what `mist-fed simulate` does.
+    # actors; then docs/reliability.md's row for this path can promise what `mist-fed simulate` does.
     assert all(status[(3, d)] == "failed" and "ActorDied" in reason[(3, d)] for d in range(3))
     # ... and nothing of the run is left once it ends
     assert _wait_left_empty(tag, STOP_LIMIT_S) == []
