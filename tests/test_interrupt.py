@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from mist_fed.cli import EXIT_INTERRUPTED
-from mist_fed.fleet import server_app
-from mist_fed.fleet.device import DeviceJob
-from mist_fed.fleet.server_app import GridTransport, RunStopped, wait_for_nodes
+from mist_fed.fleet.flower import grid as flower_grid
+from mist_fed.fleet.flower.grid import GridTransport, wait_for_nodes
+from mist_fed.fleet.job import DeviceJob
+from mist_fed.fleet.transport import RunStopped
 from tests.conftest import sigint_as_in_a_terminal
 from tests.procs import tagged_pids
 
@@ -62,7 +63,7 @@ class _SilentGrid:
 
 def test_a_stopped_run_stops_waiting_for_nodes_and_replies(monkeypatch) -> None:
     # Prepare (a Flower Message needs a live run: the jobs travel as placeholders here)
-    monkeypatch.setattr(server_app, "job_message", lambda *a: object())
+    monkeypatch.setattr(flower_grid, "job_message", lambda *a: object())
     stop = threading.Event()
     job = DeviceJob(
         device=0, fleet="f", task="synthetic", method="mist", profile="rpi4", round=1,
@@ -73,8 +74,9 @@ def test_a_stopped_run_stops_waiting_for_nodes_and_replies(monkeypatch) -> None:
     threading.Timer(0.2, stop.set).start()
     # Execute / Assert: both waits end soon after the stop, not at their timeouts
     t0 = time.monotonic()
+    transport.submit([(job, {"w": torch.zeros(2)})])
     with pytest.raises(RunStopped):
-        transport.train([job], [{"w": torch.zeros(2)}])
+        list(transport.replies())
     with pytest.raises(RunStopped):
         wait_for_nodes(_SilentGrid(), 2, timeout_s=60, stop=stop)  # type: ignore[arg-type]
     assert time.monotonic() - t0 < 5

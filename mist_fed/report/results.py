@@ -86,7 +86,7 @@ TEXT_COLUMNS = frozenset(
         "node",
     }
 )
-# The aggregation of a fleet whose devices keep their own models (mist_fed.fleet.strategies).
+# The aggregation of a fleet whose devices keep their own models (mist_fed.fleet.aggregation).
 LOCAL = "local"
 
 
