@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,10 +95,12 @@ class SyncRounds:
         stop: threading.Event | None = None,
         on_result: Callable[[DeviceResult], None] | None = None,
         on_round: Callable[[RoundState], None] | None = None,
+        aggregators: Mapping[str, Aggregator | None] | None = None,
     ) -> None:
         """``storage``: the run's device storage (each job names its device's directory in
         it); ``stop``, once set, ends the run with :class:`RunStopped` between rounds and
-        after a round's replies; ``on_result`` sees each result as it is decided."""
+        after a round's replies; ``on_result`` sees each result as it is decided;
+        ``aggregators``: each fleet's, by name (default: built from the spec, once)."""
         self.plan = plan
         self.spec = plan.spec
         self.transport = transport
@@ -108,10 +110,14 @@ class SyncRounds:
         self.stop = stop
         self.on_result = on_result
         self.on_round = on_round
-        self.aggregators: dict[str, Aggregator | None] = {
-            f.name: aggregation.build(f.aggregation, f.aggregation_args, f.devices)
-            for f in self.spec.fleets
-        }
+        self.aggregators: dict[str, Aggregator | None] = (
+            dict(aggregators)
+            if aggregators is not None
+            else {
+                f.name: aggregation.build(f.aggregation, f.aggregation_args, f.devices)
+                for f in self.spec.fleets
+            }
+        )
 
     # -- state -------------------------------------------------------------------------------
     def start(self, records: RunRecords | None = None) -> RoundState:
@@ -145,14 +151,19 @@ class SyncRounds:
         return sampled / n * (1.0 - self.spec.dropout)
 
     # -- one round ---------------------------------------------------------------------------
+    def available(self, fleet: str, rnd: int) -> list[DeviceJob]:
+        """``fleet``'s devices that can be sampled in round ``rnd``: all of them (an
+        availability model narrows this; a sampled device may still drop out)."""
+        return self.plan.members(fleet)
+
     def sample(
         self, fleet: str, rnd: int, current: StateDict
     ) -> tuple[list[DeviceJob], dict[str, Any]]:
         """The devices ``fleet``'s aggregator picks for round ``rnd`` (its global model:
         ``current``), and its config for them."""
-        members = self.plan.members(fleet)
+        members = self.available(fleet, rnd)
         agg = self.aggregators[fleet]
-        if agg is None:  # local: every device trains its own model
+        if agg is None:  # local: every available device trains its own model
             return members, {}
         index = [f.name for f in self.spec.fleets].index(fleet)
         seed = sample_seed(self.spec.seed, rnd, index)
