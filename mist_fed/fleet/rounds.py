@@ -22,6 +22,7 @@ in-process loop (:class:`~mist_fed.fleet.worker.LocalTransport`) are two transpo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -240,10 +241,9 @@ class SyncRounds:
         fleet_rows = []
         for f in self.spec.fleets:
             rs = [results[d][0] for d in sorted(results) if by_id[d].fleet == f.name]
-            fleet_rows.append(
-                fleet_row(self.plan, f, rnd, rs, scores.get(f.name), state.clocks[f.name],
-                          state.central.get(f.name))
-            )  # fmt: skip
+            row = fleet_row(self.plan, f, rnd, rs, scores.get(f.name), state.clocks[f.name],
+                            state.central.get(f.name))  # fmt: skip
+            fleet_rows.append(dataclasses.asdict(row))
         # A round's rows land together, so a run stopped mid-round leaves whole rounds.
         state.records.devices.extend(rows)
         state.records.fleets.extend(fleet_rows)

@@ -28,7 +28,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +40,7 @@ from mist_fed.fleet.job import DROPPED, FAILED, OK, STRAGGLER, DeviceResult, Sta
 from mist_fed.fleet.plan import FleetPlan
 from mist_fed.fleet.spec import FleetSpec, TaskFleet
 from mist_fed.fleet.worker import SourceFactory, close_source
+from mist_fed.report.results import FleetRow
 
 SERVER_PROFILE = "laptop"
 
@@ -198,7 +198,7 @@ def fleet_row(
     score: float | None,
     clock: FleetClock,
     central: CentralResult | None,
-) -> dict[str, Any]:
+) -> FleetRow:
     """One fleet's row of ``fleets.parquet`` for round ``rnd`` (``clock`` advances by it).
 
     ``score``: the global model's accuracy on the server; ``None`` for a local fleet, whose
@@ -218,36 +218,36 @@ def fleet_row(
     ms = [r.metrics for r in results]
     images = sum(m.images_down for m in ms)
     feature_bytes = sum(m.feature_bytes for m in ms)
-    return {
-        "round": rnd,
-        "fleet": fleet.name,
-        "task": fleet.task,
-        "method": fleet.method,
-        "aggregation": fleet.aggregation,
-        "devices": fleet.devices,
-        "sampled": len(results),
-        "ok": len(ok),
-        "failed": sum(r.status == FAILED for r in results),
-        "dropped": sum(r.status == DROPPED for r in results),
-        "stragglers": sum(r.status == STRAGGLER for r in results),
-        "accuracy": acc,
-        "central_accuracy": central.accuracy if central else math.nan,
-        "eval_images": eval_images,
-        "mean_device_accuracy": _mean([r.accuracy for r in ok]),
-        "sample_steps": clock.sample_steps,
-        "central_sample_steps": central.sample_steps if central else 0,
-        "bytes_down": sum(m.bytes_down for m in ms),
-        "bytes_up": sum(m.bytes_up for m in ms),
-        "feature_bytes": feature_bytes,
-        "train_slots": slots,
-        "train_images": distinct,
-        "images_down": images,
-        "bytes_per_image": feature_bytes / images if images else math.nan,
-        "transfer_s": _mean([r.metrics.transfer_s for r in ok]),
-        "compute_s": _mean([r.metrics.compute_s for r in ok]),
-        "round_time_s": round_s,
-        "sim_time_s": clock.sim_s,
-        "device_hours": clock.device_hours - hours,
-        "sim_device_hours": clock.device_hours,
-        "peak_mem_mb": max((m.peak_mem_mb for m in ms), default=math.nan),
-    }
+    return FleetRow(
+        round=rnd,
+        fleet=fleet.name,
+        task=fleet.task,
+        method=fleet.method,
+        aggregation=fleet.aggregation,
+        devices=fleet.devices,
+        sampled=len(results),
+        ok=len(ok),
+        failed=sum(r.status == FAILED for r in results),
+        dropped=sum(r.status == DROPPED for r in results),
+        stragglers=sum(r.status == STRAGGLER for r in results),
+        accuracy=acc,
+        central_accuracy=central.accuracy if central else math.nan,
+        eval_images=eval_images,
+        sample_steps=clock.sample_steps,
+        central_sample_steps=central.sample_steps if central else 0,
+        round_time_s=round_s,
+        sim_time_s=clock.sim_s,
+        device_hours=clock.device_hours - hours,
+        sim_device_hours=clock.device_hours,
+        bytes_down=sum(m.bytes_down for m in ms),
+        bytes_up=sum(m.bytes_up for m in ms),
+        bytes_per_image=feature_bytes / images if images else math.nan,
+        transfer_s=_mean([r.metrics.transfer_s for r in ok]),
+        compute_s=_mean([r.metrics.compute_s for r in ok]),
+        peak_mem_mb=max((m.peak_mem_mb for m in ms), default=math.nan),
+        train_slots=slots,
+        train_images=distinct,
+        mean_device_accuracy=_mean([r.accuracy for r in ok]),
+        feature_bytes=feature_bytes,
+        images_down=images,
+    )
