@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from mist_fed.fleet.flower.workarounds import actor_options, quiet_actor_retries
+from mist_fed.errors import ConfigError
+from mist_fed.fleet.flower.workarounds import (
+    actor_options,
+    check_app_environment,
+    quiet_actor_retries,
+)
 from mist_fed.fleet.runtime.stop import STOP_FILE, JobStopped, RunStop, end_on_stop
 from mist_fed.fleet.storage import RunStorage, resolve, run_name
 
@@ -65,6 +71,33 @@ def test_the_run_stop_reaches_this_machines_jobs_whenever_it_comes(tmp_path, whe
         stop.stop("test")
     # Assert
     assert (tmp_path / STOP_FILE).exists() == (when != "never") == stop.is_set()
+
+
+@pytest.mark.parametrize("holds", ["a dependency", "nothing", "own venv"])
+def test_an_environment_ahead_of_the_interpreters_own_packages_is_refused_in_one_line(
+    tmp_path, monkeypatch, holds
+) -> None:
+    # Prepare: what Flower's runtime dependency installation does to its process
+    env = tmp_path / "runtime-envs" / "42"
+    site = env / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    if holds == "a dependency":
+        (site / "torch").mkdir()
+        (site / "torch-2.14.1.dist-info").mkdir()
+    monkeypatch.setenv("VIRTUAL_ENV", str(env))
+    monkeypatch.syspath_prepend(str(site))
+    if holds == "own venv":  # an activated venv is the interpreter's own
+        monkeypatch.setattr(sys, "prefix", str(env))
+        (site / "torch").mkdir()
+    # Execute / Assert
+    if holds != "a dependency":
+        check_app_environment()
+        return
+    with pytest.raises(ConfigError) as e:
+        check_app_environment()
+    msg = str(e.value)
+    assert "\n" not in msg and "(torch)" in msg and str(env) in msg
+    assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in msg and "mist-fed simulate" in msg
 
 
 # -- Flower's behaviour behind the workarounds (one small simulation each) ------------------------

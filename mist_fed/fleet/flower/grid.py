@@ -8,6 +8,7 @@ Every wait here looks at the run's stop (an event, :mod:`mist_fed.fleet.runtime.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
+from mist_fed.errors import MistError
 from mist_fed.fleet.flower.messages import job_message, unpack_train_reply
 from mist_fed.fleet.job import FAILED, DeviceJob, DeviceResult, StateDict
 from mist_fed.fleet.runtime.cluster import client_resources, running_ray
@@ -24,6 +26,9 @@ from mist_fed.fleet.spec import FleetSpec
 from mist_fed.fleet.transport import Reply, RunStopped
 
 JOBS_PER_ACTOR = 2  # a simulation's jobs in flight per Ray actor (GridTransport's window)
+QUIET_LOG_S = 60.0  # a wait for replies says so after this long without one
+
+log = logging.getLogger(__name__)
 
 
 def _check(stop: threading.Event | None) -> None:
@@ -42,7 +47,9 @@ class GridTransport:
     actors busy and the scan short; ``None`` pushes every job at once (real SuperNodes, each
     pulling its own job). ``timeout_s``: a job not answered by then comes back ``failed``.
     ``stop``, once set, ends a wait for replies, so the ServerApp thread does not outlive a
-    simulation runtime that was interrupted.
+    simulation runtime that was interrupted. No wait is silent: every :data:`QUIET_LOG_S`
+    without a reply says how many are missing, and with ``needs_ray`` (a simulation, whose
+    devices run on this process's Ray) a Ray that has gone ends the wait with an error.
     """
 
     def __init__(
@@ -52,8 +59,10 @@ class GridTransport:
         timeout_s: float | None = None,
         stop: threading.Event | None = None,
         window: int | None = None,
+        needs_ray: bool = False,
     ):
         self.grid = grid
+        self.needs_ray = needs_ray
         self.node_ids = list(node_ids)
         self.timeout_s = timeout_s
         self.stop = stop
@@ -81,9 +90,13 @@ class GridTransport:
         """Each device's unpacked reply (a Message is dropped as soon as it is read)."""
         self._push(len(self._todo) if self.window is None else self.window)
         end = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        quiet_since = time.monotonic()
         try:
             while self._job_of and (end is None or time.monotonic() < end):
                 _check(self.stop)
+                if time.monotonic() - quiet_since > QUIET_LOG_S:
+                    self._still_waiting(quiet_since)
+                    quiet_since = time.monotonic()
                 got = 0
                 for m in self.grid.pull_messages(list(self._job_of)):
                     job = self._job_of.pop(m.metadata.reply_to_message_id)
@@ -91,6 +104,8 @@ class GridTransport:
                     if self.on_reply:
                         self.on_reply()
                     yield unpack_train_reply(m, job)
+                if got:
+                    quiet_since = time.monotonic()
                 if got and self._todo:
                     self._push(got if self.window is not None else len(self._todo))
                 if not got:
@@ -102,6 +117,17 @@ class GridTransport:
             self._todo.clear()
             self._job_of.clear()
             self._weights.clear()
+
+    def _still_waiting(self, since: float) -> None:
+        waiting = len(self._job_of) + len(self._todo)
+        if self.needs_ray and running_ray() is None:
+            raise MistError(
+                f"the simulation's Ray runtime is gone with {waiting} device job(s) "
+                "unanswered; see the run's log (flwr log RUN_ID, or -v)"
+            )
+        log.info(
+            "waiting for %d device job(s); no reply for %.0f s", waiting, time.monotonic() - since
+        )
 
 
 def wait_for_nodes(

@@ -29,7 +29,7 @@ from mist_fed.fleet.flower.grid import (
     settled_nodes,
     wait_for_nodes,
 )
-from mist_fed.fleet.flower.workarounds import on_runtime_exit
+from mist_fed.fleet.flower.workarounds import check_app_environment, on_runtime_exit
 from mist_fed.fleet.runtime.cluster import clean_nodes, running_ray
 from mist_fed.fleet.runtime.provision import resolve_assets
 from mist_fed.fleet.runtime.session import RunSession
@@ -52,7 +52,8 @@ def _rounds_on_grid(grid: Grid, session: RunSession, nodes: list[int] | None = N
             f"the fleet has {spec.num_devices} devices but only {len(nodes)} Flower nodes; "
             f"run with num-supernodes = {spec.num_devices} (or lower --devices)"
         )
-    transport = GridTransport(grid, nodes, stop=stop, window=in_flight_window(spec))
+    window = in_flight_window(spec)  # None: no Ray in this process (real SuperNodes)
+    transport = GridTransport(grid, nodes, stop=stop, window=window, needs_ray=window is not None)
     transport.on_reply = session.progress.tick
     session.run_rounds(transport, progress_bars=session.progress.bar is not None)
 
@@ -122,6 +123,7 @@ def main(grid: Grid, context: Context) -> None:
     if not any(isinstance(h, _ToFlower) for h in ours.handlers):
         ours.addHandler(_ToFlower())
         ours.setLevel(logging.INFO)
+    check_app_environment()
     stop, finished = RunStop(), threading.Event()
 
     def on_exit() -> None:  # flwr stop, or a signal: end the fleet, then Ray (workarounds.py)

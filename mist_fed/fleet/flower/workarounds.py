@@ -23,6 +23,18 @@
   :mod:`mist_fed.fleet.runtime.stop` (the ClientApp runs each job inside its ``end_on_stop``).
   ``tests/test_flower_workarounds.py`` fails the day Flower's runtime stops waiting for busy
   jobs itself.
+* :func:`check_app_environment`: with Flower 1.42's runtime dependency installation on (its
+  default: no ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` where the SuperLink started),
+  ``flwr run .`` has ``uv sync`` install the app's dependencies into a new environment and puts
+  it ahead of the interpreter's own packages in the simulation process only (``sys.path``,
+  ``VIRTUAL_ENV``). The ServerApp then runs on that second copy of torch, Ray and the rest,
+  while Ray's worker processes, started from the interpreter, do not have it on their path.
+  Issue #23 reports such a run: it logged round 1, sat 13 minutes with no Ray process and
+  ended without results (the two copies are the likely cause; not reproduced here, where a
+  real install downloads several GB). The ServerApp refuses such an environment at once, in
+  one line naming the fix. ``tests/test_flwr_run.py`` runs
+  ``flwr run .`` with the installation on (a stand-in ``uv`` installs one package) and finds
+  the refusal within seconds.
 * :func:`on_runtime_exit`: under ``flwr run .``, ``flwr stop`` makes Flower 1.42's runtime
   force its process out without shutting Ray down (Ray's agents outlive the run); the
   ServerApp's exit hook stops the fleet and Ray first. ``tests/test_flwr_run.py`` stops a run
@@ -33,9 +45,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from flwr.supercore.task_identity import TaskIdentity
+
+from mist_fed.errors import ConfigError
 
 LOCAL_RUN_ID = 0
 LOCAL_NODE_ID = 0  # the "SuperLink" of strategies driven outside Flower's runtimes
@@ -95,6 +111,44 @@ def local_identity() -> Iterator[None]:
         TaskIdentity.run_id = None  # type: ignore[assignment]
         TaskIdentity.node_id = None  # type: ignore[assignment]
         TaskIdentity.task_id = None  # type: ignore[assignment]
+
+
+def separate_environment() -> tuple[Path, list[str]] | None:
+    """The environment put ahead of this interpreter's own packages, and what it holds, when
+    one is (Flower's runtime dependency installation does so); ``None`` otherwise.
+
+    An activated virtual environment is the interpreter's own (``sys.prefix``): not one."""
+    venv = os.environ.get("VIRTUAL_ENV")
+    if not venv or Path(venv).resolve() == Path(sys.prefix).resolve():
+        return None
+    env = Path(venv).resolve()
+    held: set[str] = set()
+    for entry in sys.path:
+        path = Path(entry or ".").resolve()
+        if path.is_relative_to(env) and path.is_dir():
+            held |= {
+                p.name.split(".")[0]
+                for p in path.iterdir()
+                if not p.name.startswith(("_", ".")) and not p.name.endswith((".dist-info", ".pth"))
+            }
+    return (env, sorted(held)) if held else None
+
+
+def check_app_environment() -> None:
+    """Refuse, in one line naming the fix, to run where Flower installed the app's dependencies
+    into an environment of their own (see the module docstring)."""
+    found = separate_environment()
+    if found is None:
+        return
+    env, held = found
+    shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+    raise ConfigError(
+        f"Flower's runtime dependency installation put a second copy of this app's "
+        f"dependencies ({shown}) in {env}, which the devices' Ray workers do not use, so they "
+        "would never answer: stop the local SuperLink (pkill -f flower-superlink) and run "
+        "again with FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 in the environment "
+        "(the app's dependencies are already installed), or run `mist-fed simulate`"
+    )
 
 
 def on_runtime_exit(callback: Callable[[], None]) -> None:
