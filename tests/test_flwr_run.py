@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -186,7 +187,7 @@ def test_flwr_run_writes_the_run_and_records_failed_devices(flwr, tmp_path: Path
 
 def test_flwr_stop_keeps_completed_rounds_and_leaves_no_process(flwr, tmp_path: Path) -> None:
     # Prepare: stopped once round 1 is written, while device 0 hangs in round 2 (a busy job:
-    # the case Flower's runtime mishandles, see fleet/flower.py::on_runtime_exit)
+    # the case Flower's runtime mishandles, see fleet/flower/workarounds.py::on_runtime_exit)
     run, tag, env = flwr
     env["MIST_FED_FAULTS"] = "hang:device=0,round=2"
     (tmp_path / "fleet.toml").write_text(FLEET)
@@ -247,4 +248,9 @@ def test_flwr_run_with_runtime_dependency_installation_says_how_to_run_it(
     assert "second copy of this app's dependencies (tomli_w)" in log, log[-4000:]
     assert "round 1 of" not in log and not results.exists()
     assert _wait_left_empty(tag, STOP_LIMIT_S) == []
-    print(f"refused; flwr run returned {proc.returncode} after {wall:.1f} s")
+    # `flwr run --stream` returns 0 whatever the run's outcome (Flower's CLI); Flower records
+    # the run as failed
+    (run_id,) = re.findall(r"Successfully started run (\d+)", log)
+    listed = run("list", "--run-id", run_id, "--format", "json", timeout=60)
+    assert "failed" in listed.stdout, listed.stdout + listed.stderr
+    print(f"refused; flwr run returned {proc.returncode} after {wall:.1f} s; run {run_id} failed")
