@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ from mist_fed.fleet.scoring import (
     fleet_row,
     mark_straggler,
 )
+from mist_fed.fleet.spec import FleetSpec
 from mist_fed.fleet.storage import RunStorage
 from mist_fed.fleet.transport import Reply, RunStopped, Transport
 
@@ -82,43 +83,34 @@ def sample_seed(seed: int, rnd: int, fleet_index: int) -> int:
     return seed * 100_003 + rnd * 97 + fleet_index
 
 
+@dataclass
 class SyncRounds:
-    """Rounds of sample -> send -> filter (failed, dropped, stragglers) -> aggregate -> score."""
+    """Rounds of sample -> send -> filter (failed, dropped, stragglers) -> aggregate -> score.
 
-    def __init__(
-        self,
-        plan: FleetPlan,
-        transport: Transport,
-        scorer: Scorer,
-        cloud: str,
-        storage: RunStorage,
-        *,
-        stop: threading.Event | None = None,
-        on_result: Callable[[DeviceResult], None] | None = None,
-        on_round: Callable[[RoundState], None] | None = None,
-        aggregators: Mapping[str, Aggregator | None] | None = None,
-    ) -> None:
-        """``storage``: the run's device storage (each job names its device's directory in
-        it); ``stop``, once set, ends the run with :class:`RunStopped` between rounds and
-        after a round's replies; ``on_result`` sees each result as it is decided;
-        ``aggregators``: each fleet's, by name (default: built from the spec, once)."""
-        self.plan = plan
-        self.spec = plan.spec
-        self.transport = transport
-        self.scorer = scorer
-        self.cloud = cloud
-        self.storage = storage
-        self.stop = stop
-        self.on_result = on_result
-        self.on_round = on_round
-        self.aggregators: dict[str, Aggregator | None] = (
-            dict(aggregators)
-            if aggregators is not None
-            else {
-                f.name: aggregation.build(f.aggregation, f.aggregation_args, f.devices)
-                for f in self.spec.fleets
-            }
-        )
+    ``storage``: the run's device storage (each job names its device's directory in it);
+    ``stop``, once set, ends the run with :class:`RunStopped` between rounds and after a
+    round's replies; ``on_result`` sees each result as it is decided, ``on_round`` the state
+    after each round; ``aggregators``: each fleet's, by name (default: built from the spec).
+    """
+
+    plan: FleetPlan
+    transport: Transport
+    scorer: Scorer
+    cloud: str
+    storage: RunStorage
+    stop: threading.Event | None = None
+    on_result: Callable[[DeviceResult], None] | None = None
+    on_round: Callable[[RoundState], None] | None = None
+    aggregators: dict[str, Aggregator | None] = field(default_factory=dict)
+    spec: FleetSpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.spec = self.plan.spec
+        for f in self.spec.fleets:
+            if f.name not in self.aggregators:
+                self.aggregators[f.name] = aggregation.build(
+                    f.aggregation, f.aggregation_args, f.devices
+                )
 
     # -- state -------------------------------------------------------------------------------
     def start(self, records: RunRecords | None = None) -> RoundState:

@@ -18,7 +18,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from mist_fed.defaults import DEFAULT_HOST
@@ -170,12 +169,7 @@ class RunSession:
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt | RunStopped)
         stopped = not self.completed and (interrupted or self.stop.is_set())
         self.stop.end_jobs()  # nothing of this run goes on waiting on a busy job
