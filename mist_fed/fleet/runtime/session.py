@@ -181,13 +181,7 @@ class RunSession:
         if exc_type is not None and not interrupted:
             return  # an error: the rounds checkpointed so far stay as they are
         wall = time.perf_counter() - self._t0
-        facts = {
-            **self.facts,
-            "wall_s": round(wall, 2),
-            "devices": self.spec.num_devices,
-            "rounds": self.spec.rounds,
-            **{f"cloud_{k}": v for k, v in cloud_stats.items() if k in CLOUD_FACTS},
-        }
+        facts = self._facts(**{f"cloud_{k}": v for k, v in cloud_stats.items() if k in CLOUD_FACTS})
         if self.completed:
             run_dir = write_results(self.spec, self.records, self.results_dir, self.run_id, facts)
             self.result = RunResult(run_dir, wall, self.records, cloud_stats, facts)
@@ -208,13 +202,16 @@ class RunSession:
             raise Interrupted(message, run_dir) from None
         log.warning("run %s", message)
 
+    def _facts(self, **more: Any) -> dict[str, Any]:
+        """``config.toml``'s ``[run]``: how the run was made, its wall time so far, ``more``."""
+        wall = round(time.perf_counter() - self._t0, 2)
+        counts = {"devices": self.spec.num_devices, "rounds": self.spec.rounds}
+        return {**self.facts, "wall_s": wall, **counts, **more}
+
     # -- the rounds --------------------------------------------------------------------------
     def checkpoint(self, state: RoundState) -> None:
         """After each round: its tables, marked as a run still going (``rounds_completed``)."""
-        wall = round(time.perf_counter() - self._t0, 2)
-        facts = {**self.facts, "wall_s": wall, "devices": self.spec.num_devices,
-                 "rounds": self.spec.rounds, "interrupted": True,
-                 "rounds_completed": state.round}  # fmt: skip
+        facts = self._facts(interrupted=True, rounds_completed=state.round)
         write_results(self.spec, state.records, self.results_dir, self.run_id, facts, plots=False)
 
     def run_rounds(self, transport: Transport, progress_bars: bool = False) -> None:
