@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MistError as e:
         print(f"mist-fed: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # commands clean up on their way out (see fleet.run)
+    except KeyboardInterrupt as e:  # commands clean up on their way out (see fleet.runtime.session)
         print(f"mist-fed: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         _exit_if_stuck(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED

@@ -6,7 +6,7 @@ its centralized reference and the wall time, appended as one JSON line to ``--ou
         --set '{"method": "mist_pool", "rounds": 10, "local_epochs": 3, "lr": 0.005}' \\
         --out docs/results/fleet-sweep/sweep.jsonl
 
-The rounds are the fleet's own (:class:`~mist_fed.fleet.runner.FleetRunner`: the same
+The rounds are the fleet's own (:class:`~mist_fed.fleet.rounds.SyncRounds`: the same
 strategies, devices, central reference and server-side scoring as ``simulations/run.py``);
 only the transport differs (devices run one after another in this process), so a sweep does
 not pay Ray's start-up per setting. ``--set`` takes the overrides ``simulations/run.py`` has
@@ -27,8 +27,8 @@ from pathlib import Path
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mist_fed.fleet.lifecycle import resolve_assets
-from mist_fed.fleet.run import run_plain
+from mist_fed.fleet.runtime.provision import resolve_assets
+from mist_fed.fleet.runtime.session import run_plain
 from mist_fed.fleet.spec import apply_overrides, load_fleet
 
 DEFAULT_FLEET = Path(__file__).resolve().parent / "fleets" / "default.toml"
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = json.loads(args.set)
     spec = resolve_assets(apply_overrides(load_fleet(args.fleet), **setting))
     t0 = time.perf_counter()
-    rec = run_plain(spec, args.cloud)
+    rec = run_plain(spec, cloud=args.cloud).records
     wall = time.perf_counter() - t0
     for fleet in spec.fleets:
         rows = [r for r in rec.fleets if r["fleet"] == fleet.name]

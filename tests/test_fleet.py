@@ -23,7 +23,7 @@ BACKBONE = {
 
 @pytest.fixture(scope="module")
 def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    from mist_fed.fleet.run import simulate
+    from mist_fed.fleet.flower.simulation import simulate
 
     tmp = tmp_path_factory.mktemp("fleet")
     tiny = tmp / "tiny-mem.toml"

@@ -36,7 +36,7 @@ def test_fault_spec_parses_and_rejects_typos(monkeypatch):
 @pytest.mark.ray
 @pytest.mark.network
 def test_dead_ray_worker_fails_one_device_and_the_round_completes(tmp_path, monkeypatch):
-    from mist_fed.fleet.run import simulate
+    from mist_fed.fleet.flower.simulation import simulate
 
     # Prepare: device 1's ClientApp calls os._exit in round 1
     monkeypatch.setenv(ENV, "exit:device=1,round=1")

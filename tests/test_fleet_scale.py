@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from mist_fed.fleet import server_app
-from mist_fed.fleet.device import OK, DeviceJob, DeviceResult
-from mist_fed.fleet.server_app import GridTransport
+from mist_fed.fleet.flower import grid as flower_grid
+from mist_fed.fleet.flower.grid import GridTransport
+from mist_fed.fleet.job import OK, DeviceJob, DeviceResult
 from mist_fed.report.results import write_run
 
 
@@ -60,16 +60,18 @@ def test_transport_keeps_at_most_its_window_in_flight_and_gets_every_reply(monke
         made.append(weights)
         return SimpleNamespace(job=job)
 
-    monkeypatch.setattr(server_app, "job_message", message)
+    monkeypatch.setattr(flower_grid, "job_message", message)
     monkeypatch.setattr(
-        server_app, "unpack_train_reply", lambda m, job: (DeviceResult(job.device, 1, OK), None)
+        flower_grid, "unpack_train_reply", lambda m, job: (DeviceResult(job.device, 1, OK), None)
     )
-    monkeypatch.setattr(server_app, "POLL_S", 0.0)
+    monkeypatch.setattr(flower_grid, "POLL_S", 0.0)
     grid = _QueueGrid()
     jobs = [_job(d) for d in range(25)]
     state = {"w": torch.zeros(3)}
     # Execute
-    out = GridTransport(grid, list(range(25)), window=4).train(jobs, [state] * 25)  # type: ignore[arg-type]
+    transport = GridTransport(grid, list(range(25)), window=4)  # type: ignore[arg-type]
+    transport.submit([(j, state) for j in jobs])
+    out = list(transport.replies())
     # Assert: 4 at most in flight, every device answered in job order, one weights record
     assert grid.most == 4 and grid.pushed == 25
     assert [r.device for r, _ in out] == list(range(25)) and {r.status for r, _ in out} == {OK}

@@ -15,7 +15,7 @@ import pytest
 
 from mist_fed.device.edge import DeviceMetrics
 from mist_fed.errors import ConfigError
-from mist_fed.fleet.device import DeviceJob, DeviceResult, StateDict, run_device
+from mist_fed.fleet.job import DeviceJob, DeviceResult, StateDict
 from mist_fed.fleet.partition import (
     dirichlet_split,
     iid_split,
@@ -23,13 +23,7 @@ from mist_fed.fleet.partition import (
     share_images,
     split_indices,
 )
-from mist_fed.fleet.reference import eval_ids
-from mist_fed.fleet.runner import (
-    FleetRunner,
-    PlannedDevice,
-    image_sharing,
-    plan_devices,
-)
+from mist_fed.fleet.plan import plan_fleet
 from mist_fed.fleet.spec import (
     FleetSpec,
     TaskFleet,
@@ -42,9 +36,11 @@ from mist_fed.fleet.spec import (
     spec_to_dict,
 )
 from mist_fed.fleet.storage import RunStorage, device_storage, resolve, run_name
+from mist_fed.fleet.worker import run_device
 from mist_fed.model.backbone import BackboneSpec
 from mist_fed.report.results import DEVICE_COLUMNS, FLEET_COLUMNS, summary_table, write_run
 from tests.fakes import TINY_DEVICE, MemorySource
+from tests.fleets import hand_plan, make_rounds, run_all
 
 FLEETS = Path(__file__).resolve().parents[1] / "simulations" / "fleets"
 
@@ -211,12 +207,12 @@ def test_plan_shares_images_when_the_split_is_smaller_than_the_fleet() -> None:
         train_per_device=8, test_per_device=4, eval_images=12,
     )  # fmt: skip
     # Execute
-    devices = plan_devices(spec)
+    plan = plan_fleet(spec)
     # Assert
-    assert image_sharing(devices, spec.fleets[0]) == (64, 40)
-    assert all(len(set(d.train_ids)) == 8 and len(set(d.test_ids)) == 4 for d in devices)
-    evals = set(eval_ids(spec.fleets[0].task, spec.eval_images, spec.seed))
-    assert set().union(*(d.test_ids for d in devices)) <= evals
+    assert plan.sharing(spec.fleets[0].name) == (64, 40)
+    assert all(len(set(d.train_ids)) == 8 and len(set(d.test_ids)) == 4 for d in plan.devices)
+    evals = set(plan.eval_ids[spec.fleets[0].task])
+    assert len(evals) == 12 and set().union(*(d.test_ids for d in plan.devices)) <= evals
 
 
 # -- messages' payloads and results --------------------------------------------------------------
@@ -240,10 +236,11 @@ def _rows() -> tuple[list[dict], list[dict]]:
     for rnd in (1, 2):
         for dev, status in ((0, "ok"), (1, "failed")):
             r = DeviceResult(dev, rnd, status, "" if status == "ok" else "exceeds device memory")
-            r.bytes_down, r.feature_bytes, r.images_down, r.accuracy = 100, 80, 4, 0.5
+            r.accuracy = 0.5
+            r.metrics = DeviceMetrics(bytes_down=100, feature_bytes=80, images_down=4)
             devices.append(
                 {"fleet": "t/mist", "task": "t", "method": "mist", "aggregation": "FedAvg",
-                 "profile": "rpi4", **dataclasses.asdict(r)}
+                 "profile": "rpi4", **r.row()}
             )  # fmt: skip
     fleets = [
         {"round": rnd, "fleet": "t/mist", "task": "t", "method": "mist", "aggregation": "fedavg",
@@ -283,12 +280,15 @@ def test_summary_table_takes_the_last_round() -> None:
 
 def test_device_result_columns_are_the_shared_metric_names() -> None:
     # Prepare
-    names = {f.name for f in dataclasses.fields(DeviceResult)}
-    # Execute
-    again = DeviceResult.from_metrics("ok", "", DeviceResult(1, 2, "ok").metrics())
+    result = DeviceResult(1, 2, "ok", metrics=DeviceMetrics(requests=3, transfer_s=0.5))
+    # Execute: as a transport's records carry it (ints may come back as floats)
+    row = result.row()
+    again = DeviceResult.from_row(
+        {k: float(v) if isinstance(v, int) else v for k, v in row.items()}
+    )
     # Assert: devices.parquet, metrics.json and compare.parquet share DeviceMetrics' names
-    assert set(DeviceMetrics().as_dict()) <= names
-    assert again == DeviceResult(1, 2, "ok") and isinstance(again.requests, int)
+    assert set(DeviceMetrics().as_dict()) <= set(row)
+    assert again == result and isinstance(again.metrics.requests, int)
 
 
 # -- the device worker: one EdgeDevice per device-round ------------------------------------------
@@ -344,14 +344,29 @@ def test_a_device_pays_for_its_features_once_and_reads_its_cache_after(tmp_path:
     # Assert
     assert first.status == second.status == "ok", (first.reason, second.reason)
     assert state is not None and again is not None
-    assert first.feature_bytes > 0 and first.images_down == 15 and first.num_examples == 12
+    assert (
+        first.metrics.feature_bytes > 0
+        and first.metrics.images_down == 15
+        and first.num_examples == 12
+    )
     assert asked == 2 and len(src.streams) == 2  # round 2 read the device's cache
-    assert second.feature_bytes == 0 and second.images_down == 0
+    assert second.metrics.feature_bytes == 0 and second.metrics.images_down == 0
     weights = sum(t.numel() * t.element_size() for t in state.values())
-    assert second.bytes_down == weights and second.bytes_up == weights
-    assert first.bytes_down == first.feature_bytes and first.bytes_up == weights
-    assert second.transfer_s > 0 and second.compute_s > 0 and second.train_steps == 2 * 3
-    assert 0 <= second.accuracy <= 1 and second.peak_mem_mb >= 0 and second.edge_params > 0
+    assert second.metrics.bytes_down == weights and second.metrics.bytes_up == weights
+    assert (
+        first.metrics.bytes_down == first.metrics.feature_bytes
+        and first.metrics.bytes_up == weights
+    )
+    assert (
+        second.metrics.transfer_s > 0
+        and second.metrics.compute_s > 0
+        and second.metrics.train_steps == 2 * 3
+    )
+    assert (
+        0 <= second.accuracy <= 1
+        and second.metrics.peak_mem_mb >= 0
+        and second.metrics.edge_params > 0
+    )
 
 
 def test_a_device_over_its_memory_cap_fails_and_sends_no_weights(tmp_path: Path) -> None:
@@ -362,7 +377,7 @@ def test_a_device_over_its_memory_cap_fails_and_sends_no_weights(tmp_path: Path)
     res, state = run_device(_job("dev", 1, str(tiny)), None, lambda c: MemorySource(), tmp_path)
     # Assert
     assert res.status == "failed" and "exceeds device memory" in res.reason
-    assert state is None and res.bytes_up == 0 and res.mem_cap_mb == 1
+    assert state is None and res.metrics.bytes_up == 0 and res.metrics.mem_cap_mb == 1
 
 
 def test_fleet_rounds_over_devices_with_their_own_storage(tmp_path: Path) -> None:
@@ -370,10 +385,7 @@ def test_fleet_rounds_over_devices_with_their_own_storage(tmp_path: Path) -> Non
     src = MemorySource()
     fleets = [{"task": "synthetic", "devices": 2}]
     spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 2, "batch_size": 4})
-    ids = [tuple(f"train-{6 * d + i}" for i in range(6)) for d in range(2)]
-    devices = [PlannedDevice(d, spec.fleets[0], "rpi4", ids[d], (f"test-{d}",), 3) for d in (0, 1)]
-    run = RunStorage(tmp_path, "run-1")
-    runner = FleetRunner(spec, devices, "memory://", run, source=lambda c: src)
+    plan = hand_plan(spec, eval_ids=[f"test-{i}" for i in range(16)])
     jobs_sent: list[DeviceJob] = []
 
     # Execute
@@ -383,14 +395,17 @@ def test_fleet_rounds_over_devices_with_their_own_storage(tmp_path: Path) -> Non
             run_device(j, s, lambda c: src, tmp_path) for j, s in zip(jobs, states, strict=True)
         ]
 
-    rec = runner.run(train)
+    rec, _ = run_all(make_rounds(plan, train, lambda c: src, tmp_path, stub=False))
     # Assert
     dev = pd.DataFrame(rec.devices).set_index(["round", "device"])
     assert (dev["status"] == "ok").all(), dev["reason"]
     assert (dev.loc[1, "feature_bytes"] > 0).all() and (dev.loc[2, "feature_bytes"] == 0).all()
     assert dev.loc[2, "received_digest"].nunique() == 1  # fedavg: one global model
-    assert {j.storage for j in jobs_sent} == {"run-1/synthetic_mist/0", "run-1/synthetic_mist/1"}
-    assert {p.name for p in (tmp_path / "run-1" / "synthetic_mist").iterdir()} == {"0", "1"}
+    assert {j.storage for j in jobs_sent} == {
+        "run-test/synthetic_mist/0",
+        "run-test/synthetic_mist/1",
+    }
+    assert {p.name for p in (tmp_path / "run-test" / "synthetic_mist").iterdir()} == {"0", "1"}
     # train + test per device in round 1 only; the server: the union and the evaluation images
     assert len(src.streams) == 2 * 2 + 2
     fl = pd.DataFrame(rec.fleets)
@@ -401,7 +416,7 @@ def test_fleet_rounds_over_devices_with_their_own_storage(tmp_path: Path) -> Non
 def test_the_device_worker_imports_no_backbone_code() -> None:
     # Execute: what a Ray worker imports to serve the fleet's ClientApp
     code = (
-        "import sys, mist_fed.fleet.client_app; "
+        "import sys, mist_fed.fleet.flower.client_app; "
         "print(sorted({'timm', 'mist_fed.model.backbone'} & set(sys.modules)))"
     )
     out = subprocess.run(
@@ -423,8 +438,8 @@ def test_the_default_fleet_falls_back_to_a_synthetic_task_that_runs_on_its_wire(
     # Prepare: the shipped default fleet scaled down, its real task unavailable
     from mist_fed.cloud.config import ServeConfig
     from mist_fed.cloud.runner import running_cloud
-    from mist_fed.fleet.lifecycle import load_backbone, resolve_assets
-    from mist_fed.fleet.run import run_plain
+    from mist_fed.fleet.runtime.provision import load_backbone, resolve_assets
+    from mist_fed.fleet.runtime.session import run_plain
 
     monkeypatch.setenv("MIST_FED_CACHE", str(tmp_path / "cache"))
     shipped = load_fleet(FLEETS / "default.toml")
@@ -436,7 +451,7 @@ def test_the_default_fleet_falls_back_to_a_synthetic_task_that_runs_on_its_wire(
     spec = resolve_assets(missing)
     serve = ServeConfig(port=0, cache_dir=str(tmp_path / "store"), tasks=(spec.fleets[0].task,))
     with running_cloud(serve, backbone=load_backbone(spec.backbone)) as loc:
-        records = run_plain(spec, loc)
+        records = run_plain(spec, cloud=loc).records
     # Assert: the fallback task and backbone, on the shipped wire, every device-round ok
     assert spec.fleets[0].task == shipped.fallback_task
     assert spec.backbone == shipped.fallback_backbone and spec.wire_dtype == shipped.wire_dtype

@@ -1,14 +1,16 @@
-"""The Ray workarounds kept in ``mist_fed/fleet/flower.py``, and the Flower behaviour behind them.
+"""The Ray workarounds kept in ``mist_fed/fleet/flower/workarounds.py`` and the device side of
+the run's one stop (``fleet/runtime/stop.py``), and the Flower behaviour behind them.
 
 The ``upstream`` tests run Flower's own simulation (public ``run_simulation``, a ServerApp and a
 ClientApp of a few lines, one Ray actor) and fail the day Flower changes what a workaround
-works around: then the workaround, its test and its lines in ``fleet/flower.py`` go or change.
+works around: then the workaround, its test and its lines in ``fleet/flower/`` go or change.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,15 +20,13 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from mist_fed.fleet.flower import (
-    STOP_FILE,
-    JobStopped,
+from mist_fed.errors import ConfigError
+from mist_fed.fleet.flower.workarounds import (
     actor_options,
-    end_on_stop,
+    check_app_environment,
     quiet_actor_retries,
-    request_stop,
 )
-from mist_fed.fleet.run import jobs_end_with_run
+from mist_fed.fleet.runtime.stop import STOP_FILE, JobStopped, RunStop, end_on_stop
 from mist_fed.fleet.storage import RunStorage, resolve, run_name
 
 BUSY_S = 4.0  # a job the ServerApp leaves running when it ends
@@ -34,6 +34,13 @@ RUN_LIMIT_S = 240  # one small simulation, Ray start included, on a loaded host
 
 
 # -- in-process parts -----------------------------------------------------------------------------
+
+
+def _stop(storage: str | Path) -> None:
+    """The run's one stop, as its session would call it, on ``storage``."""
+    stop = RunStop()
+    stop.attach(Path(storage))
+    stop.stop("test")
 
 
 def test_a_job_does_not_start_in_a_stopping_run(tmp_path) -> None:
@@ -45,31 +52,52 @@ def test_a_job_does_not_start_in_a_stopping_run(tmp_path) -> None:
     # Execute / Assert
     with end_on_stop(watched):
         pass  # no stop yet: the job runs (no Ray here, so nothing watches it)
-    request_stop(run.path)
+    _stop(run.path)
     assert (run.path / STOP_FILE).is_file()
     with pytest.raises(JobStopped), end_on_stop(watched):
         pytest.fail("a job started in a stopping run")
-    request_stop(tmp_path / "gone")  # a run whose storage is gone: nothing to do, no error
+    _stop(tmp_path / "gone")  # a run whose storage is gone: nothing to do, no error
 
 
-@pytest.mark.parametrize("trigger", ["stop", "done", "neither"])
-def test_busy_jobs_are_asked_to_end_once_the_run_stops_or_its_server_ends(
-    tmp_path, trigger
-) -> None:
+@pytest.mark.parametrize("when", ["after", "before", "never"])
+def test_the_run_stop_reaches_this_machines_jobs_whenever_it_comes(tmp_path, when) -> None:
     # Prepare
-    stop, done = threading.Event(), threading.Event()
-    # Execute
-    with jobs_end_with_run(tmp_path, stop, done):
-        if trigger == "stop":
-            stop.set()
-        elif trigger == "done":
-            done.set()
-        end = time.monotonic() + 5
-        while trigger != "neither" and not (tmp_path / STOP_FILE).exists():
-            assert time.monotonic() < end, "the stop was not passed on"
-            time.sleep(0.05)
-    # Assert: asked only when the run stopped or its ServerApp ended
-    assert (tmp_path / STOP_FILE).exists() == (trigger != "neither")
+    stop = RunStop()
+    # Execute: a stop before the run's storage exists reaches the jobs once it does
+    if when == "before":
+        stop.stop("test")
+    stop.attach(tmp_path)
+    if when == "after":
+        stop.stop("test")
+    # Assert
+    assert (tmp_path / STOP_FILE).exists() == (when != "never") == stop.is_set()
+
+
+@pytest.mark.parametrize("holds", ["a dependency", "nothing", "own venv"])
+def test_an_environment_ahead_of_the_interpreters_own_packages_is_refused_in_one_line(
+    tmp_path, monkeypatch, holds
+) -> None:
+    # Prepare: what Flower's runtime dependency installation does to its process
+    env = tmp_path / "runtime-envs" / "42"
+    site = env / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    if holds == "a dependency":
+        (site / "torch").mkdir()
+        (site / "torch-2.14.1.dist-info").mkdir()
+    monkeypatch.setenv("VIRTUAL_ENV", str(env))
+    monkeypatch.syspath_prepend(str(site))
+    if holds == "own venv":  # an activated venv is the interpreter's own
+        monkeypatch.setattr(sys, "prefix", str(env))
+        (site / "torch").mkdir()
+    # Execute / Assert
+    if holds != "a dependency":
+        check_app_environment()
+        return
+    with pytest.raises(ConfigError) as e:
+        check_app_environment()
+    msg = str(e.value)
+    assert "\n" not in msg and "(torch)" in msg and str(env) in msg
+    assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in msg and "mist-fed simulate" in msg
 
 
 # -- Flower's behaviour behind the workarounds (one small simulation each) ------------------------
@@ -113,7 +141,7 @@ def _server_app(steps: list[dict], replies: list[str]) -> ServerApp:
                 while not started.exists() and time.monotonic() < end:
                     time.sleep(0.05)
                 if step["watch"]:
-                    request_stop(str(step["dir"]))
+                    _stop(str(step["dir"]))
                 return  # the ServerApp ends with the job still running
             [reply] = grid.send_and_receive([msg], timeout=90)
             replies.append(reply.error.reason if reply.has_error() else "ok")
@@ -168,7 +196,7 @@ def test_upstream_still_sends_jobs_to_a_dead_actor() -> None:
 def test_upstream_takes_actor_options_and_waits_for_busy_jobs(tmp_path, monkeypatch) -> None:
     """Fails the day Flower stops passing client_resources into the actor's options (the dead
     worker's next job fails), or stops waiting for a job still running when the ServerApp ends
-    (then jobs_end_with_run / end_on_stop may go)."""
+    (then RunStop's stop file and end_on_stop may go)."""
     # Prepare
     monkeypatch.delenv("RAY_enable_output_error_log_if_still_retry", raising=False)
     quiet_actor_retries()

@@ -5,7 +5,8 @@ What docs/reliability.md promises for this path: results land in the absolute ``
 the run config; a device over its memory cap and a device whose Ray worker dies are recorded
 as failed and the run completes; ``flwr stop`` keeps the completed rounds' files and leaves no
 process of the run (only Flower's SuperLink, which outlives runs by design, and which the
-test stops).
+test stops); with Flower's runtime dependency installation on (its default), the run ends
+within seconds of the ServerApp starting, saying in one line how to run it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -101,6 +103,29 @@ def flwr(tmp_path: Path) -> Iterator[tuple[Flwr, str, Env]]:
                 os.kill(pid, signal.SIGKILL)
 
 
+STAND_IN_UV = """\
+\"\"\"A stand-in for ``python -m uv`` (tests only): ``sync`` installs one of the app's
+dependencies (a copy of tomli_w) into the environment Flower names, as a real ``uv sync``
+installs all of them (several GB: torch, Ray, ...).\"\"\"
+import os, shutil, sys
+from pathlib import Path
+
+import tomli_w
+
+if sys.argv[1:2] == ["--version"]:
+    print("uv 0.0.0 (mist-fed test stand-in)")
+elif sys.argv[1:2] == ["sync"]:
+    env = Path(os.environ["UV_PROJECT_ENVIRONMENT"])
+    site = env / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    site.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(Path(tomli_w.__file__).parent, site / "tomli_w")
+    print(" + tomli-w==1.0.0")
+else:
+    sys.exit(2)
+"""
+DEPENDENCY_LIMIT_S = 240  # the whole `flwr run`: SuperLink start, install, refusal, teardown
+
+
 def _wait_left_empty(tag: str, limit_s: float) -> list[str]:
     end = time.monotonic() + limit_s
     while (left := _left(tag)) and time.monotonic() < end:
@@ -162,7 +187,7 @@ def test_flwr_run_writes_the_run_and_records_failed_devices(flwr, tmp_path: Path
 
 def test_flwr_stop_keeps_completed_rounds_and_leaves_no_process(flwr, tmp_path: Path) -> None:
     # Prepare: stopped once round 1 is written, while device 0 hangs in round 2 (a busy job:
-    # the case Flower's runtime mishandles, see fleet/flower.py::on_runtime_exit)
+    # the case Flower's runtime mishandles, see fleet/flower/workarounds.py::on_runtime_exit)
     run, tag, env = flwr
     env["MIST_FED_FAULTS"] = "hang:device=0,round=2"
     (tmp_path / "fleet.toml").write_text(FLEET)
@@ -193,3 +218,39 @@ def test_flwr_stop_keeps_completed_rounds_and_leaves_no_process(flwr, tmp_path: 
     dev = pd.read_parquet(results / "stop" / "devices.parquet")
     assert sorted(dev["round"].unique()) == list(range(1, done + 1)) and len(dev) == 3 * done
     print(f"stopped after {done} rounds; {len(left)} left {stop_s:.1f} s after")
+
+
+def test_flwr_run_with_runtime_dependency_installation_says_how_to_run_it(
+    flwr, tmp_path: Path
+) -> None:
+    # Prepare: Flower's default (installation on), with a stand-in uv ahead of the real one
+    run, tag, env = flwr
+    env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION")
+    (tmp_path / "uv-stand-in" / "uv").mkdir(parents=True)
+    (tmp_path / "uv-stand-in" / "uv" / "__main__.py").write_text(STAND_IN_UV)
+    (tmp_path / "uv-stand-in" / "uv" / "__init__.py").write_text("")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "uv-stand-in"), str(ROOT)])
+    (tmp_path / "fleet.toml").write_text(FLEET)
+    results = tmp_path / "results"
+    config = f"fleet='{tmp_path / 'fleet.toml'}' rounds=2 results-dir='{results}' run-id='dep'"
+    # Execute
+    t0 = time.monotonic()
+    proc = run(
+        "run", ".", "--stream", "--federation-config", "num-supernodes=3 init-args-num-cpus=2",
+        "--run-config", config, timeout=DEPENDENCY_LIMIT_S,
+    )  # fmt: skip
+    wall = time.monotonic() - t0
+    # Assert: the install ran, then the ServerApp refused at once, naming the fix; no results,
+    # no round started, nothing of the run left behind
+    log = proc.stdout + proc.stderr
+    assert "tomli-w" in log or "Installed" in log, log[-4000:]
+    assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in log, log[-4000:]
+    assert "second copy of this app's dependencies (tomli_w)" in log, log[-4000:]
+    assert "round 1 of" not in log and not results.exists()
+    assert _wait_left_empty(tag, STOP_LIMIT_S) == []
+    # `flwr run --stream` returns 0 whatever the run's outcome (Flower's CLI); Flower records
+    # the run as failed
+    (run_id,) = re.findall(r"Successfully started run (\d+)", log)
+    listed = run("list", "--run-id", run_id, "--format", "json", timeout=60)
+    assert "failed" in listed.stdout, listed.stdout + listed.stderr
+    print(f"refused; flwr run returned {proc.returncode} after {wall:.1f} s; run {run_id} failed")

@@ -4,6 +4,7 @@ process left behind (the embedded cloud, Ray and Flower's threads all stop)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -19,9 +20,11 @@ import pytest
 import torch
 
 from mist_fed.cli import EXIT_INTERRUPTED
-from mist_fed.fleet import server_app
-from mist_fed.fleet.device import DeviceJob
-from mist_fed.fleet.server_app import GridTransport, RunStopped, wait_for_nodes
+from mist_fed.errors import MistError
+from mist_fed.fleet.flower import grid as flower_grid
+from mist_fed.fleet.flower.grid import GridTransport, wait_for_nodes
+from mist_fed.fleet.job import DeviceJob
+from mist_fed.fleet.transport import RunStopped
 from tests.conftest import sigint_as_in_a_terminal
 from tests.procs import tagged_pids
 
@@ -62,7 +65,7 @@ class _SilentGrid:
 
 def test_a_stopped_run_stops_waiting_for_nodes_and_replies(monkeypatch) -> None:
     # Prepare (a Flower Message needs a live run: the jobs travel as placeholders here)
-    monkeypatch.setattr(server_app, "job_message", lambda *a: object())
+    monkeypatch.setattr(flower_grid, "job_message", lambda *a: object())
     stop = threading.Event()
     job = DeviceJob(
         device=0, fleet="f", task="synthetic", method="mist", profile="rpi4", round=1,
@@ -73,10 +76,37 @@ def test_a_stopped_run_stops_waiting_for_nodes_and_replies(monkeypatch) -> None:
     threading.Timer(0.2, stop.set).start()
     # Execute / Assert: both waits end soon after the stop, not at their timeouts
     t0 = time.monotonic()
+    transport.submit([(job, {"w": torch.zeros(2)})])
     with pytest.raises(RunStopped):
-        transport.train([job], [{"w": torch.zeros(2)}])
+        list(transport.replies())
     with pytest.raises(RunStopped):
         wait_for_nodes(_SilentGrid(), 2, timeout_s=60, stop=stop)  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_wait_for_replies_is_never_silent_and_ends_when_ray_is_gone(monkeypatch, caplog) -> None:
+    # Prepare: replies that never come; the transport says so every 0.2 s
+    monkeypatch.setattr(flower_grid, "job_message", lambda *a: object())
+    monkeypatch.setattr(flower_grid, "QUIET_LOG_S", 0.2)
+    job = DeviceJob(
+        device=0, fleet="f", task="synthetic", method="mist", profile="rpi4", round=1,
+        train_ids=("a",), test_ids=("b",), num_classes=2, storage="run-1/f/0",
+    )  # fmt: skip
+    stop = threading.Event()
+    waits = GridTransport(_SilentGrid(), [7], stop=stop)  # type: ignore[arg-type]
+    gone = GridTransport(_SilentGrid(), [7], needs_ray=True)  # type: ignore[arg-type]
+    threading.Timer(1.0, stop.set).start()
+    # Execute / Assert: real SuperNodes: it logs while it waits, until the run stops
+    caplog.set_level(logging.INFO, logger="mist_fed")
+    waits.submit([(job, {"w": torch.zeros(2)})])
+    with pytest.raises(RunStopped):
+        list(waits.replies())
+    assert "waiting for 1 device job(s)" in caplog.text
+    # ... a simulation whose Ray is gone (none in this process): an error, not a wait
+    gone.submit([(job, {"w": torch.zeros(2)})])
+    t0 = time.monotonic()
+    with pytest.raises(MistError, match="Ray runtime is gone with 1 device job"):
+        list(gone.replies())
     assert time.monotonic() - t0 < 5
 
 

@@ -1,4 +1,13 @@
-"""The import directions of DESIGN.md's module map, and an edge that imports only an edge's needs."""
+"""The import directions of DESIGN.md's module map, over every package, and an edge that imports
+only an edge's needs.
+
+``core`` <- ``wire`` <- ``cloud`` / ``device`` <- ``fleet`` / ``experiments`` <- ``cli``, with
+``data`` (the assets: tasks on disk) and ``report`` beside them; ``model`` is the backbone code
+that still waits to be folded into ``core`` and ``cloud`` (it sits with ``wire``). Inside
+``fleet``: the domain (``fleet/*.py``) <- ``fleet/runtime/`` <- ``fleet/flower/``; only
+``fleet/flower/`` imports ``flwr``, and the domain imports no ``ray``. Imports are read
+anywhere in a module, inside functions too: a lazy import still points one way.
+"""
 
 import ast
 import subprocess
@@ -9,38 +18,128 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "mist_fed"
 
-# package -> the mist_fed packages its modules may import at module level
+BASE = {"errors", "registry", "defaults"}  # the foundations every package may use
+# package -> the mist_fed packages its modules may import (anywhere)
 ALLOWED = {
-    "core": {"core", "errors", "registry"},
-    "wire": {"core", "wire", "errors", "registry"},
-    "device": {"core", "wire", "device", "errors", "registry", "defaults"},
+    "errors": set(),
+    "registry": {"errors"},
+    "defaults": set(),
+    "core": BASE,
+    "wire": BASE | {"core"},
+    "model": BASE | {"core"},
+    "data": BASE | {"model"},
+    "report": BASE,
+    "cloud": BASE | {"core", "wire", "model", "data"},
+    "device": BASE | {"core", "wire", "data"},
+    "fleet": BASE | {"core", "wire", "model", "data", "report", "cloud", "device"},
+    "experiments": BASE | {"core", "wire", "model", "data", "report", "cloud", "device"},
+    "commands": BASE
+    | {
+        "core",
+        "wire",
+        "model",
+        "data",
+        "report",
+        "cloud",
+        "device",
+        "fleet",
+        "experiments",
+    },
+    "cli": {"errors", "commands"},
 }
 
 
-def _imports(path: Path) -> set[str]:
-    """The mist_fed packages a module imports at module level (not inside functions)."""
+def _imported(path: Path) -> set[str]:
+    """Every module name a file imports, anywhere in it (absolute imports: the package's own)."""
     out = set()
-    for node in ast.parse(path.read_text()).body:
-        names = []
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module]
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "mist_fed" and len(parts) > 1:
-                out.add(parts[1])
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
     return out
 
 
+def _package(path: Path) -> str:
+    top = path.relative_to(PKG).parts[0]
+    return top.removesuffix(".py")
+
+
+def _packages_used(path: Path) -> set[str]:
+    return {
+        name.split(".")[1]
+        for name in _imported(path)
+        if name.startswith("mist_fed.") and name.split(".")[1] in ALLOWED
+    } - {_package(path)}
+
+
+def test_every_package_is_in_the_map() -> None:
+    # Assert: a new package must be placed in the map (and so in a layer) before it lands
+    found = {_package(p) for p in PKG.glob("*") if p.name != "__init__.py" and p.name[0] != "_"}
+    found = {f for f in found if (PKG / f).is_dir() or (PKG / f"{f}.py").is_file()}
+    assert found - {"__pycache__"} == set(ALLOWED)
+
+
 @pytest.mark.parametrize("package", sorted(ALLOWED))
-def test_no_module_imports_a_layer_above_its_own(package):
+def test_no_module_imports_a_layer_above_its_own(package: str) -> None:
+    # Prepare
+    files = [PKG / f"{package}.py"] if (PKG / f"{package}.py").is_file() else []
+    files += sorted((PKG / package).rglob("*.py")) if (PKG / package).is_dir() else []
+    assert files
+    # Execute
     bad = {
-        str(p.relative_to(PKG)): sorted(_imports(p) - ALLOWED[package])
-        for p in (PKG / package).glob("*.py")
-        if _imports(p) - ALLOWED[package]
+        str(p.relative_to(PKG)): sorted(_packages_used(p) - ALLOWED[package])
+        for p in files
+        if _packages_used(p) - ALLOWED[package]
     }
+    # Assert
     assert not bad, bad
+
+
+def _fleet_part(path: Path) -> str:
+    parts = path.relative_to(PKG / "fleet").parts
+    return parts[0] if len(parts) > 1 else "domain"
+
+
+def _fleet_parts_used(path: Path) -> set[str]:
+    out = set()
+    for name in _imported(path):
+        parts = name.split(".")
+        if parts[:2] == ["mist_fed", "fleet"] and len(parts) > 2:
+            out.add(parts[2] if parts[2] in ("flower", "runtime") else "domain")
+    return out
+
+
+def test_inside_the_fleet_the_domain_imports_neither_adapter_and_runtime_no_flower() -> None:
+    # Prepare: domain <- runtime <- flower (the registry loads Flower's strategies by name)
+    allowed = {"domain": {"domain"}, "runtime": {"domain", "runtime"},
+               "flower": {"domain", "runtime", "flower"}}  # fmt: skip
+    files = sorted((PKG / "fleet").rglob("*.py"))
+    # Execute
+    bad = {
+        str(p.relative_to(PKG)): sorted(_fleet_parts_used(p) - allowed[_fleet_part(p)])
+        for p in files
+        if _fleet_parts_used(p) - allowed[_fleet_part(p)]
+    }
+    # Assert
+    assert {_fleet_part(p) for p in files} == set(allowed)  # the parts are the real ones
+    assert not bad, bad
+
+
+def _third_party(path: Path, top: str) -> bool:
+    return any(name == top or name.startswith(f"{top}.") for name in _imported(path))
+
+
+def test_only_the_flower_adapters_import_flwr_and_the_fleet_domain_no_ray() -> None:
+    # Execute
+    flwr = sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if _third_party(p, "flwr"))
+    ray = sorted(
+        str(p.relative_to(PKG)) for p in (PKG / "fleet").glob("*.py") if _third_party(p, "ray")
+    )
+    # Assert
+    assert flwr and all(p.startswith("fleet/flower/") for p in flwr), flwr
+    assert ray == []
 
 
 def test_the_edge_imports_no_cloud_fleet_or_report_libraries():
@@ -54,25 +153,29 @@ def test_the_edge_imports_no_cloud_fleet_or_report_libraries():
     assert out.stdout.strip() == "[]", out.stdout
 
 
-def _fleet_imports(path: Path) -> set[str]:
-    """The ``mist_fed.fleet`` modules a module imports anywhere (inside functions too)."""
+def _fleet_modules(path: Path) -> set[str]:
+    """The ``mist_fed.fleet`` modules a module imports anywhere, by dotted name below fleet."""
+    known = {_fleet_name(p) for p in (PKG / "fleet").rglob("*.py")}
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "mist_fed.fleet":
-                out |= {a.name for a in node.names}
-            elif node.module.startswith("mist_fed.fleet."):
-                out.add(node.module.split(".")[2])
-        elif isinstance(node, ast.Import):
-            out |= {
-                a.name.split(".")[2] for a in node.names if a.name.startswith("mist_fed.fleet.")
-            }
+    for name in _imported(path):
+        if name.startswith("mist_fed.fleet."):
+            rest = name.removeprefix("mist_fed.fleet.")
+            while rest and rest not in known:
+                rest = rest.rpartition(".")[0]
+            if rest:
+                out.add(rest)
     return out
+
+
+def _fleet_name(path: Path) -> str:
+    return ".".join(path.relative_to(PKG / "fleet").with_suffix("").parts)
 
 
 def test_the_fleet_modules_import_each_other_without_a_cycle():
     # Prepare: fleet module -> the fleet modules it imports, at module level or in a function
-    graph = {p.stem: _fleet_imports(p) - {p.stem} for p in (PKG / "fleet").glob("*.py")}
+    graph = {
+        _fleet_name(p): _fleet_modules(p) - {_fleet_name(p)} for p in (PKG / "fleet").rglob("*.py")
+    }
     # Execute: depth-first search for a back edge
     state: dict[str, str] = {}
     cycles = []
@@ -90,5 +193,6 @@ def test_the_fleet_modules_import_each_other_without_a_cycle():
         if start not in state:
             visit(start, [start])
     # Assert
-    assert "run" in graph and "server_app" in graph["run"]  # the graph is the real one
+    assert "runtime.session" in graph["flower.simulation"]  # the graph is the real one
+    assert "rounds" in graph["runtime.session"]
     assert cycles == []

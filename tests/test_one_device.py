@@ -17,8 +17,11 @@ from mist_fed.device.profiles import load_profile
 from mist_fed.device.source import FlightSource
 from mist_fed.device.trainer import TrainConfig
 from mist_fed.experiments.compare import CompareConfig, Comparison, Variant
-from mist_fed.fleet.device import DeviceJob, run_device
-from mist_fed.fleet.runner import initial_state
+from mist_fed.fleet.job import DeviceJob
+from mist_fed.fleet.plan import FleetPlan
+from mist_fed.fleet.scoring import Scorer
+from mist_fed.fleet.spec import FleetSpec, TaskFleet
+from mist_fed.fleet.worker import run_device
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -56,8 +59,9 @@ def test_client_fleet_and_comparison_measure_one_device_alike(tiny_backbone, tmp
             num_classes=task.num_classes, cloud=loc, storage="fleet",
             k=K, wire_dtype=DTYPE, epochs=EPOCHS, seed=0,
         )  # fmt: skip
-        with FlightSource(loc) as src:
-            state = initial_state(src, "mist", task.num_classes, seed=0)
+        spec = FleetSpec(fleets=(TaskFleet(TASK, 1),), k=K, wire_dtype=DTYPE, seed=0)
+        server = Scorer(FleetPlan(spec, (), {}), loc, tmp_path / "server")
+        state = server.initial_state(spec.fleets[0], task.num_classes)
         fleet, _ = run_device(job, state, root=tmp_path)
         # Execute 3: the comparison's row
         cfg = CompareConfig(
@@ -72,8 +76,8 @@ def test_client_fleet_and_comparison_measure_one_device_alike(tiny_backbone, tmp
     paid = {name: _paid(tmp_path / name) for name in ("client", "fleet", "compare")}
     assert paid["client"] == paid["compare"] == {**paid["fleet"], "val": paid["client"]["val"]}
     assert client["feature_bytes"] == row.device.feature_bytes == sum(paid["client"].values())
-    assert fleet.feature_bytes == paid["fleet"]["train"] + paid["fleet"]["test"]
-    assert client["edge_params"] == fleet.edge_params == row.device.edge_params > 0
-    assert client["edge_macs"] == fleet.edge_macs == row.device.edge_macs > 0
+    assert fleet.metrics.feature_bytes == paid["fleet"]["train"] + paid["fleet"]["test"]
+    assert client["edge_params"] == fleet.metrics.edge_params == row.device.edge_params > 0
+    assert client["edge_macs"] == fleet.metrics.edge_macs == row.device.edge_macs > 0
     accs = [client["accuracy"], fleet.accuracy, row.accuracy]
     assert max(accs) - min(accs) <= 0.003, accs

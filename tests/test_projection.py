@@ -619,7 +619,7 @@ def test_the_clis_and_the_fleet_spec_take_a_projected_name(capsys):
 @pytest.mark.network
 def test_a_fleet_trains_and_averages_nets_on_a_projected_wire(tiny_backbone, tmp_path, monkeypatch):
     # Prepare: two FedAvg devices over two rounds on pca8-int4ch, through the plain fleet loop
-    from mist_fed.fleet.run import run_plain
+    from mist_fed.fleet.runtime.session import run_plain
     from mist_fed.fleet.spec import spec_from_dict
 
     monkeypatch.setenv("MIST_FED_CACHE", str(tmp_path / "cache"))
@@ -643,7 +643,7 @@ def test_a_fleet_trains_and_averages_nets_on_a_projected_wire(tiny_backbone, tmp
     )  # fmt: skip
     # Execute
     with running_cloud(_serve(tmp_path / "store"), backbone=tiny_backbone) as loc:
-        records = run_plain(spec, loc)
+        records = run_plain(spec, cloud=loc).records
     # Assert: every device-round ok, on nets of 8 channels, the two devices averaged alike
     assert [d["status"] for d in records.devices] == ["ok"] * 4
     (state,) = records.final_states.values()

@@ -61,7 +61,7 @@ model_kwargs = { img_size = 32, patch_size = 8, depth = 2, embed_dim = 32, num_h
 PROBE = """\
 import json, sys
 import ray
-from mist_fed.fleet.ray_env import ray_runtime
+from mist_fed.fleet.runtime.cluster import ray_runtime
 
 @ray.remote(num_cpus=1)
 def facts():

@@ -11,7 +11,8 @@ import pytest
 
 from mist_fed.defaults import DEFAULT_HOST
 from mist_fed.errors import ConfigError, ResourceLimitError
-from mist_fed.fleet import lifecycle, ray_env
+from mist_fed.fleet.runtime import cluster as ray_env
+from mist_fed.fleet.runtime import provision as lifecycle
 from mist_fed.fleet.spec import spec_from_dict
 from tests.conftest import TINY_VIT
 
@@ -84,7 +85,7 @@ def test_workers_get_the_package_and_profiles_and_no_driver_path(
     assert env == {"FLWR_TELEMETRY_ENABLED": "0", "MIST_FED_FAULTS": "exit:device=1,round=1"}
     tops = {p.split("/")[0] for p in fake.shipped}
     assert tops == {"mist_fed", "edge_profiles"} and "edge_profiles/rpi4.toml" in fake.shipped
-    assert "mist_fed/fleet/ray_env.py" in fake.shipped
+    assert "mist_fed/fleet/runtime/cluster.py" in fake.shipped
     assert not [p for p in fake.shipped if "__pycache__" in p]
     assert not Path(fake.kw["runtime_env"]["working_dir"]).exists()  # removed after the upload
 

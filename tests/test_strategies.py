@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,14 +10,14 @@ import pytest
 import torch
 
 from mist_fed.errors import ConfigError
-from mist_fed.fleet import strategies
-from mist_fed.fleet.device import DeviceJob, DeviceResult, StateDict, run_device
-from mist_fed.fleet.flower import in_runtime, local_identity
-from mist_fed.fleet.reference import CentralResult
-from mist_fed.fleet.runner import FleetRunner, PlannedDevice, state_digest
+from mist_fed.fleet import aggregation
+from mist_fed.fleet.flower.workarounds import in_runtime, local_identity
+from mist_fed.fleet.job import DeviceJob, DeviceResult, StateDict, state_digest
+from mist_fed.fleet.rounds import SyncRounds
 from mist_fed.fleet.spec import TaskFleet, apply_overrides, spec_from_dict, spec_to_dict
-from mist_fed.fleet.storage import RunStorage
+from mist_fed.fleet.worker import run_device
 from tests.fakes import MemorySource
+from tests.fleets import hand_plan, make_rounds, run_all
 
 MINIMAL = {"fleets": [{"task": "synthetic", "devices": 4}], "profiles": "rpi4"}
 
@@ -31,7 +30,7 @@ def test_strategy_names_are_case_insensitive(name: str) -> None:
     # Execute
     fleet = TaskFleet("synthetic", 5, aggregation=name)
     # Assert
-    assert fleet.aggregation in strategies.NAMES and fleet.aggregation.lower() == name.lower()
+    assert fleet.aggregation in aggregation.names() and fleet.aggregation.lower() == name.lower()
 
 
 def test_an_unknown_strategy_is_one_line_listing_what_exists() -> None:
@@ -54,11 +53,12 @@ def test_strategy_arguments_are_checked_by_name_and_kind() -> None:
     # the fleet owns the message layout and evaluation
     with pytest.raises(ConfigError, match="weighted_by_key"):
         TaskFleet("synthetic", 4, aggregation="FedAvg", aggregation_args={"weighted_by_key": "x"})
-    # Flower's own checks come back as one line too
+    # Flower's own checks come back as one line too, when the run builds its aggregators
+    trimmed = TaskFleet("synthetic", 4, aggregation="FedTrimmedAvg", aggregation_args={"beta": 0.7})
     with pytest.raises(ConfigError, match="beta"):
-        TaskFleet("synthetic", 4, aggregation="FedTrimmedAvg", aggregation_args={"beta": 0.7})
+        aggregation.build(trimmed.aggregation, trimmed.aggregation_args, trimmed.devices)
     with pytest.raises(ConfigError, match="min_available_nodes = 9"):
-        TaskFleet("synthetic", 4, aggregation="FedAvg", aggregation_args={"min_available_nodes": 9})
+        aggregation.build("FedAvg", {"min_available_nodes": 9}, 4)
 
 
 def test_strategy_and_arguments_round_trip_through_the_spec_toml() -> None:
@@ -91,14 +91,14 @@ def test_cli_aggregation_replaces_the_strategy_and_drops_its_old_arguments() -> 
 
 def test_every_supported_strategy_builds_for_a_small_fleet() -> None:
     # Execute
-    built = {name: strategies.build(name, {}, 7) for name in strategies.NAMES}
+    built: dict[str, Any] = {name: aggregation.build(name, {}, 7) for name in aggregation.names()}
     # Assert
     assert built.pop("local") is None
-    assert all(type(s).__name__ == name for name, s in built.items())
-    assert all(getattr(s, "fraction_evaluate", 0.0) == 0.0 for s in built.values())
+    assert all(type(s.strategy).__name__ == name for name, s in built.items())
+    assert all(getattr(s.strategy, "fraction_evaluate", 0.0) == 0.0 for s in built.values())
 
 
-# -- the workaround kept in fleet/flower.py ------------------------------------------------------
+# -- the workaround kept in fleet/flower/workarounds.py ------------------------------------------------------
 
 
 def test_flower_still_needs_a_run_identity_to_build_a_message() -> None:
@@ -131,41 +131,18 @@ def _identity(cls: Any, name: str) -> Any:
         return None
 
 
-# -- wiring through the fleet runner -------------------------------------------------------------
+# -- wiring through the round loop ---------------------------------------------------------------
 
 
-class StubReference:
-    """Scores a model by a fixed rule and skips the central training (wiring tests only)."""
-
-    def __init__(self) -> None:
-        self.centrals: list[int] = []
-
-    def eval_ids(self, task: str) -> tuple[str, ...]:
-        return ("test-0",)
-
-    def evaluate(self, fleet: TaskFleet, num_classes: int, state: StateDict) -> float:
-        return float(next(iter(state.values())).float().mean())
-
-    def central(self, fleet: Any, num_classes: int, ids: Any, state: Any, epochs: int) -> Any:
-        self.centrals.append(epochs)
-        return CentralResult(math.nan, 0, epochs, len(ids), 0.0)
-
-
-def _runner(spec: Any, src: MemorySource, tmp_path: Path, ref: Any = None) -> FleetRunner:
-    fleet = spec.fleets[0]
-    devices = [
-        PlannedDevice(d, fleet, "rpi4", tuple(f"train-{6 * d + i}" for i in range(6)),
-                      (f"test-{d}",), 3)
-        for d in range(fleet.devices)
-    ]  # fmt: skip
-    run = RunStorage(tmp_path, "run-test")
-    return FleetRunner(spec, devices, "memory://", run, lambda c: src, reference=ref)
+def _rounds(
+    spec: Any, src: MemorySource, tmp_path: Path, train: Any, stub: bool = True
+) -> SyncRounds:
+    return make_rounds(hand_plan(spec), train, lambda c: src, tmp_path, stub=stub)
 
 
 def test_fedavg_weights_each_device_by_its_num_examples(tmp_path: Path) -> None:
     # Prepare: three devices reply constant weights with different example counts
     spec = spec_from_dict({**MINIMAL, "fleets": [{"task": "synthetic", "devices": 3}], "rounds": 1})
-    runner = _runner(spec, MemorySource(), tmp_path, StubReference())
     replies: list[tuple[float, int]] = []
 
     def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
@@ -178,10 +155,10 @@ def test_fedavg_weights_each_device_by_its_num_examples(tmp_path: Path) -> None:
         return out
 
     # Execute
-    rec = runner.run(train)
+    rec, state = run_all(_rounds(spec, MemorySource(), tmp_path, train))
     # Assert: the example-weighted mean of the captured replies, not their plain mean
     want = sum(v * n for v, n in replies) / sum(n for _, n in replies)
-    got = next(iter(runner.global_state[spec.fleets[0].name].values()))
+    got = next(iter(state.global_state[spec.fleets[0].name].values()))
     assert torch.allclose(got, torch.full_like(got, want)) and abs(want - 2.0) > 0.1
     assert rec.fleets[0]["accuracy"] == pytest.approx(want, rel=1e-5)
 
@@ -192,8 +169,6 @@ def test_the_strategy_samples_the_round_repeatably_and_the_reference_matches_the
     # Prepare: half the fleet trains each round
     fleets = [{"task": "synthetic", "devices": 4, "aggregation_args": {"fraction_train": 0.5}}]
     spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 4, "local_epochs": 2})
-    ref = StubReference()
-    runner = _runner(spec, MemorySource(), tmp_path, ref)
     picked: list[list[int]] = []
 
     def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
@@ -201,13 +176,15 @@ def test_the_strategy_samples_the_round_repeatably_and_the_reference_matches_the
         return [(DeviceResult(j.device, j.round, "ok", num_examples=6), dict(s))
                 for j, s in zip(jobs, states, strict=True)]  # fmt: skip
 
+    rounds = _rounds(spec, MemorySource(), tmp_path, train)
     # Execute
-    runner.run(train)
-    again = [runner.sample(spec.fleets[0], r)[0] for r in range(1, 5)]
+    _, state = run_all(rounds)
+    name = spec.fleets[0].name
+    again = [rounds.sample(name, r, state.global_state[name])[0] for r in range(1, 5)]
     # Assert
     assert all(len(p) == 2 for p in picked) and len({tuple(p) for p in picked}) > 1
     assert picked == [[d.device for d in ds] for ds in again]
-    assert ref.centrals == [4]  # 4 rounds x 2 epochs x half the devices
+    assert rounds.scorer.centrals == [4]  # type: ignore[attr-defined]  # 4 rounds x 2 epochs x half
 
 
 def test_fedprox_mu_reaches_the_device_and_changes_its_loss(tmp_path: Path) -> None:
@@ -216,16 +193,16 @@ def test_fedprox_mu_reaches_the_device_and_changes_its_loss(tmp_path: Path) -> N
                "aggregation_args": {"proximal_mu": 5.0}}]  # fmt: skip
     spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 1, "batch_size": 4})
     src = MemorySource()
-    runner = _runner(spec, src, tmp_path, StubReference())
-    start = {k: v.clone() for k, v in runner.global_state[spec.fleets[0].name].items()}
     jobs: list[DeviceJob] = []
+    starts: list[StateDict] = []
 
     def train(js: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
         jobs.extend(js)
+        starts.extend({k: v.clone() for k, v in s.items()} for s in states)
         return [run_device(j, s, lambda c: src, tmp_path) for j, s in zip(js, states, strict=True)]
 
-    runner.run(train)
-    job = jobs[0]
+    run_all(_rounds(spec, src, tmp_path, train))
+    job, start = jobs[0], starts[0]
     # Execute: the same job with and without the proximal term
     free, w_free = run_device(_with(job, 0.0, "free/0"), start, lambda c: src, tmp_path)
     prox, w_prox = run_device(_with(job, 50.0, "prox/0"), start, lambda c: src, tmp_path)
@@ -256,7 +233,6 @@ def _poisoned_fleet(aggregation: str, tmp_path: Path, poison: bool, seed: int = 
     spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 4, "batch_size": 4,
                            "lr": 0.05, "local_epochs": 3, "eval_images": 16})  # fmt: skip
     src = MemorySource(rows={"train": 48, "val": 24, "test": 16}, seed=seed)
-    runner = _runner(spec, src, tmp_path)
 
     def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
         out = [run_device(j, s, lambda c: src, tmp_path) for j, s in zip(jobs, states, strict=True)]
@@ -270,8 +246,14 @@ def _poisoned_fleet(aggregation: str, tmp_path: Path, poison: bool, seed: int = 
             )
         return out
 
-    rec = runner.run(train)
+    rec, _ = run_all(_plan_rounds(spec, src, tmp_path, train))
     return float(rec.fleets[-1]["accuracy"])
+
+
+def _plan_rounds(spec: Any, src: MemorySource, tmp_path: Path, train: Any) -> SyncRounds:
+    """The real scorer on the 16 test images every device also holds a share of."""
+    plan = hand_plan(spec, eval_ids=[f"test-{i}" for i in range(16)])
+    return make_rounds(plan, train, lambda c: src, tmp_path, stub=False)
 
 
 def test_krum_keeps_a_poisoned_device_out_where_fedavg_does_not(tmp_path: Path) -> None:
@@ -286,7 +268,7 @@ def test_krum_keeps_a_poisoned_device_out_where_fedavg_does_not(tmp_path: Path) 
     assert fedavg < clean - 0.5
 
 
-@pytest.mark.parametrize("name", [n for n in strategies.NAMES if n != "Bulyan"])
+@pytest.mark.parametrize("name", [n for n in aggregation.names() if n != "Bulyan"])
 def test_a_small_fleet_runs_on_each_strategy_and_records_it(name: str, tmp_path: Path) -> None:
     # Prepare: 7 devices (Krum's family needs n > 2f + 2), a linear head, two rounds
     from mist_fed.report.results import write_run
@@ -297,22 +279,23 @@ def test_a_small_fleet_runs_on_each_strategy_and_records_it(name: str, tmp_path:
     spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 2, "batch_size": 4,
                            "lr": 0.05, "eval_images": 16})  # fmt: skip
     src = MemorySource(rows={"train": 48, "val": 24, "test": 16})
-    runner = _runner(spec, src, tmp_path)
 
     def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
         return [
             run_device(j, s, lambda c: src, tmp_path) for j, s in zip(jobs, states, strict=True)
         ]
 
-    before = state_digest(runner.global_state[spec.fleets[0].name])
+    rounds = _plan_rounds(spec, src, tmp_path, train)
+    state = rounds.start()
+    before = state_digest(state.global_state[spec.fleets[0].name])
     # Execute
-    rec = runner.run(train)
+    rec = rounds.run(state)
     paths = write_run(tmp_path / "run", spec_to_dict(spec), rec.devices, rec.fleets, {})
     # Assert: every round aggregated (the strategy returned a new global model each time)
     assert [r["round"] for r in rec.fleets] == [1, 2]
     assert all(r["ok"] == 7 and 0 <= r["accuracy"] <= 1 for r in rec.fleets)
     digests = {d["received_digest"] for d in rec.devices if d["round"] == 2}
-    after = state_digest(runner.global_state[spec.fleets[0].name])
+    after = state_digest(state.global_state[spec.fleets[0].name])
     if name == "local":  # each device goes on from its own model
         assert len(digests) == 7 and before not in digests
     else:

@@ -64,7 +64,7 @@ def load_spec(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mist_fed.fleet.run import simulate
+    from mist_fed.fleet.flower.simulation import simulate
     from mist_fed.report.results import fleet_frame, format_table, summary_table
 
     result = simulate(
@@ -86,16 +86,18 @@ def run(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Flower + Ray against a plain loop at two fleet sizes: the overhead per device-round,
-    Ray's start-up apart, and the driver's peak RSS (`mist_fed.fleet.bench`)."""
+    Ray's start-up apart, and the driver's peak RSS (`mist_fed.fleet.runtime.sim_bench`)."""
     import dataclasses
     import json
 
-    from mist_fed.fleet.bench import bench_sim
-    from mist_fed.fleet.lifecycle import resolve_assets
+    from mist_fed.fleet.flower.simulation import simulate
+    from mist_fed.fleet.runtime.provision import resolve_assets
+    from mist_fed.fleet.runtime.sim_bench import bench_sim
 
     spec = resolve_assets(load_spec(args))
     result = bench_sim(
         spec,
+        simulate,
         small=args.small,
         cloud=args.cloud,
         ray_address=args.ray_address,

@@ -4,7 +4,7 @@
 process with ``os._exit`` (no cleanup, as a killed Ray worker) when it receives that round's
 train job; ``hang:device=1,round=1`` makes it sleep ``HANG_S`` instead (a device that never
 answers, to interrupt a run mid-round). Unset (the default), :func:`maybe_fault` does nothing. The variable travels to Ray
-workers with the run's environment (:func:`mist_fed.fleet.ray_env.worker_env`).
+workers with the run's environment (:func:`mist_fed.fleet.runtime.cluster.worker_env`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mist_fed.errors import BackboneError, ConfigError
-from mist_fed.fleet import strategies
+from mist_fed.fleet import aggregation
 from mist_fed.model.backbone import BackboneSpec
 from mist_fed.model.imgfocus import NAME as DEFAULT_BACKBONE
 from mist_fed.wire.dtypes import check_wire
@@ -30,8 +30,9 @@ FLEET_METHODS = ("mist", "mist_pool", "linear", "partial1", "side")
 class TaskFleet:
     """Devices sharing one task (and one method): they federate or stay local.
 
-    ``aggregation``: a Flower strategy's name (any case; see :mod:`mist_fed.fleet.strategies`)
-    or ``local``; ``aggregation_args``: that strategy's keyword arguments.
+    ``aggregation``: a registered aggregation's name (any case; Flower's strategies, see
+    :mod:`mist_fed.fleet.aggregation`) or ``local``; ``aggregation_args``: its keyword arguments,
+    checked here by name and kind (the aggregator itself is built once per run, by the plan).
     """
 
     task: str
@@ -50,9 +51,8 @@ class TaskFleet:
                 f"choose one of {', '.join(FLEET_METHODS)}"
             )
         try:
-            object.__setattr__(self, "aggregation", strategies.canonical(self.aggregation))
-            # building it checks the arguments, and Flower's own checks run too
-            strategies.build(self.aggregation, self.aggregation_args, self.devices)
+            object.__setattr__(self, "aggregation", aggregation.canonical(self.aggregation))
+            aggregation.check_args(self.aggregation, self.aggregation_args)
         except ConfigError as e:
             raise ConfigError(f"fleet {self.task!r}: {e}") from e
         if not self.name:
@@ -325,12 +325,9 @@ def _json_args(text: str) -> dict[str, Any]:
 def spec_from_run_config(run_config: Mapping[str, Any], base_dir: Path | None = None) -> FleetSpec:
     """Flower's kebab-case run-config (``[tool.flwr.app.config]``) -> a spec, once, at the edge.
 
-    ``fleet`` names the TOML spec; any of the kebab-case forms of :data:`OVERRIDES` override it;
-    ``spec-json`` (set by :mod:`mist_fed.fleet.run`) carries a complete spec instead.
+    ``fleet`` names the TOML spec; any of the kebab-case forms of :data:`OVERRIDES` override it.
     """
     rc = {str(k).replace("-", "_"): v for k, v in run_config.items()}
-    if rc.get("spec_json"):
-        return spec_from_dict(json.loads(str(rc["spec_json"])))
     fleet = Path(str(rc.get("fleet", "simulations/fleets/default.toml")))
     if not fleet.is_absolute() and base_dir is not None:
         fleet = base_dir / fleet

@@ -1,13 +1,13 @@
 """Where a fleet run's devices keep their files, on whichever machine they run.
 
-A :class:`~mist_fed.fleet.device.DeviceJob` names its device's directory relative to a
+A :class:`~mist_fed.fleet.job.DeviceJob` names its device's directory relative to a
 device-storage root (``run-XXXX/<fleet>/<device>``, :meth:`RunStorage.location`), never as a
 path of the driver's machine; the process that runs the job resolves it under its own root
 (:func:`resolve`: :func:`devices_root`, ``$MIST_FED_CACHE/devices`` of that process), so each
 node writes only under its own cache directory. :func:`device_storage` makes the run's
 directory on the driver, where the in-process devices and the server's reference
 (``_server/``) resolve theirs, and removes it after; on a Ray cluster each node's copy goes
-with :func:`remove_run` in a task on that node (:func:`mist_fed.fleet.ray_env.clean_nodes`).
+with :func:`remove_run` in a task on that node (:func:`mist_fed.fleet.runtime.cluster.clean_nodes`).
 """
 
 from __future__ import annotations

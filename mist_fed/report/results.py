@@ -1,7 +1,7 @@
 """The results of a fleet run on disk: ``results/<run-id>/``.
 
 * ``devices.parquet``: one row per device per round (:data:`DEVICE_COLUMNS` first),
-* ``fleets.parquet``: one row per task fleet per round (:data:`FLEET_COLUMNS` first),
+* ``fleets.parquet``: one row per task fleet per round (:class:`FleetRow`),
 * ``config.toml``: the resolved fleet spec (rerun with ``--fleet results/<id>/config.toml``)
   and, under ``[run]``, how this run was made (never read back as spec),
 * ``summary.md``: the final-round table, what its columns mean, one line per fleet on its gap
@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,51 +43,53 @@ DEVICE_COLUMNS = (
     "received_digest",
     "node",
 )
-FLEET_COLUMNS = (
-    "round",
-    "fleet",
-    "task",
-    "method",
-    "aggregation",
-    "devices",
-    "sampled",
-    "ok",
-    "failed",
-    "dropped",
-    "stragglers",
-    "accuracy",
-    "central_accuracy",
-    "eval_images",
-    "sample_steps",
-    "central_sample_steps",
-    "round_time_s",
-    "sim_time_s",
-    "device_hours",
-    "sim_device_hours",
-    "bytes_down",
-    "bytes_up",
-    "bytes_per_image",
-    "transfer_s",
-    "compute_s",
-    "peak_mem_mb",
-    "train_slots",
-    "train_images",
-)
+
+
+@dataclass
+class FleetRow:
+    """One row of ``fleets.parquet``: one task fleet in one round (the leading fields are the
+    columns summaries read first)."""
+
+    round: int
+    fleet: str
+    task: str
+    method: str
+    aggregation: str
+    devices: int
+    sampled: int
+    ok: int
+    failed: int
+    dropped: int
+    stragglers: int
+    accuracy: float  # the global model on the server's evaluation images (local: devices' own)
+    central_accuracy: float
+    eval_images: int
+    sample_steps: int  # rows x epochs the fleet's devices trained so far
+    central_sample_steps: int
+    round_time_s: float  # simulated: the slowest participating device, capped by the deadline
+    sim_time_s: float  # simulated time so far
+    device_hours: float
+    sim_device_hours: float
+    bytes_down: int
+    bytes_up: int
+    bytes_per_image: float
+    transfer_s: float  # mean over the round's ok devices
+    compute_s: float
+    peak_mem_mb: float
+    train_slots: int  # the devices' training images counted per device ...
+    train_images: int  # ... and distinct
+    mean_device_accuracy: float
+    feature_bytes: int
+    images_down: int
+
+
+FLEET_COLUMNS = tuple(f.name for f in fields(FleetRow))
 # Columns that hold text; any other missing column is filled with NaN (a float column).
 TEXT_COLUMNS = frozenset(
-    {
-        "fleet",
-        "task",
-        "method",
-        "aggregation",
-        "profile",
-        "status",
-        "reason",
-        "received_digest",
-        "node",
-    }
+    {f.name for f in fields(FleetRow) if f.type == "str"}
+    | {"profile", "status", "reason", "received_digest", "node"}
 )
-# The aggregation of a fleet whose devices keep their own models (mist_fed.fleet.strategies).
+# The aggregation of a fleet whose devices keep their own models (mist_fed.fleet.aggregation).
 LOCAL = "local"
 
 

@@ -1,7 +1,7 @@
 """Ray for a fleet run: a local Ray of the run's own or a named cluster, what its workers get,
 and the Ray resources of one device.
 
-:func:`ray_runtime` starts (or joins) Ray for :func:`mist_fed.fleet.run.simulate`. Code reaches
+:func:`ray_runtime` starts (or joins) Ray for :func:`mist_fed.fleet.flower.simulation.simulate`. Code reaches
 the workers through Ray's ``runtime_env``, the same way on a local Ray and on a cluster:
 :func:`code_package` stages the ``mist_fed`` package the driver runs plus the device profiles
 (``edge_profiles``) as the job's ``working_dir``; Ray uploads it to the cluster and unpacks it on
@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -64,6 +65,14 @@ def running_ray() -> ModuleType | None:
         return None
 
 
+def host_node() -> str:
+    """Where this process runs: its Ray node's id inside Ray, else the host's name."""
+    ray = running_ray()
+    if ray is not None:
+        return str(ray.get_runtime_context().get_node_id())
+    return socket.gethostname()
+
+
 def client_resources(spec: FleetSpec) -> dict[str, float]:
     """Ray resources of one virtual device: the largest any profile of the mix asks for.
 
@@ -93,7 +102,7 @@ def fit_cluster(
     The CPU ask is clipped to the smallest node's CPUs, the memory ask to one actor slot of the
     tightest node (Flower sizes its actor pool node by node; an actor that fits no node would
     wait forever). Each device still runs with its own profile's threads and memory cap, checked
-    inside :func:`~mist_fed.fleet.device.run_device`: only Ray's bookkeeping shrinks.
+    inside :func:`~mist_fed.fleet.worker.run_device`: only Ray's bookkeeping shrinks.
     """
     usable = [n for n in (node_resources() if nodes is None else nodes) if n.get("CPU", 0) > 0]
     if not usable:

@@ -7,11 +7,12 @@ import os
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from mist_fed.fleet.device import run_device
 from mist_fed.fleet.faults import maybe_fault
-from mist_fed.fleet.flower import end_on_stop
-from mist_fed.fleet.messages import train_reply, unpack_job
+from mist_fed.fleet.flower.messages import train_reply, unpack_job
+from mist_fed.fleet.runtime.cluster import host_node
+from mist_fed.fleet.runtime.stop import end_on_stop
 from mist_fed.fleet.storage import resolve, run_name
+from mist_fed.fleet.worker import run_device
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -24,5 +25,5 @@ def train(msg: Message, context: Context) -> Message:
     # The run's device storage on this node holds the device's own directory (fleet/storage.py).
     with end_on_stop(resolve(run_name(job.storage))):
         maybe_fault(job.device, job.round)
-        result, new_state = run_device(job, state)
+        result, new_state = run_device(job, state, node=host_node())
     return train_reply(msg, result, new_state)

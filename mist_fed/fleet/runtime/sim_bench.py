@@ -1,15 +1,18 @@
 """`mist-fed bench sim`: what Flower + Ray add per device-round over a plain loop, at two sizes.
 
 For each fleet size (a small one, 50 by default, and the one asked for) the same rounds run
-twice against one warm cloud: the plain loop (:func:`~mist_fed.fleet.run.run_plain`: every
-device in one process, in turn) and :func:`~mist_fed.fleet.run.simulate` (Flower's
-simulation runtime on a local Ray). Both plan the devices, build the central reference, and
-have each device fetch its features into its own cache, train and evaluate through
-:func:`~mist_fed.fleet.device.run_device`; the global model is scored on the server alike.
+twice against one warm cloud, each as one run session
+(:class:`~mist_fed.fleet.runtime.session.RunSession`): the plain loop
+(:func:`~mist_fed.fleet.runtime.session.run_plain`: every device in one process, in turn) and
+``simulate`` (Flower's simulation runtime on a local Ray; the caller passes
+:func:`mist_fed.fleet.flower.simulation.simulate`, so this module imports no Flower). Both
+build the initial models and the central reference, and have each device fetch its features
+into its own cache, train and evaluate through :func:`~mist_fed.fleet.worker.run_device`; the
+global model is scored on the server alike.
 
-* **Overhead per device-round** = (Flower + Ray wall - plain wall) / device-rounds, where the
-  Flower + Ray wall runs from the planning of the devices to the last round recorded (the
-  ServerApp's stamps in :attr:`RunRecords.timing`), the same span as the plain wall.
+* **Overhead per device-round** = (Flower + Ray wall - plain wall) / device-rounds, where each
+  wall runs from the start of the session's rounds (initial models, central reference) to the
+  last round recorded (the stamps in :attr:`~mist_fed.fleet.rounds.RunRecords.timing`).
 * **Ray start-up** (Ray, Flower's runtime and its nodes, until the ServerApp starts
   planning, plus the teardown after its last round) is shown apart, once per run.
 * **Marginal overhead**: the same difference between the two sizes, per added device-round
@@ -36,10 +39,12 @@ import resource
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mist_fed.device.memory import rss_mb
+from mist_fed.fleet.runtime.session import RunResult
 from mist_fed.fleet.spec import FleetSpec, apply_overrides
 
 log = logging.getLogger(__name__)
@@ -100,10 +105,14 @@ class RssSampler:
         return max(inside, default=float("nan"))
 
 
+Simulate = Callable[..., RunResult]  # mist_fed.fleet.flower.simulation.simulate
+
+
 def _measure(
     engine: str,
     spec: FleetSpec,
     location: str,
+    simulate: Simulate,
     ray_address: str | None,
     ray_cpus: int | None,
     verbose: int,
@@ -112,41 +121,27 @@ def _measure(
     import os
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from mist_fed.fleet.run import simulate
-    from mist_fed.fleet.runner import FleetRunner, local_train_fn, plan_devices
-    from mist_fed.fleet.storage import device_storage
+    from mist_fed.fleet.runtime.session import run_plain
 
     with RssSampler() as rss:
-        if engine == "plain":  # run_plain, timed over the ServerApp's span: planning to rounds
-            with device_storage() as storage:
-                t0 = time.perf_counter()
-                runner = FleetRunner(spec, plan_devices(spec), location, storage)
-                rec = runner.run(local_train_fn)
-                end = time.perf_counter()
-            total = wall = end - t0
-            startup, span = 0.0, (t0, end)
+        if engine == "plain":
+            result = run_plain(spec, None, cloud=location)
         else:
-            sim = simulate(
-                spec,
-                None,
-                cloud=location,
-                ray_address=ray_address,
-                ray_cpus=ray_cpus,
-                progress=False,
-                verbose=verbose,
-            )
-            rec, total = sim.records, sim.wall_s
-            span = (rec.timing["start"], rec.timing["end"])
-            wall = span[1] - span[0]
-            startup = total - wall
+            result = simulate(
+                spec, None, cloud=location, ray_address=ray_address, ray_cpus=ray_cpus,
+                progress=False, verbose=verbose,
+            )  # fmt: skip
+    rec = result.records
+    span = (rec.timing["start"], rec.timing["end"])
+    wall = span[1] - span[0]
     ran = [r for r in rec.devices if r["status"] != "dropped"]
     return Measured(
         engine=engine,
         devices=spec.num_devices,
         device_rounds=len(ran),
         wall_s=wall,
-        startup_s=startup,
-        total_s=total,
+        startup_s=result.wall_s - wall if engine != "plain" else 0.0,
+        total_s=result.wall_s,
         peak_rss_mb=_peak_rss_mb(),
         span_peak_rss_mb=rss.peak(*span),
         statuses=dict(Counter(r["status"] for r in rec.devices)),
@@ -158,14 +153,16 @@ def measure_apart(
     engine: str,
     spec: FleetSpec,
     location: str,
+    simulate: Simulate,
     ray_address: str | None = None,
     ray_cpus: int | None = None,
     verbose: int = 0,
 ) -> Measured:
     """:func:`_measure` in a fresh (spawned) process: its peak RSS is that run's alone."""
     ctx = mp.get_context("spawn")
+    args = (engine, spec, location, simulate, ray_address, ray_cpus, verbose)
     with ctx.Pool(1, maxtasksperchild=1) as pool:
-        return pool.apply(_measure, (engine, spec, location, ray_address, ray_cpus, verbose))
+        return pool.apply(_measure, args)
 
 
 def warm_cloud(specs: list[FleetSpec], location: str) -> int:
@@ -175,18 +172,16 @@ def warm_cloud(specs: list[FleetSpec], location: str) -> int:
     from mist_fed.device.edge import EdgeDevice
     from mist_fed.device.profiles import load_profile
     from mist_fed.device.source import FlightSource
-    from mist_fed.fleet.reference import eval_ids
-    from mist_fed.fleet.runner import plan_devices
+    from mist_fed.fleet.plan import plan_fleet
 
     wanted: dict[tuple[str, str, str, int | None, str, str], set[str]] = {}
     for spec in specs:
-        evals = {f.task: eval_ids(f.task, spec.eval_images, spec.seed) for f in spec.fleets}
-        for d in plan_devices(spec):
-            f = d.fleet
-            key = (f.task, f.method, d.profile, spec.k, spec.wire_dtype)
+        plan = plan_fleet(spec)
+        for d in plan.devices:
+            key = (d.task, d.method, d.profile, spec.k, spec.wire_dtype)
             wanted.setdefault((*key, "train"), set()).update(d.train_ids)
             wanted.setdefault((*key, "test"), set()).update(d.test_ids)
-            wanted[(*key, "test")].update(evals[f.task])
+            wanted[(*key, "test")].update(plan.eval_ids[d.task])
     with tempfile.TemporaryDirectory(prefix="bench-warm-") as tmp, FlightSource(location) as src:
         for (task, method, profile, k, dtype, split), ids in wanted.items():
             device = EdgeDevice(load_profile(profile), src, tmp, counts_runtime=False)
@@ -261,6 +256,7 @@ class BenchResult:
 
 def bench_sim(
     spec: FleetSpec,
+    simulate: Simulate,
     small: int = SMALL,
     cloud: str | None = None,
     ray_address: str | None = None,
@@ -268,7 +264,7 @@ def bench_sim(
     verbose: int = 0,
 ) -> BenchResult:
     """Both engines at ``small`` devices and at ``spec``'s size, against one warm cloud."""
-    from mist_fed.fleet.lifecycle import cloud_service
+    from mist_fed.fleet.runtime.provision import cloud_service
 
     sizes = sorted({min(small, spec.num_devices), spec.num_devices})
     specs = [spec if n == spec.num_devices else apply_overrides(spec, devices=n) for n in sizes]
@@ -281,7 +277,7 @@ def bench_sim(
         for s in specs:
             for engine in ENGINES:
                 log.info("%s: %d devices x %d rounds", engine, s.num_devices, s.rounds)
-                m = measure_apart(engine, s, location, ray_address, ray_cpus, verbose)
+                m = measure_apart(engine, s, location, simulate, ray_address, ray_cpus, verbose)
                 log.info("%s: %s", engine, dataclasses.asdict(m))
                 runs.append(m)
         cloud_stats = stats()

@@ -2,9 +2,10 @@
 
 * :func:`local_identity`: Flower 1.42 builds every instruction ``Message`` (including those a
   strategy's ``configure_train`` returns) from the identity of the run the process belongs
-  to, which only Flower's runtimes set. The in-process plain loop (the overhead benchmark's
-  baseline, and tests without Ray) runs Flower's strategies outside any runtime, so for its
-  duration it gives the process a run identity, as a runtime would, and restores it after.
+  to, which only Flower's runtimes set. :class:`~mist_fed.fleet.flower.strategies.FlowerAggregator`
+  drives Flower's strategies in the round loop, inside a runtime or not (the plain loop, the
+  overhead benchmark's baseline, tests without Ray), so for each call it gives the process a
+  run identity where none is set, as a runtime would, and restores it after.
   ``tests/test_strategies.py`` fails the day a Message can be built without it.
 * :func:`actor_options`: Flower 1.42's Ray backend puts the actor of a failed job back into
   its pool even when the actor's worker process is gone (a segfault, the OOM killer,
@@ -15,16 +16,25 @@
   ``tests/test_flower_workarounds.py`` fails the day Flower stops passing them through (then
   this no longer helps) or replaces dead actors itself (then it can go). Under ``flwr run .``
   the federation config carries only ``num-cpus`` / ``num-gpus``, so there it cannot apply.
-* :func:`request_stop` / :func:`end_on_stop`: Flower 1.42's runtime, once its ServerApp has
-  ended, waits for every busy ClientApp job before it shuts Ray down, and an interrupt that
-  cuts that wait short shuts Ray down under jobs still running (with restartable actors a
-  thread in ``ray.get`` on one then never returns, and the interpreter cannot exit). So a
-  stopping run asks its busy jobs to end: :func:`request_stop` leaves a file in the run's
-  device storage, and every job, through :func:`end_on_stop`, ends its own actor (public
-  ``ray.kill``) when that file appears. Each node has its own device storage
-  (``fleet/storage.py``), so the file reaches only the jobs on the driver's machine; on a
-  cluster, jobs elsewhere run to their end. ``tests/test_flower_workarounds.py`` fails the day
-  Flower's runtime stops waiting for busy jobs itself.
+* Flower 1.42's runtime, once its ServerApp has ended, waits for every busy ClientApp job
+  before it shuts Ray down, and an interrupt that cuts that wait short shuts Ray down under
+  jobs still running (with restartable actors a thread in ``ray.get`` on one then never
+  returns). The run's one stop path ends busy jobs itself: see
+  :mod:`mist_fed.fleet.runtime.stop` (the ClientApp runs each job inside its ``end_on_stop``).
+  ``tests/test_flower_workarounds.py`` fails the day Flower's runtime stops waiting for busy
+  jobs itself.
+* :func:`check_app_environment`: with Flower 1.42's runtime dependency installation on (its
+  default: no ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` where the SuperLink started),
+  ``flwr run .`` has ``uv sync`` install the app's dependencies into a new environment and puts
+  it ahead of the interpreter's own packages in the simulation process only (``sys.path``,
+  ``VIRTUAL_ENV``). The ServerApp then runs on that second copy of torch, Ray and the rest,
+  while Ray's worker processes, started from the interpreter, do not have it on their path.
+  Issue #23 reports such a run: it logged round 1, sat 13 minutes with no Ray process and
+  ended without results (the two copies are the likely cause; not reproduced here, where a
+  real install downloads several GB). The ServerApp refuses such an environment at once, in
+  one line naming the fix. ``tests/test_flwr_run.py`` runs
+  ``flwr run .`` with the installation on (a stand-in ``uv`` installs one package) and finds
+  the refusal within seconds.
 * :func:`on_runtime_exit`: under ``flwr run .``, ``flwr stop`` makes Flower 1.42's runtime
   force its process out without shutting Ray down (Ray's agents outlive the run); the
   ServerApp's exit hook stops the fleet and Ray first. ``tests/test_flwr_run.py`` stops a run
@@ -34,24 +44,17 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import threading
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from flwr.supercore.task_identity import TaskIdentity
 
-from mist_fed.errors import MistError
-from mist_fed.fleet.ray_env import running_ray
-
-log = logging.getLogger(__name__)
+from mist_fed.errors import ConfigError
 
 LOCAL_RUN_ID = 0
-LOCAL_NODE_ID = 0  # the plain loop's "SuperLink"
-STOP_FILE = ".stop"  # in the root of a run's device storage: the run is stopping
-STOP_POLL_S = 0.25  # how often a busy job looks for it
+LOCAL_NODE_ID = 0  # the "SuperLink" of strategies driven outside Flower's runtimes
 
 
 def actor_options() -> dict[str, int]:
@@ -65,7 +68,7 @@ def actor_options() -> dict[str, int]:
     for it (with 0, Ray fails such a job at once: "The actor is restarting"). Flower's pool
     sizing reads only ``num_cpus`` / ``num_gpus``; its validation takes any int or float.
     A restartable actor's busy job never resolves once Ray is shut down: see
-    :func:`end_on_stop`, which ends such jobs first. Call :func:`quiet_actor_retries` before
+    :func:`mist_fed.fleet.runtime.stop.end_on_stop`, which ends such jobs first. Call :func:`quiet_actor_retries` before
     Ray starts.
     """
     return {"max_restarts": -1, "max_task_retries": 1}
@@ -81,62 +84,6 @@ def quiet_actor_retries() -> None:
     that fails for good still reaches its device as an error.
     """
     os.environ.setdefault("RAY_enable_output_error_log_if_still_retry", "0")
-
-
-class JobStopped(MistError):
-    """A device job reached a run that is stopping: it does not start."""
-
-
-def request_stop(storage: str | Path) -> None:
-    """Ask the busy device jobs of the run whose device storage is ``storage`` to end."""
-    with contextlib.suppress(OSError):  # the run's storage is already gone: nothing runs
-        (Path(storage) / STOP_FILE).touch()
-
-
-@contextlib.contextmanager
-def end_on_stop(storage: str | Path) -> Iterator[None]:
-    """Around one device job: end it when its run asks to stop (:func:`request_stop`).
-
-    ``storage``: the run's device storage on this machine. A job that starts in a stopping run
-    raises :class:`JobStopped`. Inside a Ray actor, a watcher thread ends the
-    actor (``ray.kill``, no restart) once the stop file appears, so the job's ``ray.get`` in
-    Flower's runtime fails at once instead of waiting for the job; elsewhere (in-process
-    runs) it only checks at the start.
-    """
-    stop_file = Path(storage) / STOP_FILE
-    if stop_file.exists():
-        raise JobStopped("the fleet run is stopping")
-    actor = _current_actor()
-    if actor is None:
-        yield
-        return
-    finished = threading.Event()
-
-    def watch() -> None:
-        while not finished.wait(STOP_POLL_S):
-            if stop_file.exists():
-                import ray
-
-                log.info("the fleet run is stopping: ending this device's job")
-                ray.kill(actor, no_restart=True)
-                return
-
-    watcher = threading.Thread(target=watch, name="mist-fed-stop-watch", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        finished.set()
-        watcher.join()
-
-
-def _current_actor() -> Any:
-    """This process's Ray actor handle, when it runs one (as Flower's ClientApp actors do)."""
-    ray = running_ray()
-    if ray is None:
-        return None
-    context = ray.get_runtime_context()
-    return context.current_actor if context.get_actor_id() is not None else None
 
 
 def in_runtime() -> bool:
@@ -164,6 +111,44 @@ def local_identity() -> Iterator[None]:
         TaskIdentity.run_id = None  # type: ignore[assignment]
         TaskIdentity.node_id = None  # type: ignore[assignment]
         TaskIdentity.task_id = None  # type: ignore[assignment]
+
+
+def separate_environment() -> tuple[Path, list[str]] | None:
+    """The environment put ahead of this interpreter's own packages, and what it holds, when
+    one is (Flower's runtime dependency installation does so); ``None`` otherwise.
+
+    An activated virtual environment is the interpreter's own (``sys.prefix``): not one."""
+    venv = os.environ.get("VIRTUAL_ENV")
+    if not venv or Path(venv).resolve() == Path(sys.prefix).resolve():
+        return None
+    env = Path(venv).resolve()
+    held: set[str] = set()
+    for entry in sys.path:
+        path = Path(entry or ".").resolve()
+        if path.is_relative_to(env) and path.is_dir():
+            held |= {
+                p.name.split(".")[0]
+                for p in path.iterdir()
+                if not p.name.startswith(("_", ".")) and not p.name.endswith((".dist-info", ".pth"))
+            }
+    return (env, sorted(held)) if held else None
+
+
+def check_app_environment() -> None:
+    """Refuse, in one line naming the fix, to run where Flower installed the app's dependencies
+    into an environment of their own (see the module docstring)."""
+    found = separate_environment()
+    if found is None:
+        return
+    env, held = found
+    shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+    raise ConfigError(
+        f"Flower's runtime dependency installation put a second copy of this app's "
+        f"dependencies ({shown}) in {env}, which the devices' Ray workers do not use, so they "
+        "would never answer: stop the local SuperLink (pkill -f flower-superlink) and run "
+        "again with FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 in the environment "
+        "(the app's dependencies are already installed), or run `mist-fed simulate`"
+    )
 
 
 def on_runtime_exit(callback: Callable[[], None]) -> None:

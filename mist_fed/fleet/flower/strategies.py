@@ -1,12 +1,14 @@
-"""Per-fleet aggregation by name: one of Flower's own strategies, or ``local`` (no federation).
+"""Flower's own strategies behind the fleet's :class:`~mist_fed.fleet.aggregation.Aggregator`.
 
 A fleet names its strategy as Flower spells it (``aggregation = "FedAdam"``, any case) with the
-strategy's keyword arguments (``aggregation_args = { eta = 0.01 }``); :func:`canonical` and
-:func:`check_args` validate both when the spec is loaded, so a typo is one line listing what
-exists, before anything starts. :func:`build` makes the strategy object. Flower's strategy does
-the sampling (``configure_train`` over a :class:`FleetView` of the Grid: the fleet's own nodes,
-where fleets share one Grid) and the arithmetic on the replies (``aggregate_train``); the fleet
-runner only moves jobs, weights and results.
+strategy's keyword arguments (``aggregation_args = { eta = 0.01 }``); importing this module
+registers every strategy below with :mod:`mist_fed.fleet.aggregation`, whose registry loads it
+on first use. :func:`check_args` validates arguments from the strategy's signature without
+building it (a typo is one line listing what exists, before anything starts); Flower's own
+checks run when :func:`build` makes the strategy, once per run.
+:class:`FlowerAggregator` drives it: Flower's strategy does the sampling (``configure_train``
+over a :class:`FleetView`: the fleet's available devices, by number) and the arithmetic on the
+replies (``aggregate_train``); the round loop only moves jobs, weights and results.
 
 Left out, and why: ``QFedAvg`` needs each device's loss on the global model before training
 (an extra evaluation pass per device-round the fleet does not run); the differential-privacy
@@ -26,14 +28,17 @@ import inspect
 import logging
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
 from flwr.serverapp import strategy as fs
 
 from mist_fed.errors import ConfigError
-
-LOCAL = "local"
-WEIGHT_KEY = "num-examples"  # the MetricRecord key Flower's strategies weight replies by
+from mist_fed.fleet.aggregation import AggregatorKind, Update, register_aggregator
+from mist_fed.fleet.flower.messages import strategy_reply, to_state
+from mist_fed.fleet.flower.workarounds import local_identity
+from mist_fed.fleet.job import StateDict
 
 # Every Flower strategy the fleet supports, by its Flower name.
 STRATEGIES: dict[str, type[fs.Strategy]] = {
@@ -52,7 +57,6 @@ STRATEGIES: dict[str, type[fs.Strategy]] = {
         fs.Bulyan,
     )
 }
-NAMES = (*STRATEGIES, LOCAL)
 
 # Arguments the fleet owns: message layout, weighting, evaluation (done on the server).
 OWNED = (
@@ -74,20 +78,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def canonical(name: str) -> str:
-    """Flower's spelling of a strategy name given in any case, or ``local``."""
-    by_lower = {n.lower(): n for n in NAMES}
-    found = by_lower.get(str(name).strip().lower())
-    if found is None:
-        raise ConfigError(f"unknown aggregation {name!r}; choose one of {', '.join(NAMES)}")
-    return found
-
-
 def allowed_args(name: str) -> dict[str, inspect.Parameter]:
-    """The keyword arguments a user may give strategy ``name`` (none for ``local``)."""
-    name = canonical(name)
-    if name == LOCAL:
-        return {}
+    """The keyword arguments a user may give strategy ``name``."""
     params = inspect.signature(STRATEGIES[name].__init__).parameters
     return {k: p for k, p in params.items() if k != "self" and k not in OWNED}
 
@@ -99,29 +91,21 @@ def check_args(name: str, args: Mapping[str, Any]) -> None:
     if unknown:
         takes = ", ".join(sorted(allowed)) or "no arguments"
         raise ConfigError(
-            f"aggregation {canonical(name)} has no argument(s) {', '.join(unknown)}; "
-            f"it takes {takes}"
+            f"aggregation {name} has no argument(s) {', '.join(unknown)}; it takes {takes}"
         )
     for key, value in args.items():
         default = allowed[key].default
         if isinstance(default, bool) or not isinstance(default, int | float):
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(
-                f"aggregation {canonical(name)}: {key} must be a number, got {value!r}"
-            )
+            raise ConfigError(f"aggregation {name}: {key} must be a number, got {value!r}")
         if isinstance(default, int) and not isinstance(value, int):
-            raise ConfigError(
-                f"aggregation {canonical(name)}: {key} must be an integer, got {value!r}"
-            )
+            raise ConfigError(f"aggregation {name}: {key} must be an integer, got {value!r}")
 
 
-def build(name: str, args: Mapping[str, Any], devices: int) -> fs.Strategy | None:
-    """Strategy ``name`` for a fleet of ``devices`` (``None`` for ``local``)."""
-    name = canonical(name)
+def build(name: str, args: Mapping[str, Any], devices: int) -> fs.Strategy:
+    """Flower's strategy ``name`` for a fleet of ``devices``."""
     check_args(name, args)
-    if name == LOCAL:
-        return None
     kw = {**DEFAULTS, **args}
     for key in ("min_available_nodes", "min_train_nodes"):
         if int(kw.get(key, 0)) > devices:
@@ -135,6 +119,66 @@ def build(name: str, args: Mapping[str, Any], devices: int) -> fs.Strategy | Non
             return STRATEGIES[name](**kw)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"aggregation {name}: {e}") from e
+
+
+def _like(state: StateDict, template: StateDict) -> StateDict:
+    """``state`` with ``template``'s dtypes (Flower's arithmetic runs in numpy)."""
+    return {k: state[k].to(template[k].dtype).contiguous() for k in template}
+
+
+class FlowerAggregator:
+    """A Flower strategy as the fleet's aggregator; Flower's nodes are the device numbers."""
+
+    def __init__(self, strategy: fs.Strategy) -> None:
+        self.strategy = strategy
+
+    def sample(
+        self, rnd: int, current: StateDict, available: Sequence[int], seed: int
+    ) -> tuple[list[int], dict[str, Any]]:
+        """The strategy's ``configure_train`` over the available devices, its sampling seeded
+        (the strategy keeps ``current``: its server-side optimizers step from it)."""
+        with local_identity(), quiet(), seeded_sampling(seed):
+            msgs = list(
+                self.strategy.configure_train(
+                    rnd, ArrayRecord(current), ConfigRecord(), cast(Grid, FleetView(available))
+                )
+            )
+        key = getattr(self.strategy, "configrecord_key", "config")
+        config = dict(msgs[0].content.config_records.get(key, {})) if msgs else {}
+        return [int(m.metadata.dst_node_id) for m in msgs], config
+
+    def aggregate(self, rnd: int, current: StateDict, updates: list[Update]) -> StateDict | None:
+        """The strategy's ``aggregate_train`` over the updates as device replies (each update
+        is let go once its reply is made, so a round holds one copy of its models, not two)."""
+        with local_identity(), quiet():
+            replies = []
+            updates.reverse()
+            while updates:
+                u = updates.pop()
+                replies.append(strategy_reply(u.state, u.num_examples, u.device))
+                del u
+            arrays, _ = self.strategy.aggregate_train(rnd, replies)
+            del replies
+        return None if arrays is None else _like(to_state(arrays), current)
+
+    def sampled(self, devices: int) -> int:
+        frac = float(getattr(self.strategy, "fraction_train", 1.0))
+        least = int(getattr(self.strategy, "min_train_nodes", 1))
+        return min(devices, max(int(devices * frac), least))
+
+
+def _kind(name: str) -> AggregatorKind:
+    def check(args: Mapping[str, Any]) -> None:
+        check_args(name, args)
+
+    def make(args: Mapping[str, Any], devices: int) -> FlowerAggregator:
+        return FlowerAggregator(build(name, args, devices))
+
+    return AggregatorKind(name, check, make)
+
+
+for _name in STRATEGIES:
+    register_aggregator(_kind(_name))
 
 
 class FleetView:

@@ -1,9 +1,9 @@
-"""What every fleet run path needs around its rounds: assets, the cloud, results.
+"""What every fleet run needs before its rounds: its assets and a cloud.
 
-``mist-fed simulate`` (:mod:`mist_fed.fleet.run`) and ``flwr run .`` (the ServerApp of
-:mod:`mist_fed.fleet.server_app`) both resolve the spec's assets (:func:`resolve_assets`),
-find or start the cloud feature service (:func:`cloud_service`) and write the run's files
-(:func:`finish_run`); the devices' storage is :mod:`mist_fed.fleet.storage`'s.
+:func:`resolve_assets` keeps the spec when its tasks and backbone load here, else gives its
+synthetic fallback; :func:`cloud_service` finds or starts the cloud feature service the devices
+dial (an embedded one with the spec's backbone, built once per process). The run session
+(:mod:`mist_fed.fleet.runtime.session`) uses both, on every run path.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,14 +20,12 @@ from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.defaults import DEFAULT_HOST
 from mist_fed.errors import BackboneError, ConfigError, MistError, TaskError
-from mist_fed.fleet.runner import RunRecords
-from mist_fed.fleet.spec import FleetSpec, spec_to_dict
+from mist_fed.fleet.spec import FleetSpec
 from mist_fed.model.backbone import Backbone, BackboneSpec, create_backbone
 from mist_fed.wire.client import FeatureClient
 
 log = logging.getLogger(__name__)
 
-CLOUD_FACTS = ("images_embedded", "cache_hits", "cache_misses", "bytes_served", "rows_served")
 StatsFn = Callable[[], dict[str, Any]]
 
 _BACKBONES: dict[str, Backbone] = {}
@@ -133,7 +130,7 @@ def cloud_service(
             )
         yield address, lambda: cloud_stats(address)
         return
-    from mist_fed.fleet.ray_env import advertised_host, is_wildcard
+    from mist_fed.fleet.runtime.cluster import advertised_host, is_wildcard
 
     if advertise is not None and is_wildcard(advertise):
         raise ConfigError(f"--cloud-advertise {advertise!r} is not a host devices can dial")
@@ -143,34 +140,3 @@ def cloud_service(
         here = with_host(bound, DEFAULT_HOST) if is_wildcard(bind) else location
         log.info("embedded cloud feature service on %s; devices dial %s", bound, location)
         yield location, lambda: cloud_stats(here)
-
-
-def finish_run(
-    spec: FleetSpec,
-    records: RunRecords,
-    results_dir: str | Path | None,
-    wall_s: float,
-    cloud_stats: dict[str, Any],
-    run_id: str | None = None,
-    facts: dict[str, Any] | None = None,
-    plots: bool = True,
-) -> Path | None:
-    """Write the run's files and (``plots``) its plots; ``results_dir=None`` writes nothing."""
-    if results_dir is None:
-        return None
-    from mist_fed.report.plots import plot_run
-    from mist_fed.report.results import device_frame, fleet_frame, new_run_id, write_run
-
-    run_dir = Path(results_dir) / (run_id or new_run_id())
-    all_facts = {
-        **(facts or {}),
-        "wall_s": round(wall_s, 2),
-        "devices": spec.num_devices,
-        "rounds": spec.rounds,
-        **{f"cloud_{k}": v for k, v in cloud_stats.items() if k in CLOUD_FACTS},
-    }
-    write_run(run_dir, spec_to_dict(spec), records.devices, records.fleets, all_facts)
-    if plots:
-        plot_run(run_dir, device_frame(records.devices), fleet_frame(records.fleets))
-        log.info("results in %s", run_dir)
-    return run_dir

@@ -11,10 +11,11 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from mist_fed.fleet.device import FAILED, TEXT_FIELDS, DeviceJob, DeviceResult, StateDict
-from mist_fed.fleet.strategies import WEIGHT_KEY
+from mist_fed.fleet.job import FAILED, DeviceJob, DeviceResult, StateDict
 
 TRAIN = MessageType.TRAIN
+WEIGHT_KEY = "num-examples"  # the MetricRecord key Flower's strategies weight replies by
+TEXT_FIELDS = ("status", "reason", "node")  # a result's text: a reply's ConfigRecord
 
 
 def job_message(
@@ -32,12 +33,9 @@ def unpack_job(msg: Message) -> tuple[DeviceJob, StateDict]:
 
 
 def train_reply(msg: Message, result: DeviceResult, state: StateDict | None) -> Message:
-    content = RecordDict(
-        {
-            "result": MetricRecord(result.metrics()),  # type: ignore[arg-type]
-            "status": ConfigRecord({k: getattr(result, k) for k in TEXT_FIELDS}),
-        }
-    )
+    row = result.row()
+    text = {k: row.pop(k) for k in TEXT_FIELDS}
+    content = RecordDict({"result": MetricRecord(row), "status": ConfigRecord(text)})
     if state is not None:
         content["weights"] = ArrayRecord.from_torch_state_dict(state)
     return Message(content=content, reply_to=msg)
@@ -50,11 +48,8 @@ def unpack_train_reply(reply: Message, job: DeviceJob) -> tuple[DeviceResult, St
             None,
         )
     c = reply.content
-    status: dict[str, Any] = dict(c.config_records["status"])
-    result = DeviceResult.from_metrics(
-        str(status["status"]), str(status["reason"]), c.metric_records["result"]
-    )
-    result.node = str(status.get("node", ""))
+    row: dict[str, Any] = {**c.metric_records["result"], **c.config_records["status"]}
+    result = DeviceResult.from_row(row)
     state = to_state(c.array_records["weights"]) if "weights" in c.array_records else None
     return result, state
 

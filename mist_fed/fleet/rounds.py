@@ -1,0 +1,291 @@
+"""The synchronous round loop over two small protocols: a
+:class:`~mist_fed.fleet.transport.Transport` that carries device jobs and brings their replies
+back, and each fleet's
+:class:`~mist_fed.fleet.aggregation.Aggregator`.
+
+A round (:meth:`SyncRounds.round`): each federated fleet's aggregator samples among its
+available devices; the sampled devices that drop out are recorded and sent nothing; the others
+get their job and the model they start from; replies arrive in any order; an ``ok`` reply past
+the deadline becomes a straggler (never averaged in); each federated fleet aggregates its ``ok``
+replies into a new global model, which the server scores
+(:class:`~mist_fed.fleet.scoring.Scorer`); a local fleet's devices keep their own models.
+The round's rows land in the :class:`RoundState` together, and ``on_round`` sees the state after
+every round: the run session writes its tables there (a checkpoint: a run stopped mid-round
+keeps whole rounds).
+
+Everything one round changes lives in :class:`RoundState` (global and device models, clocks,
+records), so another loop (an event-driven asynchronous one, over the same transport and
+aggregators) can sit beside :class:`SyncRounds`, and a run can resume from a saved state.
+No Flower and no Ray: the Flower Grid (:mod:`mist_fed.fleet.flower.grid`) and the
+in-process loop (:class:`~mist_fed.fleet.worker.LocalTransport`) are two transports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mist_fed.fleet import aggregation
+from mist_fed.fleet.aggregation import Aggregator, Update
+from mist_fed.fleet.job import DROPPED, OK, DeviceJob, DeviceResult, StateDict, state_digest
+from mist_fed.fleet.plan import FleetPlan
+from mist_fed.fleet.scoring import (
+    CentralResult,
+    FleetClock,
+    Scorer,
+    central_epochs,
+    fleet_row,
+    mark_straggler,
+)
+from mist_fed.fleet.spec import FleetSpec
+from mist_fed.fleet.storage import RunStorage
+from mist_fed.fleet.transport import Reply, RunStopped, Transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunRecords:
+    """What a run produced: one dict per device per round, one per fleet per round."""
+
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    fleets: list[dict[str, Any]] = field(default_factory=list)
+    final_states: dict[str, StateDict] = field(default_factory=dict)
+    # time.perf_counter() stamps: "start" (the rounds are set up from here) and "end" (the last
+    # round recorded), so a caller can tell its runtime's start-up apart
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rounds_completed(self) -> int:
+        return max((r["round"] for r in self.fleets), default=0)
+
+
+@dataclass
+class RoundState:
+    """Everything the rounds change: what a checkpoint after round ``round`` holds."""
+
+    round: int = 0
+    global_state: dict[str, StateDict] = field(default_factory=dict)  # fleet -> model
+    device_state: dict[int, StateDict] = field(default_factory=dict)  # local fleets' devices
+    clocks: dict[str, FleetClock] = field(default_factory=dict)
+    central: dict[str, CentralResult] = field(default_factory=dict)
+    records: RunRecords = field(default_factory=RunRecords)
+
+
+def sample_seed(seed: int, rnd: int, fleet_index: int) -> int:
+    """The seed of one fleet's sampling in round ``rnd`` (repeatable, distinct per fleet)."""
+    return seed * 100_003 + rnd * 97 + fleet_index
+
+
+@dataclass
+class SyncRounds:
+    """Rounds of sample -> send -> filter (failed, dropped, stragglers) -> aggregate -> score.
+
+    ``storage``: the run's device storage (each job names its device's directory in it);
+    ``stop``, once set, ends the run with :class:`RunStopped` between rounds and after a
+    round's replies; ``on_result`` sees each result as it is decided, ``on_round`` the state
+    after each round; ``aggregators``: each fleet's, by name (default: built from the spec).
+    """
+
+    plan: FleetPlan
+    transport: Transport
+    scorer: Scorer
+    cloud: str
+    storage: RunStorage
+    stop: threading.Event | None = None
+    on_result: Callable[[DeviceResult], None] | None = None
+    on_round: Callable[[RoundState], None] | None = None
+    aggregators: dict[str, Aggregator | None] = field(default_factory=dict)
+    spec: FleetSpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.spec = self.plan.spec
+        for f in self.spec.fleets:
+            if f.name not in self.aggregators:
+                self.aggregators[f.name] = aggregation.build(
+                    f.aggregation, f.aggregation_args, f.devices
+                )
+
+    # -- state -------------------------------------------------------------------------------
+    def start(self, records: RunRecords | None = None) -> RoundState:
+        """Round 0: each fleet's initial model and its central reference; the rounds' rows
+        will go into ``records`` (a new one when none is given)."""
+        state = RoundState(records=RunRecords() if records is None else records)
+        for f in self.spec.fleets:
+            state.global_state[f.name] = self.scorer.initial_state(f, self.plan.num_classes(f.name))
+            state.clocks[f.name] = FleetClock()
+        for f in self.spec.fleets:
+            state.central[f.name] = self._central(f.name, state.global_state[f.name])
+        return state
+
+    def _central(self, name: str, initial: StateDict) -> CentralResult:
+        fleet = self.plan.fleet(name)
+        # The union of the devices' images; where they share images, more epochs over it make
+        # the same sample-steps as the fleet's (slots / distinct images as many).
+        ids = self.plan.union(name)
+        slots, distinct = self.plan.sharing(name)
+        epochs = central_epochs(self.spec, self.share(name) * slots / distinct)
+        log.info("fleet %s: central reference on %d images, %d epochs", name, len(ids), epochs)
+        central = self.scorer.central(fleet, self.plan.num_classes(name), ids, initial, epochs)
+        log.info("fleet %s: central accuracy %.4f", name, central.accuracy)
+        return central
+
+    def share(self, fleet: str) -> float:
+        """The expected share of ``fleet``'s devices that train in a round."""
+        n = self.plan.fleet(fleet).devices
+        agg = self.aggregators[fleet]
+        sampled = n if agg is None else agg.sampled(n)
+        return sampled / n * (1.0 - self.spec.dropout)
+
+    # -- one round ---------------------------------------------------------------------------
+    def available(self, fleet: str, rnd: int) -> list[DeviceJob]:
+        """``fleet``'s devices that can be sampled in round ``rnd``: all of them (an
+        availability model narrows this; a sampled device may still drop out)."""
+        return self.plan.members(fleet)
+
+    def sample(
+        self, fleet: str, rnd: int, current: StateDict
+    ) -> tuple[list[DeviceJob], dict[str, Any]]:
+        """The devices ``fleet``'s aggregator picks for round ``rnd`` (its global model:
+        ``current``), and its config for them."""
+        members = self.available(fleet, rnd)
+        agg = self.aggregators[fleet]
+        if agg is None:  # local: every available device trains its own model
+            return members, {}
+        index = [f.name for f in self.spec.fleets].index(fleet)
+        seed = sample_seed(self.spec.seed, rnd, index)
+        chosen, config = agg.sample(rnd, current, [d.device for d in members], seed)
+        by_id = {d.device: d for d in members}
+        return [by_id[i] for i in sorted(chosen)], config
+
+    def dropped(self, rnd: int) -> set[int]:
+        if self.spec.dropout <= 0:
+            return set()
+        draws = np.random.default_rng([self.spec.seed, 4241, rnd]).random(len(self.plan.devices))
+        return {
+            d.device for d, u in zip(self.plan.devices, draws, strict=True) if u < self.spec.dropout
+        }
+
+    def _model_for(self, state: RoundState, d: DeviceJob) -> StateDict:
+        if self.aggregators[d.fleet] is None and d.device in state.device_state:
+            return state.device_state[d.device]
+        return state.global_state[d.fleet]
+
+    def _job(self, d: DeviceJob, rnd: int, config: dict[str, Any]) -> DeviceJob:
+        s = self.spec
+        return d.for_round(
+            rnd,
+            self.cloud,
+            self.storage.location(d.fleet, d.device),
+            lr=s.lr * s.lr_decay ** (rnd - 1),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+        )
+
+    def round(self, state: RoundState) -> None:
+        """Run round ``state.round + 1``; ``state`` holds its outcome."""
+        rnd = state.round + 1
+        log.info("round %d of %d", rnd, self.spec.rounds)
+        picked: list[tuple[DeviceJob, dict[str, Any]]] = []
+        for f in self.spec.fleets:
+            chosen, config = self.sample(f.name, rnd, state.global_state[f.name])
+            picked += [(d, config) for d in chosen]
+        gone = self.dropped(rnd) & {d.device for d, _ in picked}
+        active = [
+            (self._job(d, rnd, c), self._model_for(state, d))
+            for d, c in picked
+            if d.device not in gone
+        ]
+        digests = {id(m): state_digest(m) for _, m in active}  # a few distinct models
+        received = {j.device: digests[id(m)] for j, m in active}
+        results: dict[int, Reply] = {}
+        if active:
+            self.transport.submit(active)
+            del active
+            for res, st in self.transport.replies():
+                if mark_straggler(res, self.spec.deadline_s):
+                    st = None
+                results[res.device] = (res, st)
+                if self.on_result:
+                    self.on_result(res)
+        self.check_stop()  # replies to a run being stopped do not make a completed round
+        for dev in sorted(gone):
+            results[dev] = (DeviceResult(dev, rnd, DROPPED, "dropout"), None)
+            if self.on_result:
+                self.on_result(results[dev][0])
+        scores = self._aggregate_and_score(rnd, state, results)
+        by_id = {d.device: d for d in self.plan.devices}
+        rows = []
+        for dev in sorted(results):
+            d, res = by_id[dev], results[dev][0]
+            fleet = self.plan.fleet(d.fleet)
+            rows.append({
+                "round": rnd, "device": dev, "fleet": d.fleet, "task": d.task,
+                "method": d.method, "aggregation": fleet.aggregation, "profile": d.profile,
+                **{k: v for k, v in res.row().items() if k not in ("device", "round")},
+                "received_digest": received.get(dev, ""),
+            })  # fmt: skip
+        fleet_rows = []
+        for f in self.spec.fleets:
+            rs = [results[d][0] for d in sorted(results) if by_id[d].fleet == f.name]
+            row = fleet_row(self.plan, f, rnd, rs, scores.get(f.name), state.clocks[f.name],
+                            state.central.get(f.name))  # fmt: skip
+            fleet_rows.append(dataclasses.asdict(row))
+        # A round's rows land together, so a run stopped mid-round leaves whole rounds.
+        state.records.devices.extend(rows)
+        state.records.fleets.extend(fleet_rows)
+        state.round = rnd
+
+    def _aggregate_and_score(
+        self, rnd: int, state: RoundState, results: dict[int, Reply]
+    ) -> dict[str, float]:
+        """Aggregate each federated fleet and score its global model on the server."""
+        scores: dict[str, float] = {}
+        fleet_of = {d.device: d.fleet for d in self.plan.devices}
+        for f in self.spec.fleets:
+            done = [
+                Update(dev, st, res.num_examples)
+                for dev, (res, st) in sorted(results.items())
+                if fleet_of[dev] == f.name and res.status == OK and st is not None
+            ]
+            agg = self.aggregators[f.name]
+            if agg is None:
+                for u in done:
+                    state.device_state[u.device] = u.state
+                continue
+            for u in done:  # the models live on in ``done`` only, until aggregated
+                results[u.device] = (results[u.device][0], None)
+            new = agg.aggregate(rnd, state.global_state[f.name], done) if done else None
+            if new is None:
+                log.warning("round %d: fleet %s has no new model; weights kept", rnd, f.name)
+            else:
+                state.global_state[f.name] = new
+            scores[f.name] = self.scorer.evaluate(
+                f, self.plan.num_classes(f.name), state.global_state[f.name]
+            )
+        return scores
+
+    def check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise RunStopped("the fleet run was stopped")
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self, state: RoundState | None = None) -> RunRecords:
+        """Every round after ``state``'s (from round 0 when none is given)."""
+        if state is None:
+            state = self.start()
+        while state.round < self.spec.rounds:
+            self.check_stop()
+            self.round(state)
+            if self.on_round:
+                self.on_round(state)
+        rec = state.records
+        rec.final_states = dict(state.global_state)
+        for dev, st in state.device_state.items():
+            rec.final_states[f"device-{dev}"] = st
+        return rec

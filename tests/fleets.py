@@ -1,0 +1,95 @@
+"""Fleet rounds without Flower or Ray: a plan made by hand, transports and scorers to drive.
+
+``hand_plan`` gives devices of a spec's first fleet their own ``train-*``/``test-*`` ids (the
+ids :class:`tests.fakes.MemorySource` serves); ``FnTransport`` hands each round's jobs to a
+plain function; ``StubScorer`` scores a model by a fixed rule and skips the central training;
+``make_rounds`` wires them into the real :class:`~mist_fed.fleet.rounds.SyncRounds`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from mist_fed.fleet.job import DeviceJob, StateDict
+from mist_fed.fleet.plan import FleetPlan
+from mist_fed.fleet.rounds import RoundState, RunRecords, SyncRounds
+from mist_fed.fleet.scoring import CentralResult, Scorer
+from mist_fed.fleet.spec import FleetSpec, TaskFleet
+from mist_fed.fleet.storage import RunStorage
+from mist_fed.fleet.transport import Reply
+
+TrainFn = Callable[[Sequence[DeviceJob], Sequence[StateDict]], list[Reply]]
+
+
+def hand_plan(
+    spec: FleetSpec, train: int = 6, test: int = 1, eval_ids: Sequence[str] = ("test-0",)
+) -> FleetPlan:
+    """Device ``d`` of the first fleet holds ``train-{train*d}..`` and ``test-{test*d}..``."""
+    fleet = spec.fleets[0]
+    devices = tuple(
+        DeviceJob(
+            device=d, fleet=fleet.name, task=fleet.task, method=fleet.method, profile="rpi4",
+            train_ids=tuple(f"train-{train * d + i}" for i in range(train)),
+            test_ids=tuple(f"test-{test * d + i}" for i in range(test)), num_classes=3,
+            k=spec.k, wire_dtype=spec.wire_dtype, epochs=spec.local_epochs,
+            batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
+        )
+        for d in range(fleet.devices)
+    )  # fmt: skip
+    return FleetPlan(spec, devices, {fleet.task: tuple(eval_ids)})
+
+
+class FnTransport:
+    """Each round's jobs to ``train(jobs, states)``, its replies back."""
+
+    def __init__(self, train: TrainFn) -> None:
+        self.train = train
+        self._jobs: list[tuple[DeviceJob, StateDict]] = []
+
+    def submit(self, jobs: Sequence[tuple[DeviceJob, StateDict]]) -> None:
+        self._jobs.extend(jobs)
+
+    def replies(self) -> Iterator[Reply]:
+        jobs, self._jobs = self._jobs, []
+        yield from self.train([j for j, _ in jobs], [s for _, s in jobs])
+
+
+class StubScorer(Scorer):
+    """Initial models as the real scorer makes them; a model's score is its first tensor's
+    mean, and the central reference is skipped (its epochs recorded)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.centrals: list[int] = []
+
+    def evaluate(self, fleet: TaskFleet, num_classes: int, state: StateDict) -> float:
+        return float(next(iter(state.values())).float().mean())
+
+    def central(self, fleet: Any, num_classes: int, ids: Any, state: Any, epochs: int) -> Any:
+        self.centrals.append(epochs)
+        return CentralResult(math.nan, 0, epochs, len(ids), 0.0)
+
+
+def make_rounds(
+    plan: FleetPlan,
+    train: TrainFn,
+    source: Any,
+    tmp_path: Path,
+    stub: bool = True,
+    **kw: Any,
+) -> SyncRounds:
+    """The real round loop over ``train`` on ``source`` (a MemorySource), storage in
+    ``tmp_path/run-test``; ``stub``: a :class:`StubScorer` instead of the real one."""
+    run = RunStorage(tmp_path, "run-test")
+    scorer = (StubScorer if stub else Scorer)(plan, "memory://", run.path / "_server", source)
+    return SyncRounds(plan, FnTransport(train), scorer, "memory://", run, **kw)
+
+
+def run_all(rounds: SyncRounds) -> tuple[RunRecords, RoundState]:
+    """Every round; the records and the final state."""
+    state = rounds.start()
+    rounds.run(state)
+    return state.records, state
