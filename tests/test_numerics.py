@@ -123,3 +123,37 @@ def test_store_keys_and_streams_differ_by_numerics(tiny_backbone, tmp_path):
     assert stored_f32 > 0 and stats["images_embedded"] == stored_f32
     assert a.meta["weights"] != b.meta["weights"]
     assert 0 < _rel(b.features, a.features) < 0.02
+
+
+@pytest.mark.network
+def test_bench_numerics_reports_ratio_fidelity_and_peak_fraction():
+    from mist_fed.cloud.bench_numerics import NumericsBenchConfig, bench_numerics, format_numerics
+    from mist_fed.defaults import DEFAULT_HOST
+    from tests.conftest import TINY_VIT
+
+    # Prepare
+    cfg = NumericsBenchConfig(
+        backbone="vit_tiny_patch16_224",
+        random_init=True,
+        model_kwargs=dict(TINY_VIT),
+        task="synthetic:classes=2,train=4,val=4,test=12,size=16",
+        images=12,
+        reps=1,
+        fidelity_images=4,
+        numerics=("float32", "bfloat16"),
+        runtime="torch",
+        batch_size=4,
+        peak_n=128,
+    )
+    # Execute
+    r = bench_numerics(cfg, DEFAULT_HOST)
+    lines = format_numerics(r, cfg.reps)
+    # Assert
+    f32, bf16 = r["configs"]
+    assert r["timm_float32_images_per_s"] > 0 and r["gflop_per_image"] > 0
+    assert f32["ratio_best"] > 0 and f32["peak_fraction"] > 0
+    assert set(f32["fidelity"]) == {"mist1", "mist2", "mist3", "final"}
+    assert max(v["max"] for v in f32["fidelity"].values()) < 1e-6  # float32 torch: itself
+    assert 0 < max(v["max"] for v in bf16["fidelity"].values()) < 0.02
+    assert bf16["peak_numerics"] == "bfloat16"
+    assert any("ratio" in line for line in lines) and any("fidelity" in line for line in lines)

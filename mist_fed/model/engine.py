@@ -15,6 +15,7 @@ the images/s of torch eager at batch 8, less at 32; relative error of Gather* ag
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 import warnings
@@ -26,6 +27,8 @@ import torch
 from torch import nn
 
 from mist_fed.errors import BackboneError
+
+log = logging.getLogger(__name__)
 
 _PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int, int], OpenVINOTrunk]] = (
@@ -88,6 +91,16 @@ class OpenVINOTrunk:
                     # 1.9 vs 2.6 images/s at batch 8 on a loaded 2-core host)
                     "ENABLE_CPU_PINNING": False,
                 },
+            )
+        ran = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        if ran != _PRECISION[numerics]:
+            log.warning(
+                "OpenVINO runs %s here, not the %s asked for (this CPU lacks it): the features "
+                "are float32's, stored as %s; use --runtime torch for emulated %s",
+                ran,
+                numerics,
+                numerics,
+                numerics,
             )
         self.request = self.compiled.create_infer_request()
         self.depth = depth
