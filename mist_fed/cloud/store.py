@@ -10,10 +10,14 @@ after the SHA-256 of its bytes (``sha256-<hex>.arrow``), under
 * **Written whole, verified at write.** A shard is written to a temporary name, flushed to
   disk, read back and checked against its SHA-256, then renamed into place: a killed writer
   leaves no half shard under a shard's name.
-* **Opened cheaply, verified lazily.** Opening a partition memory-maps its shards and reads
-  only their ``hash`` columns into an index (``hash -> (shard, row)``); a shard's bytes are
-  checked against its name the first time a lookup finds rows in it. A truncated or damaged
-  shard is dropped with a warning (its rows are recomputed), never served.
+* **Opened cheaply, verified lazily.** Opening a partition reads only its shards' ``hash``
+  columns into an index (``hash -> (shard, row)``); a shard's bytes are checked against its
+  name the first time a lookup finds rows in it. A truncated or damaged shard is dropped with
+  a warning (its rows are recomputed), never served.
+* **Mapped only while read.** A lookup memory-maps the shards it found and its locations hold
+  those maps; they are unmapped when the request's batch is gone. The store keeps no shard
+  mapped, so the pages a stream reads leave the service's RSS with the batch, and its memory
+  does not grow with the bytes it has served or written (a split of any size).
 * **Seen as soon as written.** A lookup that misses rescans the partition's directory when it
   changed since the last scan, so shards that another writer renamed into place are found.
 * **Capped.** With ``max_bytes``, the store directory (every backbone's shards) is kept under
@@ -52,17 +56,30 @@ TOUCH_EVERY_S = 60.0  # how often a shard's use is written to its mtime
 
 @dataclass(eq=False)
 class Shard:
-    """One shard: its memory-mapped table, file (None: memory only), size and last use."""
+    """One shard: its file (None: memory only), row hashes, size and last use.
 
-    table: pa.Table
+    A file's table is mapped by :meth:`open` for one read and unmapped when that read's
+    arrays are gone; a memory-only shard (an unwritable store) holds its table.
+    """
+
     path: Path | None
     nbytes: int
     verified: bool
+    hashes: list[str]
+    memory: pa.Table | None = None
     used: float = field(default_factory=time.time)
     touched: float = 0.0
 
+    def open(self) -> pa.Table:
+        """The shard's table, memory-mapped (raises like :func:`open_shard`)."""
+        if self.memory is not None:
+            return self.memory
+        assert self.path is not None
+        return open_shard(self.path, verify=False)
 
-Loc = tuple[Shard, int]  # (shard, row): holds the table, so eviction cannot pull it away
+
+# (shard, row, its mapped table): holds the table, so eviction cannot pull it away
+Loc = tuple[Shard, int, pa.Table]
 
 
 def content_hash(data: bytes) -> str:
@@ -119,12 +136,12 @@ def _damaged(path: Path, e: Exception) -> None:
 
 
 class _Partition:
-    """The shards of one (gather spec, dtype): index and memory-mapped tables."""
+    """The shards of one (gather spec, dtype): the index of their rows."""
 
     def __init__(self, root: Path, store: FeatureStore) -> None:
         self.root = root
         self.store = store
-        self.index: dict[str, Loc] = {}
+        self.index: dict[str, tuple[Shard, int]] = {}
         self.shards: dict[str, Shard] = {}  # by file name (memory-only shards: by id)
         self.skipped: list[Path] = []
         self._seen: set[str] = set()  # file names scanned (good or damaged)
@@ -155,17 +172,19 @@ class _Partition:
             try:
                 table = open_shard(path, verify=False)  # checked on first use
                 size = path.stat().st_size
+                hashes = table.column("hash").to_pylist()
             except (pa.ArrowInvalid, OSError, ValueError) as e:
                 _damaged(path, e)
                 self.skipped.append(path)
                 continue
-            self._add(path.name, Shard(table, path, size, verified=False))
+            del table  # unmapped: lookups map what they read
+            self._add(path.name, Shard(path, size, verified=False, hashes=hashes))
             self.store._budget_add(path, size)
         return True
 
     def _add(self, key: str, shard: Shard) -> None:
         self.shards[key] = shard
-        for row, h in enumerate(shard.table.column("hash").to_pylist()):
+        for row, h in enumerate(shard.hashes):
             self.index[h] = (shard, row)
 
     def drop(self, shard: Shard) -> None:
@@ -173,7 +192,7 @@ class _Partition:
         for key, s in list(self.shards.items()):
             if s is shard:
                 del self.shards[key]
-        for h in shard.table.column("hash").to_pylist():
+        for h in shard.hashes:
             loc = self.index.get(h)
             if loc is not None and loc[0] is shard:
                 del self.index[h]
@@ -189,7 +208,8 @@ class _Partition:
             except OSError as e:
                 _unwritable(self.root, e)
                 self.store.persist = False
-        shard = Shard(table.combine_chunks(), None, table.nbytes, verified=True)
+        hashes = table.column("hash").to_pylist()
+        shard = Shard(None, table.nbytes, True, hashes, memory=table.combine_chunks())
         self._add(f"memory-{id(shard)}", shard)  # in memory only
         return shard
 
@@ -216,7 +236,7 @@ class _Partition:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        return Shard(open_shard(final, verify=False), final, len(data), verified=True)
+        return Shard(final, len(data), True, table.column("hash").to_pylist())
 
 
 class FeatureStore:
@@ -330,7 +350,7 @@ class FeatureStore:
                     self._lose(part, shard)
 
     def _lose(self, part: _Partition, shard: Shard) -> None:
-        self._lost_keys.update((part.root.name, h) for h in shard.table.column("hash").to_pylist())
+        self._lost_keys.update((part.root.name, h) for h in shard.hashes)
 
     # -- partitions ----------------------------------------------------------------------
     def _part(self, spec: GatherSpec, dtype: str) -> _Partition:
@@ -379,9 +399,21 @@ class FeatureStore:
             found = list({id(loc[0]): loc[0] for loc in locs if loc is not None}.values())
             if self._verify(part, found):
                 locs = [part.index.get(h) for h in hashes]
+            tables: dict[int, pa.Table] = {}
             for shard in {id(loc[0]): loc[0] for loc in locs if loc is not None}.values():
+                try:
+                    tables[id(shard)] = shard.open()  # mapped for this read only
+                except (pa.ArrowInvalid, OSError, ValueError) as e:
+                    assert shard.path is not None
+                    _damaged(shard.path, e)
+                    part.drop(shard)
+                    self._lose(part, shard)
+                    continue
                 self._use(shard)
-            return locs
+            return [
+                None if loc is None or id(loc[0]) not in tables else (*loc, tables[id(loc[0])])
+                for loc in locs
+            ]
 
     def put(
         self, spec: GatherSpec, dtype: str, hashes: Sequence[str], columns: dict[str, pa.Array]
@@ -405,17 +437,17 @@ class FeatureStore:
 
         Safe after eviction: ``locs`` hold their shards' tables.
         """
-        runs: list[tuple[Shard, int, int]] = []  # shard, start, length
-        for shard, row in locs:
-            if runs and runs[-1][0] is shard and runs[-1][1] + runs[-1][2] == row:
-                s, start, length = runs[-1]
-                runs[-1] = (s, start, length + 1)
+        runs: list[tuple[pa.Table, int, int]] = []  # mapped table, start, length
+        for _, row, table in locs:
+            if runs and runs[-1][0] is table and runs[-1][1] + runs[-1][2] == row:
+                t, start, length = runs[-1]
+                runs[-1] = (t, start, length + 1)
             else:
-                runs.append((shard, row, 1))
-        names = [n for n in runs[0][0].table.column_names if n != "hash"] if runs else []
+                runs.append((table, row, 1))
+        names = [n for n in runs[0][0].column_names if n != "hash"] if runs else []
         out: dict[str, pa.Array] = {}
         for name in names:
-            pieces = [s.table.column(name).chunk(0).slice(start, n) for s, start, n in runs]
+            pieces = [t.column(name).chunk(0).slice(start, n) for t, start, n in runs]
             out[name] = pieces[0] if len(pieces) == 1 else pa.concat_arrays(pieces)
         return out
 
