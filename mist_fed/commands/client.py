@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         train=train,
     )
+    if not cfg.progress:  # no terminal: a stream's progress as a log line every 30 s
+        logging.getLogger("mist_fed.wire.progress").setLevel(logging.INFO)
     m = run_client(cfg)
     if args.json:
         print(json.dumps(m, indent=2))

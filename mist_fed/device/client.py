@@ -50,7 +50,9 @@ class ClientConfig:
     retries: int = 4
     backoff_s: float = 0.25
     device_dir: str | None = None  # the device's storage (feature cache); None: under the cache
-    progress: bool = False  # progress bars on stderr (the CLI: when it is a terminal)
+    # bars on stderr (the CLI: when it is a terminal); else a stream logs its rows ready /
+    # total and rate every 30 s (mist_fed.wire.progress)
+    progress: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -116,7 +118,12 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     shaper = LinkShaper(profile.downlink_mbps, profile.latency_ms, cfg.time_scale)
     source = FlightSource(
-        cfg.cloud, cfg.token, shaper, retries=cfg.retries, backoff_s=cfg.backoff_s
+        cfg.cloud,
+        cfg.token,
+        shaper,
+        retries=cfg.retries,
+        backoff_s=cfg.backoff_s,
+        progress=cfg.progress,  # a stream's rows ready / total: a bar, else a line every 30 s
     )
     device = EdgeDevice(
         profile,
