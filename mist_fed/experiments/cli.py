@@ -12,6 +12,7 @@ from typing import Any
 
 from mist_fed.data import SHOTS, task_entry
 from mist_fed.data.defaults import default_backbone, default_task
+from mist_fed.defaults import STUDIED_WIRE, STUDIED_WIRE_SOURCE
 from mist_fed.device.profiles import list_profiles
 from mist_fed.errors import ConfigError, MistError
 from mist_fed.experiments.compare import (
@@ -60,8 +61,9 @@ def parser() -> argparse.ArgumentParser:
         "--wire",
         nargs="*",
         type=wire_arg,
-        default=["float16", "int8", "int8ch"],
-        help=f"MIST's extra wire dtypes (default float16 int8 int8ch): {WIRE_HELP}",
+        default=["float16", "int8", "int8ch", STUDIED_WIRE],
+        help=f"MIST's extra wire dtypes (default float16 int8 int8ch {STUDIED_WIRE}, the last "
+        f"chosen by {STUDIED_WIRE_SOURCE}): {WIRE_HELP}",
     )
     p.add_argument(
         "--mist-k",
