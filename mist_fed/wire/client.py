@@ -47,7 +47,7 @@ from mist_fed.wire.codec import (
 )
 from mist_fed.wire.dtypes import stored_dtype
 from mist_fed.wire.features import FeatureSet
-from mist_fed.wire.progress import StreamProgress
+from mist_fed.wire.progress import StreamProgress, counted
 from mist_fed.wire.request import FeatureRequest
 
 log = logging.getLogger(__name__)
@@ -195,15 +195,12 @@ class FeatureClient:
         batches = self._batches(req, reader, stats)
         if self.progress is not None:
             desc = f"{task}/{split} {req.spec.label()} {dtype}"
-            batches = _counted(batches, StreamProgress(desc, total, bar=self.progress))
+            batches = counted(batches, StreamProgress(desc, total, bar=self.progress))
         return FeatureStream(reader.schema, meta, batches)
 
     def _total(self, req: FeatureRequest) -> int | None:
-        """The rows a stream will send (``FlightInfo``), or None when the cloud cannot say.
-
-        Asked for the stored dtype: the rows are the same, and a projected wire's info would
-        wait for its basis to be fitted.
-        """
+        """The rows a stream will send (``FlightInfo`` of its stored dtype: a projected wire's
+        would wait for its basis), or None when the cloud cannot say."""
         probe = dataclasses.replace(req, dtype=stored_dtype(req.dtype))
         descriptor = flight.FlightDescriptor.for_command(probe.to_json())
         try:
@@ -415,17 +412,6 @@ class FeatureClient:
         except flight.FlightError as e:
             raise self._refused(e) from e
         return out
-
-
-def _counted(
-    batches: Iterator[pa.RecordBatch], progress: StreamProgress
-) -> Iterator[pa.RecordBatch]:
-    try:
-        for batch in batches:
-            progress.update(batch.num_rows)
-            yield batch
-    finally:
-        progress.close()
 
 
 @contextmanager

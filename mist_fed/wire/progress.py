@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
+
+import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -56,3 +59,15 @@ class StreamProgress:
             self._bar = None
         elif self.rows:
             log.info("%s (done in %.0f s)", self.line(), time.monotonic() - self.start)
+
+
+def counted(
+    batches: Iterator[pa.RecordBatch], progress: StreamProgress
+) -> Iterator[pa.RecordBatch]:
+    """``batches`` as they come, each counted on ``progress`` (closed at the end)."""
+    try:
+        for batch in batches:
+            progress.update(batch.num_rows)
+            yield batch
+    finally:
+        progress.close()
