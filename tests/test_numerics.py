@@ -68,6 +68,10 @@ def test_auto_numerics_follow_the_device(monkeypatch):
     assert nm.resolve_numerics("auto", cpu)[0] == "float32"
     assert nm.resolve_numerics("bfloat16", cpu)[0] == "bfloat16"  # forced
     assert nm.resolve_runtime("auto", cuda)[0] == "torch"
+    assert nm.resolve_runtime("auto", cpu, "float32")[0] == "openvino"
+    assert nm.resolve_runtime("auto", cpu, "bfloat16")[0] == "torch"  # emulated: autocast
+    monkeypatch.setattr(nm, "cpu_has_bf16", lambda: True)
+    assert nm.resolve_runtime("auto", cpu, "bfloat16")[0] == "openvino"
     with pytest.raises(ConfigError, match="CPU"):
         nm.resolve_runtime("openvino", cuda)
     with pytest.raises(ConfigError, match="numerics"):

@@ -115,7 +115,7 @@ class ServeConfig:
         """``(numerics, runtime, why)`` this config resolves to on this host."""
         device = self.torch_device()
         numerics, why_n = resolve_numerics(self.numerics, device)
-        runtime, why_r = resolve_runtime(self.runtime, device)
+        runtime, why_r = resolve_runtime(self.runtime, device, numerics)
         return numerics, runtime, f"numerics {numerics} ({why_n}), runtime {runtime} ({why_r})"
 
     def forward_batch(self) -> int:

@@ -17,7 +17,8 @@ caches filled before numerics existed stay valid).
 
 *Runtime* is what runs the forward: ``torch`` (eager) or ``openvino`` (the backbone exported
 once to ONNX and compiled for this CPU; see :mod:`mist_fed.model.engine`). ``auto``: OpenVINO
-on a CPU, torch on CUDA. The runtime does not change the features beyond float32 rounding
+on a CPU for float32 (and bfloat16 where the CPU has it), torch otherwise (CUDA; emulated
+bfloat16, which OpenVINO would silently run in float32). The runtime does not change the features beyond float32 rounding
 (relative error 2e-7 measured), so it is not part of their identity.
 """
 
@@ -41,7 +42,10 @@ NUMERICS_HELP = (
     "the backbone's numerics: float32, bfloat16, float16 or auto (float16 on CUDA, bfloat16 "
     "on a CPU with native bfloat16, else float32); features of other numerics are stored apart"
 )
-RUNTIME_HELP = "what runs the backbone: torch, openvino or auto (openvino on a CPU, torch on CUDA)"
+RUNTIME_HELP = (
+    "what runs the backbone: torch, openvino or auto (openvino on a CPU for the numerics it "
+    "runs there, else torch)"
+)
 
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -87,8 +91,15 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def resolve_runtime(requested: str, device: torch.device) -> tuple[str, str]:
-    """``(runtime, why)`` for ``requested`` on ``device``; OpenVINO runs on CPUs only."""
+def resolve_runtime(
+    requested: str, device: torch.device, numerics: str = "float32"
+) -> tuple[str, str]:
+    """``(runtime, why)`` for ``requested`` on ``device``; OpenVINO runs on CPUs only.
+
+    ``auto`` picks OpenVINO for the numerics it runs on this CPU (float32; bfloat16 where the
+    CPU has it): OpenVINO would run float32 for a precision the CPU lacks, so emulated
+    bfloat16 or float16 stays with torch's autocast.
+    """
     check_runtime(requested)
     if requested == "openvino":
         if device.type != "cpu":
@@ -104,9 +115,11 @@ def resolve_runtime(requested: str, device: torch.device) -> tuple[str, str]:
         return "openvino", "asked for"
     if requested == "torch":
         return "torch", "asked for"
-    if device.type == "cpu" and openvino_available():
+    if device.type != "cpu" or not openvino_available():
+        return "torch", f"auto: torch on {device.type}"
+    if numerics == "float32" or (numerics == "bfloat16" and cpu_has_bf16()):
         return "openvino", "auto: OpenVINO on a CPU"
-    return "torch", f"auto: torch on {device.type}"
+    return "torch", f"auto: torch, as OpenVINO would not run {numerics} on this CPU"
 
 
 def features_id(weights_id: str, numerics: str) -> str:
