@@ -1,42 +1,75 @@
-"""Cloud RSS (VmRSS, RssAnon, RssFile of the server process) while one client streams a cold split."""
-import os, subprocess, sys, threading, time, json
+"""The cloud's RSS (VmRSS, RssAnon, RssFile of the server process) while a client streams a
+cold split: ``probe.py TASK SPLIT N DTYPE [serve flags...]`` (see README.md beside it)."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
 import pyarrow.flight as flight
-from mist_fed.wire.request import FeatureRequest
+
 from mist_fed.data import get_task
-task, split, n, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-extra = sys.argv[5:]
-ids = list(get_task(task).split(split).ids[:n])
-env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
-port = 8931
-store = "/tmp/wtc/memstore-%d" % time.time()
-srv = subprocess.Popen([".venv/bin/mist-fed", "cloud", "serve", "--port", str(port), "--tasks", task,
-    "--cache-dir", store, *extra], env=env)
-def rss():
-    d = {}
-    for line in open(f"/proc/{srv.pid}/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmRSS", "RssAnon", "RssFile"): d[k] = int(v.split()[0]) // 1024
-    return d
-client = None
-for _ in range(600):
-    try:
-        client = flight.connect(f"grpc+tcp://127.0.0.1:{port}"); list(client.do_action(flight.Action("health", b""))); break
-    except Exception: time.sleep(1)
-time.sleep(2)
-idle = rss(); print("idle MB", idle, flush=True)
-peak = dict(idle); stop = False
-def sampler():
-    while not stop:
-        r = rss()
-        for k, v in r.items(): peak[k] = max(peak[k], v)
-        time.sleep(0.5)
-threading.Thread(target=sampler, daemon=True).start()
-t = time.time(); rows = 0; last = 0
-reader = client.do_get(flight.Ticket(FeatureRequest(task, split, "mist", 12, dtype, tuple(ids)).to_json()))
-for chunk in reader:
-    rows += chunk.data.num_rows
-    if rows - last >= 256:
-        last = rows; print(rows, rss(), "peak", peak, round(rows / (time.time() - t), 2), "img/s", flush=True)
-stop = True
-print(json.dumps({"rows": rows, "s": round(time.time() - t, 1), "idle_mb": idle, "peak_mb": peak, "end_mb": rss(), "store_du": subprocess.run(["du", "-sh", store], capture_output=True, text=True).stdout.split()[0]}), flush=True)
-srv.terminate(); srv.wait()
+from mist_fed.wire.request import FeatureRequest
+
+PORT = 8931
+KEYS = ("VmRSS", "RssAnon", "RssFile")
+
+
+def rss(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in KEYS:
+                out[key] = int(value.split()[0]) // 1024
+    return out
+
+
+def main() -> None:
+    task, split, n, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    ids = tuple(get_task(task).split(split).ids[:n])
+    store = f"/tmp/memstore-{time.time():.0f}"
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
+    cmd = [".venv/bin/mist-fed", "cloud", "serve", "--port", str(PORT), "--tasks", task]
+    srv = subprocess.Popen([*cmd, "--cache-dir", store, *sys.argv[5:]], env=env)
+    client = flight.connect(f"grpc+tcp://127.0.0.1:{PORT}")
+    for _ in range(600):
+        try:
+            list(client.do_action(flight.Action("health", b"")))
+            break
+        except flight.FlightError:
+            time.sleep(1)
+    time.sleep(2)
+    idle = rss(srv.pid)
+    print("idle MB", idle, flush=True)
+    peak = dict(idle)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for k, v in rss(srv.pid).items():
+                peak[k] = max(peak[k], v)
+            time.sleep(0.5)
+
+    threading.Thread(target=sample, daemon=True).start()
+    start, rows, last = time.time(), 0, 0
+    ticket = flight.Ticket(FeatureRequest(task, split, "mist", 12, dtype, ids).to_json())
+    for chunk in client.do_get(ticket):
+        rows += chunk.data.num_rows
+        if rows - last >= 256:
+            last = rows
+            rate = rows / (time.time() - start)
+            print(rows, rss(srv.pid), "peak", peak, round(rate, 2), "img/s", flush=True)
+    done.set()
+    du = subprocess.run(["du", "-sh", store], capture_output=True, text=True).stdout.split()[0]
+    took = round(time.time() - start, 1)
+    report = {"rows": rows, "s": took, "idle_mb": idle, "peak_mb": peak, "end_mb": rss(srv.pid)}
+    print(json.dumps({**report, "store_du": du}), flush=True)
+    srv.terminate()
+    srv.wait()
+
+
+if __name__ == "__main__":
+    main()
