@@ -477,3 +477,35 @@ def test_a_wire_is_chosen_among_mist_rows_only():
         "mist_pool",
         "pca64-int4ch",
     )
+
+
+def test_two_runs_pair_seed_by_seed():
+    import pandas as pd
+
+    from mist_fed.report.compare import paired_runs
+
+    # Prepare: the same two rows over three seeds; the other run is 1 point higher on mist only
+    def run(shift):
+        return pd.DataFrame(
+            [
+                {
+                    "label": label,
+                    "wire_dtype": "float16",
+                    "task": "t",
+                    "seed": seed,
+                    "accuracy": 0.7 + 0.01 * seed + (shift if label == "mist" else 0.0),
+                    "val_accuracy": 0.7,
+                    "bytes_per_image": 100.0,
+                }
+                for label in ("linear", "mist")
+                for seed in range(3)
+            ]
+        )
+
+    # Execute
+    paired = paired_runs(run(0.0), run(0.01)).set_index("label")
+    # Assert
+    assert list(paired["pairs"]) == [3, 3]
+    assert paired.loc["mist", "test_diff"] == pytest.approx(0.01)
+    assert paired.loc["linear", "test_diff"] == pytest.approx(0.0)
+    assert paired.loc["mist", "ci95_low"] == pytest.approx(0.01)  # no spread: a point interval

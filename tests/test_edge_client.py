@@ -53,6 +53,7 @@ def test_client_command_trains_evaluates_and_saves(cloud, tiny_backbone, tmp_pat
     out = tmp_path / "run"
     argv = ["client", "--task", TASK, "--cloud", cloud, "--profile", "rpi4", "--out", str(out)]
     argv += ["--epochs", "3", "--micro-batch", "8", "--time-scale", "1000", "--dtype", "float16"]
+    argv += ["--method", "mist"]  # the full map (the default is mist_pool)
     argv += ["--device-dir", str(tmp_path / "device")]
     # Execute: a run, and a rerun into another --out
     rc = main(argv)

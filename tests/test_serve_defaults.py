@@ -140,7 +140,7 @@ def test_client_defaults_to_the_local_cloud_and_a_runs_dir(tmp_path, monkeypatch
     # Assert
     cfg = seen["cfg"]
     assert code == 0 and cfg.cloud == cloud_location() and cfg.task == "flowers102"
-    assert cfg.out.startswith("runs/flowers102-mist-")
+    assert cfg.out.startswith("runs/flowers102-mist_pool-")  # the studied method
     captured = capsys.readouterr()
     assert json.loads(captured.out) == {"accuracy": 0.5}
     assert f"wrote {cfg.out}/lae.safetensors" in captured.err

@@ -110,7 +110,7 @@ def test_cloud_serve_then_client_flowers102(tmp_path):
     assert "serving vit_tiny_patch16_224" in served and "flowers102" in served
     assert client.returncode == 0, client.stdout + client.stderr
     assert "flowers102 / mist" in client.stdout and "test accuracy" in client.stdout
-    wrote = re.search(r"wrote (runs/flowers102-mist-[0-9-]+)/lae.safetensors", client.stdout)
+    wrote = re.search(r"wrote (runs/flowers102-mist_pool-[0-9-]+)/lae.safetensors", client.stdout)
     assert wrote is not None, client.stdout
     metrics = json.loads((tmp_path / wrote.group(1) / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["task"] == "flowers102"

@@ -25,6 +25,12 @@ import torch
 
 from mist_fed import defaults
 from mist_fed.errors import ConfigError
+from mist_fed.model.numerics import (
+    check_numerics,
+    check_runtime,
+    resolve_numerics,
+    resolve_runtime,
+)
 from mist_fed.wire.dtypes import check_wire
 
 SECTIONS = ("server", "backbone", "store", "limits", "tls")
@@ -47,9 +53,13 @@ class ServeConfig:
     seed: int = 0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"  # where the backbone runs: cpu, cuda, cuda:N, or auto (cuda when present)
+    # the backbone's precision (auto: float16 on CUDA, bfloat16 on a CPU with native bfloat16,
+    # else float32) and what runs it (auto: openvino on a CPU); see mist_fed/model/numerics.py
+    numerics: str = "auto"
+    runtime: str = "auto"
     # [store]
     cache_dir: str | None = None  # None = <MIST_FED_CACHE>/features
-    batch_size: int = 32  # images per backbone forward
+    batch_size: int | None = None  # images per backbone forward; None: 8 on a CPU, 64 on CUDA
     rows_per_batch: int = 64  # rows per streamed record batch
     default_dtype: str = "float32"
     max_gb: float = DEFAULT_MAX_GB  # least recently used shards go beyond it
@@ -70,7 +80,7 @@ class ServeConfig:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is outside 0..65535 (0 picks a free port)")
         for name in ("batch_size", "rows_per_batch", "max_ticket_bytes", "max_ids_per_ticket"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.projection_images < 2:
             raise ConfigError(f"projection_images must be >= 2, got {self.projection_images}")
@@ -79,6 +89,8 @@ class ServeConfig:
         check_wire(self.default_dtype, ConfigError, "default_dtype")
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise ConfigError(f"device {self.device!r} is not cpu, cuda, cuda:N or auto")
+        check_numerics(self.numerics)
+        check_runtime(self.runtime)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both tls_cert and tls_key (or neither)")
         if self.weights is not None and self.random_init:
@@ -98,6 +110,20 @@ class ServeConfig:
         added = [t[1:] for t in self.tasks if t.startswith("+")]
         base = listed if listed else named_tasks()
         return tuple(dict.fromkeys([*base, *added]))
+
+    def backbone_numerics(self) -> tuple[str, str, str]:
+        """``(numerics, runtime, why)`` this config resolves to on this host."""
+        device = self.torch_device()
+        numerics, why_n = resolve_numerics(self.numerics, device)
+        runtime, why_r = resolve_runtime(self.runtime, device, numerics)
+        return numerics, runtime, f"numerics {numerics} ({why_n}), runtime {runtime} ({why_r})"
+
+    def forward_batch(self) -> int:
+        """Images per backbone forward: ``batch_size``, else 8 on a CPU (OpenVINO's best on the
+        2-core host measured; larger batches were no faster) and 64 on CUDA."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 64 if self.torch_device().type == "cuda" else 8
 
     def torch_device(self) -> torch.device:
         """The device the backbone runs on; ``auto`` picks CUDA when this host has it."""

@@ -126,13 +126,15 @@ class FeatureServer(flight.FlightServerBase):
         self.config = config
         self.offered = config.offered_tasks()
         self._unlisted: set[str] = set()  # offered tasks whose data was not here (logged once)
-        self.backbone = backbone if backbone is not None else build_backbone(config)
+        base = backbone if backbone is not None else build_backbone(config)
+        numerics, runtime, self.numerics_why = config.backbone_numerics()
+        self.backbone = base.configured(numerics, runtime)  # its weights_id names the numerics
         self._model_kwargs = _json_kwargs(self.backbone)
         self.store = FeatureStore(
             config.store_dir, self.backbone.weights_id, max_bytes=int(config.max_gb * 1e9)
         )
         self.embedder = Embedder(
-            self.backbone, self.store, config.batch_size, config.torch_device()
+            self.backbone, self.store, config.forward_batch(), config.torch_device()
         )
         self.projections = Projections(
             self.embedder,
@@ -158,11 +160,12 @@ class FeatureServer(flight.FlightServerBase):
                 tls = [(c.read(), k.read())]
         super().__init__(config.location, tls_certificates=tls, middleware=middleware or None)
         log.info(
-            "feature server on %s:%d (backbone %s, %s, store %s, auth %s)",
+            "feature server on %s:%d (backbone %s, %s; %s; store %s, auth %s)",
             config.host,
             self.port,
             self.backbone.name,
             self.backbone.weights_id,
+            self.numerics_why,
             self.store.root,
             "tokens" if config.tokens else "open",
         )
@@ -433,6 +436,8 @@ class FeatureServer(flight.FlightServerBase):
             "backbone": self.backbone.name,
             "weights": self.backbone.weights_id,
             "model_kwargs": self._model_kwargs,
+            "numerics": self.backbone.numerics,
+            "runtime": self.backbone.runtime,
             # whatever the task: an edge device sizes its network from this
             "geometry": {**self.backbone.geometry.to_dict(), "model_kwargs": self._model_kwargs},
             "images_embedded": c.images_embedded,

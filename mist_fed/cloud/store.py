@@ -10,10 +10,14 @@ after the SHA-256 of its bytes (``sha256-<hex>.arrow``), under
 * **Written whole, verified at write.** A shard is written to a temporary name, flushed to
   disk, read back and checked against its SHA-256, then renamed into place: a killed writer
   leaves no half shard under a shard's name.
-* **Opened cheaply, verified lazily.** Opening a partition memory-maps its shards and reads
-  only their ``hash`` columns into an index (``hash -> (shard, row)``); a shard's bytes are
-  checked against its name the first time a lookup finds rows in it. A truncated or damaged
-  shard is dropped with a warning (its rows are recomputed), never served.
+* **Opened cheaply, verified lazily.** Opening a partition reads only its shards' ``hash``
+  columns into an index (``hash -> (shard, row)``); a shard's bytes are checked against its
+  name the first time a lookup finds rows in it. A truncated or damaged shard is dropped with
+  a warning (its rows are recomputed), never served.
+* **Mapped only while read.** A lookup memory-maps the shards it found and its locations hold
+  those maps; they are unmapped when the request's batch is gone. The store keeps no shard
+  mapped, so the pages a stream reads leave the service's RSS with the batch, and its memory
+  does not grow with the bytes it has served or written (a split of any size).
 * **Seen as soon as written.** A lookup that misses rescans the partition's directory when it
   changed since the last scan, so shards that another writer renamed into place are found.
 * **Capped.** With ``max_bytes``, the store directory (every backbone's shards) is kept under
@@ -36,38 +40,37 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from mist_fed.cloud.shards import (
+    SHARD_PREFIX,
+    Loc,
+    Shard,
+    _check_name,
+    _damaged,
+    content_hash,
+    open_shard,
+    read_shard,
+)
 from mist_fed.core.specs import GatherSpec
 
 log = logging.getLogger(__name__)
 
-SHARD_PREFIX = "sha256-"
+# re-exported: the store's callers and tests name them here
+__all__ = [
+    "SHARD_PREFIX",
+    "FeatureStore",
+    "Loc",
+    "Shard",
+    "content_hash",
+    "open_shard",
+    "read_shard",
+]
+
 TOUCH_EVERY_S = 60.0  # how often a shard's use is written to its mtime
-
-
-@dataclass(eq=False)
-class Shard:
-    """One shard: its memory-mapped table, file (None: memory only), size and last use."""
-
-    table: pa.Table
-    path: Path | None
-    nbytes: int
-    verified: bool
-    used: float = field(default_factory=time.time)
-    touched: float = 0.0
-
-
-Loc = tuple[Shard, int]  # (shard, row): holds the table, so eviction cannot pull it away
-
-
-def content_hash(data: bytes) -> str:
-    """The key of one image's content (hash of its decoded pixels, mode and size)."""
-    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def _safe(name: str) -> str:
@@ -85,46 +88,13 @@ def _unwritable(where: Path, e: OSError) -> None:
     )
 
 
-def _check_name(path: Path, buf: Any) -> None:
-    if path.name.startswith(SHARD_PREFIX):
-        want = path.name.removeprefix(SHARD_PREFIX).removesuffix(".arrow")
-        got = hashlib.sha256(memoryview(buf)).hexdigest()
-        if got != want:
-            raise ValueError(f"checksum mismatch (content sha256 {got[:12]}...)")
-
-
-def open_shard(path: Path, verify: bool = True) -> pa.Table:
-    """A shard's memory-mapped table (its Arrow footer read; its checksum too when ``verify``).
-
-    Raises ``ValueError`` (checksum, columns), ``pa.ArrowInvalid`` (not a whole Arrow file) or
-    ``OSError``.
-    """
-    buf = pa.memory_map(str(path)).read_buffer()
-    if verify:
-        _check_name(path, buf)
-    table = pa.ipc.open_file(buf).read_all()
-    if "hash" not in table.column_names or "features" not in table.column_names:
-        raise ValueError(f"not a feature shard (columns {table.column_names})")
-    return table.combine_chunks()
-
-
-def read_shard(path: Path) -> pa.Table:
-    """A shard's table after checking its bytes against its name (see :func:`open_shard`)."""
-    return open_shard(path, verify=True)
-
-
-def _damaged(path: Path, e: Exception) -> None:
-    # a damaged shard costs a recompute, never a crash, and is never served
-    log.warning("skipping damaged store shard %s (its rows are recomputed): %s", path, e)
-
-
 class _Partition:
-    """The shards of one (gather spec, dtype): index and memory-mapped tables."""
+    """The shards of one (gather spec, dtype): the index of their rows."""
 
     def __init__(self, root: Path, store: FeatureStore) -> None:
         self.root = root
         self.store = store
-        self.index: dict[str, Loc] = {}
+        self.index: dict[str, tuple[Shard, int]] = {}
         self.shards: dict[str, Shard] = {}  # by file name (memory-only shards: by id)
         self.skipped: list[Path] = []
         self._seen: set[str] = set()  # file names scanned (good or damaged)
@@ -155,17 +125,19 @@ class _Partition:
             try:
                 table = open_shard(path, verify=False)  # checked on first use
                 size = path.stat().st_size
+                hashes = table.column("hash").to_pylist()
             except (pa.ArrowInvalid, OSError, ValueError) as e:
                 _damaged(path, e)
                 self.skipped.append(path)
                 continue
-            self._add(path.name, Shard(table, path, size, verified=False))
+            del table  # unmapped: lookups map what they read
+            self._add(path.name, Shard(path, size, verified=False, hashes=hashes))
             self.store._budget_add(path, size)
         return True
 
     def _add(self, key: str, shard: Shard) -> None:
         self.shards[key] = shard
-        for row, h in enumerate(shard.table.column("hash").to_pylist()):
+        for row, h in enumerate(shard.hashes):
             self.index[h] = (shard, row)
 
     def drop(self, shard: Shard) -> None:
@@ -173,7 +145,7 @@ class _Partition:
         for key, s in list(self.shards.items()):
             if s is shard:
                 del self.shards[key]
-        for h in shard.table.column("hash").to_pylist():
+        for h in shard.hashes:
             loc = self.index.get(h)
             if loc is not None and loc[0] is shard:
                 del self.index[h]
@@ -189,7 +161,8 @@ class _Partition:
             except OSError as e:
                 _unwritable(self.root, e)
                 self.store.persist = False
-        shard = Shard(table.combine_chunks(), None, table.nbytes, verified=True)
+        hashes = table.column("hash").to_pylist()
+        shard = Shard(None, table.nbytes, True, hashes, memory=table.combine_chunks())
         self._add(f"memory-{id(shard)}", shard)  # in memory only
         return shard
 
@@ -216,7 +189,7 @@ class _Partition:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        return Shard(open_shard(final, verify=False), final, len(data), verified=True)
+        return Shard(final, len(data), True, table.column("hash").to_pylist())
 
 
 class FeatureStore:
@@ -330,7 +303,7 @@ class FeatureStore:
                     self._lose(part, shard)
 
     def _lose(self, part: _Partition, shard: Shard) -> None:
-        self._lost_keys.update((part.root.name, h) for h in shard.table.column("hash").to_pylist())
+        self._lost_keys.update((part.root.name, h) for h in shard.hashes)
 
     # -- partitions ----------------------------------------------------------------------
     def _part(self, spec: GatherSpec, dtype: str) -> _Partition:
@@ -379,9 +352,21 @@ class FeatureStore:
             found = list({id(loc[0]): loc[0] for loc in locs if loc is not None}.values())
             if self._verify(part, found):
                 locs = [part.index.get(h) for h in hashes]
+            tables: dict[int, pa.Table] = {}
             for shard in {id(loc[0]): loc[0] for loc in locs if loc is not None}.values():
+                try:
+                    tables[id(shard)] = shard.open()  # mapped for this read only
+                except (pa.ArrowInvalid, OSError, ValueError) as e:
+                    assert shard.path is not None
+                    _damaged(shard.path, e)
+                    part.drop(shard)
+                    self._lose(part, shard)
+                    continue
                 self._use(shard)
-            return locs
+            return [
+                None if loc is None or id(loc[0]) not in tables else (*loc, tables[id(loc[0])])
+                for loc in locs
+            ]
 
     def put(
         self, spec: GatherSpec, dtype: str, hashes: Sequence[str], columns: dict[str, pa.Array]
@@ -405,17 +390,17 @@ class FeatureStore:
 
         Safe after eviction: ``locs`` hold their shards' tables.
         """
-        runs: list[tuple[Shard, int, int]] = []  # shard, start, length
-        for shard, row in locs:
-            if runs and runs[-1][0] is shard and runs[-1][1] + runs[-1][2] == row:
-                s, start, length = runs[-1]
-                runs[-1] = (s, start, length + 1)
+        runs: list[tuple[pa.Table, int, int]] = []  # mapped table, start, length
+        for _, row, table in locs:
+            if runs and runs[-1][0] is table and runs[-1][1] + runs[-1][2] == row:
+                t, start, length = runs[-1]
+                runs[-1] = (t, start, length + 1)
             else:
-                runs.append((shard, row, 1))
-        names = [n for n in runs[0][0].table.column_names if n != "hash"] if runs else []
+                runs.append((table, row, 1))
+        names = [n for n in runs[0][0].column_names if n != "hash"] if runs else []
         out: dict[str, pa.Array] = {}
         for name in names:
-            pieces = [s.table.column(name).chunk(0).slice(start, n) for s, start, n in runs]
+            pieces = [t.column(name).chunk(0).slice(start, n) for t, start, n in runs]
             out[name] = pieces[0] if len(pieces) == 1 else pa.concat_arrays(pieces)
         return out
 

@@ -1,5 +1,6 @@
-"""`mist-fed bench cloud|edge|sim`: cloud throughput vs bare baselines; edge peak memory vs the
-paper; simulation overhead vs a plain loop."""
+"""`mist-fed bench cloud|edge|sim`: cloud throughput vs bare baselines (and the cloud's numerics
+vs plain float32 timm, cold store); edge peak memory vs the paper; simulation overhead vs a
+plain loop."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from typing import Any
 
 from mist_fed.defaults import DEFAULT_HOST
+from mist_fed.model.numerics import NUMERICS_CHOICES, RUNTIME_CHOICES, RUNTIME_HELP
 from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
 
 
@@ -25,6 +27,22 @@ def bench_cloud(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     r = run(cfg, DEFAULT_HOST)
+    cold = None
+    if not args.no_cold:
+        from mist_fed.cloud.bench_numerics import NumericsBenchConfig, bench_numerics
+
+        ncfg = NumericsBenchConfig(
+            backbone=args.cold_backbone,
+            random_init=args.cold_random_init,
+            task=args.task,
+            images=args.cold_images,
+            reps=args.cold_reps,
+            numerics=tuple(args.numerics),
+            runtime=args.runtime,
+            batch_size=args.forward_batch,
+        )
+        cold = bench_numerics(ncfg, DEFAULT_HOST)
+        r["cold"] = cold
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -43,6 +61,10 @@ def bench_cloud(args: argparse.Namespace) -> int:
         f"{r['ours_images_per_s']:.1f} img/s vs timm forward_features "
         f"{r['timm_images_per_s']:.1f} img/s -> ratio {r['embed_ratio']:.2f} (target >= 0.9)"
     )
+    if cold is not None:
+        from mist_fed.cloud.bench_numerics import format_numerics
+
+        print("\n".join(format_numerics(cold, args.cold_reps)))
     return 0
 
 
@@ -60,6 +82,26 @@ def register(sub: Any) -> None:
     c.add_argument("--dtype", default="float32", type=wire_arg, help=WIRE_HELP)
     c.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
+    n = c.add_argument_group("(c) cold-store embedding: the cloud's numerics vs plain float32 timm")
+    n.add_argument("--no-cold", action="store_true", help="skip part (c)")
+    n.add_argument(
+        "--numerics",
+        nargs="+",
+        choices=NUMERICS_CHOICES,
+        default=["auto"],
+        help="the service's numerics to measure, each beside float32 timm (default auto)",
+    )
+    n.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
+    n.add_argument(
+        "--cold-backbone",
+        default="dinov2_s14_imgfocus",
+        help="backbone of part (c) (default the offline DINOv2-S/14, real weights)",
+    )
+    n.add_argument("--cold-random-init", action="store_true", help="random weights in (c)")
+    n.add_argument("--task", help="task of (c) (default fashion-mnist, else synthetic)")
+    n.add_argument("--cold-images", type=int, default=32, help="images per cold stream")
+    n.add_argument("--cold-reps", type=int, default=3, help="interleaved rounds (best kept)")
+    n.add_argument("--forward-batch", type=int, help="images per forward (default: the service's)")
     c.set_defaults(handler=bench_cloud)
     from mist_fed.device.bench import add_parser as add_edge
 

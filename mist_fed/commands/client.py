@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -15,7 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mist_fed.defaults import DEFAULT_PROFILE, cloud_location
+from mist_fed.defaults import (
+    DEFAULT_PROFILE,
+    STUDIED_METHOD,
+    STUDIED_WIRE,
+    STUDIED_WIRE_SOURCE,
+    cloud_location,
+)
 from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
 
 TOKEN_ENV = "MIST_FED_TOKEN"
@@ -49,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         profile=args.profile,
         out=out,
         method=args.method,
-        dtype=args.dtype,
+        dtype=args.dtype,  # None: the studied wire where the cloud's backbone fits it
         token=args.token or os.environ.get(TOKEN_ENV),
         ks=tuple(int(k) for k in args.k.split(",")) if args.k else None,
         upload=args.upload,
@@ -59,13 +66,15 @@ def run(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         train=train,
     )
+    if not cfg.progress:  # no terminal: a stream's progress as a log line every 30 s
+        logging.getLogger("mist_fed.wire.progress").setLevel(logging.INFO)
     m = run_client(cfg)
     if args.json:
         print(json.dumps(m, indent=2))
         print(f"wrote {out}/lae.safetensors and {out}/metrics.json", file=sys.stderr)
         return 0
     print(
-        f"{m['task']} / {m['method']} on {m['profile']['name']}: test accuracy {m['accuracy']:.4f} "
+        f"{m['task']} / {m['method']} / {m['dtype']} on {m['profile']['name']}: test accuracy {m['accuracy']:.4f} "
         f"(k={m['k']}, val {m['val_accuracy']})\n"
         f"  down {m['bytes_down'] / 1e6:.2f} MB ({m['feature_bytes'] / 1e6:.2f} MB of features; "
         f"the device cache in {m['device_dir']} had the rest), up {m['bytes_up'] / 1e6:.2f} MB, "
@@ -121,7 +130,12 @@ def register(sub: Any) -> None:
         help="output directory for lae.safetensors and metrics.json "
         "(default runs/<task>-<method>-<time>/)",
     )
-    p.add_argument("--method", default="mist", choices=list(METHODS))
+    p.add_argument(
+        "--method",
+        default=STUDIED_METHOD,
+        choices=list(METHODS),
+        help=f"edge method (default {STUDIED_METHOD}: chosen by {STUDIED_WIRE_SOURCE})",
+    )
     p.add_argument("--epochs", type=int, help="training epochs (default 30)")
     p.add_argument("--lr", type=float, help="learning rate (default: the method's)")
     p.add_argument("--batch-size", type=int, help="batch size (default 32)")
@@ -129,10 +143,11 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--dtype",
-        default="float16",
         type=wire_arg,
         metavar="DTYPE",
-        help=f"wire dtype (default float16): {WIRE_HELP}",
+        help=f"wire dtype (default {STUDIED_WIRE}, chosen by {STUDIED_WIRE_SOURCE}, for "
+        "methods that read a projection on a backbone of >= 192 channels; else float16): "
+        f"{WIRE_HELP}",
     )
     p.add_argument(
         "--device-dir",

@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 from mist_fed.defaults import DEFAULT_BACKBONE, DEFAULT_PORT
+from mist_fed.model.numerics import NUMERICS_CHOICES, NUMERICS_HELP, RUNTIME_CHOICES, RUNTIME_HELP
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ def serve(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         tokens=args.tokens,
         device=args.device,
+        numerics=args.numerics,
+        runtime=args.runtime,
         tasks=_task_list(args.tasks),
         max_gb=args.store_max_gb,
     )
@@ -97,6 +100,8 @@ def register(sub: Any) -> None:
         "--random-init", action="store_true", help="random weights (tests, cost figures)"
     )
     s.add_argument("--device", help="where the backbone runs: cpu, cuda, cuda:N or auto")
+    s.add_argument("--numerics", choices=NUMERICS_CHOICES, help=f"{NUMERICS_HELP} (default auto)")
+    s.add_argument("--runtime", choices=RUNTIME_CHOICES, help=f"{RUNTIME_HELP} (default auto)")
     s.add_argument("--cache-dir", help="feature store directory")
     s.add_argument(
         "--store-max-gb",

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mist_fed.core.methods import get_method
-from mist_fed.defaults import DEFAULT_PROFILE, cache_dir
+from mist_fed.core.methods import PROJECTABLE_EDGES, get_method
+from mist_fed.core.specs import Geometry
+from mist_fed.defaults import DEFAULT_PROFILE, STUDIED_WIRE, cache_dir
 from mist_fed.device.checkpoint import EdgeModelConfig, load_checkpoint, save_checkpoint
 from mist_fed.device.edge import EdgeDevice
 from mist_fed.device.profiles import DeviceProfile, load_profile
@@ -27,7 +28,7 @@ from mist_fed.device.source import FlightSource
 from mist_fed.device.trainer import TrainConfig
 from mist_fed.errors import ConfigError, TaskError
 from mist_fed.wire.client import encode_png
-from mist_fed.wire.dtypes import check_wire
+from mist_fed.wire.dtypes import check_wire, parse_wire
 from mist_fed.wire.shaping import LinkShaper
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class ClientConfig:
     profile: str
     out: str
     method: str = "mist"
-    dtype: str = "float16"  # half of float32's bytes at no measured cost (README)
+    dtype: str | None = None  # None: default_dtype (the studied wire where it fits)
     token: str | None = None
     ks: tuple[int, ...] | None = None  # None: the method's candidates {N/3, 2N/3, N}
     upload: bool = False  # send the device's own images instead of asking by reference
@@ -51,18 +52,32 @@ class ClientConfig:
     retries: int = 4
     backoff_s: float = 0.25
     device_dir: str | None = None  # the device's storage (feature cache); None: under the cache
-    progress: bool = False  # progress bars on stderr (the CLI: when it is a terminal)
+    # bars on stderr (the CLI: when it is a terminal); else a stream logs its rows ready /
+    # total and rate every 30 s (mist_fed.wire.progress)
+    progress: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         get_method(self.method)
-        check_wire(self.dtype, ConfigError, "--dtype")
+        if self.dtype is not None:
+            check_wire(self.dtype, ConfigError, "--dtype")
         if not self.time_scale > 0:
             raise ConfigError(f"--time-scale must be > 0, got {self.time_scale}")
 
     @property
     def storage(self) -> Path:
         return Path(self.device_dir) if self.device_dir else default_device_dir()
+
+
+def default_dtype(method: str, geometry: Geometry) -> str:
+    """The wire a client uses unless told: the one the wire study chose
+    (:data:`~mist_fed.defaults.STUDIED_WIRE`) for a method whose edge net reads a projection,
+    on a backbone wide enough for it; float16 otherwise (half of float32's bytes at no
+    measured cost)."""
+    projectable = get_method(method).edge in PROJECTABLE_EDGES
+    if projectable and geometry.embed_dim >= (parse_wire(STUDIED_WIRE).dims or 0):
+        return STUDIED_WIRE
+    return "float16"
 
 
 def default_device_dir() -> Path:
@@ -117,7 +132,12 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     shaper = LinkShaper(profile.downlink_mbps, profile.latency_ms, cfg.time_scale)
     source = FlightSource(
-        cfg.cloud, cfg.token, shaper, retries=cfg.retries, backoff_s=cfg.backoff_s
+        cfg.cloud,
+        cfg.token,
+        shaper,
+        retries=cfg.retries,
+        backoff_s=cfg.backoff_s,
+        progress=cfg.progress,  # a stream's rows ready / total: a bar, else a line every 30 s
     )
     device = EdgeDevice(
         profile,
@@ -129,12 +149,14 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
     )
     with source, device:
         geometry = device.geometry
+        dtype = cfg.dtype or default_dtype(cfg.method, geometry)
+        log.info("%s on the %s wire", cfg.method, dtype)
         num_classes, classes = _task_info(cfg.task)
         if num_classes is None:  # learn it from the labels the cloud sends
-            seen = device.features(cfg.task, "train", cfg.method, _first_k(device, cfg), cfg.dtype)
+            seen = device.features(cfg.task, "train", cfg.method, _first_k(device, cfg), dtype)
             num_classes = seen.max_label + 1
-        sel = device.select_k(cfg.task, cfg.method, cfg.dtype, num_classes, cfg.train, ks=cfg.ks)
-        test = device.features(cfg.task, "test", cfg.method, sel.k, cfg.dtype)
+        sel = device.select_k(cfg.task, cfg.method, dtype, num_classes, cfg.train, ks=cfg.ks)
+        test = device.features(cfg.task, "test", cfg.method, sel.k, dtype)
         accuracy = device.evaluate(sel.net, test)
         spec = device.spec(cfg.method, sel.k)
         mcfg = EdgeModelConfig(
@@ -143,7 +165,7 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
             geometry=geometry,
             gather=spec.kind,
             k=sel.k,
-            dtype=cfg.dtype,
+            dtype=dtype,
             basis=test.meta.basis,
             classes=classes,
             task=cfg.task,
@@ -157,7 +179,7 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
         "accuracy": accuracy,
         "k": sel.k,
         "val_accuracy": {str(k): v for k, v in sel.val_acc.items()},
-        "dtype": cfg.dtype,
+        "dtype": dtype,
         "epochs": cfg.train.epochs,
         "backbone": geometry.backbone,
         "weights": geometry.weights,

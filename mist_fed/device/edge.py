@@ -255,7 +255,7 @@ class EdgeDevice:
             else:
                 schema, batches = self.source.stream(task, split, spec, dtype, ids)
             self.pin_basis(key, WireMeta.from_schema(schema).basis)  # before it is cached
-            if self.progress:
+            if self.progress and self.local_images is not None:  # a stream counts itself
                 batches = _rows_bar(batches, f"{split} {spec.label()} {dtype}")
             cached = self.cache.store(
                 key, schema, batches, paid=lambda: self.source.bytes_received - before

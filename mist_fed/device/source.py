@@ -62,6 +62,7 @@ class FlightSource:
         backoff_s: float = 0.25,
         expect_backbone: str | None = None,
         expect_weights: str | None = None,
+        progress: bool | None = None,
     ) -> None:
         self.shaper = shaper
         self._bytes = 0
@@ -73,6 +74,7 @@ class FlightSource:
             backoff_s=backoff_s,
             expect_backbone=expect_backbone,
             expect_weights=expect_weights,
+            progress=progress,
         )
         self._geometry: Geometry | None = None
 

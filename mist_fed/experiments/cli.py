@@ -12,6 +12,7 @@ from typing import Any
 
 from mist_fed.data import SHOTS, task_entry
 from mist_fed.data.defaults import default_backbone, default_task
+from mist_fed.defaults import STUDIED_WIRE, STUDIED_WIRE_SOURCE
 from mist_fed.device.profiles import list_profiles
 from mist_fed.errors import ConfigError, MistError
 from mist_fed.experiments.compare import (
@@ -26,6 +27,7 @@ from mist_fed.experiments.compare import (
     run_compare,
     seeds_done,
 )
+from mist_fed.model.numerics import NUMERICS_CHOICES, NUMERICS_HELP
 from mist_fed.report.compare import write_compare
 from mist_fed.report.results import new_run_id
 from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
@@ -59,8 +61,9 @@ def parser() -> argparse.ArgumentParser:
         "--wire",
         nargs="*",
         type=wire_arg,
-        default=["float16", "int8", "int8ch"],
-        help=f"MIST's extra wire dtypes (default float16 int8 int8ch): {WIRE_HELP}",
+        default=["float16", "int8", "int8ch", STUDIED_WIRE],
+        help=f"MIST's extra wire dtypes (default float16 int8 int8ch {STUDIED_WIRE}, the last "
+        f"chosen by {STUDIED_WIRE_SOURCE}): {WIRE_HELP}",
     )
     p.add_argument(
         "--mist-k",
@@ -88,6 +91,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-dir", help="the cloud's feature store (default <MIST_FED_CACHE>/features)"
     )
+    p.add_argument(
+        "--numerics",
+        choices=NUMERICS_CHOICES,
+        default="auto",
+        help=f"{NUMERICS_HELP} (default auto); run twice, float32 and the default, for a paired check",
+    )
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--run-id")
     p.add_argument(
@@ -97,6 +106,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def numerics_line(numerics: str) -> str:
+    """What the comparison's cloud runs the backbone in, resolved on this host."""
+    from mist_fed.cloud.config import ServeConfig
+
+    return ServeConfig(numerics=numerics).backbone_numerics()[2]
 
 
 def _profiles() -> list[str]:
@@ -130,6 +146,7 @@ def config_from_args(args: argparse.Namespace, run_id: str = "default") -> Compa
         cache_dir=args.cache_dir,
         profile=args.profile,
         device_dir=args.device_dir or str(default_device_dir(run_id)),
+        numerics=args.numerics,
     )
 
 
@@ -188,7 +205,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python simulations/comp
         )
         header = (
             f"# Separated tuning through the pipeline\n\n`{command.strip()}`\n\n"
-            f"backbone `{cfg.backbone}`, {cfg.seeds} seed(s), {cfg.epochs} epochs of batch {cfg.batch_size}, limits "
+            f"backbone `{cfg.backbone}` ({numerics_line(cfg.numerics)}), {cfg.seeds} seed(s), {cfg.epochs} epochs of batch {cfg.batch_size}, limits "
             f"{ {k: v for k, v in cfg.limits.items() if v} }"
             + (f", MIST k fixed at {cfg.mist_k}" if cfg.mist_k else "")
             + kept

@@ -113,6 +113,7 @@ class CompareConfig:
     cache_dir: str | None = None  # the cloud's feature store (None: under MIST_FED_CACHE)
     profile: str = DEFAULT_PROFILE  # the edge device every row runs on (name or .toml path)
     device_dir: str | None = None  # the device's storage; None: default_device_dir()
+    numerics: str = "auto"  # the cloud backbone's numerics (mist_fed/model/numerics.py)
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -405,6 +406,7 @@ def run_compare(
         random_init=cfg.random_init,
         model_kwargs=dict(cfg.backbone_kwargs),
         cache_dir=cfg.cache_dir,
+        numerics=cfg.numerics,
     )
     log.info("every row runs on one %s device, storage %s", profile.name, cfg.storage)
     results: list[RowResult] = []

@@ -28,7 +28,9 @@ from torch import nn
 from mist_fed.core.methods import starts_from_backbone
 from mist_fed.core.specs import Geometry
 from mist_fed.errors import BackboneError, WeightsUnavailableError
+from mist_fed.model.engine import openvino_trunk
 from mist_fed.model.hub import hub_reachable
+from mist_fed.model.numerics import NUMERICS, RUNTIMES, autocast_dtype, features_id
 from mist_fed.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -156,8 +158,20 @@ class Backbone(nn.Module):
 
     model: Any  # a timm VisionTransformer (untyped attributes)
 
-    def __init__(self, model: nn.Module, spec: BackboneSpec, weights_id: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: BackboneSpec,
+        weights_id: str,
+        numerics: str = "float32",
+        runtime: str = "torch",
+    ) -> None:
         super().__init__()
+        if numerics not in NUMERICS or runtime not in RUNTIMES:
+            raise BackboneError(
+                f"numerics {numerics!r} / runtime {runtime!r}: use one of {', '.join(NUMERICS)} "
+                f"and one of {', '.join(RUNTIMES)}"
+            )
         for attr in ("patch_embed", "blocks", "norm"):
             if not hasattr(model, attr):
                 raise BackboneError(
@@ -166,9 +180,23 @@ class Backbone(nn.Module):
                 )
         self.model = model
         self.spec = spec
-        self.weights_id = weights_id
+        self.base_weights_id = weights_id
+        self.numerics = numerics
+        self.runtime = runtime
         self.model.requires_grad_(False)
         self.model.eval()
+
+    @property
+    def weights_id(self) -> str:
+        """The identity of this backbone's features: its weights, and its numerics unless
+        float32 (:func:`~mist_fed.model.numerics.features_id`)."""
+        return features_id(self.base_weights_id, self.numerics)
+
+    def configured(self, numerics: str, runtime: str) -> Backbone:
+        """This backbone (the same module, no copy) run in ``numerics`` by ``runtime``."""
+        if (numerics, runtime) == (self.numerics, self.runtime):
+            return self
+        return Backbone(self.model, self.spec, self.base_weights_id, numerics, runtime)
 
     def train(self, mode: bool = True) -> Backbone:
         """The backbone never leaves eval mode."""
@@ -266,6 +294,20 @@ class Backbone(nn.Module):
         for blk in list(self.model.blocks)[:upto]:
             x = blk(x)
             yield x
+
+    def blocks_upto(self, images: torch.Tensor, depth: int) -> list[torch.Tensor]:
+        """``[z_0, ..., z_depth]`` as float32, in this backbone's numerics and runtime."""
+        if not 0 <= depth <= self.num_blocks:
+            raise BackboneError(f"k={depth} is outside 0..{self.num_blocks} for {self.name}")
+        if self.runtime == "openvino":
+            return openvino_trunk(self, self.numerics, depth)(images)
+        dtype = autocast_dtype(self.numerics)
+        with torch.inference_mode():
+            if dtype is None:
+                return list(self.iter_blocks(images, upto=depth))
+            with torch.autocast(images.device.type, dtype=dtype):
+                zs = list(self.iter_blocks(images, upto=depth))
+            return [z.float() for z in zs]
 
     def final_token(self, z_n: torch.Tensor) -> torch.Tensor:
         """The final normed class token (mean of patch tokens for class-token-free ViTs)."""

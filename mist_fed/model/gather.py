@@ -94,8 +94,8 @@ def gather_many(
     if not specs:
         return {}
     depth = max(s.depth(backbone.num_blocks) for s in specs)
+    zs = backbone.blocks_upto(images, depth)  # float32, in the backbone's numerics
     with torch.inference_mode():
-        zs = list(backbone.iter_blocks(images, upto=depth))
         out: dict[GatherSpec, torch.Tensor] = {}
         for spec in specs:
             out[spec] = _GATHER_FNS.get(spec.kind)(zs, backbone, spec.k)

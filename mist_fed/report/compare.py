@@ -356,3 +356,22 @@ def write_compare(
     else:
         paths["plot"] = plot_accuracy_vs_bytes(agg, run_dir / "accuracy_vs_bytes.png", references)
     return paths
+
+
+def paired_runs(base: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
+    """``other``'s accuracy minus ``base``'s, row by row (label, wire, task), paired by seed.
+
+    Two runs of the same variants that differ in one setting (the cloud's numerics: one run
+    with ``--numerics float32``, one with the default): :func:`paired_differences` of each
+    of ``other``'s rows against the same row of ``base``.
+    """
+    tagged = other.assign(label=other["label"] + " [other]")
+    both = pd.concat([base, tagged], ignore_index=True)
+    out = []
+    for (label, wire), _ in base.groupby(["label", "wire_dtype"], sort=False):
+        paired = paired_differences(both, reference=(label, wire))
+        if paired.empty:
+            continue
+        mine = paired[(paired["label"] == f"{label} [other]") & (paired["wire_dtype"] == wire)]
+        out.append(mine.assign(label=label))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()

@@ -45,7 +45,9 @@ from mist_fed.wire.codec import (
     batch_nbytes,
     decode,
 )
+from mist_fed.wire.dtypes import stored_dtype
 from mist_fed.wire.features import FeatureSet
+from mist_fed.wire.progress import StreamProgress, counted
 from mist_fed.wire.request import FeatureRequest
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,7 @@ class FeatureClient:
         stall_s: float | None = 120.0,
         upload_batch: int = 64,
         tls_root_certs: bytes | None = None,
+        progress: bool | None = None,
     ) -> None:
         self.location = location
         self.expect_backbone = expect_backbone
@@ -97,6 +100,9 @@ class FeatureClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self.upload_batch = upload_batch
+        # a stream's rows ready / total and rate: None, not reported; True, a bar; False,
+        # a log line every 30 s (mist_fed.wire.progress)
+        self.progress = progress
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._options = flight.FlightCallOptions(timeout=timeout_s, headers=headers)
         self.stall_s = stall_s  # a stream with no message for this long is cut and resumed
@@ -184,8 +190,25 @@ class FeatureClient:
         req = FeatureRequest(task, split, gather, k, dtype, None if ids is None else tuple(ids))
         stats = Stats()
         self.last = stats
+        total = self._total(req) if self.progress is not None else None
         reader, meta = self._open(req, 0)
-        return FeatureStream(reader.schema, meta, self._batches(req, reader, stats))
+        batches = self._batches(req, reader, stats)
+        if self.progress is not None:
+            desc = f"{task}/{split} {req.spec.label()} {dtype}"
+            batches = counted(batches, StreamProgress(desc, total, bar=self.progress))
+        return FeatureStream(reader.schema, meta, batches)
+
+    def _total(self, req: FeatureRequest) -> int | None:
+        """The rows a stream will send (``FlightInfo`` of its stored dtype: a projected wire's
+        would wait for its basis), or None when the cloud cannot say."""
+        probe = dataclasses.replace(req, dtype=stored_dtype(req.dtype))
+        descriptor = flight.FlightDescriptor.for_command(probe.to_json())
+        try:
+            info = self._client.get_flight_info(descriptor, self._options)
+        except flight.FlightError as e:
+            log.debug("no row count for %s/%s: %s", req.task, req.split, e)
+            return None
+        return int(info.total_records) if info.total_records >= 0 else None
 
     def _open(self, req: FeatureRequest, offset: int) -> tuple[flight.FlightStreamReader, WireMeta]:
         """``do_get`` from row ``offset``, retried on transient errors; checks the schema."""
