@@ -15,7 +15,7 @@ from mist_fed.core.cost import edge_cost
 from mist_fed.core.methods import METHODS
 from mist_fed.data import get_task
 from mist_fed.data.registry import Task
-from mist_fed.device.edge import DeviceMetrics
+from mist_fed.device.metrics import DeviceMetrics
 from mist_fed.device.profiles import load_profile
 from mist_fed.errors import ConfigError
 from mist_fed.experiments.cli import config_from_args, parser, resumed_rows

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mist_fed.device.edge import DeviceMetrics
+from mist_fed.device.metrics import DeviceMetrics
 from mist_fed.errors import ConfigError
 from mist_fed.fleet.job import DeviceJob, DeviceResult, StateDict
 from mist_fed.fleet.partition import (

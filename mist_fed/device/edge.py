@@ -27,7 +27,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -43,6 +42,7 @@ from mist_fed.core.specs import GatherSpec, Geometry
 from mist_fed.device.cache import CachedSplit, CacheKey, FeatureCache
 from mist_fed.device.clock import EVAL_FLOPS_PER_MAC, TRAIN_FLOPS_PER_MAC, DeviceClock
 from mist_fed.device.memory import MemoryGuard, check_fits, estimate_train_mb, tune_allocator
+from mist_fed.device.metrics import DeviceMetrics, KSelection, Prediction
 from mist_fed.device.profiles import DeviceProfile, profile_resources
 from mist_fed.device.source import FeatureSource
 from mist_fed.device.trainer import (
@@ -54,57 +54,15 @@ from mist_fed.device.trainer import (
     fit,
     predict,
 )
+from mist_fed.device.upload import upload_split
 from mist_fed.errors import ConfigError, WireError
 from mist_fed.wire import edge_init as init_codec
-from mist_fed.wire.codec import WireMeta, encode, feature_schema
-from mist_fed.wire.dtypes import parse_wire, wire_projection, wire_shape
-from mist_fed.wire.features import FeatureSet
+from mist_fed.wire.codec import WireMeta
+from mist_fed.wire.dtypes import wire_projection, wire_shape
 
 LocalImages = Callable[[str, str], list[tuple[str, bytes, int]]]  # (task, split) -> images
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DeviceMetrics:
-    """What one device job cost; the column names of every results table."""
-
-    bytes_down: int = 0  # everything downloaded: features, initial weights, fleet weights
-    feature_bytes: int = 0  # of which features (paid once: 0 when the cache had them)
-    init_bytes_down: int = 0  # of which the method's pretrained initial weights (Partial-1)
-    bytes_up: int = 0
-    images_down: int = 0  # feature rows downloaded
-    requests: int = 0
-    transfer_s: float = 0.0  # device seconds on the link (bytes / rate + latency per request)
-    compute_s: float = 0.0  # device seconds of compute (host time scaled to the profile)
-    host_compute_s: float = 0.0  # host seconds of training and evaluation
-    train_steps: int = 0
-    peak_mem_mb: float = 0.0  # peak RSS rise over the job's start
-    peak_rss_mb: float = 0.0  # peak RSS of the process
-    mem_cap_mb: float = 0.0
-    torch_threads: int = 0
-    host_gflops: float = math.nan  # this host's measured rate on the job's work (FLOPs / host s)
-    device_gflops: float = 0.0
-    edge_params: int = 0
-    edge_macs: int = 0  # per image, forward
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Prediction:
-    ids: list[str]  # the images the cloud could read, in order
-    probs: torch.Tensor  # [len(ids), classes]
-    errors: dict[str, str]  # image id -> why the cloud could not read it
-
-
-@dataclass
-class KSelection:
-    k: int | None
-    val_acc: dict[int | None, float]  # validation accuracy per candidate k
-    net: nn.Module  # the net trained at the chosen k
-    fit: FitResult  # its training record
 
 
 class EdgeDevice:
@@ -251,7 +209,10 @@ class EdgeDevice:
         else:
             before = self.source.bytes_received
             if self.local_images is not None:
-                schema, batches = self._upload(task, split, spec, dtype)
+                images = self.local_images(task, split)
+                schema, batches = upload_split(
+                    self.source, self.clock, self.geometry, images, split, spec, dtype
+                )
             else:
                 schema, batches = self.source.stream(task, split, spec, dtype, ids)
             self.pin_basis(key, WireMeta.from_schema(schema).basis)  # before it is cached
@@ -266,41 +227,6 @@ class EdgeDevice:
             )
         self._splits[key] = cached
         return cached
-
-    def _upload(
-        self, task: str, split: str, spec: GatherSpec, dtype: str, chunk: int = 64
-    ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-        """The device's own images of ``split``, uploaded ``chunk`` at a time, as feature batches."""
-        assert self.local_images is not None
-        images = self.local_images(task, split)
-        g = self.geometry
-        try:
-            shape = wire_shape(g.shape(spec), dtype)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-        meta = WireMeta(g.backbone, g.weights, spec.kind, spec.k, dtype, shape)
-        parts = [images[s : s + chunk] for s in range(0, len(images), chunk)]
-
-        def upload(part: list[tuple[str, bytes, int]]) -> tuple[FeatureSet, dict[str, int]]:
-            self.clock.add_upload(sum(len(b) for _, b, _ in part))
-            fs = self.source.embed([(i, b) for i, b, _ in part], spec, dtype)
-            for i, reason in fs.meta.get("errors", {}).items():
-                log.warning("the cloud could not read image %s: %s", i, reason)
-            return fs, {i: y for i, _, y in part}
-
-        # a projected wire's schema names the basis: the cloud's first reply says which
-        first = upload(parts[0]) if parts and parse_wire(dtype).projected else None
-        if first is not None:
-            meta = WireMeta.from_dict({**first[0].meta, "dtype": dtype})
-
-        def batches() -> Iterator[pa.RecordBatch]:
-            for n, part in enumerate(parts):
-                fs, label = first if (n == 0 and first is not None) else upload(part)
-                if fs.meta.get("basis", "") != meta.basis:
-                    raise WireError(f"the cloud changed its projection during an upload of {split}")
-                yield encode(meta, fs.ids, [label[i] for i in fs.ids], fs.features)
-
-        return feature_schema(meta), batches()
 
     def _paid(self, nbytes: int, rows: int) -> None:
         self.clock.add_download(nbytes)

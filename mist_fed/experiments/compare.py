@@ -8,7 +8,7 @@ job of an :class:`~mist_fed.device.edge.EdgeDevice` (the same device the standal
 the fleet run) under the comparison's profile: it pulls the row's splits over Flight into its
 on-device cache once (a rerun or ``--resume`` with the same device directory downloads nothing),
 streams them batch by batch into the trainer, evaluates on val and test, and reports its
-:class:`~mist_fed.device.edge.DeviceMetrics`. A row's columns are those metrics (the names
+:class:`~mist_fed.device.metrics.DeviceMetrics`. A row's columns are those metrics (the names
 ``metrics.json`` and ``devices.parquet`` use) plus:
 
 * ``bytes_per_image``: what the row's feature sets cost over the link per image (the bytes the
@@ -48,8 +48,9 @@ from mist_fed.data import get_task
 from mist_fed.data.registry import Task
 from mist_fed.defaults import cache_dir
 from mist_fed.device.cache import CachedSplit
-from mist_fed.device.edge import DeviceMetrics, EdgeDevice
+from mist_fed.device.edge import EdgeDevice
 from mist_fed.device.memory import tune_allocator
+from mist_fed.device.metrics import DeviceMetrics
 from mist_fed.device.profiles import DeviceProfile, load_profile
 from mist_fed.device.source import FeatureSource, FlightSource
 from mist_fed.device.trainer import TrainConfig

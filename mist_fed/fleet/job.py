@@ -5,7 +5,7 @@ back. Plain data, no Flower and no Ray; a transport carries them as it likes
 A :class:`DeviceJob` is also what the plan holds for each device (its fleet, task, profile and
 share of images, with ``round = 0`` and no cloud or storage yet); a round addresses it
 (:meth:`DeviceJob.for_round`). A :class:`DeviceResult` holds the device's
-:class:`~mist_fed.device.edge.DeviceMetrics` as they are, beside what only a fleet knows (status,
+:class:`~mist_fed.device.metrics.DeviceMetrics` as they are, beside what only a fleet knows (status,
 examples, accuracy, where it ran); :meth:`DeviceResult.row` is its row of ``devices.parquet``.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mist_fed.device.edge import DeviceMetrics
+from mist_fed.device.metrics import DeviceMetrics
 
 StateDict = dict[str, torch.Tensor]
 

@@ -7,7 +7,7 @@ charges transfer to the virtual clock only, nothing sleeps) and its own storage 
 :func:`~mist_fed.fleet.storage.resolve`). The device gets its train and test features (pulled
 into its on-device cache in the round that first needs them, read from there in every later
 round: features are paid once), builds its edge net from the cloud's geometry and the weights
-it was sent, trains, evaluates, and reports its :class:`~mist_fed.device.edge.DeviceMetrics`.
+it was sent, trains, evaluates, and reports its :class:`~mist_fed.device.metrics.DeviceMetrics`.
 Memory is the device's meter: the peak rise over the job's start (a worker process hosts many
 devices in turn) against the profile's cap. A device over its cap, or failing any other way, is
 reported ``failed`` with the reason; its weights are not returned. Workers never build the

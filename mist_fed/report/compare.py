@@ -10,7 +10,7 @@
   paired difference to it (:func:`paired_differences`) and the wire chosen on validation
   under a byte budget (:func:`choose_wire`);
 
-Per-seed rows carry the device's own :class:`~mist_fed.device.edge.DeviceMetrics` names
+Per-seed rows carry the device's own :class:`~mist_fed.device.metrics.DeviceMetrics` names
 (``feature_bytes``, ``images_down``, ``peak_mem_mb``, ``compute_s``, ``host_compute_s``,
 ``edge_params``, ``edge_macs``, ...), the names ``metrics.json`` and ``devices.parquet`` use.
 * ``accuracy_vs_bytes.png``: accuracy against bytes per image (log x), every method and wire,
