@@ -99,9 +99,13 @@ def test_one_stop_path_keeps_the_completed_rounds_and_ends_the_jobs(
     assert facts["interrupted"] is True and facts["rounds_completed"] == 1
     assert sorted(pd.read_parquet(run_dir / "devices.parquet")["round"].unique()) == [1]
     assert session.result is not None and session.result.run_dir == run_dir
-    assert not session.completed and not session.storage.path.exists()
+    # ... with its checkpoint and its devices' files, for --resume
+    assert not session.completed and session.storage.path.is_dir()
+    assert (run_dir / "checkpoint.pt").is_file()
     if path == "ctrl-c":
-        assert "stopped after 1 of 3 rounds" in str(raised.value)  # type: ignore[union-attr]
+        message = str(raised.value)  # type: ignore[union-attr]
+        assert "stopped after 1 of 3 rounds" in message
+        assert f"mist-fed simulate --resume run --results {tmp_path / 'results'}" in message
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
@@ -113,6 +117,7 @@ def test_a_completed_run_is_written_whole_without_the_checkpoints_mark(
     # Assert
     facts = tomllib.loads((tmp_path / "results" / "whole" / "config.toml").read_text())["run"]
     assert "interrupted" not in facts and facts["engine"] == "plain"
+    assert not (tmp_path / "results" / "whole" / "checkpoint.pt").exists()  # nothing to resume
     assert (tmp_path / "results" / "whole" / "accuracy_per_round.png").is_file()
     assert [r["round"] for r in result.records.fleets] == [1, 2]
 

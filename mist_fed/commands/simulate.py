@@ -63,13 +63,33 @@ def load_spec(args: argparse.Namespace) -> Any:
     return apply_overrides(spec, **{k: getattr(args, k, None) for k in OVERRIDES})
 
 
+def resume_spec(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``--resume RUN_ID``: the run's own spec and checkpoint; fleet flags are refused (the
+    spec is the run's, as ``results/RUN_ID/config.toml`` recorded it)."""
+    from mist_fed.errors import ConfigError
+    from mist_fed.fleet.runtime.checkpoint import open_run
+    from mist_fed.fleet.spec import OVERRIDES
+
+    given = [k for k in OVERRIDES if getattr(args, k, None) is not None]
+    if args.fleet != str(DEFAULT_FLEET):
+        given.insert(0, "fleet")
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ConfigError(
+            f"--resume continues run {args.resume} with its own recorded spec; leave out {flags}"
+        )
+    return open_run(args.results, args.resume)
+
+
 def run(args: argparse.Namespace) -> int:
     from mist_fed.fleet.flower.simulation import simulate
     from mist_fed.report.results import fleet_frame, format_table, summary_table
 
+    spec, resume = resume_spec(args) if args.resume else (load_spec(args), None)
     result = simulate(
-        load_spec(args),
+        spec,
         args.results,
+        resume=resume,
         run_id=args.run_id,
         cloud=args.cloud,
         ray_address=args.ray_address,
@@ -128,6 +148,12 @@ def register(sub: Any) -> None:
     add_fleet_args(p)
     p.add_argument("--results", default="results", help="results directory (default: %(default)s)")
     p.add_argument("--run-id", help="name of the run's folder (default: fleet-<timestamp>)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue the stopped or killed run RUN_ID (a folder of --results) from its last "
+        "completed round, with its own recorded spec (no fleet flags)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--cloud-bind",

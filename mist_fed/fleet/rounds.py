@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from mist_fed.errors import ConfigError
 from mist_fed.fleet import aggregation
 from mist_fed.fleet.aggregation import Aggregator, Update
 from mist_fed.fleet.job import DROPPED, OK, DeviceJob, DeviceResult, StateDict, state_digest
@@ -44,12 +45,14 @@ from mist_fed.fleet.scoring import (
     mark_straggler,
 )
 from mist_fed.fleet.spec import FleetSpec
+from mist_fed.fleet.state import DriverRandom, StateProvider, register_state_class, restore
 from mist_fed.fleet.storage import RunStorage
 from mist_fed.fleet.transport import Reply, RunStopped, Transport
 
 log = logging.getLogger(__name__)
 
 
+@register_state_class
 @dataclass
 class RunRecords:
     """What a run produced: one dict per device per round, one per fleet per round."""
@@ -66,9 +69,11 @@ class RunRecords:
         return max((r["round"] for r in self.fleets), default=0)
 
 
+@register_state_class
 @dataclass
 class RoundState:
-    """Everything the rounds change: what a checkpoint after round ``round`` holds."""
+    """Everything the rounds change: what a checkpoint after round ``round`` holds, with
+    the engine's :attr:`SyncRounds.providers` (:mod:`mist_fed.fleet.state`)."""
 
     round: int = 0
     global_state: dict[str, StateDict] = field(default_factory=dict)  # fleet -> model
@@ -91,6 +96,8 @@ class SyncRounds:
     ``stop``, once set, ends the run with :class:`RunStopped` between rounds and after a
     round's replies; ``on_result`` sees each result as it is decided, ``on_round`` the state
     after each round; ``aggregators``: each fleet's, by name (default: built from the spec).
+    ``providers``: the state outside :class:`RoundState` a checkpoint saves, by name (each
+    aggregator that has any, the driver's random generators).
     """
 
     plan: FleetPlan
@@ -103,6 +110,7 @@ class SyncRounds:
     on_round: Callable[[RoundState], None] | None = None
     aggregators: dict[str, Aggregator | None] = field(default_factory=dict)
     spec: FleetSpec = field(init=False)
+    providers: dict[str, StateProvider] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.spec = self.plan.spec
@@ -111,6 +119,10 @@ class SyncRounds:
                 self.aggregators[f.name] = aggregation.build(
                     f.aggregation, f.aggregation_args, f.devices
                 )
+            agg = self.aggregators[f.name]
+            if isinstance(agg, StateProvider):  # a Flower strategy's momentum, moments
+                self.providers[f"aggregator/{f.name}"] = agg
+        self.providers["random"] = DriverRandom()
 
     # -- state -------------------------------------------------------------------------------
     def start(self, records: RunRecords | None = None) -> RoundState:
@@ -122,6 +134,14 @@ class SyncRounds:
             state.clocks[f.name] = FleetClock()
         for f in self.spec.fleets:
             state.central[f.name] = self._central(f.name, state.global_state[f.name])
+        return state
+
+    def resume(self, saved: dict[str, Any]) -> RoundState:
+        """The state a checkpoint saved (:func:`mist_fed.fleet.state.snapshot` of a
+        :class:`RoundState` and :attr:`providers`), every provider loaded back."""
+        state = restore(saved, self.providers)
+        if not isinstance(state, RoundState):
+            raise ConfigError("the checkpoint holds no round state; it is not a fleet run's")
         return state
 
     def _central(self, name: str, initial: StateDict) -> CentralResult:

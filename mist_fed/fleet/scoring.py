@@ -39,12 +39,14 @@ from mist_fed.device.trainer import TrainConfig
 from mist_fed.fleet.job import DROPPED, FAILED, OK, STRAGGLER, DeviceResult, StateDict
 from mist_fed.fleet.plan import FleetPlan
 from mist_fed.fleet.spec import FleetSpec, TaskFleet
+from mist_fed.fleet.state import register_state_class
 from mist_fed.fleet.worker import SourceFactory, close_source
 from mist_fed.report.results import FleetRow
 
 SERVER_PROFILE = "laptop"
 
 
+@register_state_class
 @dataclass(frozen=True)
 class CentralResult:
     accuracy: float
@@ -164,6 +166,7 @@ def mark_straggler(res: DeviceResult, deadline_s: float | None) -> bool:
     return True
 
 
+@register_state_class
 @dataclass
 class FleetClock:
     """One fleet's virtual clock across rounds: simulated seconds, device-hours, sample-steps."""

@@ -16,7 +16,7 @@ import contextlib
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -75,16 +75,26 @@ class RunStorage:
 
 
 @contextlib.contextmanager
-def device_storage() -> Iterator[RunStorage]:
-    """A fresh run directory under :func:`devices_root`, removed after.
+def device_storage(
+    name: str | None = None, keep: Callable[[], bool] = lambda: False
+) -> Iterator[RunStorage]:
+    """A run directory under :func:`devices_root`, removed after unless ``keep()`` says so.
 
     Simulated devices start empty and keep their files for every round of the run, not
     beyond it. Devices in this process resolve their locations under the same root.
+    ``name``: a run's storage to go on with (a resumed run: its devices' caches are used
+    again where they are still there; made anew where not). ``keep``: asked as the run
+    ends (a run that can be resumed keeps its devices' files).
     """
     root = devices_root()
     root.mkdir(parents=True, exist_ok=True)
-    run = RunStorage(root, Path(tempfile.mkdtemp(prefix="run-", dir=root)).name)
+    if name is None:
+        name = Path(tempfile.mkdtemp(prefix="run-", dir=root)).name
+    else:
+        resolve(name, root).mkdir(parents=True, exist_ok=True)
+    run = RunStorage(root, name)
     try:
         yield run
     finally:
-        remove_run(run.name, root)
+        if not keep():
+            remove_run(run.name, root)

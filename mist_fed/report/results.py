@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -91,6 +92,16 @@ TEXT_COLUMNS = frozenset(
 )
 # The aggregation of a fleet whose devices keep their own models (mist_fed.fleet.aggregation).
 LOCAL = "local"
+# The layout of the results tables: bump it when a column changes meaning. A run checkpointed
+# under another layout is not resumed (mist_fed.fleet.runtime.checkpoint).
+SCHEMA_VERSION = 1
+
+
+def schema_id() -> str:
+    """:data:`SCHEMA_VERSION` and a digest of the tables' columns (a column added, renamed or
+    moved changes it even where the version was not bumped)."""
+    columns = "|".join((*DEVICE_COLUMNS, "/", *FLEET_COLUMNS))
+    return f"{SCHEMA_VERSION}-{hashlib.sha256(columns.encode()).hexdigest()[:12]}"
 
 
 def duration(seconds: float) -> str:

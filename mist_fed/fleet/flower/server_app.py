@@ -30,6 +30,7 @@ from mist_fed.fleet.flower.grid import (
     wait_for_nodes,
 )
 from mist_fed.fleet.flower.workarounds import check_app_environment, on_runtime_exit
+from mist_fed.fleet.runtime.checkpoint import open_run
 from mist_fed.fleet.runtime.cluster import clean_nodes, running_ray
 from mist_fed.fleet.runtime.provision import resolve_assets
 from mist_fed.fleet.runtime.session import RunSession
@@ -149,9 +150,15 @@ def _run_app(grid: Grid, context: Context, stop: RunStop) -> None:
     wait_for_ray(stop=stop.event)
     if int(str(rc.get("devices") or 0)) <= 0:
         rc["devices"] = len(nodes)
-    # Relative fleet paths resolve against the app's root (the installed FAB, or a checkout).
-    app_root = Path(__file__).resolve().parents[3]
-    spec = resolve_assets(spec_from_run_config(rc, base_dir=app_root))
+    results = results_root(rc)
+    resume = None
+    if str(rc.get("resume") or ""):  # the run's own spec; the fleet keys are not read
+        spec, resume = open_run(results, str(rc["resume"]))
+        spec = resolve_assets(spec)
+    else:
+        # Relative fleet paths resolve against the app's root (the installed FAB, or a checkout).
+        app_root = Path(__file__).resolve().parents[3]
+        spec = resolve_assets(spec_from_run_config(rc, base_dir=app_root))
     if spec.num_devices > len(nodes):
         raise ConfigError(
             f"the fleet has {spec.num_devices} devices but the federation {len(nodes)} "
@@ -159,13 +166,12 @@ def _run_app(grid: Grid, context: Context, stop: RunStop) -> None:
             f"or --run-config devices={len(nodes)}"
         )
     cloud = str(rc.get("cloud") or "") or None
-    results = results_root(rc)
-    run_id = str(rc.get("run-id") or f"flwr-{context.run_id}")
+    run_id = resume.run_id if resume else str(rc.get("run-id") or f"flwr-{context.run_id}")
     facts = {"engine": "flwr run", "flower_run_id": context.run_id}
     log.info("fleet of %d devices; results in %s", spec.num_devices, results / run_id)
     with RunSession(
         spec, results, run_id=run_id, cloud=cloud, facts=facts, stop=stop, sigint=False,
-        raise_stopped=False,
+        raise_stopped=False, resume=resume,
     ) as session:  # fmt: skip
         _rounds_on_grid(grid, session, nodes)
         if session.completed and running_ray() is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mist_fed.defaults import DEFAULT_HOST
+from mist_fed.fleet.runtime.checkpoint import Checkpoint
 from mist_fed.fleet.runtime.cluster import client_resources, fit_cluster, ray_runtime
 from mist_fed.fleet.runtime.provision import resolve_assets
 from mist_fed.fleet.runtime.session import RunResult, RunSession
@@ -38,6 +39,7 @@ def simulate(
     cloud_advertise: str | None = None,
     progress: bool = True,
     verbose: int = 0,
+    resume: Checkpoint | None = None,
 ) -> RunResult:
     """Run ``spec`` on Flower's Ray backend and write ``results_dir/<run-id>/``.
 
@@ -46,6 +48,8 @@ def simulate(
     ``verbose``: 0 keeps Flower and Ray quiet, 1 lets Ray workers log, 2 adds Flower's debug log.
     On Ctrl-C the run stops, writes the completed rounds (``config.toml`` records
     ``interrupted`` and ``rounds_completed``) and raises :class:`~mist_fed.errors.Interrupted`.
+    ``resume``: the checkpoint of a stopped run of ``spec`` to go on from
+    (:func:`mist_fed.fleet.runtime.checkpoint.open_run`).
     """
     from flwr.simulation import run_simulation
 
@@ -59,7 +63,7 @@ def simulate(
     began, finished = threading.Event(), threading.Event()
     with RunSession(
         spec, results_dir, run_id=run_id, cloud=cloud, cloud_bind=cloud_bind,
-        cloud_advertise=cloud_advertise, facts=facts, progress=progress,
+        cloud_advertise=cloud_advertise, facts=facts, progress=progress, resume=resume,
     ) as session:  # fmt: skip
         quiet_actor_retries()
         with ray_runtime(ray_address, ray_cpus, verbose, session.location, session.storage.name):

@@ -30,7 +30,7 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as fs
 
@@ -69,6 +69,12 @@ OWNED = (
     "min_evaluate_nodes",
     "selection_rule",
 )
+# What a strategy changes as rounds run, all public attributes of Flower's strategies:
+# FedAvgM's model and momentum; FedAdam's, FedYogi's and FedAdagrad's model and moments
+# (FedOpt's). Every other attribute is set once, from its arguments
+# (tests/test_resume.py checks that for every strategy above).
+RUN_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
+_RECORD = "array_record"
 # The fleet's defaults where Flower's would stall a small fleet or evaluate on devices.
 DEFAULTS: dict[str, Any] = {
     "min_train_nodes": 1,
@@ -165,6 +171,28 @@ class FlowerAggregator:
         frac = float(getattr(self.strategy, "fraction_train", 1.0))
         least = int(getattr(self.strategy, "min_train_nodes", 1))
         return min(devices, max(int(devices * frac), least))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's :data:`RUN_STATE` (those it has), for a checkpoint: numpy arrays,
+        lists and dicts of them; an ``ArrayRecord`` as its arrays by name."""
+        out: dict[str, Any] = {}
+        for name in RUN_STATE:
+            if hasattr(self.strategy, name):
+                value = getattr(self.strategy, name)
+                if isinstance(value, ArrayRecord):
+                    value = {_RECORD: {k: a.numpy() for k, a in value.items()}}
+                out[name] = value
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Set the strategy's :data:`RUN_STATE` back from :meth:`state_dict`."""
+        for name, value in state.items():
+            if name not in RUN_STATE or not hasattr(self.strategy, name):
+                kind = type(self.strategy).__name__
+                raise ConfigError(f"the checkpoint holds {name} for {kind}, which has none")
+            if isinstance(value, dict) and _RECORD in value:
+                value = ArrayRecord({k: Array(v) for k, v in value[_RECORD].items()})
+            setattr(self.strategy, name, value)
 
 
 def _kind(name: str) -> AggregatorKind:

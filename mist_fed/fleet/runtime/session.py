@@ -6,9 +6,16 @@ ServerApp of :mod:`mist_fed.fleet.flower.server_app`, where Flower's runtime own
 and Ray), the plain in-process loop (:func:`run_plain`) and ``mist-fed bench sim``: it plans the
 devices, makes the run's device storage, finds or starts the cloud, owns the run's one stop
 (:class:`~mist_fed.fleet.runtime.stop.RunStop`), runs the rounds over the transport an engine
-gives it (:meth:`RunSession.run_rounds`), writes the results tables after every round (a
-checkpoint: ``config.toml`` says ``interrupted`` and ``rounds_completed`` until the run ends)
-and, at the end, the finished run with its plots, or what a stopped run completed.
+gives it (:meth:`RunSession.run_rounds`), writes a checkpoint and the results tables after
+every round (``checkpoint.pt``, :mod:`mist_fed.fleet.runtime.checkpoint`; ``config.toml`` says
+``interrupted`` and ``rounds_completed`` until the run ends) and, at the end, the finished run
+with its plots, or what a stopped run completed.
+
+A session opened with ``resume=`` (a :class:`~mist_fed.fleet.runtime.checkpoint.Checkpoint`)
+goes on from the checkpoint's round: the engine's state and providers come back from it,
+the central reference is not trained again, and the run's device storage is used again where
+it is still there. A run that stops, fails or is killed before its end keeps its checkpoint
+and its device storage (``--resume RUN_ID`` continues it); a finished one removes both.
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ from mist_fed.errors import Interrupted, MistError
 from mist_fed.fleet.job import DeviceResult
 from mist_fed.fleet.plan import FleetPlan, plan_fleet
 from mist_fed.fleet.rounds import RoundState, RunRecords, SyncRounds
+from mist_fed.fleet.runtime import checkpoint as ckpt
 from mist_fed.fleet.runtime.provision import cloud_service
-from mist_fed.fleet.runtime.stop import RunStop, stop_on_sigint
+from mist_fed.fleet.runtime.stop import STOP_FILE, RunStop, stop_on_sigint
 from mist_fed.fleet.scoring import Scorer
 from mist_fed.fleet.spec import FleetSpec, spec_to_dict
+from mist_fed.fleet.state import StateProvider, snapshot
 from mist_fed.fleet.storage import RunStorage, device_storage
 from mist_fed.fleet.transport import RunStopped, Transport
 from mist_fed.fleet.worker import LocalTransport
@@ -114,6 +123,9 @@ class RunSession:
     ``sigint``: the first Ctrl-C stops the run. On leaving, a completed run is written with
     its plots (:attr:`result`); a stopped one keeps its completed rounds and, with
     ``raise_stopped``, raises :class:`~mist_fed.errors.Interrupted` saying where.
+    ``resume``: the checkpoint to go on from (its spec must be ``spec``);
+    ``checkpoint_hook``: a test's hook into each checkpoint's write
+    (:data:`~mist_fed.fleet.runtime.checkpoint.StageHook`).
     """
 
     def __init__(
@@ -130,6 +142,8 @@ class RunSession:
         stop: RunStop | None = None,
         sigint: bool = True,
         raise_stopped: bool = True,
+        resume: ckpt.Checkpoint | None = None,
+        checkpoint_hook: ckpt.StageHook | None = None,
     ) -> None:
         from mist_fed.report.results import new_run_id
 
@@ -138,7 +152,20 @@ class RunSession:
         self.run_id = run_id or new_run_id()
         self.cloud_args = (cloud, cloud_bind, cloud_advertise)
         self.facts = {"cloud": cloud or "embedded", **(facts or {})}
-        self.progress = Progress(spec.rounds * spec.num_devices, progress)
+        self.resume = resume
+        self.checkpoint_hook = checkpoint_hook
+        self._saved = False  # a checkpoint of this run is on disk: its storage is kept
+        self._wall_before = 0.0  # the run's wall time in the sessions before this one
+        done = 0
+        if resume is not None:
+            resume.check_spec(spec)
+            if run_id is not None and run_id != resume.run_id:
+                raise MistError(f"--run-id {run_id} cannot resume run {resume.run_id}")
+            self.run_id, done, self._saved = resume.run_id, resume.round, True
+            self._wall_before = float(resume.facts.get("wall_s", 0.0))
+            resumes = int(resume.facts.get("resumes", 0)) + 1
+            self.facts.update(resumes=resumes, resumed_from_round=done)
+        self.progress = Progress((spec.rounds - done) * spec.num_devices, progress)
         self.stop = stop or RunStop()
         self.sigint = sigint
         self.raise_stopped = raise_stopped
@@ -150,13 +177,17 @@ class RunSession:
         self._t0 = 0.0
         self.location = ""
         self.storage: RunStorage
+        self._providers: dict[str, StateProvider] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> RunSession:
         self._t0 = time.perf_counter()
         stack = self._stack.__enter__()
         try:
-            self.storage = stack.enter_context(device_storage())
+            name = self.resume.storage if self.resume is not None else None
+            keep = lambda: self._saved and not self.completed  # noqa: E731
+            self.storage = stack.enter_context(device_storage(name, keep))
+            (self.storage.path / STOP_FILE).unlink(missing_ok=True)  # a stopped run's
             self.stop.attach(self.storage.path)
             self.location, self._stats = stack.enter_context(
                 cloud_service(self.spec, *self.cloud_args)
@@ -184,49 +215,89 @@ class RunSession:
         facts = self._facts(**{f"cloud_{k}": v for k, v in cloud_stats.items() if k in CLOUD_FACTS})
         if self.completed:
             run_dir = write_results(self.spec, self.records, self.results_dir, self.run_id, facts)
+            if run_dir is not None:
+                ckpt.remove(run_dir)  # nothing is left to resume
             self.result = RunResult(run_dir, wall, self.records, cloud_stats, facts)
             return
         if not stopped:
             raise MistError("the fleet run ended without results; rerun with -v to see its log")
         done = self.records.rounds_completed
-        if done == 0:
+        if done == 0 and self.resume is None:
             message = f"stopped before any of {self.spec.rounds} rounds completed; nothing written"
             run_dir = None
         else:
+            done = max(done, self.resume.round if self.resume is not None else 0)
             facts = {**facts, "interrupted": True, "rounds_completed": done}
-            run_dir = write_results(self.spec, self.records, self.results_dir, self.run_id, facts)
+            run_dir = None
+            if self.records.fleets:  # else the files on disk already say it
+                run_dir = write_results(
+                    self.spec, self.records, self.results_dir, self.run_id, facts
+                )
+            elif self.results_dir is not None:
+                run_dir = Path(self.results_dir) / self.run_id
             where = f"; partial results in {run_dir}" if run_dir is not None else ""
-            message = f"stopped after {done} of {self.spec.rounds} rounds{where}"
+            message = f"stopped after {done} of {self.spec.rounds} rounds{where}{self._how()}"
         self.result = RunResult(run_dir, wall, self.records, cloud_stats, facts)
         if self.raise_stopped:
             raise Interrupted(message, run_dir) from None
         log.warning("run %s", message)
 
+    def _how(self) -> str:
+        """How to go on with this stopped run, when it can be."""
+        if not self._saved or self.results_dir is None:
+            return ""
+        where = "" if str(self.results_dir) == "results" else f" --results {self.results_dir}"
+        return f"; continue it with: mist-fed simulate --resume {self.run_id}{where}"
+
     def _facts(self, **more: Any) -> dict[str, Any]:
-        """``config.toml``'s ``[run]``: how the run was made, its wall time so far, ``more``."""
-        wall = round(time.perf_counter() - self._t0, 2)
+        """``config.toml``'s ``[run]``: how the run was made, its wall time so far (over
+        every session of a resumed run), ``more``."""
+        wall = round(self._wall_before + time.perf_counter() - self._t0, 2)
         counts = {"devices": self.spec.num_devices, "rounds": self.spec.rounds}
         return {**self.facts, "wall_s": wall, **counts, **more}
 
     # -- the rounds --------------------------------------------------------------------------
     def checkpoint(self, state: RoundState) -> None:
-        """After each round: its tables, marked as a run still going (``rounds_completed``)."""
+        """After each round: the checkpoint (written atomically), then its tables, marked as
+        a run still going (``rounds_completed``). No results directory: neither."""
         facts = self._facts(interrupted=True, rounds_completed=state.round)
+        if self.results_dir is None:
+            return
+        saved = ckpt.Checkpoint(
+            run_id=self.run_id,
+            round=state.round,
+            spec_digest=ckpt.spec_digest(self.spec),
+            storage=self.storage.name,
+            state=snapshot(state, self._providers),
+            facts=facts,
+            spec=spec_to_dict(self.spec),
+        )
+        ckpt.save(Path(self.results_dir) / self.run_id, saved, self.checkpoint_hook)
+        self._saved = True
         write_results(self.spec, state.records, self.results_dir, self.run_id, facts, plots=False)
 
     def run_rounds(self, transport: Transport, progress_bars: bool = False) -> None:
         """Every round over ``transport``; rows land in :attr:`records` as rounds complete.
         A stop ends it quietly (the session's exit reports it); busy jobs are told to end
         however it ends. ``progress_bars``: the server's own bars (downloads, central)."""
-        self.records.timing["start"] = time.perf_counter()
+        start = time.perf_counter()
         scorer = Scorer(self.plan, self.location, self.storage.path / "_server",
                         progress=progress_bars)  # fmt: skip
         rounds = SyncRounds(
             self.plan, transport, scorer, self.location, self.storage, stop=self.stop.event,
             on_result=self.progress, on_round=self.checkpoint,
         )  # fmt: skip
+        self._providers = rounds.providers
         try:
-            rounds.run(rounds.start(self.records))
+            if self.resume is None:
+                self.records.timing["start"] = start
+                state = rounds.start(self.records)
+            else:
+                state = rounds.resume(self.resume.state)
+                self.records = state.records
+                self.records.timing["start"] = start
+                log.info("run %s resumes after round %d", self.run_id, state.round)
+            rounds.run(state)
             self.completed = True
             self.records.timing["end"] = time.perf_counter()
         except RunStopped:
@@ -242,12 +313,15 @@ def run_plain(
     cloud: str | None = None,
     run_id: str | None = None,
     progress: bool = False,
+    resume: ckpt.Checkpoint | None = None,
 ) -> RunResult:
-    """The same rounds with no Flower and no Ray: every device in this process, in turn."""
+    """The same rounds with no Flower and no Ray: every device in this process, in turn
+    (``resume``: the checkpoint a stopped run goes on from)."""
     facts = {"engine": "plain"}
     with RunSession(
-        spec, results_dir, run_id=run_id, cloud=cloud, progress=progress, facts=facts
-    ) as session:
+        spec, results_dir, run_id=run_id, cloud=cloud, progress=progress, facts=facts,
+        resume=resume,
+    ) as session:  # fmt: skip
         session.run_rounds(LocalTransport(stop=session.stop.event))
     assert session.result is not None
     return session.result
