@@ -254,3 +254,40 @@ def test_flwr_run_with_runtime_dependency_installation_says_how_to_run_it(
     listed = run("list", "--run-id", run_id, "--format", "json", timeout=60)
     assert "failed" in listed.stdout, listed.stdout + listed.stderr
     print(f"refused; flwr run returned {proc.returncode} after {wall:.1f} s; run {run_id} failed")
+
+
+def test_flwr_run_resumes_a_stopped_run_from_its_run_config(flwr, tmp_path: Path) -> None:
+    # Prepare: a 3-round run stopped with `flwr stop` once round 1 is written, while device 0
+    # hangs in round 2 (once: the resumed run's device storage holds the fault's mark)
+    run, tag, env = flwr
+    env["MIST_FED_FAULTS"] = "hang:device=0,round=2"
+    (tmp_path / "fleet.toml").write_text(FLEET)
+    results = tmp_path / "results"
+    config = f"fleet='{tmp_path / 'fleet.toml'}' rounds=3 results-dir='{results}' run-id='cut'"
+    federation = "num-supernodes=3 init-args-num-cpus=2"
+    started = run("run", ".", "--format", "json", "--federation-config", federation,
+                  "--run-config", config)  # fmt: skip
+    assert started.returncode == 0, started.stderr[-4000:]
+    written = results / "cut" / "config.toml"
+    end = time.monotonic() + RUN_LIMIT_S
+    while not written.is_file() and time.monotonic() < end:
+        time.sleep(0.5)
+    assert written.is_file()
+    stopped = run("stop", json.loads(started.stdout)["run-id"], timeout=60)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert _wait_left_empty(tag, STOP_LIMIT_S) == []
+    done = tomllib.loads(written.read_text())["run"]["rounds_completed"]
+    assert (results / "cut" / "checkpoint.pt").is_file()
+    # Execute: the same app, told only which run to resume
+    again = run("run", ".", "--stream", "--federation-config", federation,
+                "--run-config", f"results-dir='{results}' resume='cut'")  # fmt: skip
+    # Assert: the run goes on from its checkpoint to its last round, and is then whole
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-4000:]
+    facts = tomllib.loads(written.read_text())["run"]
+    assert "interrupted" not in facts and facts["resumes"] == 1, log[-4000:]
+    assert facts["resumed_from_round"] == done == 1
+    fleets = pd.read_parquet(results / "cut" / "fleets.parquet")
+    assert fleets["round"].tolist() == [1, 2, 3] and fleets["ok"].tolist() == [3, 3, 3]
+    assert not (results / "cut" / "checkpoint.pt").exists()
+    print(f"flwr run: stopped after round {done} of 3, resumed to 3")

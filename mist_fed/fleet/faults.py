@@ -3,7 +3,9 @@
 ``MIST_FED_FAULTS="exit:device=1,round=1"`` makes that device's ClientApp end its worker
 process with ``os._exit`` (no cleanup, as a killed Ray worker) when it receives that round's
 train job; ``hang:device=1,round=1`` makes it sleep ``HANG_S`` instead (a device that never
-answers, to interrupt a run mid-round). Unset (the default), :func:`maybe_fault` does nothing. The variable travels to Ray
+answers, to interrupt a run mid-round; once per run: given the run's device storage, it
+leaves a mark there, so the same run resumed does not hang again). Unset (the default),
+:func:`maybe_fault` does nothing. The variable travels to Ray
 workers with the run's environment (:func:`mist_fed.fleet.runtime.cluster.worker_env`).
 """
 
@@ -13,6 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from mist_fed.errors import ConfigError
 
@@ -51,11 +54,17 @@ def configured() -> list[Fault]:
     return [Fault.parse(t) for t in raw.split(";") if t.strip()]
 
 
-def maybe_fault(device: int, rnd: int) -> None:
-    """Inject the configured fault for ``device`` in round ``rnd``, if any."""
+def maybe_fault(device: int, rnd: int, run_storage: Path | None = None) -> None:
+    """Inject the configured fault for ``device`` in round ``rnd``, if any (a hang only once
+    in ``run_storage``, when given)."""
     for f in configured():
         if f.device != device or f.round != rnd:
             continue
+        mark = None if run_storage is None else run_storage / f".fault-{f.kind}-{device}-{rnd}"
+        if f.kind == "hang" and mark is not None:
+            if mark.exists():
+                continue
+            mark.touch()
         if f.kind == "exit":
             log.warning("fault injection: device %d exits its worker in round %d", device, rnd)
             os._exit(17)

@@ -23,7 +23,8 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     job, state = unpack_job(msg)
     # The run's device storage on this node holds the device's own directory (fleet/storage.py).
-    with end_on_stop(resolve(run_name(job.storage))):
-        maybe_fault(job.device, job.round)
+    storage = resolve(run_name(job.storage))
+    with end_on_stop(storage):
+        maybe_fault(job.device, job.round, storage)
         result, new_state = run_device(job, state, node=host_node())
     return train_reply(msg, result, new_state)
