@@ -407,8 +407,8 @@ def test_config_from_toml_and_validation(tmp_path):
 
 
 def test_bench_measures_both_ratios(tiny_backbone):
+    from mist_fed.assets.defaults import DEFAULT_HOST
     from mist_fed.cloud.bench import BenchConfig, bench_embed, bench_stream
-    from mist_fed.defaults import DEFAULT_HOST
 
     cfg = BenchConfig(images=8, batch=4, reps=1, stream_reps=2)
     stream = bench_stream(tiny_backbone, cfg, DEFAULT_HOST)

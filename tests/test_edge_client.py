@@ -117,8 +117,8 @@ def test_partial1_client_starts_from_the_clouds_pretrained_last_block(
 ):
     # Prepare: a cloud whose backbone is not the seed-0 random init of the same architecture
     # (a client that built its own random backbone would get that one)
+    from mist_fed.cloud.backbone import create_backbone
     from mist_fed.device import edge
-    from mist_fed.model.backbone import create_backbone
 
     cloud_bb = create_backbone(
         tiny_backbone.name, random_init=True, seed=5, **tiny_backbone.spec.model_kwargs

@@ -24,8 +24,8 @@ from pathlib import Path
 import pyarrow.flight as flight
 import pytest
 
+from mist_fed.assets.defaults import DEFAULT_HOST
 from mist_fed.cloud.store import read_shard
-from mist_fed.defaults import DEFAULT_HOST
 from mist_fed.wire.client import FeatureClient
 from tests.conftest import sigint_as_in_a_terminal
 

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 
 from mist_fed.cloud import store as store_mod
+from mist_fed.cloud.gather import GatherSpec
 from mist_fed.cloud.store import SHARD_PREFIX, FeatureStore
-from mist_fed.model.gather import GatherSpec
 from mist_fed.wire.codec import WireMeta, encode_arrays
 
 SPEC = GatherSpec("mist", 2)

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from mist_fed.cloud.gather import GatherSpec
 from mist_fed.cloud.store import SHARD_PREFIX, FeatureStore
-from mist_fed.model.gather import GatherSpec
 from mist_fed.wire.codec import WireMeta, encode_arrays
 
 SPEC = GatherSpec("mist", 2)

@@ -41,6 +41,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from mist_fed.assets.defaults import OFFLINE_BACKBONE, PAPER_BACKBONE, choose_backbone
 from mist_fed.cloud.auth import (
     MIDDLEWARE_KEY,
     BearerAuthFactory,
@@ -48,6 +49,7 @@ from mist_fed.cloud.auth import (
     TokenTable,
     principal_of,
 )
+from mist_fed.cloud.backbone import Backbone, create_backbone
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.embed import Embedder, ImageLoader, decode_image, image_hash
 from mist_fed.cloud.projections import Projections, project_columns, wire_meta
@@ -56,7 +58,6 @@ from mist_fed.core.specs import GatherSpec
 from mist_fed.data import get_task
 from mist_fed.data.registry import Task, TaskSplit
 from mist_fed.errors import MistError, TaskError, WireError
-from mist_fed.model.backbone import Backbone, create_backbone
 from mist_fed.wire import edge_init
 from mist_fed.wire.client import WARM_ACTION
 from mist_fed.wire.codec import (
@@ -82,16 +83,10 @@ def resolve_backbone(config: ServeConfig) -> tuple[ServeConfig, str]:
     """``config`` with its backbone named, and why that one (chosen from local state if unset)."""
     if config.backbone is not None:
         return config, "named in the config or by --backbone"
-    from mist_fed.data.defaults import choose_backbone
-
     if config.random_init:  # random weights: no file needed, the offline architecture
-        from mist_fed.data.defaults import OFFLINE_BACKBONE
-
         return config.override(backbone=OFFLINE_BACKBONE), "random init asked for"
     if config.weights is not None:  # a weights file and no name: the paper's backbone's file
-        from mist_fed.defaults import DEFAULT_BACKBONE
-
-        return config.override(backbone=DEFAULT_BACKBONE), f"weights file {config.weights} given"
+        return config.override(backbone=PAPER_BACKBONE), f"weights file {config.weights} given"
     choice = choose_backbone()  # WeightsUnavailableError: one line saying what to do
     return config.override(backbone=choice.name, weights=choice.weights), choice.why
 

@@ -8,8 +8,8 @@ import argparse
 import json
 from typing import Any
 
-from mist_fed.defaults import DEFAULT_HOST
-from mist_fed.model.numerics import NUMERICS_CHOICES, RUNTIME_CHOICES, RUNTIME_HELP
+from mist_fed.assets.defaults import DEFAULT_HOST
+from mist_fed.cloud.numerics import NUMERICS_CHOICES, RUNTIME_CHOICES, RUNTIME_HELP
 from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
 
 

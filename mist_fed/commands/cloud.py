@@ -14,8 +14,8 @@ import signal
 import threading
 from typing import Any
 
-from mist_fed.defaults import DEFAULT_BACKBONE, DEFAULT_PORT
-from mist_fed.model.numerics import NUMERICS_CHOICES, NUMERICS_HELP, RUNTIME_CHOICES, RUNTIME_HELP
+from mist_fed.assets.defaults import DEFAULT_PORT, PAPER_BACKBONE
+from mist_fed.cloud.numerics import NUMERICS_CHOICES, NUMERICS_HELP, RUNTIME_CHOICES, RUNTIME_HELP
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def register(sub: Any) -> None:
     s.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
     s.add_argument(
         "--backbone",
-        help=f"timm ViT name or registered backbone (default: {DEFAULT_BACKBONE} when its "
+        help=f"timm ViT name or registered backbone (default: {PAPER_BACKBONE} when its "
         "weights are in the local cache, else the offline dinov2_s14_imgfocus)",
     )
     s.add_argument(

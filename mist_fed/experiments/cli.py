@@ -10,9 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mist_fed.assets.defaults import (
+    STUDIED_WIRE,
+    STUDIED_WIRE_SOURCE,
+    default_backbone,
+    default_task,
+)
+from mist_fed.cloud.numerics import NUMERICS_CHOICES, NUMERICS_HELP
 from mist_fed.data import SHOTS, task_entry
-from mist_fed.data.defaults import default_backbone, default_task
-from mist_fed.defaults import STUDIED_WIRE, STUDIED_WIRE_SOURCE
 from mist_fed.device.profiles import list_profiles
 from mist_fed.errors import ConfigError, MistError
 from mist_fed.experiments.compare import (
@@ -27,7 +32,6 @@ from mist_fed.experiments.compare import (
     run_compare,
     seeds_done,
 )
-from mist_fed.model.numerics import NUMERICS_CHOICES, NUMERICS_HELP
 from mist_fed.report.compare import write_compare
 from mist_fed.report.results import new_run_id
 from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
@@ -47,7 +51,7 @@ def default_tasks() -> list[str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="separated-tuning methods through the pipeline")
     p.add_argument("--tasks", nargs="+", help="task specs (default: the offline real task)")
-    p.add_argument("--backbone", help="backbone name (default: mist_fed.data.defaults)")
+    p.add_argument("--backbone", help="backbone name (default: mist_fed.assets.defaults)")
     p.add_argument("--random-init", action="store_true", help="random backbone (tests, demos)")
     p.add_argument("--seeds", type=int, default=None, help="seeds (default 1; 3 with --few-shot)")
     p.add_argument("--epochs", type=int, default=30)
