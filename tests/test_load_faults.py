@@ -26,7 +26,7 @@ import pytest
 
 from mist_fed.assets.defaults import DEFAULT_HOST
 from mist_fed.cloud.store import read_shard
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 from tests.conftest import sigint_as_in_a_terminal
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]

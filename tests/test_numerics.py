@@ -9,7 +9,7 @@ from mist_fed.cloud.gather import GatherSpec, candidate_ks, gather_many
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.cloud.server import FeatureServer
 from mist_fed.errors import ConfigError, WireError
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 
 TASK = "synthetic"
 
@@ -105,10 +105,10 @@ def test_store_keys_and_streams_differ_by_numerics(tiny_backbone, tmp_path):
     bf16 = FeatureServer(config("bfloat16"), backbone=tiny_backbone)
     try:
         # Assert: separate store partitions, and the identity the wire carries differs
-        assert f32.store.root != bf16.store.root
-        assert f32.backbone.weights_id == tiny_backbone.weights_id  # float32: the bare id
-        assert bf16.backbone.weights_id.endswith("@bfloat16")
-        assert bf16.stats()["numerics"] == "bfloat16"
+        assert f32.service.store.root != bf16.service.store.root
+        assert f32.service.backbone.weights_id == tiny_backbone.weights_id  # float32: the bare id
+        assert bf16.service.backbone.weights_id.endswith("@bfloat16")
+        assert bf16.service.stats()["numerics"] == "bfloat16"
     finally:
         f32.shutdown()
         bf16.shutdown()

@@ -52,7 +52,7 @@ def test_the_project_registries_are_registries() -> None:
     from mist_fed.cloud.backbone import _BACKBONES
     from mist_fed.cloud.gather import _GATHER_FNS
     from mist_fed.core.edge_nets import _BLOCKS, _NETS
-    from mist_fed.data.registry import _TASKS
+    from mist_fed.data.tasks import _TASKS
 
     for reg in (_TASKS, _BACKBONES, _GATHER_FNS, _BLOCKS, _NETS):
         assert isinstance(reg, Registry) and len(reg) > 0

@@ -12,7 +12,7 @@ from mist_fed.assets import defaults as asset_defaults
 from mist_fed.assets import imgfocus
 from mist_fed.assets.defaults import DEFAULT_HOST, DEFAULT_PORT, PAPER_BACKBONE
 from mist_fed.cloud.config import DEFAULT_MAX_GB, ServeConfig
-from mist_fed.data.registry import named_tasks
+from mist_fed.data.tasks import named_tasks
 from mist_fed.errors import ConfigError, WeightsUnavailableError
 
 
@@ -115,7 +115,7 @@ def test_no_backbone_here_is_one_line_saying_what_to_do(tmp_path, monkeypatch, c
 
 
 def test_serve_flags_parse():
-    from mist_fed.cli import build_parser
+    from mist_fed.commands import build_parser
     from mist_fed.commands.cloud import _task_list
 
     args = build_parser().parse_args(
@@ -131,7 +131,7 @@ def test_serve_flags_parse():
 def test_default_server_refuses_unlisted_specs(tiny_backbone, tmp_path):
     from mist_fed.cloud.runner import running_cloud
     from mist_fed.errors import CloudRequestError
-    from mist_fed.wire.client import FeatureClient
+    from mist_fed.wire.flight import FeatureClient
 
     cfg = ServeConfig(port=0, random_init=True, cache_dir=str(tmp_path))
     with running_cloud(cfg, backbone=tiny_backbone) as loc, FeatureClient(loc) as client:
@@ -173,7 +173,7 @@ def test_client_defaults_to_the_local_cloud_and_a_runs_dir(tmp_path, monkeypatch
 
 
 def test_a_weights_file_without_a_name_is_the_papers_backbone():
-    from mist_fed.cloud.server import resolve_backbone
+    from mist_fed.cloud.service import resolve_backbone
 
     cfg, why = resolve_backbone(ServeConfig(weights="/models/backbone.safetensors"))
     assert cfg.backbone == PAPER_BACKBONE and cfg.weights == "/models/backbone.safetensors"
@@ -188,7 +188,7 @@ def test_unreadable_images_are_one_clear_refusal(tiny_backbone, tmp_path):
 
     from mist_fed.cloud.runner import running_cloud
     from mist_fed.errors import CloudRequestError
-    from mist_fed.wire.client import FeatureClient
+    from mist_fed.wire.flight import FeatureClient
 
     # Prepare: an image folder (opted in with +) where one test image is not an image
     root = tmp_path / "birds"
@@ -209,7 +209,7 @@ def test_unreadable_images_are_one_clear_refusal(tiny_backbone, tmp_path):
 
 
 def test_store_cap_from_toml_and_flag(tmp_path):
-    from mist_fed.cli import build_parser
+    from mist_fed.commands import build_parser
 
     p = tmp_path / "serve.toml"
     p.write_text("[store]\nmax_gb = 2.5\n")

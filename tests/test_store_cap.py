@@ -183,7 +183,7 @@ def test_a_shard_written_by_another_store_is_seen_at_once(tmp_path):
 def test_service_counts_re_embeds_under_a_tiny_cap(tiny_backbone, tmp_path):
     from mist_fed.cloud.config import ServeConfig
     from mist_fed.cloud.runner import running_cloud
-    from mist_fed.wire.client import FeatureClient
+    from mist_fed.wire.flight import FeatureClient
 
     def twice(max_gb: float) -> dict:
         cfg = ServeConfig(

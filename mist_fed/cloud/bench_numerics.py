@@ -33,7 +33,7 @@ from mist_fed.cloud.macs import cloud_macs
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.core.specs import GatherSpec, candidate_ks
 from mist_fed.data import get_task, task_entry
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 
 log = logging.getLogger(__name__)
 

@@ -102,7 +102,7 @@ class ServeConfig:
 
     def offered_tasks(self) -> tuple[str, ...]:
         """The task specs this service offers (``tasks`` resolved against the registry)."""
-        from mist_fed.data.registry import named_tasks
+        from mist_fed.data.tasks import named_tasks
 
         if self.tasks is None:
             return tuple(named_tasks())

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def serve(args: argparse.Namespace) -> int:
     from mist_fed.cloud.config import ServeConfig
     from mist_fed.cloud.runner import in_background
-    from mist_fed.cloud.server import FeatureServer, resolve_backbone
+    from mist_fed.cloud.server import FeatureServer
+    from mist_fed.cloud.service import resolve_backbone
 
     base = ServeConfig.from_toml(args.config) if args.config else ServeConfig()
     config = base.override(
@@ -47,7 +48,7 @@ def serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a requested stop: exit 0
     with in_background(server) as thread:
-        offered = server.offered
+        offered = server.service.offered
         shown = ", ".join(offered[:12]) + (
             f" (+{len(offered) - 12} more)" if len(offered) > 12 else ""
         )

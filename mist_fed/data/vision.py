@@ -33,7 +33,7 @@ from mist_fed.assets.defaults import (
 )
 from mist_fed.assets.net import url_reachable
 from mist_fed.data.protocols import Source, apply_protocol, carve
-from mist_fed.data.registry import Availability, Task, register_task
+from mist_fed.data.tasks import Availability, Task, register_task
 from mist_fed.errors import TaskError
 
 log = logging.getLogger(__name__)

@@ -48,7 +48,7 @@ from mist_fed.cloud.runner import running_cloud
 from mist_fed.core.methods import get_method, method_gather
 from mist_fed.core.specs import GatherSpec, candidate_ks
 from mist_fed.data import get_task
-from mist_fed.data.registry import Task
+from mist_fed.data.tasks import Task
 from mist_fed.device.cache import CachedSplit
 from mist_fed.device.edge import EdgeDevice
 from mist_fed.device.memory import tune_allocator

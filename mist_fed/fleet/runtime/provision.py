@@ -22,7 +22,7 @@ from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.errors import BackboneError, ConfigError, MistError, TaskError
 from mist_fed.fleet.spec import FleetSpec
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 
 log = logging.getLogger(__name__)
 
