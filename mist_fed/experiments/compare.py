@@ -52,7 +52,7 @@ from mist_fed.data.tasks import Task
 from mist_fed.device.cache import CachedSplit
 from mist_fed.device.edge import EdgeDevice
 from mist_fed.device.memory import tune_allocator
-from mist_fed.device.metrics import DeviceMetrics
+from mist_fed.device.metrics import DeviceMetrics, best_k
 from mist_fed.device.profiles import DeviceProfile, load_profile
 from mist_fed.device.source import FeatureSource, FlightSource
 from mist_fed.device.trainer import TrainConfig
@@ -344,9 +344,9 @@ class Comparison:
             return cache[key]
 
         def selected(v: Variant) -> RowResult:
-            rows = [row(v, k) for k in self.ks_for(v)]
-            best = max(rows, key=lambda r: (r.val_accuracy, -(r.k or 0)))
-            return replace(best, label=v.label, group=v.group)
+            rows = {k: row(v, k) for k in self.ks_for(v)}
+            k = best_k({k: r.val_accuracy for k, r in rows.items()})  # the device's own rule
+            return replace(rows[k], label=v.label, group=v.group)
 
         mist_k: list[int | None] = []
 
