@@ -22,8 +22,8 @@ from mist_fed.errors import (
     WireError,
 )
 from mist_fed.wire import edge_init
-from mist_fed.wire.codec import UPLOAD_SCHEMA, decode
-from mist_fed.wire.flight import FeatureClient, encode_png
+from mist_fed.wire.codec import UPLOAD_SCHEMA, decode, encode_png
+from mist_fed.wire.flight import FeatureClient
 from mist_fed.wire.request import FeatureRequest
 
 pytestmark = pytest.mark.network

@@ -173,7 +173,7 @@ def test_predict_runs_on_the_device_that_charges_link_clock_and_meter(cloud, tmp
     from mist_fed.device.profiles import load_profile
     from mist_fed.device.source import FlightSource
     from mist_fed.device.trainer import predict
-    from mist_fed.wire.flight import encode_png
+    from mist_fed.wire.codec import encode_png
 
     run_client(ClientConfig(TASK, cloud, "laptop", str(tmp_path / "m"), ks=(2,), train=FAST))
     net, mcfg = load_checkpoint(tmp_path / "m")

@@ -194,3 +194,21 @@ def test_the_fleet_modules_import_each_other_without_a_cycle():
     assert "runtime.session" in graph["flower.simulation"]  # the graph is the real one
     assert "rounds" in graph["runtime.session"]
     assert cycles == []
+
+
+def test_no_two_modules_share_a_name_and_none_is_over_450_lines():
+    # Prepare: every module of the package but __init__.py, commands/ and bench.py (the names
+    # that say the same thing everywhere: one module per subcommand, each package's benchmark)
+    modules = [p for p in PKG.rglob("*.py") if p.name not in ("__init__.py", "bench.py")]
+    named: dict[str, list[str]] = {}
+    for p in modules:
+        if p.relative_to(PKG).parts[0] != "commands":
+            named.setdefault(p.name, []).append(str(p.relative_to(PKG)))
+    # Execute
+    shared = {n: paths for n, paths in named.items() if len(paths) > 1}
+    long = {
+        str(p.relative_to(PKG)): n for p in modules if (n := len(p.read_text().splitlines())) > 450
+    }
+    # Assert
+    assert shared == {}, shared
+    assert long == {}, long

@@ -39,7 +39,7 @@ from mist_fed.device.source import FlightSource
 from mist_fed.device.trainer import TrainConfig
 from mist_fed.errors import CloudRequestError, ConfigError, WireError
 from mist_fed.fleet.spec import FleetSpec, TaskFleet
-from mist_fed.wire.codec import WireMeta, decode_ipc, encode, ipc_options
+from mist_fed.wire.codec import WireMeta, decode_ipc, encode, encode_png, ipc_options
 from mist_fed.wire.dtypes import (
     LEVELS,
     MAX_PROJECTED_DIM,
@@ -50,7 +50,7 @@ from mist_fed.wire.dtypes import (
     wire_dim,
     wire_shape,
 )
-from mist_fed.wire.flight import FeatureClient, encode_png
+from mist_fed.wire.flight import FeatureClient
 from mist_fed.wire.projection import Basis, BasisFit, projection_id
 from tests.fakes import MemorySource
 

@@ -28,8 +28,8 @@ from mist_fed.device.checkpoint import (
     save_checkpoint,
 )
 from mist_fed.errors import CloudAuthError, CloudUnavailableError, ConfigError
-from mist_fed.wire.codec import UPLOAD_SCHEMA
-from mist_fed.wire.flight import FeatureClient, encode_png
+from mist_fed.wire.codec import UPLOAD_SCHEMA, encode_png
+from mist_fed.wire.flight import FeatureClient
 from mist_fed.wire.request import FeatureRequest
 
 ROOT = Path(__file__).resolve().parents[1]

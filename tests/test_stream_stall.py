@@ -104,7 +104,7 @@ def test_a_server_that_never_answers_ends_in_one_clear_error(tmp_path, tiny_back
 def test_a_long_upload_outlives_the_call_deadline(tmp_path, tiny_backbone):
     from PIL import Image
 
-    from mist_fed.wire.flight import encode_png
+    from mist_fed.wire.codec import encode_png
 
     # Prepare: each uploaded batch answered 0.4 s late; 6 batches against a 1 s call deadline
     class SlowEmbed(FeatureServer):

@@ -27,8 +27,8 @@ from mist_fed.device.profiles import DeviceProfile, load_profile
 from mist_fed.device.source import FlightSource
 from mist_fed.device.trainer import TrainConfig
 from mist_fed.errors import ConfigError
+from mist_fed.wire.codec import encode_png
 from mist_fed.wire.dtypes import check_wire, parse_wire
-from mist_fed.wire.flight import encode_png
 from mist_fed.wire.shaping import LinkShaper
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,6 @@ one. ``timeout_s`` is the deadline of the other, short calls.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import threading
@@ -445,10 +444,3 @@ def _stall_guard(reader: Any, stall_s: float | None) -> Iterator[None]:
         raise
     finally:
         timer.cancel()
-
-
-def encode_png(img: Any) -> bytes:
-    """PNG bytes of a PIL image (helper for ``embed``)."""
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
