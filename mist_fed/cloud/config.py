@@ -33,7 +33,7 @@ from mist_fed.cloud.numerics import (
 from mist_fed.errors import ConfigError
 from mist_fed.wire.dtypes import check_wire
 
-SECTIONS = ("server", "backbone", "store", "limits", "tls")
+SECTIONS = ("server", "backbone", "store", "warm", "limits", "tls")
 DEFAULT_MAX_GB = 32.0  # a full comparison's features (about 17 GB) fit
 
 
@@ -67,6 +67,9 @@ class ServeConfig:
     # images (pca<D>task-: on the requested task's); see mist_fed/cloud/projections.py
     projection_sample: str = "digits"
     projection_images: int = 1000
+    # [warm]: a warm's embedding spread over a Ray cluster (see mist_fed/cloud/ray_warm.py)
+    ray: str | None = None  # None: no Ray; "local": a Ray of the service's own; else an address
+    warm_workers: int = 0  # Ray embedding workers per warm (0: the service embeds itself)
     # [limits]
     max_ticket_bytes: int = 1 << 20
     max_ids_per_ticket: int = 100_000
@@ -84,6 +87,10 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.projection_images < 2:
             raise ConfigError(f"projection_images must be >= 2, got {self.projection_images}")
+        if self.warm_workers < 0:
+            raise ConfigError(f"warm_workers must be >= 0, got {self.warm_workers}")
+        if self.warm_workers and self.ray is None:
+            raise ConfigError("warm_workers needs a Ray to run on: set ray (an address or local)")
         if self.max_upload_images < 1 or self.max_image_bytes < 1:
             raise ConfigError("max_upload_images and max_image_bytes must be >= 1")
         check_wire(self.default_dtype, ConfigError, "default_dtype")

@@ -300,10 +300,19 @@ class FeatureService:
             rows = rows[: max(w.limit, 0)]
         hashes = self.split_hashes(req, sp, rows)
         stored = list(dict.fromkeys((s, stored_dtype(d)) for s, d in w.pairs))  # one store each
-        embedded = self.embedder.warm(stored, hashes, partial(_load_row, sp, rows))
+        pool = None
+        if self.config.warm_workers:
+            from mist_fed.cloud.ray_warm import RayEmbedPool
+
+            pool = RayEmbedPool(self.config.warm_workers, w.task, w.split, rows)
+        embedded = self.embedder.warm(stored, hashes, partial(_load_row, sp, rows), pool)
         for spec, dtype in w.pairs:  # a projected wire's basis, fitted now rather than mid-run
             self.meta(FeatureRequest(w.task, w.split, spec.kind, spec.k, dtype))
-        return {"images_embedded": embedded, "rows": len(rows)}
+        out = {"images_embedded": embedded, "rows": len(rows)}
+        if pool is not None:  # forward batches each Ray node ran
+            out["ray_nodes"] = len(pool.jobs_per_node)
+            out["ray_jobs"] = sum(pool.jobs_per_node.values())
+        return out
 
     def edge_init_blob(self, method: str) -> bytes:
         """The safetensors blob of ``method``'s initial edge weights (built once per method)."""
