@@ -5,7 +5,7 @@
 
 One FedAvgM fleet (momentum 0.9) whose global model has 0.38M float32 parameters (the paper's
 LAE), 50 devices x 20 rounds of result rows; the checkpoint written 5 times as the run session
-writes it (``mist_fed.fleet.runtime.checkpoint.save``: atomic, fsync-ed) and read back once.
+writes it (``mist_fed.fleet.runtime.resume.save``: atomic, fsync-ed) and read back once.
 Prints its size, the median save time and the load time on this host.
 """
 
@@ -24,7 +24,7 @@ import torch
 from mist_fed.fleet import aggregation
 from mist_fed.fleet.aggregation import Update
 from mist_fed.fleet.rounds import RoundState, RunRecords
-from mist_fed.fleet.runtime import checkpoint as ckpt
+from mist_fed.fleet.runtime import resume as ckpt
 from mist_fed.fleet.scoring import FleetClock
 from mist_fed.fleet.state import snapshot
 

@@ -23,7 +23,7 @@ from mist_fed.fleet.aggregation import Update
 from mist_fed.fleet.flower.strategies import RUN_STATE, STRATEGIES, FlowerAggregator
 from mist_fed.fleet.job import OK, DeviceJob, DeviceResult, StateDict
 from mist_fed.fleet.rounds import RoundState, RunRecords
-from mist_fed.fleet.runtime import checkpoint as ckpt
+from mist_fed.fleet.runtime import resume as ckpt
 from mist_fed.fleet.scoring import CentralResult, FleetClock
 from mist_fed.fleet.spec import spec_from_dict
 from mist_fed.fleet.state import from_plain, snapshot, to_plain

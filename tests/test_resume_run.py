@@ -23,7 +23,7 @@ import pytest
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.errors import ConfigError, Interrupted
-from mist_fed.fleet.runtime import checkpoint as ckpt
+from mist_fed.fleet.runtime import resume as ckpt
 from mist_fed.fleet.runtime.session import RunSession, run_plain
 from mist_fed.fleet.spec import spec_from_dict
 from mist_fed.fleet.transport import Reply

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mist_fed.defaults import DEFAULT_HOST
+from mist_fed.assets.defaults import DEFAULT_HOST
 from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
 
 DEFAULT_FLEET = Path(__file__).resolve().parents[2] / "simulations" / "fleets" / "default.toml"
@@ -67,7 +67,7 @@ def resume_spec(args: argparse.Namespace) -> tuple[Any, Any]:
     """``--resume RUN_ID``: the run's own spec and checkpoint; fleet flags are refused (the
     spec is the run's, as ``results/RUN_ID/config.toml`` recorded it)."""
     from mist_fed.errors import ConfigError
-    from mist_fed.fleet.runtime.checkpoint import open_run
+    from mist_fed.fleet.runtime.resume import open_run
     from mist_fed.fleet.spec import OVERRIDES
 
     given = [k for k in OVERRIDES if getattr(args, k, None) is not None]

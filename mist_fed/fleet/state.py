@@ -1,6 +1,6 @@
 """A run's state as plain data: what a checkpoint holds, and how a round engine lists it.
 
-A checkpoint (:mod:`mist_fed.fleet.runtime.checkpoint`) is a :func:`snapshot` after a round:
+A checkpoint (:mod:`mist_fed.fleet.runtime.resume`) is a :func:`snapshot` after a round:
 the engine's :class:`~mist_fed.fleet.rounds.RoundState` (global and device models, clocks, the
 central reference, the results rows so far) and, by name, the state of each
 :class:`StateProvider` the engine lists (``SyncRounds.providers``: each federated fleet's

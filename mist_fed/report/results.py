@@ -93,7 +93,7 @@ TEXT_COLUMNS = frozenset(
 # The aggregation of a fleet whose devices keep their own models (mist_fed.fleet.aggregation).
 LOCAL = "local"
 # The layout of the results tables: bump it when a column changes meaning. A run checkpointed
-# under another layout is not resumed (mist_fed.fleet.runtime.checkpoint).
+# under another layout is not resumed (mist_fed.fleet.runtime.resume).
 SCHEMA_VERSION = 1
 
 

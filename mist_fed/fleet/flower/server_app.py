@@ -21,7 +21,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from mist_fed.defaults import cache_dir
+from mist_fed.assets.defaults import cache_dir
 from mist_fed.errors import ConfigError
 from mist_fed.fleet.flower.grid import (
     GridTransport,
@@ -30,9 +30,9 @@ from mist_fed.fleet.flower.grid import (
     wait_for_nodes,
 )
 from mist_fed.fleet.flower.workarounds import check_app_environment, on_runtime_exit
-from mist_fed.fleet.runtime.checkpoint import open_run
 from mist_fed.fleet.runtime.cluster import clean_nodes, running_ray
 from mist_fed.fleet.runtime.provision import resolve_assets
+from mist_fed.fleet.runtime.resume import open_run
 from mist_fed.fleet.runtime.session import RunSession
 from mist_fed.fleet.runtime.stop import POLL_S, RunStop
 from mist_fed.fleet.spec import spec_from_run_config

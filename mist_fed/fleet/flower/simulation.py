@@ -15,10 +15,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from mist_fed.defaults import DEFAULT_HOST
-from mist_fed.fleet.runtime.checkpoint import Checkpoint
+from mist_fed.assets.defaults import DEFAULT_HOST
 from mist_fed.fleet.runtime.cluster import client_resources, fit_cluster, ray_runtime
 from mist_fed.fleet.runtime.provision import resolve_assets
+from mist_fed.fleet.runtime.resume import Checkpoint
 from mist_fed.fleet.runtime.session import RunResult, RunSession
 from mist_fed.fleet.spec import FleetSpec
 
@@ -49,7 +49,7 @@ def simulate(
     On Ctrl-C the run stops, writes the completed rounds (``config.toml`` records
     ``interrupted`` and ``rounds_completed``) and raises :class:`~mist_fed.errors.Interrupted`.
     ``resume``: the checkpoint of a stopped run of ``spec`` to go on from
-    (:func:`mist_fed.fleet.runtime.checkpoint.open_run`).
+    (:func:`mist_fed.fleet.runtime.resume.open_run`).
     """
     from flwr.simulation import run_simulation
 

@@ -7,11 +7,11 @@ and Ray), the plain in-process loop (:func:`run_plain`) and ``mist-fed bench sim
 devices, makes the run's device storage, finds or starts the cloud, owns the run's one stop
 (:class:`~mist_fed.fleet.runtime.stop.RunStop`), runs the rounds over the transport an engine
 gives it (:meth:`RunSession.run_rounds`), writes a checkpoint and the results tables after
-every round (``checkpoint.pt``, :mod:`mist_fed.fleet.runtime.checkpoint`; ``config.toml`` says
+every round (``checkpoint.pt``, :mod:`mist_fed.fleet.runtime.resume`; ``config.toml`` says
 ``interrupted`` and ``rounds_completed`` until the run ends) and, at the end, the finished run
 with its plots, or what a stopped run completed.
 
-A session opened with ``resume=`` (a :class:`~mist_fed.fleet.runtime.checkpoint.Checkpoint`)
+A session opened with ``resume=`` (a :class:`~mist_fed.fleet.runtime.resume.Checkpoint`)
 goes on from the checkpoint's round: the engine's state and providers come back from it,
 the central reference is not trained again, and the run's device storage is used again where
 it is still there. A run that stops, fails or is killed before its end keeps its checkpoint
@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mist_fed.defaults import DEFAULT_HOST
+from mist_fed.assets.defaults import DEFAULT_HOST
 from mist_fed.errors import Interrupted, MistError
 from mist_fed.fleet.job import DeviceResult
 from mist_fed.fleet.plan import FleetPlan, plan_fleet
 from mist_fed.fleet.rounds import RoundState, RunRecords, SyncRounds
-from mist_fed.fleet.runtime import checkpoint as ckpt
+from mist_fed.fleet.runtime import resume as ckpt
 from mist_fed.fleet.runtime.provision import cloud_service
 from mist_fed.fleet.runtime.stop import STOP_FILE, RunStop, stop_on_sigint
 from mist_fed.fleet.scoring import Scorer
@@ -125,7 +125,7 @@ class RunSession:
     ``raise_stopped``, raises :class:`~mist_fed.errors.Interrupted` saying where.
     ``resume``: the checkpoint to go on from (its spec must be ``spec``);
     ``checkpoint_hook``: a test's hook into each checkpoint's write
-    (:data:`~mist_fed.fleet.runtime.checkpoint.StageHook`).
+    (:data:`~mist_fed.fleet.runtime.resume.StageHook`).
     """
 
     def __init__(
