@@ -331,7 +331,7 @@ def _train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
     return out
 
 
-@pytest.mark.parametrize("after", [1, 2, 3])
+@pytest.mark.parametrize("after", [1, 2, 3, 4])
 def test_rounds_resumed_from_any_round_match_the_rounds_that_never_stopped(
     tmp_path: Path, after: int
 ) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mist_fed.assets.defaults import DEFAULT_HOST
-from mist_fed.errors import Interrupted, MistError
+from mist_fed.errors import ConfigError, Interrupted, MistError
 from mist_fed.fleet.job import DeviceResult
 from mist_fed.fleet.plan import FleetPlan, plan_fleet
 from mist_fed.fleet.rounds import RoundState, RunRecords, SyncRounds
@@ -160,7 +160,7 @@ class RunSession:
         if resume is not None:
             resume.check_spec(spec)
             if run_id is not None and run_id != resume.run_id:
-                raise MistError(f"--run-id {run_id} cannot resume run {resume.run_id}")
+                raise ConfigError(f"--run-id {run_id} cannot resume run {resume.run_id}")
             self.run_id, done, self._saved = resume.run_id, resume.round, True
             self._wall_before = float(resume.facts.get("wall_s", 0.0))
             resumes = int(resume.facts.get("resumes", 0)) + 1
