@@ -105,6 +105,16 @@ def test_numpy_arrays_and_tuples_come_back_with_their_dtype_shape_and_kind() -> 
     assert back["t"] == (1, "a", None) and back["l"] == [7]
 
 
+def test_state_of_another_version_of_a_class_is_refused_in_one_line() -> None:
+    # Prepare: a FleetClock as a version with another field would have saved it
+    plain = to_plain(FleetClock(1.0, 0.5, 3))
+    plain["battery"] = 0.5
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="FleetClock does not fit") as e:
+        from_plain(plain)
+    assert "\n" not in str(e.value)
+
+
 def test_an_unregistered_class_is_refused_in_one_line() -> None:
     class Opaque:
         pass

@@ -108,7 +108,14 @@ def from_plain(x: Any) -> Any:
             cls = _CLASSES.get(x[_DATACLASS])
             if cls is None:
                 raise ConfigError(f"the checkpoint holds an unknown kind of state {x[_DATACLASS]}")
-            return cls(**{k: from_plain(v) for k, v in x.items() if k != _DATACLASS})
+            fields = {k: from_plain(v) for k, v in x.items() if k != _DATACLASS}
+            try:
+                return cls(**fields)
+            except TypeError as e:  # a field added or removed since the checkpoint was written
+                raise ConfigError(
+                    f"the checkpoint's {cls.__qualname__} does not fit this version's ({e}); "
+                    "resume it with the version that wrote it"
+                ) from None
         return {k: from_plain(v) for k, v in x.items()}
     if isinstance(x, tuple):
         return tuple(from_plain(v) for v in x)
