@@ -137,7 +137,7 @@ def _identity(cls: Any, name: str) -> Any:
 def _rounds(
     spec: Any, src: MemorySource, tmp_path: Path, train: Any, stub: bool = True
 ) -> SyncRounds:
-    return make_rounds(hand_plan(spec), train, lambda c: src, tmp_path, stub=stub)
+    return make_rounds(hand_plan(spec), train, lambda c, **kw: src, tmp_path, stub=stub)
 
 
 def test_fedavg_weights_each_device_by_its_num_examples(tmp_path: Path) -> None:
@@ -199,13 +199,15 @@ def test_fedprox_mu_reaches_the_device_and_changes_its_loss(tmp_path: Path) -> N
     def train(js: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
         jobs.extend(js)
         starts.extend({k: v.clone() for k, v in s.items()} for s in states)
-        return [run_device(j, s, lambda c: src, tmp_path) for j, s in zip(js, states, strict=True)]
+        return [
+            run_device(j, s, lambda c, **kw: src, tmp_path) for j, s in zip(js, states, strict=True)
+        ]
 
     run_all(_rounds(spec, src, tmp_path, train))
     job, start = jobs[0], starts[0]
     # Execute: the same job with and without the proximal term
-    free, w_free = run_device(_with(job, 0.0, "free/0"), start, lambda c: src, tmp_path)
-    prox, w_prox = run_device(_with(job, 50.0, "prox/0"), start, lambda c: src, tmp_path)
+    free, w_free = run_device(_with(job, 0.0, "free/0"), start, lambda c, **kw: src, tmp_path)
+    prox, w_prox = run_device(_with(job, 50.0, "prox/0"), start, lambda c, **kw: src, tmp_path)
     # Assert
     assert job.proximal_mu == 5.0
     assert free.status == prox.status == "ok" and prox.train_loss > free.train_loss
@@ -235,7 +237,10 @@ def _poisoned_fleet(aggregation: str, tmp_path: Path, poison: bool, seed: int = 
     src = MemorySource(rows={"train": 48, "val": 24, "test": 16}, seed=seed)
 
     def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
-        out = [run_device(j, s, lambda c: src, tmp_path) for j, s in zip(jobs, states, strict=True)]
+        out = [
+            run_device(j, s, lambda c, **kw: src, tmp_path)
+            for j, s in zip(jobs, states, strict=True)
+        ]
         if poison:
             gen = torch.Generator().manual_seed(0)
             res, st = out[0]
@@ -253,7 +258,7 @@ def _poisoned_fleet(aggregation: str, tmp_path: Path, poison: bool, seed: int = 
 def _plan_rounds(spec: Any, src: MemorySource, tmp_path: Path, train: Any) -> SyncRounds:
     """The real scorer on the 16 test images every device also holds a share of."""
     plan = hand_plan(spec, eval_ids=[f"test-{i}" for i in range(16)])
-    return make_rounds(plan, train, lambda c: src, tmp_path, stub=False)
+    return make_rounds(plan, train, lambda c, **kw: src, tmp_path, stub=False)
 
 
 def test_krum_keeps_a_poisoned_device_out_where_fedavg_does_not(tmp_path: Path) -> None:
@@ -282,7 +287,8 @@ def test_a_small_fleet_runs_on_each_strategy_and_records_it(name: str, tmp_path:
 
     def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
         return [
-            run_device(j, s, lambda c: src, tmp_path) for j, s in zip(jobs, states, strict=True)
+            run_device(j, s, lambda c, **kw: src, tmp_path)
+            for j, s in zip(jobs, states, strict=True)
         ]
 
     rounds = _plan_rounds(spec, src, tmp_path, train)
