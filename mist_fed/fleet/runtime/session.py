@@ -17,10 +17,12 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from mist_fed.defaults import DEFAULT_HOST
+from mist_fed.device.source import FlightSource
 from mist_fed.errors import Interrupted, MistError
 from mist_fed.fleet.job import DeviceResult
 from mist_fed.fleet.plan import FleetPlan, plan_fleet
@@ -31,7 +33,7 @@ from mist_fed.fleet.scoring import Scorer
 from mist_fed.fleet.spec import FleetSpec, spec_to_dict
 from mist_fed.fleet.storage import RunStorage, device_storage
 from mist_fed.fleet.transport import RunStopped, Transport
-from mist_fed.fleet.worker import LocalTransport
+from mist_fed.fleet.worker import LocalTransport, SourceFactory
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,9 @@ class RunSession:
     ``cloud``: a running cloud's address, else one is embedded (listening on ``cloud_bind``,
     dialled at ``cloud_advertise``; see :func:`~mist_fed.fleet.runtime.provision.cloud_service`).
     ``stop``: the run's stop, when a trigger exists before the session (else its own);
-    ``sigint``: the first Ctrl-C stops the run. On leaving, a completed run is written with
+    ``sigint``: the first Ctrl-C stops the run; ``cloud_token``: the bearer token the run's
+    devices and server send the cloud (an embedded cloud requires it; never written or logged,
+    :mod:`~mist_fed.fleet.runtime.secrets`). On leaving, a completed run is written with
     its plots (:attr:`result`); a stopped one keeps its completed rounds and, with
     ``raise_stopped``, raises :class:`~mist_fed.errors.Interrupted` saying where.
     """
@@ -130,6 +134,7 @@ class RunSession:
         stop: RunStop | None = None,
         sigint: bool = True,
         raise_stopped: bool = True,
+        cloud_token: str | None = None,
     ) -> None:
         from mist_fed.report.results import new_run_id
 
@@ -137,6 +142,7 @@ class RunSession:
         self.results_dir = results_dir
         self.run_id = run_id or new_run_id()
         self.cloud_args = (cloud, cloud_bind, cloud_advertise)
+        self.cloud_token = cloud_token  # in memory only: no fact, file or log line holds it
         self.facts = {"cloud": cloud or "embedded", **(facts or {})}
         self.progress = Progress(spec.rounds * spec.num_devices, progress)
         self.stop = stop or RunStop()
@@ -159,7 +165,7 @@ class RunSession:
             self.storage = stack.enter_context(device_storage())
             self.stop.attach(self.storage.path)
             self.location, self._stats = stack.enter_context(
-                cloud_service(self.spec, *self.cloud_args)
+                cloud_service(self.spec, *self.cloud_args, token=self.cloud_token)
             )
             if self.sigint:
                 stack.enter_context(stop_on_sigint(self.stop))
@@ -209,6 +215,10 @@ class RunSession:
         return {**self.facts, "wall_s": wall, **counts, **more}
 
     # -- the rounds --------------------------------------------------------------------------
+    def source(self) -> SourceFactory:
+        """How this process's devices (the server's, in-process ones) reach the cloud."""
+        return partial(FlightSource, token=self.cloud_token)
+
     def checkpoint(self, state: RoundState) -> None:
         """After each round: its tables, marked as a run still going (``rounds_completed``)."""
         facts = self._facts(interrupted=True, rounds_completed=state.round)
@@ -220,7 +230,7 @@ class RunSession:
         however it ends. ``progress_bars``: the server's own bars (downloads, central)."""
         self.records.timing["start"] = time.perf_counter()
         scorer = Scorer(self.plan, self.location, self.storage.path / "_server",
-                        progress=progress_bars)  # fmt: skip
+                        source=self.source(), progress=progress_bars)  # fmt: skip
         rounds = SyncRounds(
             self.plan, transport, scorer, self.location, self.storage, stop=self.stop.event,
             on_result=self.progress, on_round=self.checkpoint,
@@ -242,12 +252,14 @@ def run_plain(
     cloud: str | None = None,
     run_id: str | None = None,
     progress: bool = False,
+    cloud_token: str | None = None,
 ) -> RunResult:
     """The same rounds with no Flower and no Ray: every device in this process, in turn."""
     facts = {"engine": "plain"}
     with RunSession(
-        spec, results_dir, run_id=run_id, cloud=cloud, progress=progress, facts=facts
-    ) as session:
-        session.run_rounds(LocalTransport(stop=session.stop.event))
+        spec, results_dir, run_id=run_id, cloud=cloud, progress=progress, facts=facts,
+        cloud_token=cloud_token,
+    ) as session:  # fmt: skip
+        session.run_rounds(LocalTransport(session.source(), stop=session.stop.event))
     assert session.result is not None
     return session.result
