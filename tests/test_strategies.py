@@ -229,7 +229,7 @@ def _dist(a: StateDict, b: StateDict) -> float:
 
 def _poisoned_fleet(aggregation: str, tmp_path: Path, poison: bool, seed: int = 0) -> float:
     """Accuracy of a 7-device fleet's global model after 2 rounds; device 0 sends noise."""
-    args = {"num_malicious_nodes": 1} if aggregation == "Krum" else {}
+    args = {"num_malicious_nodes": 1} if aggregation in ("Krum", "Bulyan") else {}
     fleets = [{"task": "synthetic", "devices": 7, "aggregation": aggregation,
                "aggregation_args": args, "method": "linear"}]  # fmt: skip
     spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 4, "batch_size": 4,
@@ -273,12 +273,26 @@ def test_krum_keeps_a_poisoned_device_out_where_fedavg_does_not(tmp_path: Path) 
     assert fedavg < clean - 0.5
 
 
-@pytest.mark.parametrize("name", [n for n in aggregation.names() if n != "Bulyan"])
+def test_bulyan_aggregates_and_keeps_a_poisoned_device_out(tmp_path: Path) -> None:
+    # Execute: 7 devices, one assumed malicious (Bulyan needs n >= 4f + 3), device 0 poisoned
+    clean = _poisoned_fleet("FedAvg", tmp_path / "clean", poison=False)
+    bulyan = _poisoned_fleet("Bulyan", tmp_path / "bulyan", poison=True)
+    fedavg = _poisoned_fleet("FedAvg", tmp_path / "fedavg", poison=True)
+    # Assert: Bulyan's trimmed mean of Krum-selected models stays near the clean average; the
+    # poisoned plain average does not
+    assert clean > 0.8
+    assert bulyan >= clean - 0.2
+    assert fedavg < clean - 0.5
+
+
+@pytest.mark.parametrize("name", aggregation.names())
 def test_a_small_fleet_runs_on_each_strategy_and_records_it(name: str, tmp_path: Path) -> None:
-    # Prepare: 7 devices (Krum's family needs n > 2f + 2), a linear head, two rounds
+    # Prepare: 7 devices (Krum's family needs n > 2f + 2; Bulyan n >= 4f + 3), a linear head,
+    # two rounds
     from mist_fed.report.results import write_run
 
     args = {"proximal_mu": 0.1} if name == "FedProx" else {}
+    args = {"num_malicious_nodes": 1} if name == "Bulyan" else args
     fleets = [{"task": "synthetic", "devices": 7, "aggregation": name, "method": "linear",
                "aggregation_args": args}]  # fmt: skip
     spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 2, "batch_size": 4,
@@ -307,7 +321,9 @@ def test_a_small_fleet_runs_on_each_strategy_and_records_it(name: str, tmp_path:
     else:
         assert len(digests) == 1 and before not in digests and after not in digests | {before}
     config = paths["config"].read_text()
-    assert f'aggregation = "{name}"' in config and ("proximal_mu = 0.1" in config) == bool(args)
+    assert f'aggregation = "{name}"' in config
+    assert ("proximal_mu = 0.1" in config) == (name == "FedProx")
+    assert ("num_malicious_nodes = 1" in config) == (name == "Bulyan")
 
 
 @pytest.mark.parametrize(
