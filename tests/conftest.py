@@ -66,7 +66,7 @@ def pickle_bomb():
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
-    from mist_fed.model.backbone import create_backbone
+    from mist_fed.cloud.backbone import create_backbone
 
     return create_backbone("vit_tiny_patch16_224", random_init=True, seed=0, **TINY_VIT)
 
@@ -115,7 +115,7 @@ def restore_global_state():
     torch = sys.modules.get("torch")
     if torch is not None and threads is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    hub = sys.modules.get("mist_fed.model.hub")
+    hub = sys.modules.get("mist_fed.assets.net")
     if hub is not None:
         hub._can_connect.cache_clear()
 

@@ -23,7 +23,7 @@ from mist_fed.commands.common import TOKEN_ENV, read_cloud_token
 from mist_fed.errors import CloudAuthError, ConfigError
 from mist_fed.fleet.runtime.provision import cloud_service
 from mist_fed.fleet.spec import spec_from_dict
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 from tests import leaks
 from tests.procs import tagged_pids
 

@@ -19,8 +19,8 @@ from mist_fed.fleet.spec import spec_from_dict
 from mist_fed.fleet.storage import resolve
 from mist_fed.fleet.transport import Reply
 from mist_fed.fleet.worker import LocalTransport, run_device
-from mist_fed.wire.client import FeatureClient
-from mist_fed.wire.faults import MB, MSS, FaultyLink, LinkFaults
+from mist_fed.wire.flight import FeatureClient
+from mist_fed.wire.link_faults import MB, MSS, FaultyLink, LinkFaults
 
 TASK = "synthetic:train=96,val=8,test=8"
 NOTE = "test"
@@ -103,7 +103,7 @@ def test_a_lossy_resetting_stream_resumes_with_every_row_exact(tmp_path, tiny_ba
     faults = LinkFaults(loss_pct=2.0, reset_every_mb=0.04)
     with (
         running_cloud(cfg, backbone=tiny_backbone) as loc,
-        caplog.at_level(logging.WARNING, logger="mist_fed.wire.client"),
+        caplog.at_level(logging.WARNING, logger="mist_fed.wire.flight"),
     ):
         with FeatureClient(loc) as clean:
             want = clean.get(TASK, "train", "mist", 2)
@@ -199,7 +199,7 @@ def test_a_fleet_on_a_lossy_resetting_link_completes_with_exact_features(
     # Execute
     with running_cloud(serve, backbone=tiny_backbone) as loc:
         clean_rows, clean_files = run(clean)
-        with caplog.at_level(logging.WARNING, logger="mist_fed.wire.client"):
+        with caplog.at_level(logging.WARNING, logger="mist_fed.wire.flight"):
             lossy_rows, lossy_files = run(lossy)
     # Assert: every device-round ok; every device's cached features byte-identical to the clean
     # run's, so every accuracy and loss equal; resets resumed; resent bytes in bytes_down

@@ -409,8 +409,91 @@ def test_the_cloud_token_reached_both_nodes_and_appears_nowhere(
     )
 
 
+WARM_TASK = "synthetic:classes=3,train=48,val=8,test=8"
+SERVE = f"""\
+[server]
+port = 0
+tasks = ["{WARM_TASK}"]
+
+[backbone]
+backbone = "vit_tiny_patch16_224"
+random_init = true
+model_kwargs = {{ img_size = 32, patch_size = 8, depth = 2, embed_dim = 32, num_heads = 2 }}
+numerics = "float32"
+runtime = "torch"
+
+[store]
+batch_size = 4
+"""
+
+
+@dataclass
+class WarmRun:
+    """``cloud warm`` through a service joined to the cluster, then a stream of the split."""
+
+    warm: subprocess.CompletedProcess[str]
+    before: int
+    after: int
+    rows: int
+    code: int
+    log: str
+
+
+@pytest.fixture(scope="module")
+def warm_run(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> WarmRun:
+    """Run once on the live cluster, before any test may stop it (tests run in any order)."""
+    from mist_fed.wire.flight import FeatureClient
+
+    tmp_path = tmp_path_factory.mktemp("cluster-warm")
+    # Prepare: `mist-fed cloud serve` joined to the cluster, two Ray embedding workers
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(SERVE)
+    cmd = [sys.executable, "-m", "mist_fed.cli", "cloud", "serve", "--config", str(cfg)]
+    cmd += ["--cache-dir", str(tmp_path / "store"), "--ray", cluster.address, "--warm-workers", "2"]
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=_driver_env(cluster), cwd=ROOT
+    )
+    try:
+        deadline = time.monotonic() + RUN_S
+        port = None
+        while port is None and time.monotonic() < deadline:
+            match = re.search(r"on 127\.0\.0\.1:(\d+)", (tmp_path / "serve.log").read_text())
+            port = int(match.group(1)) if match else None
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert port, (tmp_path / "serve.log").read_text()[-3000:]
+        # Execute: warm the train split through the CLI, then stream it
+        warm = subprocess.run(
+            [sys.executable, "-m", "mist_fed.cli", "cloud", "warm", "--cloud", f"grpc://127.0.0.1:{port}",
+             "--task", WARM_TASK, "--splits", "train", "--method", "mist", "--k", "2"],
+            capture_output=True, text=True, env=_driver_env(cluster), cwd=ROOT, timeout=RUN_S,
+        )  # fmt: skip
+        with FeatureClient(f"grpc://127.0.0.1:{port}") as client:
+            before = client.stats()["images_embedded"]
+            fs = client.get(WARM_TASK, "train", "mist", 2, "float16")
+            after = client.stats()["images_embedded"]
+    finally:
+        server.terminate()
+        code = server.wait(STOP_S)
+        log.close()
+    return WarmRun(warm, before, after, len(fs.ids), code, (tmp_path / "serve.log").read_text())
+
+
+def test_a_warm_spreads_over_both_nodes_and_the_service_writes_every_row(
+    warm_run: WarmRun,
+) -> None:
+    # Assert: 48 images on both nodes' workers, written by the service; the stream embeds none
+    warm = warm_run.warm
+    print(f"cloud warm on the cluster: {warm.stdout.strip()}")
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert "48 rows, 48 images embedded on 2 Ray nodes" in warm.stdout, warm.stdout
+    assert warm_run.before == warm_run.after == 48 and warm_run.rows == 48
+    assert warm_run.code == 0, warm_run.log[-3000:]
+
+
 def test_stopping_the_cluster_leaves_no_process(
-    cluster: Cluster, worker_facts: dict[str, dict], fleet_run: FleetRun
+    cluster: Cluster, worker_facts: dict[str, dict], fleet_run: FleetRun, warm_run: WarmRun
 ) -> None:
     # Prepare: every process of both nodes, workers included (they carry the nodes' tag); the
     # fixtures that need a live cluster ran before (tests may run in any order)

@@ -8,7 +8,7 @@ import os
 import stat
 from pathlib import Path
 
-from mist_fed.defaults import DEFAULT_BACKBONE
+from mist_fed.assets.defaults import PAPER_BACKBONE
 from mist_fed.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "MIST_FED_CLOUD_TOKEN"
 
 
-def add_backbone_args(p: argparse.ArgumentParser, default: str = DEFAULT_BACKBONE) -> None:
+def add_backbone_args(p: argparse.ArgumentParser, default: str = PAPER_BACKBONE) -> None:
     p.add_argument("--backbone", default=default, help="timm ViT name or registered backbone")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--weights", help="local weights file (.safetensors, .pth, .npz)")

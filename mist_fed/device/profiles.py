@@ -3,7 +3,7 @@
 A profile is a frozen, validated :class:`DeviceProfile` read with ``tomllib`` from
 ``edge_profiles/<name>.toml``. Every number carries a ``sources`` note. A profile may also name
 an unreliable link (``loss_pct``, ``reset_every_mb``, ``stall_every_mb`` with ``stall_s``; see
-:mod:`mist_fed.wire.faults`), each with its note: the device's streams then lose, resend, reset
+:mod:`mist_fed.wire.link_faults`), each with its note: the device's streams then lose, resend, reset
 and stall on the way, and its clock pays for it (:meth:`DeviceProfile.downlink_seconds`). The directory is found,
 in order, from ``$MIST_FED_PROFILES``, the source checkout (``<repo>/edge_profiles``), and an
 installed copy (``<prefix>/share/mist-fed/edge_profiles``).
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mist_fed.errors import ConfigError, ResourceLimitError
-from mist_fed.wire.faults import MB, MSS, LinkFaults
+from mist_fed.wire.link_faults import MB, MSS, LinkFaults
 
 PROFILES_ENV = "MIST_FED_PROFILES"
 NUMERIC_FIELDS = (

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mist_fed.defaults import DEFAULT_HOST
+from mist_fed.assets.defaults import DEFAULT_HOST
 from mist_fed.device.source import FlightSource
 from mist_fed.errors import Interrupted, MistError
 from mist_fed.fleet.job import DeviceResult

@@ -14,7 +14,7 @@ or for a compressed dtype (``int8ch+zstd``, ...) the compressed IPC body, measur
 Robustness: an unreachable cloud is retried with exponential backoff, then
 :class:`~mist_fed.errors.CloudUnavailableError`; a stream cut midway resumes from the rows
 already received (only whole batches are ever kept), as does one an unreliable ``link``
-(:mod:`~mist_fed.wire.faults`) resets, its lost and retransmitted bytes counted; a stream whose schema metadata names
+(:mod:`~mist_fed.wire.link_faults`) resets, its lost and retransmitted bytes counted; a stream whose schema metadata names
 another backbone, gather, k or dtype than asked is refused with :class:`WireError`.
 A feature stream has no deadline on its length (a real split over a slow link takes minutes):
 it times out on a *stall*, no message for ``stall_s`` seconds, and then resumes like a cut
@@ -24,7 +24,6 @@ one. ``timeout_s`` is the deadline of the other, short calls.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import time
@@ -45,8 +44,8 @@ from mist_fed.wire.codec import (
     decode,
 )
 from mist_fed.wire.dtypes import stored_dtype
-from mist_fed.wire.faults import FaultyLink, stall_guard
 from mist_fed.wire.features import FeatureSet
+from mist_fed.wire.link_faults import FaultyLink, stall_guard
 from mist_fed.wire.progress import StreamProgress, counted
 from mist_fed.wire.request import FeatureRequest
 
@@ -95,7 +94,7 @@ class FeatureClient:
         link: FaultyLink | None = None,
     ) -> None:
         self.location = location
-        self.link = link  # an unreliable link under feature streams (wire/faults.py)
+        self.link = link  # an unreliable link under feature streams (wire/link_faults.py)
         self.expect_backbone = expect_backbone
         self.expect_weights = expect_weights
         self.on_batch = on_batch
@@ -369,8 +368,10 @@ class FeatureClient:
         split: str,
         pairs: Sequence[tuple[str, int | None, str]],
         limit: int | None = None,
+        ids: Sequence[str] | None = None,
     ) -> dict[str, int]:
-        """Have the cloud store ``(gather, k, dtype)`` pairs for a split's first ``limit`` rows.
+        """Have the cloud store ``(gather, k, dtype)`` pairs for a split's rows ``ids``, else
+        its first ``limit`` rows (else all).
 
         One backbone pass per image on the cloud; no features come back. No deadline (a big
         split takes minutes); refusals and unreachable clouds raise as for :meth:`get`.
@@ -382,6 +383,8 @@ class FeatureClient:
         }
         if limit is not None:
             body["limit"] = limit
+        if ids is not None:
+            body["ids"] = list(ids)
         action = flight.Action(WARM_ACTION, json.dumps(body).encode())
         results = self._retrying(lambda: list(self._client.do_action(action, self._stream_options)))
         return dict(json.loads(results[0].body.to_pybytes()))
@@ -426,10 +429,3 @@ class FeatureClient:
         except flight.FlightError as e:
             raise self._refused(e) from e
         return out
-
-
-def encode_png(img: Any) -> bytes:
-    """PNG bytes of a PIL image (helper for ``embed``)."""
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()

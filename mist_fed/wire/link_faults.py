@@ -3,7 +3,7 @@
 A device profile may say its link loses packets (``loss_pct``), drops the connection every
 ``reset_every_mb`` megabytes (10^6 bytes) and stalls for ``stall_s`` seconds every
 ``stall_every_mb`` megabytes. :class:`FaultyLink` applies them to the batches a
-:class:`~mist_fed.wire.client.FeatureClient` receives over its real Flight stream:
+:class:`~mist_fed.wire.flight.FeatureClient` receives over its real Flight stream:
 
 * **Loss** is what TCP makes of it: lost segments are sent again, so the data arrive intact but
   later and at a cost in bytes. Each batch is cut into ``MSS``-byte segments; each is lost with
