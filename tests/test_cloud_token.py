@@ -164,3 +164,35 @@ def test_a_token_protected_fleet_runs_and_the_token_appears_nowhere(tmp_path):
         f"process_scans={seen['scans']} (up to {seen['max_procs']} processes) "
         f"token_leaks={token_leaks}"
     )
+
+
+@pytest.mark.network
+def test_the_client_command_reads_the_token_file_and_trains_on_a_protected_cloud(
+    tiny_backbone, tmp_path, capsys
+):
+    from mist_fed.cli import main
+    from mist_fed.cloud.config import ServeConfig
+    from mist_fed.cloud.runner import running_cloud
+
+    # Prepare: a cloud that requires the token; the token in an owner-only file
+    token = secrets.token_urlsafe(24)
+    (tmp_path / "tokens.toml").write_text(f'[tokens.dev]\ntoken = "{token}"\ntasks = ["{TASK}"]\n')
+    serve = ServeConfig(port=0, random_init=True, cache_dir=str(tmp_path / "store"),
+                        rows_per_batch=8, tasks=(TASK,), tokens=str(tmp_path / "tokens.toml"))  # fmt: skip
+    argv = ["client", "--task", TASK, "--profile", "laptop", "--k", "2", "--dtype", "float16"]
+    argv += ["--epochs", "1", "--device-dir", str(tmp_path / "device"), "--json"]
+    with running_cloud(serve, backbone=tiny_backbone) as loc:
+        # Execute: without the token, then with its file
+        refused = main([*argv, "--cloud", loc, "--out", str(tmp_path / "no")])
+        err = capsys.readouterr().err
+        code = main([*argv, "--cloud", loc, "--out", str(tmp_path / "yes"),
+                     "--cloud-token-file", str(_token_file(tmp_path, token))])  # fmt: skip
+    out = capsys.readouterr()
+    # Assert: refused in one line, then served; the token in no output and no file written
+    assert refused != 0 and "refused the token" in err
+    assert code == 0 and (tmp_path / "yes" / "lae.safetensors").is_file()
+    written = (
+        leaks.in_files(tmp_path / "yes", [token])[0]
+        + leaks.in_files(tmp_path / "device", [token])[0]
+    )
+    assert leaks.in_text(out.out + out.err + err, [token]) == 0 and written == 0
