@@ -22,6 +22,8 @@ TESTS = [
     "tests/test_fleet_faults.py",
     "tests/test_fuzz.py",
     "tests/test_security.py",
+    "tests/test_link_faults.py",
+    "tests/test_cloud_token.py",
 ]
 
 

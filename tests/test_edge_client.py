@@ -222,7 +222,8 @@ class _CutFirstStreams(FeatureServer):
 
 
 def test_client_resumes_cut_streams_and_trains_on_whole_data(tiny_backbone, tmp_path):
-    # Prepare
+    # Prepare: the server's log of offsets starts empty, whatever ran before
+    _CutFirstStreams.offsets.clear()
     with running_cloud(
         _serve(tmp_path), backbone=tiny_backbone, server_cls=_CutFirstStreams
     ) as loc:
@@ -250,7 +251,6 @@ def test_memory_cap_refuses_an_oversize_job(cloud, tmp_path):
     with pytest.raises(ResourceLimitError, match=r"exceeds device memory.*measured peak"):
         run_client(cfg)
     assert not (tmp_path / "o" / "lae.safetensors").exists()
-    torch.set_num_threads(1)
 
 
 class _WrongK(FeatureServer):

@@ -374,7 +374,9 @@ def test_a_device_over_its_memory_cap_fails_and_sends_no_weights(tmp_path: Path)
     tiny = tmp_path / "tiny-mem.toml"
     tiny.write_text(TINY_DEVICE)
     # Execute
-    res, state = run_device(_job("dev", 1, str(tiny)), None, lambda c: MemorySource(), tmp_path)
+    res, state = run_device(
+        _job("dev", 1, str(tiny)), None, lambda c, **kw: MemorySource(), tmp_path
+    )
     # Assert
     assert res.status == "failed" and "exceeds device memory" in res.reason
     assert state is None and res.metrics.bytes_up == 0 and res.metrics.mem_cap_mb == 1
@@ -392,10 +394,11 @@ def test_fleet_rounds_over_devices_with_their_own_storage(tmp_path: Path) -> Non
     def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
         jobs_sent.extend(jobs)
         return [
-            run_device(j, s, lambda c: src, tmp_path) for j, s in zip(jobs, states, strict=True)
+            run_device(j, s, lambda c, **kw: src, tmp_path)
+            for j, s in zip(jobs, states, strict=True)
         ]
 
-    rec, _ = run_all(make_rounds(plan, train, lambda c: src, tmp_path, stub=False))
+    rec, _ = run_all(make_rounds(plan, train, lambda c, **kw: src, tmp_path, stub=False))
     # Assert
     dev = pd.DataFrame(rec.devices).set_index(["round", "device"])
     assert (dev["status"] == "ok").all(), dev["reason"]

@@ -440,8 +440,20 @@ def small_limits_cloud(tiny_backbone, tmp_path_factory):
         yield loc
 
 
-LIVE = {"tickets": 0}
+LIVE = {"calls": 0, "refused": 0, "served": 0, "crashes": 0}
 GOOD = {"task": "synthetic", "split": "val", "gather": "mist", "k": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reliability_line():
+    """After the module's tests (in whatever order they ran): what they tried and counted."""
+    yield
+    print(
+        f"\nRELIABILITY fuzz: tickets={TRIED['tickets']} ipc_inputs={TRIED['ipc_bytes'] * 3} "
+        f"schemas={TRIED['schemas']} packed_int4={TRIED['packed'] * 3} "
+        f"projected={TRIED['projected']} live_calls={LIVE['calls']} "
+        f"live_refused={LIVE['refused']} live_served={LIVE['served']} crashes={LIVE['crashes']}"
+    )
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
@@ -449,16 +461,22 @@ GOOD = {"task": "synthetic", "split": "val", "gather": "mist", "k": 2}
 @pytest.mark.network
 def test_live_server_answers_junk_tickets_with_clear_errors(small_limits_cloud, raw):
     client = flight.connect(small_limits_cloud)
-    LIVE["tickets"] += 1
     try:
         for call in (
             lambda: client.do_get(flight.Ticket(raw)).read_all(),
             lambda: client.get_flight_info(flight.FlightDescriptor.for_command(raw)),
         ):
+            LIVE["calls"] += 1
             try:
                 call()
+                LIVE["served"] += 1  # junk that happens to be a valid request
             except flight.FlightServerError as e:
                 assert "bad request" in str(e)
+                LIVE["refused"] += 1
+            except flight.FlightError:  # unreachable, internal, cancelled: the server broke
+                LIVE["crashes"] += 1
+        assert LIVE["crashes"] == 0
+        list(client.list_flights())  # and it still answers
     finally:
         client.close()
 
@@ -478,8 +496,3 @@ def test_live_server_refuses_oversize_and_still_serves(small_limits_cloud):
         ).read_all()
     table = client.do_get(flight.Ticket(json.dumps(GOOD).encode())).read_all()
     assert table.num_rows == 8 and len(decode(table)) == 8
-    print(
-        f"\nRELIABILITY fuzz: tickets={TRIED['tickets']} ipc_inputs={TRIED['ipc_bytes'] * 3} "
-        f"schemas={TRIED['schemas']} packed_int4={TRIED['packed'] * 3} "
-        f"projected={TRIED['projected']} live_tickets={LIVE['tickets'] * 2} crashes=0"
-    )

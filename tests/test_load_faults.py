@@ -160,14 +160,15 @@ def test_64_concurrent_clients_get_exactly_their_rows_with_bounded_memory(cloud)
         rss.append(cloud.status("VmRSS"))
     wall = time.perf_counter() - t0
     peak_kb = cloud.status("VmHWM")
-    # Assert
-    for wave in waves:
-        assert all(same for same, _ in wave), [i for i, (s, _) in enumerate(wave) if not s]
+    # Assert: the figure printed is the count of clients whose rows differ
+    mismatched = [(w, i) for w, wave in enumerate(waves) for i, (s, _) in enumerate(wave) if not s]
+    assert mismatched == []
     rows = sum(n for wave in waves for _, n in wave)
     assert peak_kb < 2 * 1024 * 1024  # 2 GiB: a tiny ViT and 256 rows of 17x48 features
     assert rss[1] - rss[0] < 64 * 1024  # a second wave does not grow the server by 64 MB
     print(
-        f"\nRELIABILITY load: clients={CLIENTS}x2 waves rows={rows} mismatched=0 "
+        f"\nRELIABILITY load: clients={CLIENTS}x{len(waves)} waves rows={rows} "
+        f"mismatched={len(mismatched)} "
         f"wall_s={wall:.1f} server_rss_warm_mb={rss_warm / 1024:.0f} "
         f"rss_after_waves_mb={rss[0] / 1024:.0f},{rss[1] / 1024:.0f} "
         f"server_peak_rss_mb={peak_kb / 1024:.0f}"
@@ -203,17 +204,21 @@ def test_sigkill_mid_stream_and_restart_loses_no_row(cloud):
         ref = c.get(TASK, "train", "mist", 3, "float32")
         after = c.stats()
     # Assert: every row exactly once, byte-identical to a clean read served from the store
+    # (the figures printed are these counts)
     assert seen["kills"] == 2 and cloud.starts == 3
     want = [f"train-{i:06d}" for i in range(ROWS)]
-    for fs in results:
-        assert fs.ids == want
-        assert fs.features.numpy().tobytes() == ref.features.numpy().tobytes()
+    lost = sum(len(set(want) - set(fs.ids)) for fs in results)
+    duplicated = sum(len(fs.ids) - len(set(fs.ids)) for fs in results)
+    differ = sum(fs.features.numpy().tobytes() != ref.features.numpy().tobytes() for fs in results)
+    assert (lost, duplicated, differ) == (0, 0, 0)
+    assert all(fs.ids == want for fs in results)  # and in order
     assert after["images_embedded"] == before["images_embedded"]  # the store holds every row
     shards = sorted(cloud.cache.rglob("*.arrow"))
     assert shards and all(read_shard(p).num_rows > 0 for p in shards)  # none half-written
     print(
-        f"\nRELIABILITY sigkill: kills=2 restarts=2 clients=4 rows_each={ROWS} rows_lost=0 "
-        f"rows_duplicated=0 shards_verified={len(shards)} wall_s={wall:.1f}"
+        f"\nRELIABILITY sigkill: kills={seen['kills']} restarts={cloud.starts - 1} "
+        f"clients={len(results)} rows_each={ROWS} rows_lost={lost} rows_duplicated={duplicated} "
+        f"clients_with_other_bytes={differ} shards_verified={len(shards)} wall_s={wall:.1f}"
     )
 
 

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -31,7 +32,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.network]
+from tests import leaks
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.ray,
+    pytest.mark.network,
+    pytest.mark.timeout(900),  # two `ray start`s, the probe and the fleet run, on a loaded host
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = Path(sys.prefix).resolve()  # the Python install every node has (here: the same one)
@@ -306,18 +314,38 @@ def _watching(roots: dict[str, Path]) -> Iterator[dict[str, set[Path]]]:
         thread.join()
 
 
-def test_a_fleet_runs_on_both_nodes_of_a_cluster_each_with_its_own_storage(
-    cluster: Cluster, worker_facts: dict[str, dict], tmp_path: Path
-) -> None:
-    # Prepare: the driver and each node have a cache dir of their own
-    fleet = tmp_path / "fleet.toml"
+@dataclass
+class FleetRun:
+    """One fleet run on the cluster: its process, wall time, what each root held, its token."""
+
+    run: subprocess.CompletedProcess[str]
+    wall: float
+    seen: dict[str, set[Path]]
+    roots: dict[str, Path]
+    results: Path
+    token: str
+    processes: dict[str, int]
+
+
+@pytest.fixture(scope="module")
+def fleet_run(
+    cluster: Cluster, worker_facts: dict[str, dict], tmp_path_factory: pytest.TempPathFactory
+) -> FleetRun:
+    """The fleet, run once on the live cluster (before any test may stop it): a token-protected
+    embedded cloud, the token in an owner-only file, every process watched for it."""
+    tmp = tmp_path_factory.mktemp("cluster-fleet")
+    fleet = tmp / "fleet.toml"
     fleet.write_text(FLEET)
+    token = secrets.token_urlsafe(32)
+    token_file = tmp / "cloud.token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
     cmd = [sys.executable, "-m", "mist_fed.cli", "simulate", "--fleet", str(fleet)]
-    cmd += ["--ray-address", cluster.address, "--results", str(tmp_path), "--run-id", "cluster"]
+    cmd += ["--ray-address", cluster.address, "--results", str(tmp), "--run-id", "cluster"]
+    cmd += ["--cloud-token-file", str(token_file)]
     roots = {"driver": cluster.cache("driver"), **{n: cluster.cache(n) for n in NODES}}
-    # Execute
     t0 = time.monotonic()
-    with _watching(roots) as seen:
+    with _watching(roots) as seen, leaks.watching_processes([token]) as processes:
         run = subprocess.run(
             [*cmd, "--no-progress"],
             capture_output=True,
@@ -327,6 +355,15 @@ def test_a_fleet_runs_on_both_nodes_of_a_cluster_each_with_its_own_storage(
             timeout=RUN_S,
         )
     wall = time.monotonic() - t0
+    return FleetRun(run, wall, seen, roots, tmp, token, dict(processes))
+
+
+def test_a_fleet_runs_on_both_nodes_of_a_cluster_each_with_its_own_storage(
+    worker_facts: dict[str, dict], fleet_run: FleetRun
+) -> None:
+    # Prepare / Execute: the driver and each node have a cache dir of their own (fleet_run)
+    run, wall, seen, roots = fleet_run.run, fleet_run.wall, fleet_run.seen, fleet_run.roots
+    tmp_path = fleet_run.results
     # Assert: every device-round ok, jobs on both nodes
     assert run.returncode == 0, run.stderr[-4000:]
     dev = pd.read_parquet(tmp_path / "cluster" / "devices.parquet")
@@ -347,6 +384,31 @@ def test_a_fleet_runs_on_both_nodes_of_a_cluster_each_with_its_own_storage(
         assert (root / "devices").is_dir() and not list((root / "devices").iterdir()), name
 
 
+def test_the_cloud_token_reached_both_nodes_and_appears_nowhere(
+    cluster: Cluster, fleet_run: FleetRun
+) -> None:
+    # Assert: every device-round ok on a cloud that requires the token (so the devices on both
+    # nodes sent it), and no trace of it in the run's files and output, any node's Ray session
+    # files and logs, any cache, or any process's command line or environment during the run
+    assert fleet_run.run.returncode == 0, fleet_run.run.stderr[-4000:]
+    dev = pd.read_parquet(fleet_run.results / "cluster" / "devices.parquet")
+    assert (dev["status"] == "ok").all() and dev["node"].nunique() == 2
+    token = [fleet_run.token]
+    found = {
+        "results": leaks.in_files(fleet_run.results / "cluster", token),
+        "ray_sessions": leaks.in_files(cluster.tmp, token),  # both nodes' temp dirs and logs
+    }
+    output = leaks.in_text(fleet_run.run.stdout + fleet_run.run.stderr, token)
+    token_leaks = sum(n for n, _ in found.values()) + output + fleet_run.processes["found"]
+    assert found["ray_sessions"][1] >= 20 and fleet_run.processes["scans"] >= 3
+    assert token_leaks == 0, (found, output, fleet_run.processes)
+    print(
+        f"\nRELIABILITY cluster_token: nodes=2 device_rounds_ok={len(dev)} "
+        f"ray_session_files={found['ray_sessions'][1]} results_files={found['results'][1]} "
+        f"process_scans={fleet_run.processes['scans']} token_leaks={token_leaks}"
+    )
+
+
 WARM_TASK = "synthetic:classes=3,train=48,val=8,test=8"
 SERVE = f"""\
 [server]
@@ -365,11 +427,24 @@ batch_size = 4
 """
 
 
-def test_a_warm_spreads_over_both_nodes_and_the_service_writes_every_row(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+@dataclass
+class WarmRun:
+    """``cloud warm`` through a service joined to the cluster, then a stream of the split."""
+
+    warm: subprocess.CompletedProcess[str]
+    before: int
+    after: int
+    rows: int
+    code: int
+    log: str
+
+
+@pytest.fixture(scope="module")
+def warm_run(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> WarmRun:
+    """Run once on the live cluster, before any test may stop it (tests run in any order)."""
     from mist_fed.wire.flight import FeatureClient
 
+    tmp_path = tmp_path_factory.mktemp("cluster-warm")
     # Prepare: `mist-fed cloud serve` joined to the cluster, two Ray embedding workers
     cfg = tmp_path / "serve.toml"
     cfg.write_text(SERVE)
@@ -402,16 +477,26 @@ def test_a_warm_spreads_over_both_nodes_and_the_service_writes_every_row(
         server.terminate()
         code = server.wait(STOP_S)
         log.close()
+    return WarmRun(warm, before, after, len(fs.ids), code, (tmp_path / "serve.log").read_text())
+
+
+def test_a_warm_spreads_over_both_nodes_and_the_service_writes_every_row(
+    warm_run: WarmRun,
+) -> None:
     # Assert: 48 images on both nodes' workers, written by the service; the stream embeds none
+    warm = warm_run.warm
     print(f"cloud warm on the cluster: {warm.stdout.strip()}")
     assert warm.returncode == 0, warm.stderr[-3000:]
     assert "48 rows, 48 images embedded on 2 Ray nodes" in warm.stdout, warm.stdout
-    assert before == after == 48 and len(fs.ids) == 48
-    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    assert warm_run.before == warm_run.after == 48 and warm_run.rows == 48
+    assert warm_run.code == 0, warm_run.log[-3000:]
 
 
-def test_stopping_the_cluster_leaves_no_process(cluster: Cluster) -> None:
-    # Prepare: every process of both nodes, workers included (they carry the nodes' tag)
+def test_stopping_the_cluster_leaves_no_process(
+    cluster: Cluster, worker_facts: dict[str, dict], fleet_run: FleetRun, warm_run: WarmRun
+) -> None:
+    # Prepare: every process of both nodes, workers included (they carry the nodes' tag); the
+    # fixtures that need a live cluster ran before (tests may run in any order)
     before = _tagged(cluster.tag)
     # Execute
     killed = cluster.stop()

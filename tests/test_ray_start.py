@@ -82,7 +82,10 @@ def test_workers_get_the_package_and_profiles_and_no_driver_path(
         pass
     # Assert: only mist_fed's code and the profiles travel; switches, never paths, as variables
     env = fake.kw["runtime_env"]["env_vars"]
-    assert env == {"FLWR_TELEMETRY_ENABLED": "0", "MIST_FED_FAULTS": "exit:device=1,round=1"}
+    switches = {k: "1" for k in ("HF_HUB_OFFLINE", "MIST_FED_OFFLINE")}  # tests/conftest.py's
+    assert env == {
+        "FLWR_TELEMETRY_ENABLED": "0", "MIST_FED_FAULTS": "exit:device=1,round=1", **switches
+    }  # fmt: skip
     tops = {p.split("/")[0] for p in fake.shipped}
     assert tops == {"mist_fed", "edge_profiles"} and "edge_profiles/rpi4.toml" in fake.shipped
     assert "mist_fed/fleet/runtime/cluster.py" in fake.shipped

@@ -137,7 +137,7 @@ def _identity(cls: Any, name: str) -> Any:
 def _rounds(
     spec: Any, src: MemorySource, tmp_path: Path, train: Any, stub: bool = True
 ) -> SyncRounds:
-    return make_rounds(hand_plan(spec), train, lambda c: src, tmp_path, stub=stub)
+    return make_rounds(hand_plan(spec), train, lambda c, **kw: src, tmp_path, stub=stub)
 
 
 def test_fedavg_weights_each_device_by_its_num_examples(tmp_path: Path) -> None:
@@ -199,13 +199,15 @@ def test_fedprox_mu_reaches_the_device_and_changes_its_loss(tmp_path: Path) -> N
     def train(js: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
         jobs.extend(js)
         starts.extend({k: v.clone() for k, v in s.items()} for s in states)
-        return [run_device(j, s, lambda c: src, tmp_path) for j, s in zip(js, states, strict=True)]
+        return [
+            run_device(j, s, lambda c, **kw: src, tmp_path) for j, s in zip(js, states, strict=True)
+        ]
 
     run_all(_rounds(spec, src, tmp_path, train))
     job, start = jobs[0], starts[0]
     # Execute: the same job with and without the proximal term
-    free, w_free = run_device(_with(job, 0.0, "free/0"), start, lambda c: src, tmp_path)
-    prox, w_prox = run_device(_with(job, 50.0, "prox/0"), start, lambda c: src, tmp_path)
+    free, w_free = run_device(_with(job, 0.0, "free/0"), start, lambda c, **kw: src, tmp_path)
+    prox, w_prox = run_device(_with(job, 50.0, "prox/0"), start, lambda c, **kw: src, tmp_path)
     # Assert
     assert job.proximal_mu == 5.0
     assert free.status == prox.status == "ok" and prox.train_loss > free.train_loss
@@ -227,7 +229,7 @@ def _dist(a: StateDict, b: StateDict) -> float:
 
 def _poisoned_fleet(aggregation: str, tmp_path: Path, poison: bool, seed: int = 0) -> float:
     """Accuracy of a 7-device fleet's global model after 2 rounds; device 0 sends noise."""
-    args = {"num_malicious_nodes": 1} if aggregation == "Krum" else {}
+    args = {"num_malicious_nodes": 1} if aggregation in ("Krum", "Bulyan") else {}
     fleets = [{"task": "synthetic", "devices": 7, "aggregation": aggregation,
                "aggregation_args": args, "method": "linear"}]  # fmt: skip
     spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 4, "batch_size": 4,
@@ -235,7 +237,10 @@ def _poisoned_fleet(aggregation: str, tmp_path: Path, poison: bool, seed: int = 
     src = MemorySource(rows={"train": 48, "val": 24, "test": 16}, seed=seed)
 
     def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
-        out = [run_device(j, s, lambda c: src, tmp_path) for j, s in zip(jobs, states, strict=True)]
+        out = [
+            run_device(j, s, lambda c, **kw: src, tmp_path)
+            for j, s in zip(jobs, states, strict=True)
+        ]
         if poison:
             gen = torch.Generator().manual_seed(0)
             res, st = out[0]
@@ -253,7 +258,7 @@ def _poisoned_fleet(aggregation: str, tmp_path: Path, poison: bool, seed: int = 
 def _plan_rounds(spec: Any, src: MemorySource, tmp_path: Path, train: Any) -> SyncRounds:
     """The real scorer on the 16 test images every device also holds a share of."""
     plan = hand_plan(spec, eval_ids=[f"test-{i}" for i in range(16)])
-    return make_rounds(plan, train, lambda c: src, tmp_path, stub=False)
+    return make_rounds(plan, train, lambda c, **kw: src, tmp_path, stub=False)
 
 
 def test_krum_keeps_a_poisoned_device_out_where_fedavg_does_not(tmp_path: Path) -> None:
@@ -268,12 +273,26 @@ def test_krum_keeps_a_poisoned_device_out_where_fedavg_does_not(tmp_path: Path) 
     assert fedavg < clean - 0.5
 
 
-@pytest.mark.parametrize("name", [n for n in aggregation.names() if n != "Bulyan"])
+def test_bulyan_aggregates_and_keeps_a_poisoned_device_out(tmp_path: Path) -> None:
+    # Execute: 7 devices, one assumed malicious (Bulyan needs n >= 4f + 3), device 0 poisoned
+    clean = _poisoned_fleet("FedAvg", tmp_path / "clean", poison=False)
+    bulyan = _poisoned_fleet("Bulyan", tmp_path / "bulyan", poison=True)
+    fedavg = _poisoned_fleet("FedAvg", tmp_path / "fedavg", poison=True)
+    # Assert: Bulyan's trimmed mean of Krum-selected models stays near the clean average; the
+    # poisoned plain average does not
+    assert clean > 0.8
+    assert bulyan >= clean - 0.2
+    assert fedavg < clean - 0.5
+
+
+@pytest.mark.parametrize("name", aggregation.names())
 def test_a_small_fleet_runs_on_each_strategy_and_records_it(name: str, tmp_path: Path) -> None:
-    # Prepare: 7 devices (Krum's family needs n > 2f + 2), a linear head, two rounds
+    # Prepare: 7 devices (Krum's family needs n > 2f + 2; Bulyan n >= 4f + 3), a linear head,
+    # two rounds
     from mist_fed.report.results import write_run
 
     args = {"proximal_mu": 0.1} if name == "FedProx" else {}
+    args = {"num_malicious_nodes": 1} if name == "Bulyan" else args
     fleets = [{"task": "synthetic", "devices": 7, "aggregation": name, "method": "linear",
                "aggregation_args": args}]  # fmt: skip
     spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 2, "batch_size": 4,
@@ -282,7 +301,8 @@ def test_a_small_fleet_runs_on_each_strategy_and_records_it(name: str, tmp_path:
 
     def train(jobs: Sequence[DeviceJob], states: Sequence[StateDict]) -> list:
         return [
-            run_device(j, s, lambda c: src, tmp_path) for j, s in zip(jobs, states, strict=True)
+            run_device(j, s, lambda c, **kw: src, tmp_path)
+            for j, s in zip(jobs, states, strict=True)
         ]
 
     rounds = _plan_rounds(spec, src, tmp_path, train)
@@ -301,7 +321,9 @@ def test_a_small_fleet_runs_on_each_strategy_and_records_it(name: str, tmp_path:
     else:
         assert len(digests) == 1 and before not in digests and after not in digests | {before}
     config = paths["config"].read_text()
-    assert f'aggregation = "{name}"' in config and ("proximal_mu = 0.1" in config) == bool(args)
+    assert f'aggregation = "{name}"' in config
+    assert ("proximal_mu = 0.1" in config) == (name == "FedProx")
+    assert ("num_malicious_nodes = 1" in config) == (name == "Bulyan")
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -23,9 +22,9 @@ from mist_fed.assets.defaults import (
     STUDIED_WIRE_SOURCE,
     cloud_location,
 )
+from mist_fed.commands.common import add_cloud_token_arg, read_cloud_token
 from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
 
-TOKEN_ENV = "MIST_FED_TOKEN"
 RUNS_DIR = Path("runs")
 
 
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         out=out,
         method=args.method,
         dtype=args.dtype,  # None: the studied wire where the cloud's backbone fits it
-        token=args.token or os.environ.get(TOKEN_ENV),
+        token=read_cloud_token(args.cloud_token_file),
         ks=tuple(int(k) for k in args.k.split(",")) if args.k else None,
         upload=args.upload,
         time_scale=args.time_scale,
@@ -94,7 +93,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from mist_fed.device.profiles import load_profile
 
     profile = load_profile(args.profile)
-    token = args.token or os.environ.get(TOKEN_ENV)
+    token = read_cloud_token(args.cloud_token_file)
     results = predict_images(args.model, args.cloud, args.images, token, args.top, profile)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -114,7 +113,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=cloud_location(),
         help=f"Flight location of the cloud (default: the local service, {cloud_location()})",
     )
-    p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
+    add_cloud_token_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 

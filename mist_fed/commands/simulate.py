@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mist_fed.assets.defaults import DEFAULT_HOST
+from mist_fed.commands.common import add_cloud_token_arg, read_cloud_token
 from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
 
 DEFAULT_FLEET = Path(__file__).resolve().parents[2] / "simulations" / "fleets" / "default.toml"
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         cloud_advertise=args.cloud_advertise,
         progress=not args.no_progress,
         verbose=args.verbose,
+        cloud_token=read_cloud_token(args.cloud_token_file),
     )
     print(format_table(summary_table(fleet_frame(result.records.fleets))))
     print(f"\n{result.wall_s:.1f} s wall; results in {result.run_dir}")
@@ -146,6 +148,7 @@ def bench(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser("simulate", help="a fleet of virtual edge devices on Flower + Ray")
     add_fleet_args(p)
+    add_cloud_token_arg(p)
     p.add_argument("--results", default="results", help="results directory (default: %(default)s)")
     p.add_argument("--run-id", help="name of the run's folder (default: fleet-<timestamp>)")
     p.add_argument(

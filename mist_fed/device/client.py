@@ -109,7 +109,7 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
     """Train and evaluate one edge model under ``cfg.profile``; writes ``lae.*`` and metrics."""
     profile = load_profile(cfg.profile)
     out = Path(cfg.out)
-    shaper = LinkShaper(profile.downlink_mbps, profile.latency_ms, cfg.time_scale)
+    shaper = LinkShaper(profile.downlink_mbps_under_loss(), profile.latency_ms, cfg.time_scale)
     source = FlightSource(
         cfg.cloud,
         cfg.token,
@@ -117,6 +117,8 @@ def run_client(cfg: ClientConfig) -> dict[str, Any]:
         retries=cfg.retries,
         backoff_s=cfg.backoff_s,
         progress=cfg.progress,  # a stream's rows ready / total: a bar, else a line every 30 s
+        faults=profile.link_faults(),  # an unreliable link, when the profile names one
+        seed=cfg.train.seed,
     )
     device = EdgeDevice(
         profile,

@@ -1,7 +1,10 @@
 """Device profiles: what an edge device has (cores, memory, link, compute), loaded from TOML.
 
 A profile is a frozen, validated :class:`DeviceProfile` read with ``tomllib`` from
-``edge_profiles/<name>.toml``. Every number carries a ``sources`` note. The directory is found,
+``edge_profiles/<name>.toml``. Every number carries a ``sources`` note. A profile may also name
+an unreliable link (``loss_pct``, ``reset_every_mb``, ``stall_every_mb`` with ``stall_s``; see
+:mod:`mist_fed.wire.link_faults`), each with its note: the device's streams then lose, resend, reset
+and stall on the way, and its clock pays for it (:meth:`DeviceProfile.downlink_seconds`). The directory is found,
 in order, from ``$MIST_FED_PROFILES``, the source checkout (``<repo>/edge_profiles``), and an
 installed copy (``<prefix>/share/mist-fed/edge_profiles``).
 
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mist_fed.errors import ConfigError, ResourceLimitError
+from mist_fed.wire.link_faults import MB, MSS, LinkFaults
 
 PROFILES_ENV = "MIST_FED_PROFILES"
 NUMERIC_FIELDS = (
@@ -31,6 +35,7 @@ NUMERIC_FIELDS = (
     "latency_ms",
     "gflops",
 )
+LINK_FAULT_FIELDS = ("loss_pct", "reset_every_mb", "stall_every_mb", "stall_s")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,10 @@ class DeviceProfile:
     gflops: float
     description: str = ""
     sources: dict[str, str] = field(default_factory=dict)
+    loss_pct: float = 0.0  # packets lost on the downlink, percent (TCP resends them)
+    reset_every_mb: float = 0.0  # the connection drops every this many MB (0: never)
+    stall_every_mb: float = 0.0  # the link stalls for stall_s every this many MB (0: never)
+    stall_s: float = 0.0
 
     def __post_init__(self) -> None:
         where = f"profile {self.name!r}"
@@ -66,15 +75,40 @@ class DeviceProfile:
             raise ConfigError(
                 f"{where}: field 'latency_ms' must be a number in [0, 60000), got {lat!r}"
             )
-        missing = [f for f in NUMERIC_FIELDS if f not in self.sources]
+        self.link_faults()  # validates them
+        named = [f for f in LINK_FAULT_FIELDS if getattr(self, f)]
+        missing = [f for f in (*NUMERIC_FIELDS, *named) if f not in self.sources]
         if missing:
             raise ConfigError(
                 f"{where}: field 'sources' needs a note for every number; missing {', '.join(missing)}"
             )
 
+    def link_faults(self) -> LinkFaults:
+        """What goes wrong on this device's downlink (nothing, unless the profile says)."""
+        try:
+            return LinkFaults(self.loss_pct, self.reset_every_mb, self.stall_every_mb, self.stall_s)
+        except ConfigError as e:
+            raise ConfigError(f"profile {self.name!r}: {e}") from None
+
+    def downlink_mbps_under_loss(self) -> float:
+        """The downlink's rate as TCP gets it with ``loss_pct`` loss: the Mathis et al. (1997)
+        bound ``MSS / RTT * sqrt(3 / (2 p))``, capped at ``downlink_mbps`` (RTT: ``latency_ms``;
+        no loss or no latency: the link's own rate)."""
+        p, rtt = self.loss_pct / 100, self.latency_ms / 1e3
+        if p <= 0 or rtt <= 0:
+            return self.downlink_mbps
+        return min(self.downlink_mbps, MSS * 8 / rtt * math.sqrt(1.5 / p) / 1e6)
+
     def downlink_seconds(self, nbytes: int, requests: int = 1) -> float:
-        """Time to receive ``nbytes`` over this device's downlink, one latency per request."""
-        return requests * self.latency_ms / 1e3 + nbytes * 8 / (self.downlink_mbps * 1e6)
+        """Time to receive ``nbytes`` over this device's downlink, one latency per request;
+        on a faulty link at TCP's rate under loss, plus a round trip per reset (the stream
+        resumes) and ``stall_s`` per stall."""
+        s = requests * self.latency_ms / 1e3 + nbytes * 8 / (self.downlink_mbps_under_loss() * 1e6)
+        if self.reset_every_mb:
+            s += nbytes // int(self.reset_every_mb * MB) * self.latency_ms / 1e3
+        if self.stall_every_mb:
+            s += nbytes // int(self.stall_every_mb * MB) * self.stall_s
+        return s
 
     def uplink_seconds(self, nbytes: int, requests: int = 1) -> float:
         return requests * self.latency_ms / 1e3 + nbytes * 8 / (self.uplink_mbps * 1e6)
@@ -114,7 +148,7 @@ def parse_profile(data: dict[str, Any], origin: str = "<dict>") -> DeviceProfile
         raise ConfigError(
             f"{origin}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
         )
-    missing = [f for f in ("name", *NUMERIC_FIELDS) if f not in data]
+    missing = [f for f in ("name", *NUMERIC_FIELDS) if f not in data]  # link faults: optional
     if missing:
         raise ConfigError(f"{origin}: missing field(s) {', '.join(missing)}")
     sources = data.get("sources", {})

@@ -5,7 +5,9 @@ whatever the task), streams a split's feature batches, serves a method's initial
 and embeds a device's own images. :class:`FlightSource` is the real one, over
 :class:`~mist_fed.wire.flight.FeatureClient`: it pins the backbone and weights on first
 contact, so every later stream must come from the same ones, and passes every received batch
-through the device's link shaper (which may sleep to pace it).
+through the device's link shaper (which may sleep to pace it) and, when the device's link is
+unreliable (:class:`~mist_fed.wire.link_faults.LinkFaults`), through a
+:class:`~mist_fed.wire.link_faults.FaultyLink` that loses, resends, resets and stalls on the way.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from mist_fed.core.specs import GatherSpec, Geometry
 from mist_fed.wire.edge_init import EdgeInit
 from mist_fed.wire.features import FeatureSet
 from mist_fed.wire.flight import FeatureClient
+from mist_fed.wire.link_faults import FaultyLink, LinkFaults
 from mist_fed.wire.shaping import LinkShaper
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,10 @@ class FlightSource:
         expect_backbone: str | None = None,
         expect_weights: str | None = None,
         progress: bool | None = None,
+        faults: LinkFaults | None = None,
+        seed: int = 0,
     ) -> None:
+        """``faults``: the link's (None or none active: a reliable link), drawn with ``seed``."""
         self.shaper = shaper
         self._bytes = 0
         self.client = FeatureClient(
@@ -76,6 +82,11 @@ class FlightSource:
             expect_weights=expect_weights,
             progress=progress,
         )
+        self.link: FaultyLink | None = None
+        if faults is not None and faults.active:
+            pause = shaper.pause if shaper is not None else None
+            self.link = FaultyLink(faults, seed, self.client.stall_s, pause)
+            self.client.link = self.link
         self._geometry: Geometry | None = None
 
     def _on_batch(self, nbytes: int) -> None:

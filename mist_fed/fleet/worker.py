@@ -40,7 +40,8 @@ from mist_fed.fleet.transport import Reply, RunStopped
 
 log = logging.getLogger(__name__)
 
-SourceFactory = Callable[[str], FeatureSource]  # cloud location -> source
+# (cloud location, *, faults=the device's link faults, seed=their draws) -> source
+SourceFactory = Callable[..., FeatureSource]
 
 
 def train_config(job: DeviceJob) -> TrainConfig:
@@ -82,17 +83,19 @@ def run_device(
 ) -> tuple[DeviceResult, StateDict | None]:
     """Train and evaluate one device for one round. Never raises for the device's own failures:
     they come back as ``status="failed"`` with the reason. ``source(job.cloud)``: where the
-    device's features come from (the cloud's Flight service; a fake in tests); ``root``: the
+    device's features come from (the cloud's Flight service, over the link its profile names;
+    a fake in tests); ``root``: the
     device-storage root its storage resolves under (default: this process's); ``node``: where
     it runs (default: this host's name)."""
     result = DeviceResult(job.device, job.round, OK, node=node or socket.gethostname())
     device: EdgeDevice | None = None
     new_state: StateDict | None = None
     try:
-        src = source(job.cloud)
+        profile = load_profile(job.profile)
+        # the device's link, as unreliable as its profile says, drawn per device and round
+        src = source(job.cloud, faults=profile.link_faults(), seed=train_config(job).seed)
         try:
             # A worker process hosts many devices: the cap covers what this job adds.
-            profile = load_profile(job.profile)
             device = EdgeDevice(profile, src, resolve(job.storage, root), counts_runtime=False)
             with device:
                 if state is not None:

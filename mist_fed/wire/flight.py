@@ -13,7 +13,8 @@ or for a compressed dtype (``int8ch+zstd``, ...) the compressed IPC body, measur
 
 Robustness: an unreachable cloud is retried with exponential backoff, then
 :class:`~mist_fed.errors.CloudUnavailableError`; a stream cut midway resumes from the rows
-already received (only whole batches are ever kept); a stream whose schema metadata names
+already received (only whole batches are ever kept), as does one an unreliable ``link``
+(:mod:`~mist_fed.wire.link_faults`) resets, its lost and retransmitted bytes counted; a stream whose schema metadata names
 another backbone, gather, k or dtype than asked is refused with :class:`WireError`.
 A feature stream has no deadline on its length (a real split over a slow link takes minutes):
 it times out on a *stall*, no message for ``stall_s`` seconds, and then resumes like a cut
@@ -25,10 +26,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -46,6 +45,7 @@ from mist_fed.wire.codec import (
 )
 from mist_fed.wire.dtypes import stored_dtype
 from mist_fed.wire.features import FeatureSet
+from mist_fed.wire.link_faults import FaultyLink, stall_guard
 from mist_fed.wire.progress import StreamProgress, counted
 from mist_fed.wire.request import FeatureRequest
 
@@ -91,8 +91,10 @@ class FeatureClient:
         upload_batch: int = 64,
         tls_root_certs: bytes | None = None,
         progress: bool | None = None,
+        link: FaultyLink | None = None,
     ) -> None:
         self.location = location
+        self.link = link  # an unreliable link under feature streams (wire/link_faults.py)
         self.expect_backbone = expect_backbone
         self.expect_weights = expect_weights
         self.on_batch = on_batch
@@ -157,10 +159,14 @@ class FeatureClient:
             )
         return meta
 
-    def _account(self, stats: Stats, batch: pa.RecordBatch, dtype: str) -> None:
-        nbytes = batch_nbytes(batch, dtype)  # a compressed dtype: its compressed IPC body
-        stats.add(batch, nbytes=nbytes)
-        self.total.add(batch, nbytes=nbytes)
+    def _account(self, stats: Stats, batch: pa.RecordBatch | None, nbytes: int) -> None:
+        """``nbytes`` crossed the link, bringing ``batch`` (None: lost to a reset)."""
+        if batch is None:
+            stats.bytes += nbytes
+            self.total.bytes += nbytes
+        else:
+            stats.add(batch, nbytes=nbytes)
+            self.total.add(batch, nbytes=nbytes)
         if self.on_batch is not None:
             self.on_batch(nbytes)
 
@@ -215,7 +221,7 @@ class FeatureClient:
 
         def call() -> tuple[flight.FlightStreamReader, WireMeta]:
             reader = self._client.do_get(ticket, self._stream_options)
-            with _stall_guard(reader, self.stall_s):
+            with stall_guard(reader, self.stall_s):
                 schema = reader.schema
             return reader, self._check(schema, req)
 
@@ -230,14 +236,22 @@ class FeatureClient:
         while True:
             try:
                 while True:
-                    with _stall_guard(reader, self.stall_s):
+                    with stall_guard(reader, self.stall_s):
                         try:
                             chunk = reader.read_chunk()
                         except StopIteration:
                             return
                     batch = chunk.data  # a chunk is a whole batch, never a partial one
+                    nbytes = batch_nbytes(batch, req.dtype)  # compressed: its IPC body
+                    if self.link is not None:
+                        carried = self.link.carry(nbytes)
+                        if carried.reset:  # the real stream is dropped and resumed
+                            self._account(stats, None, carried.wire_bytes)
+                            reader.cancel()
+                            raise flight.FlightUnavailableError(f"link: {carried.why}")
+                        nbytes = carried.wire_bytes  # with retransmitted segments
                     received += batch.num_rows
-                    self._account(stats, batch, req.dtype)
+                    self._account(stats, batch, nbytes)
                     yield batch
             except TRANSIENT as e:
                 if received > received_at_break:
@@ -313,7 +327,7 @@ class FeatureClient:
         errors: dict[str, str] = {}
         with writer:
             writer.begin(UPLOAD_SCHEMA)
-            with _stall_guard(reader, self.stall_s):
+            with stall_guard(reader, self.stall_s):
                 schema = reader.schema
             self._check(schema, req)
             for start in range(0, len(images), self.upload_batch):
@@ -327,12 +341,12 @@ class FeatureClient:
                         schema=UPLOAD_SCHEMA,
                     )
                 )
-                with _stall_guard(reader, self.stall_s):
+                with stall_guard(reader, self.stall_s):
                     chunk = reader.read_chunk()
                 if chunk.app_metadata is not None:
                     errors.update(json.loads(chunk.app_metadata.to_pybytes()).get("errors", {}))
                 batches.append(chunk.data)
-                self._account(stats, chunk.data, req.dtype)
+                self._account(stats, chunk.data, batch_nbytes(chunk.data, req.dtype))
             writer.done_writing()
         fs = self._finish(batches, schema, stats)
         fs.meta["errors"] = errors
@@ -415,32 +429,3 @@ class FeatureClient:
         except flight.FlightError as e:
             raise self._refused(e) from e
         return out
-
-
-@contextmanager
-def _stall_guard(reader: Any, stall_s: float | None) -> Iterator[None]:
-    """Cancel ``reader`` if the read in the block waits over ``stall_s`` seconds (None: never).
-
-    The cancelled read is raised as :class:`flight.FlightTimedOutError` ("no batch for N s"),
-    which callers treat as a cut stream: a stall, not the stream's length, ends a wait.
-    """
-    if stall_s is None:
-        yield
-        return
-    fired = threading.Event()
-
-    def fire() -> None:
-        fired.set()
-        reader.cancel()
-
-    timer = threading.Timer(stall_s, fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    except flight.FlightCancelledError as e:
-        if fired.is_set():
-            raise flight.FlightTimedOutError(f"no batch for {stall_s:g} s") from e
-        raise
-    finally:
-        timer.cancel()

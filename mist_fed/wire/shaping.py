@@ -82,6 +82,7 @@ class LinkShaper:
     batches: int = 0
     requests: int = 0
     waited_s: float = 0.0
+    paused_s: float = 0.0  # stalls of an unreliable link (simulated seconds)
     bucket: TokenBucket = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,10 +110,20 @@ class LinkShaper:
         self.batches += 1
         self.waited_s += self.bucket.consume(nbytes)
 
+    def pause(self, seconds: float) -> None:
+        """The link holds the stream for ``seconds`` (a stall): wait them, scaled."""
+        self.paused_s += seconds
+        delay = seconds / self.time_scale
+        if delay > 0:
+            self.sleep(delay)
+            self.waited_s += delay
+
     @property
     def simulated_s(self) -> float:
-        """Real-time-equivalent transfer time of what passed: latency per request + bytes/rate."""
-        return self.requests * self.latency_ms / 1e3 + self.bytes * 8 / (self.rate_mbps * 1e6)
+        """Real-time-equivalent transfer time of what passed: latency per request + bytes/rate
+        + stalls."""
+        latency = self.requests * self.latency_ms / 1e3
+        return latency + self.bytes * 8 / (self.rate_mbps * 1e6) + self.paused_s
 
     def stats(self) -> dict[str, float]:
         return {

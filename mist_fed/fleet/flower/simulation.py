@@ -19,6 +19,7 @@ from mist_fed.assets.defaults import DEFAULT_HOST
 from mist_fed.fleet.runtime.cluster import client_resources, fit_cluster, ray_runtime
 from mist_fed.fleet.runtime.provision import resolve_assets
 from mist_fed.fleet.runtime.resume import Checkpoint
+from mist_fed.fleet.runtime.secrets import keep_token
 from mist_fed.fleet.runtime.session import RunResult, RunSession
 from mist_fed.fleet.spec import FleetSpec
 
@@ -40,11 +41,14 @@ def simulate(
     progress: bool = True,
     verbose: int = 0,
     resume: Checkpoint | None = None,
+    cloud_token: str | None = None,
 ) -> RunResult:
     """Run ``spec`` on Flower's Ray backend and write ``results_dir/<run-id>/``.
 
     ``cloud_bind`` / ``cloud_advertise``: where the embedded cloud listens and the host the
     devices dial (default: the bind host; for ``0.0.0.0`` this machine's Ray node IP).
+    ``cloud_token``: the cloud's bearer token; devices on Ray get it from the run's keeper
+    (:mod:`~mist_fed.fleet.runtime.secrets`), never in a message or argument.
     ``verbose``: 0 keeps Flower and Ray quiet, 1 lets Ray workers log, 2 adds Flower's debug log.
     On Ctrl-C the run stops, writes the completed rounds (``config.toml`` records
     ``interrupted`` and ``rounds_completed``) and raises :class:`~mist_fed.errors.Interrupted`.
@@ -64,9 +68,13 @@ def simulate(
     with RunSession(
         spec, results_dir, run_id=run_id, cloud=cloud, cloud_bind=cloud_bind,
         cloud_advertise=cloud_advertise, facts=facts, progress=progress, resume=resume,
+        cloud_token=cloud_token,
     ) as session:  # fmt: skip
         quiet_actor_retries()
-        with ray_runtime(ray_address, ray_cpus, verbose, session.location, session.storage.name):
+        with (
+            ray_runtime(ray_address, ray_cpus, verbose, session.location, session.storage.name),
+            keep_token(cloud_token, session.storage.name),
+        ):
             res = fit_cluster(client_resources(spec))
             log.info("Ray client resources per device: %s", res)
             # Ray restarts a device's dead worker (flower/workarounds.py says why it must).

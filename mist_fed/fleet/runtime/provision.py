@@ -12,7 +12,10 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -75,11 +78,15 @@ def resolve_assets(spec: FleetSpec) -> FleetSpec:
         )
 
 
-def serve_config(spec: FleetSpec, host: str = DEFAULT_HOST) -> ServeConfig:
-    """The embedded cloud's config: the spec's backbone, a free port on ``host`` (loopback)."""
+def serve_config(
+    spec: FleetSpec, host: str = DEFAULT_HOST, tokens: str | None = None
+) -> ServeConfig:
+    """The embedded cloud's config: the spec's backbone, a free port on ``host`` (loopback);
+    ``tokens``: a tokens file it requires (None: open)."""
     b = spec.backbone
     return ServeConfig(
         host=host,
+        tokens=tokens,
         port=0,
         backbone=b.name,
         weights=b.weights,
@@ -91,10 +98,10 @@ def serve_config(spec: FleetSpec, host: str = DEFAULT_HOST) -> ServeConfig:
     )
 
 
-def cloud_stats(location: str) -> dict[str, Any]:
+def cloud_stats(location: str, token: str | None = None) -> dict[str, Any]:
     """The service's counters (images embedded, cache hits, bytes served)."""
     try:
-        with FeatureClient(location, retries=1) as c:
+        with FeatureClient(location, token, retries=1) as c:
             return c.stats()
     except MistError as e:
         log.warning("could not read the cloud's counters: %s", e)
@@ -114,8 +121,12 @@ def cloud_service(
     address: str | None,
     bind: str = DEFAULT_HOST,
     advertise: str | None = None,
+    token: str | None = None,
 ) -> Iterator[tuple[str, StatsFn]]:
     """Yield ``(location, stats)``: ``address`` when given, else an embedded cloud for the run.
+
+    ``token``: the bearer token the run sends; an embedded cloud then requires it (a tokens
+    file of one entry, every task, owner-only in a private temporary folder, removed after).
 
     The embedded cloud listens on ``bind`` (loopback by default; ``0.0.0.0`` for devices on
     other machines) and ``location`` names ``advertise``, the host devices dial (default:
@@ -128,15 +139,29 @@ def cloud_service(
                 "--cloud-bind and --cloud-advertise are for the embedded cloud; with --cloud "
                 f"{address} the devices dial that address"
             )
-        yield address, lambda: cloud_stats(address)
+        yield address, lambda: cloud_stats(address, token)
         return
     from mist_fed.fleet.runtime.cluster import advertised_host, is_wildcard
 
     if advertise is not None and is_wildcard(advertise):
         raise ConfigError(f"--cloud-advertise {advertise!r} is not a host devices can dial")
     host = advertise or advertised_host(bind)
-    with running_cloud(serve_config(spec, bind), backbone=load_backbone(spec.backbone)) as bound:
+    with contextlib.ExitStack() as stack:
+        tokens = None if token is None else stack.enter_context(_tokens_file(token))
+        config = serve_config(spec, bind, tokens)
+        bound = stack.enter_context(running_cloud(config, backbone=load_backbone(spec.backbone)))
         location = with_host(bound, host)
         here = with_host(bound, DEFAULT_HOST) if is_wildcard(bind) else location
         log.info("embedded cloud feature service on %s; devices dial %s", bound, location)
-        yield location, lambda: cloud_stats(here)
+        yield location, lambda: cloud_stats(here, token)
+
+
+@contextlib.contextmanager
+def _tokens_file(token: str) -> Iterator[str]:
+    """A tokens file (cloud/auth.py) granting ``token`` every task, readable by its owner only."""
+    with tempfile.TemporaryDirectory(prefix="mist-fed-tokens-") as tmp:  # made 0700
+        path = Path(tmp) / "tokens.toml"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:  # a TOML basic string is a JSON string
+            f.write(f'[tokens.fleet]\ntoken = {json.dumps(token)}\ntasks = ["*"]\n')
+        yield str(path)

@@ -24,10 +24,12 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from mist_fed.assets.defaults import DEFAULT_HOST
+from mist_fed.device.source import FlightSource
 from mist_fed.errors import ConfigError, Interrupted, MistError
 from mist_fed.fleet.job import DeviceResult
 from mist_fed.fleet.plan import FleetPlan, plan_fleet
@@ -40,7 +42,7 @@ from mist_fed.fleet.spec import FleetSpec, spec_to_dict
 from mist_fed.fleet.state import StateProvider, snapshot
 from mist_fed.fleet.storage import RunStorage, device_storage
 from mist_fed.fleet.transport import RunStopped, Transport
-from mist_fed.fleet.worker import LocalTransport
+from mist_fed.fleet.worker import LocalTransport, SourceFactory
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,9 @@ class RunSession:
     ``cloud``: a running cloud's address, else one is embedded (listening on ``cloud_bind``,
     dialled at ``cloud_advertise``; see :func:`~mist_fed.fleet.runtime.provision.cloud_service`).
     ``stop``: the run's stop, when a trigger exists before the session (else its own);
-    ``sigint``: the first Ctrl-C stops the run. On leaving, a completed run is written with
+    ``sigint``: the first Ctrl-C stops the run; ``cloud_token``: the bearer token the run's
+    devices and server send the cloud (an embedded cloud requires it; never written or logged,
+    :mod:`~mist_fed.fleet.runtime.secrets`). On leaving, a completed run is written with
     its plots (:attr:`result`); a stopped one keeps its completed rounds and, with
     ``raise_stopped``, raises :class:`~mist_fed.errors.Interrupted` saying where.
     ``resume``: the checkpoint to go on from (its spec must be ``spec``);
@@ -144,6 +148,7 @@ class RunSession:
         raise_stopped: bool = True,
         resume: ckpt.Checkpoint | None = None,
         checkpoint_hook: ckpt.StageHook | None = None,
+        cloud_token: str | None = None,
     ) -> None:
         from mist_fed.report.results import new_run_id
 
@@ -151,6 +156,7 @@ class RunSession:
         self.results_dir = results_dir
         self.run_id = run_id or new_run_id()
         self.cloud_args = (cloud, cloud_bind, cloud_advertise)
+        self.cloud_token = cloud_token  # in memory only: no fact, file or log line holds it
         self.facts = {"cloud": cloud or "embedded", **(facts or {})}
         self.resume = resume
         self.checkpoint_hook = checkpoint_hook
@@ -190,7 +196,7 @@ class RunSession:
             (self.storage.path / STOP_FILE).unlink(missing_ok=True)  # a stopped run's
             self.stop.attach(self.storage.path)
             self.location, self._stats = stack.enter_context(
-                cloud_service(self.spec, *self.cloud_args)
+                cloud_service(self.spec, *self.cloud_args, token=self.cloud_token)
             )
             if self.sigint:
                 stack.enter_context(stop_on_sigint(self.stop))
@@ -257,6 +263,10 @@ class RunSession:
         return {**self.facts, "wall_s": wall, **counts, **more}
 
     # -- the rounds --------------------------------------------------------------------------
+    def source(self) -> SourceFactory:
+        """How this process's devices (the server's, in-process ones) reach the cloud."""
+        return partial(FlightSource, token=self.cloud_token)
+
     def checkpoint(self, state: RoundState) -> None:
         """After each round: the checkpoint (written atomically), then its tables, marked as
         a run still going (``rounds_completed``). No results directory: neither."""
@@ -282,7 +292,7 @@ class RunSession:
         however it ends. ``progress_bars``: the server's own bars (downloads, central)."""
         start = time.perf_counter()
         scorer = Scorer(self.plan, self.location, self.storage.path / "_server",
-                        progress=progress_bars)  # fmt: skip
+                        source=self.source(), progress=progress_bars)  # fmt: skip
         rounds = SyncRounds(
             self.plan, transport, scorer, self.location, self.storage, stop=self.stop.event,
             on_result=self.progress, on_round=self.checkpoint,
@@ -314,6 +324,7 @@ def run_plain(
     run_id: str | None = None,
     progress: bool = False,
     resume: ckpt.Checkpoint | None = None,
+    cloud_token: str | None = None,
 ) -> RunResult:
     """The same rounds with no Flower and no Ray: every device in this process, in turn
     (``resume``: the checkpoint a stopped run goes on from)."""
@@ -321,7 +332,8 @@ def run_plain(
     with RunSession(
         spec, results_dir, run_id=run_id, cloud=cloud, progress=progress, facts=facts,
         resume=resume,
+        cloud_token=cloud_token,
     ) as session:  # fmt: skip
-        session.run_rounds(LocalTransport(stop=session.stop.event))
+        session.run_rounds(LocalTransport(session.source(), stop=session.stop.event))
     assert session.result is not None
     return session.result
