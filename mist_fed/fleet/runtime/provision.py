@@ -86,7 +86,7 @@ def serve_config(spec: FleetSpec, host: str = DEFAULT_HOST) -> ServeConfig:
         random_init=b.random_init,
         seed=b.seed,
         model_kwargs=dict(b.model_kwargs),
-        tasks=tuple(dict.fromkeys(f.task for f in spec.fleets)),
+        tasks=tuple(dict.fromkeys(spec.data_task(f.task) for f in spec.fleets)),
         default_dtype=spec.wire_dtype,
     )
 
