@@ -16,8 +16,6 @@ from mist_fed.device.metrics import DeviceMetrics
 from mist_fed.errors import ConfigError
 from mist_fed.fleet.job import DeviceJob, DeviceResult, StateDict
 from mist_fed.fleet.spec import (
-    FleetSpec,
-    TaskFleet,
     apply_overrides,
     assign_profiles,
     load_fleet,
@@ -65,7 +63,7 @@ def test_spec_rejects_unknown_keys_and_bad_values() -> None:
         spec_from_dict({"fleets": [{"task": "t", "devices": 2, "aggregation": "median"}]})
     with pytest.raises(ConfigError, match=r"dropout:P needs P in \[0, 1\)"):
         spec_from_dict({**MINIMAL, "availability": "dropout:1.5"})
-    with pytest.raises(ConfigError, match="unknown key.*dropout"):
+    with pytest.raises(ConfigError, match=r"unknown key.*dropout"):
         spec_from_dict({**MINIMAL, "dropout": 0.1})  # one way only: availability
     with pytest.raises(ConfigError, match=r"\[backbone\]: give either a weights file"):
         spec_from_dict({**MINIMAL, "backbone": {"weights": "w.safetensors", "random_init": True}})
