@@ -181,3 +181,27 @@ def parse(text: str) -> Availability:
             )
         return Availability("trace", path=arg)
     raise _bad(text)
+
+
+def synthetic_trace(devices: int, days: int = 2, seed: int = 0) -> list[str]:
+    """A trace's lines (header first) of ``devices`` phones online while charging: each night
+    from about 22:00 (normal, 2 h spread) for 5-9 hours, and on some days a short top-up
+    (0.5-2 h) in the afternoon; seeded. What ``simulations/make_trace.py`` writes."""
+    rng = np.random.default_rng([seed, 2207])
+    lines = ["device,online"]
+    for d in range(devices):
+        spans: list[tuple[float, float]] = []
+        for day in range(days):
+            if rng.random() < 0.4:
+                start = day * 24 + rng.uniform(12, 17)
+                spans.append((start, start + rng.uniform(0.5, 2.0)))
+            start = day * 24 + float(np.clip(rng.normal(22, 2), 18, 26))
+            spans.append((start, start + rng.uniform(5, 9)))
+        merged: list[tuple[float, float]] = []
+        for a, b in sorted(spans):
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        lines.append(f"{d}," + ";".join(f"{a:.2f}-{b:.2f}" for a, b in merged))
+    return lines

@@ -215,7 +215,14 @@ class SyncRounds:
             chosen, config = self.sample(f.name, rnd, state.global_state[f.name], state.sim_s)
             picked += [(d, config) for d in chosen]
         jobs = {d.device: d for d, _ in picked}
-        gone = self.plan.availability.dropped(list(jobs), rnd, self.spec.seed)
+        # sent nothing: the availability model's dropouts, and devices whose share is empty
+        # (a partitioner may leave some of a large population without images)
+        gone = {
+            d: "dropout" for d in self.plan.availability.dropped(list(jobs), rnd, self.spec.seed)
+        }
+        gone.update(
+            {d: "empty share: no training images" for d, j in jobs.items() if not j.train_ids}
+        )
         active = [
             (self._job(d, rnd, c), self._model_for(state, d))
             for d, c in picked
@@ -235,7 +242,7 @@ class SyncRounds:
                     self.on_result(res)
         self.check_stop()  # replies to a run being stopped do not make a completed round
         for dev in sorted(gone):
-            results[dev] = (DeviceResult(dev, rnd, DROPPED, "dropout"), None)
+            results[dev] = (DeviceResult(dev, rnd, DROPPED, gone[dev]), None)
             if self.on_result:
                 self.on_result(results[dev][0])
         scores = self._aggregate_and_score(rnd, state, results)
