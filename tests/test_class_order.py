@@ -191,7 +191,7 @@ def test_a_class_grouped_task_trains_as_a_shuffle_in_memory(
     from mist_fed.cloud.runner import running_cloud
     from mist_fed.data import get_task
     from mist_fed.device.source import FlightSource
-    from mist_fed.wire.client import FeatureClient
+    from mist_fed.wire.flight import FeatureClient
 
     # Prepare: the task on disk, grouped by class; a real cloud serving it
     if layout == "imagefolder":

@@ -5,7 +5,7 @@ their keys map one to one onto the flat dataclass fields below (unknown keys are
 Command-line flags override with :meth:`ServeConfig.override`.
 
 Defaults that work offline with no file and no flag: loopback on port 8815; the backbone chosen
-from local state (``backbone`` unset: :func:`mist_fed.data.defaults.choose_backbone`); every
+from local state (``backbone`` unset: :func:`mist_fed.assets.defaults.choose_backbone`); every
 registered named task offered (``tasks`` unset). ``tasks`` narrows that list; a ``+SPEC``
 entry adds a spec to it instead (``+imagefolder:/data/birds``): image folders and parametrised
 specs (``synthetic:classes=4``) are served only when listed. The feature store keeps at most
@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 
-from mist_fed import defaults
-from mist_fed.errors import ConfigError
-from mist_fed.model.numerics import (
+from mist_fed.assets import defaults
+from mist_fed.cloud.numerics import (
     check_numerics,
     check_runtime,
     resolve_numerics,
     resolve_runtime,
 )
+from mist_fed.errors import ConfigError
 from mist_fed.wire.dtypes import check_wire
 
 SECTIONS = ("server", "backbone", "store", "limits", "tls")
@@ -54,7 +54,7 @@ class ServeConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"  # where the backbone runs: cpu, cuda, cuda:N, or auto (cuda when present)
     # the backbone's precision (auto: float16 on CUDA, bfloat16 on a CPU with native bfloat16,
-    # else float32) and what runs it (auto: openvino on a CPU); see mist_fed/model/numerics.py
+    # else float32) and what runs it (auto: openvino on a CPU); see mist_fed/cloud/numerics.py
     numerics: str = "auto"
     runtime: str = "auto"
     # [store]
@@ -102,7 +102,7 @@ class ServeConfig:
 
     def offered_tasks(self) -> tuple[str, ...]:
         """The task specs this service offers (``tasks`` resolved against the registry)."""
-        from mist_fed.data.registry import named_tasks
+        from mist_fed.data.tasks import named_tasks
 
         if self.tasks is None:
             return tuple(named_tasks())

@@ -27,16 +27,16 @@ import pyarrow as pa
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mist_fed.cloud.store import FeatureStore, content_hash
-from mist_fed.errors import WireError
-from mist_fed.model.backbone import Backbone
-from mist_fed.model.gather import (
+from mist_fed.cloud.backbone import Backbone
+from mist_fed.cloud.gather import (
     DEPTH_GATHERS,
     GatherSpec,
     candidate_ks,
     feature_shape,
     gather_many,
 )
+from mist_fed.cloud.store import FeatureStore, content_hash
+from mist_fed.errors import WireError
 from mist_fed.wire.codec import WireMeta, encode_arrays
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ import signal
 import threading
 from typing import Any
 
-from mist_fed.defaults import DEFAULT_BACKBONE, DEFAULT_PORT
-from mist_fed.model.numerics import NUMERICS_CHOICES, NUMERICS_HELP, RUNTIME_CHOICES, RUNTIME_HELP
+from mist_fed.assets.defaults import DEFAULT_PORT, PAPER_BACKBONE
+from mist_fed.cloud.numerics import NUMERICS_CHOICES, NUMERICS_HELP, RUNTIME_CHOICES, RUNTIME_HELP
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def serve(args: argparse.Namespace) -> int:
     from mist_fed.cloud.config import ServeConfig
     from mist_fed.cloud.runner import in_background
-    from mist_fed.cloud.server import FeatureServer, resolve_backbone
+    from mist_fed.cloud.server import FeatureServer
+    from mist_fed.cloud.service import resolve_backbone
 
     base = ServeConfig.from_toml(args.config) if args.config else ServeConfig()
     config = base.override(
@@ -47,7 +48,7 @@ def serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a requested stop: exit 0
     with in_background(server) as thread:
-        offered = server.offered
+        offered = server.service.offered
         shown = ", ".join(offered[:12]) + (
             f" (+{len(offered) - 12} more)" if len(offered) > 12 else ""
         )
@@ -84,7 +85,7 @@ def register(sub: Any) -> None:
     s.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
     s.add_argument(
         "--backbone",
-        help=f"timm ViT name or registered backbone (default: {DEFAULT_BACKBONE} when its "
+        help=f"timm ViT name or registered backbone (default: {PAPER_BACKBONE} when its "
         "weights are in the local cache, else the offline dinov2_s14_imgfocus)",
     )
     s.add_argument(
