@@ -39,7 +39,10 @@ MINIMAL = {"fleets": [{"task": "synthetic", "devices": 4}], "profiles": "rpi4"}
 # -- fleet spec ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["default.toml", "mixed.toml", "synthetic.toml"])
+@pytest.mark.parametrize(
+    "name",
+    ["default.toml", "mixed.toml", "synthetic.toml", "population.toml", "cross-device-fmnist.toml"],
+)
 def test_shipped_fleets_load(name: str) -> None:
     # Execute
     spec = load_fleet(FLEETS / name)
