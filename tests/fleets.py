@@ -13,8 +13,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from mist_fed.fleet.availability import parse
 from mist_fed.fleet.job import DeviceJob, StateDict
-from mist_fed.fleet.plan import FleetPlan
+from mist_fed.fleet.partition import Shares
+from mist_fed.fleet.plan import FleetData, FleetPlan
 from mist_fed.fleet.rounds import RoundState, RunRecords, SyncRounds
 from mist_fed.fleet.scoring import CentralResult, Scorer
 from mist_fed.fleet.spec import FleetSpec, TaskFleet
@@ -27,19 +31,19 @@ TrainFn = Callable[[Sequence[DeviceJob], Sequence[StateDict]], list[Reply]]
 def hand_plan(
     spec: FleetSpec, train: int = 6, test: int = 1, eval_ids: Sequence[str] = ("test-0",)
 ) -> FleetPlan:
-    """Device ``d`` of the first fleet holds ``train-{train*d}..`` and ``test-{test*d}..``."""
+    """Device ``d`` of the first fleet holds ``train-{train*d}..`` and ``test-{test*d}..``
+    (Flower Datasets' IID partitioner over a pool in order: contiguous shards)."""
     fleet = spec.fleets[0]
-    devices = tuple(
-        DeviceJob(
-            device=d, fleet=fleet.name, task=fleet.task, method=fleet.method, profile="rpi4",
-            train_ids=tuple(f"train-{train * d + i}" for i in range(train)),
-            test_ids=tuple(f"test-{test * d + i}" for i in range(test)), num_classes=3,
-            k=spec.k, wire_dtype=spec.wire_dtype, epochs=spec.local_epochs,
-            batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
-        )
-        for d in range(fleet.devices)
+    n = fleet.devices
+    shares = Shares([0] * (train * n), np.arange(train * n), "Iid", {}, n, 0)
+    data = FleetData(
+        fleet, 0, n, fleet.task, 3, [f"train-{i}" for i in range(train * n)],
+        [f"test-{i}" for i in range(test * n)], list(range(test * n)), shares,
     )  # fmt: skip
-    return FleetPlan(spec, devices, {fleet.task: tuple(eval_ids)})
+    avail = parse(spec.availability).bind(n)
+    return FleetPlan(
+        spec, {fleet.name: data}, {fleet.task: tuple(eval_ids)}, avail, np.zeros(n, np.uint8)
+    )
 
 
 class FnTransport:

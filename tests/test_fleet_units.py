@@ -6,7 +6,6 @@ import dataclasses
 import os
 import subprocess
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,17 +16,7 @@ from mist_fed.cloud.backbone import BackboneSpec
 from mist_fed.device.metrics import DeviceMetrics
 from mist_fed.errors import ConfigError
 from mist_fed.fleet.job import DeviceJob, DeviceResult, StateDict
-from mist_fed.fleet.partition import (
-    dirichlet_split,
-    iid_split,
-    sample_pool,
-    share_images,
-    split_indices,
-)
-from mist_fed.fleet.plan import plan_fleet
 from mist_fed.fleet.spec import (
-    FleetSpec,
-    TaskFleet,
     apply_overrides,
     assign_profiles,
     load_fleet,
@@ -50,7 +39,10 @@ MINIMAL = {"fleets": [{"task": "synthetic", "devices": 4}], "profiles": "rpi4"}
 # -- fleet spec ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["default.toml", "mixed.toml", "synthetic.toml"])
+@pytest.mark.parametrize(
+    "name",
+    ["default.toml", "mixed.toml", "synthetic.toml", "population.toml", "cross-device-fmnist.toml"],
+)
 def test_shipped_fleets_load(name: str) -> None:
     # Execute
     spec = load_fleet(FLEETS / name)
@@ -72,8 +64,10 @@ def test_spec_rejects_unknown_keys_and_bad_values() -> None:
         spec_from_dict({**MINIMAL, "roundz": 3})
     with pytest.raises(ConfigError, match="aggregation"):
         spec_from_dict({"fleets": [{"task": "t", "devices": 2, "aggregation": "median"}]})
-    with pytest.raises(ConfigError, match="dropout"):
-        spec_from_dict({**MINIMAL, "dropout": 1.5})
+    with pytest.raises(ConfigError, match=r"dropout:P needs P in \[0, 1\)"):
+        spec_from_dict({**MINIMAL, "availability": "dropout:1.5"})
+    with pytest.raises(ConfigError, match=r"unknown key.*dropout"):
+        spec_from_dict({**MINIMAL, "dropout": 0.1})  # one way only: availability
     with pytest.raises(ConfigError, match=r"\[backbone\]: give either a weights file"):
         spec_from_dict({**MINIMAL, "backbone": {"weights": "w.safetensors", "random_init": True}})
     with pytest.raises(ConfigError, match="unknown key"):
@@ -140,79 +134,6 @@ def test_profile_mix_parsing_and_assignment() -> None:
     assert assign_profiles(parse_profile_mix("rpi4"), 3) == ["rpi4"] * 3
     with pytest.raises(ConfigError, match="profile mix"):
         parse_profile_mix("rpi4:lots")
-
-
-# -- splits --------------------------------------------------------------------------------------
-
-
-def test_iid_split_covers_every_item_once() -> None:
-    # Execute
-    parts = iid_split(103, 10, seed=0)
-    # Assert
-    flat = sorted(i for p in parts for i in p)
-    assert flat == list(range(103)) and {len(p) for p in parts} <= {10, 11}
-    assert parts == iid_split(103, 10, seed=0) != iid_split(103, 10, seed=1)
-
-
-def test_dirichlet_split_is_label_skewed_and_complete() -> None:
-    # Prepare
-    labels = [i % 10 for i in range(400)]
-    # Execute
-    skewed = dirichlet_split(labels, 8, alpha=0.1, seed=0)
-    even = dirichlet_split(labels, 8, alpha=100.0, seed=0)
-    # Assert
-    assert sorted(i for p in skewed for i in p) == list(range(400))
-    assert min(len(p) for p in skewed) >= 1
-
-    def classes(parts: list[list[int]]) -> float:
-        return sum(len({labels[i] for i in p}) for p in parts) / len(parts)
-
-    assert classes(skewed) < classes(even)
-
-
-def test_sample_pool_nests_and_refuses_too_many() -> None:
-    assert sample_pool(100, 10, 0) == sample_pool(100, 30, 0)[:10]
-    with pytest.raises(ConfigError, match="fewer devices"):
-        sample_pool(10, 11, 0)
-
-
-@pytest.mark.parametrize("kind", ["iid", "dirichlet"])
-def test_share_images_is_disjoint_when_it_fits_and_shares_when_not(kind: str) -> None:
-    # Prepare
-    labels = [i % 10 for i in range(800)]
-    # Execute
-    fits = share_images(labels, 50, 16, kind, seed=0)
-    big = share_images(labels, 1000, 16, kind, seed=0)
-    # Assert: a fleet that fits gets disjoint shares (as the plain split of one pool would)
-    pool = sample_pool(800, 800, 0)
-    expected = split_indices([labels[i] for i in pool], 50, kind, 0)
-    assert fits == [[pool[i] for i in s] for s in expected]
-    assert len({i for s in fits for i in s}) == sum(len(s) for s in fits)
-    # ... and a larger one shares: its first 50 devices are the small fleet, every device's
-    # images are distinct, and (IID) every image is used the same number of times
-    assert big[:50] == fits and len(big) == 1000
-    assert all(len(set(s)) == len(s) for s in big)
-    if kind == "iid":
-        assert all(len(s) == 16 for s in big)
-        uses = Counter(i for s in big for i in s)
-        assert set(uses) == set(range(800)) and set(uses.values()) == {20}
-    with pytest.raises(ConfigError, match="fewer images per device"):
-        share_images(labels, 2, 801, kind, seed=0)
-
-
-def test_plan_shares_images_when_the_split_is_smaller_than_the_fleet() -> None:
-    # Prepare: 40 training and 20 test images for 8 devices x 8 (and x 4 test)
-    spec = FleetSpec(
-        fleets=(TaskFleet(task="synthetic:classes=4,train=40,test=20", devices=8),),
-        train_per_device=8, test_per_device=4, eval_images=12,
-    )  # fmt: skip
-    # Execute
-    plan = plan_fleet(spec)
-    # Assert
-    assert plan.sharing(spec.fleets[0].name) == (64, 40)
-    assert all(len(set(d.train_ids)) == 8 and len(set(d.test_ids)) == 4 for d in plan.devices)
-    evals = set(plan.eval_ids[spec.fleets[0].task])
-    assert len(evals) == 12 and set().union(*(d.test_ids for d in plan.devices)) <= evals
 
 
 # -- messages' payloads and results --------------------------------------------------------------

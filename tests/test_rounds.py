@@ -14,11 +14,12 @@ import torch
 from mist_fed.fleet.aggregation import Update
 from mist_fed.fleet.job import OK, DeviceJob, DeviceResult, StateDict
 from mist_fed.fleet.plan import FleetPlan
-from mist_fed.fleet.rounds import RoundState, SyncRounds
+from mist_fed.fleet.rounds import IDLE_S, RoundState, SyncRounds
 from mist_fed.fleet.scoring import CentralResult
 from mist_fed.fleet.spec import FleetSpec, TaskFleet
 from mist_fed.fleet.storage import RunStorage
 from mist_fed.fleet.transport import Reply, RunStopped
+from tests.fleets import hand_plan
 
 
 class MeanOfFirst:
@@ -29,10 +30,15 @@ class MeanOfFirst:
         self.calls: list[tuple[int, list[int]]] = []
 
     def sample(
-        self, rnd: int, current: StateDict, available: Sequence[int], seed: int
+        self,
+        rnd: int,
+        current: StateDict,
+        available: Sequence[int],
+        seed: int,
+        wanted: int | None = None,
     ) -> tuple[list[int], dict[str, Any]]:
         self.calls.append((rnd, list(available)))
-        return list(available)[: self.n], {"proximal-mu": 0.5}
+        return list(available)[: self.n if wanted is None else wanted], {"proximal-mu": 0.5}
 
     def aggregate(self, rnd: int, current: StateDict, updates: list[Update]) -> StateDict | None:
         total = sum(u.num_examples for u in updates)
@@ -83,12 +89,7 @@ class FakeScorer:
 def _plan(devices: int = 3, **spec: Any) -> FleetPlan:
     fleet = TaskFleet("t", devices, name="f")
     s = FleetSpec(fleets=(fleet,), **{"rounds": 2, "local_epochs": 1, **spec})
-    jobs = tuple(
-        DeviceJob(device=d, fleet="f", task="t", method="mist", profile="rpi4",
-                  train_ids=(f"a{d}",), test_ids=(f"b{d}",), num_classes=2)
-        for d in range(devices)
-    )  # fmt: skip
-    return FleetPlan(s, jobs, {"t": ("b0",)})
+    return hand_plan(s, train=1, test=1, eval_ids=("test-0",))
 
 
 def _rounds(plan: FleetPlan, transport: Any, agg: Any, **kw: Any) -> SyncRounds:
@@ -133,10 +134,10 @@ def test_the_order_replies_arrive_in_does_not_change_the_model() -> None:
 
 def test_stragglers_and_dropouts_are_recorded_and_never_averaged_in() -> None:
     # Prepare: device 2 takes 100 s against a 10 s deadline; dropout draws are seeded
-    plan = _plan(devices=6, deadline_s=10.0, dropout=0.3, seed=1, rounds=1)
+    plan = _plan(devices=6, deadline_s=10.0, availability="dropout:0.3", seed=1, rounds=1)
     transport = AddsDevice(slow=2)
     rounds = _rounds(plan, transport, MeanOfFirst(6))
-    gone = rounds.dropped(1)
+    gone = plan.availability.dropped(list(range(6)), 1, 1)
     # Execute
     state = rounds.start()
     records = rounds.run(state)
@@ -172,3 +173,49 @@ def test_a_stop_between_rounds_keeps_whole_rounds_and_the_state_goes_on_from_the
     accs = [r["accuracy"] for r in state.records.fleets]
     assert accs == [r["accuracy"] for r in whole.records.fleets] and len(accs) == 3
     assert torch.equal(state.global_state["f"]["w"], whole.global_state["f"]["w"])
+
+
+def _trace(tmp_path: Path, rows: str) -> str:
+    path = tmp_path / "trace.csv"
+    path.write_text("device,online\n" + rows)
+    return str(path)
+
+
+def test_only_available_devices_are_sampled_and_the_clock_moves_availability(
+    tmp_path: Path,
+) -> None:
+    # Prepare: device 0 is online for the first 36 simulated seconds only, device 2 from
+    # 0.01 h on, device 1 never (no row); device 0's round takes 100 s on the clock
+    trace = _trace(tmp_path, "0,0-0.01\n2,0.01-5\n3,0-5\n")
+    plan = _plan(devices=4, availability=f"trace:{trace}", rounds=2)
+    agg, transport = MeanOfFirst(4), AddsDevice(slow=0)
+    rounds = _rounds(plan, transport, agg)
+    # Execute
+    state = rounds.start()
+    records = rounds.run(state)
+    # Assert: round 1 offers devices 0 and 3; it lasts 100 s, so round 2 offers 2 and 3
+    assert agg.calls == [(1, [0, 3]), (2, [2, 3])]
+    sent = [(j.round, j.device) for j, _ in transport.sent]
+    assert sent == [(1, 0), (1, 3), (2, 2), (2, 3)]
+    assert [r["sim_time_s"] for r in records.fleets] == [100.0, 101.0]
+    assert state.sim_s == 101.0 and 1 not in {d["device"] for d in records.devices}
+
+
+def test_per_round_asks_the_aggregator_for_that_many_and_the_clock_idles_when_none_is_online(
+    tmp_path: Path,
+) -> None:
+    # Prepare: 5 devices always online, 2 a round; then a fleet none of whose devices is online
+    agg = MeanOfFirst(5)
+    rounds = _rounds(_plan(devices=5, per_round=2, rounds=1), AddsDevice(), agg)
+    late = _trace(tmp_path, "0,3-4\n")
+    offline = _plan(devices=2, availability=f"trace:{late}", rounds=1)
+    idle = _rounds(offline, AddsDevice(), MeanOfFirst(2))
+    # Execute
+    records = rounds.run(rounds.start())
+    state = idle.start()
+    empty = idle.run(state)
+    # Assert
+    assert [d["device"] for d in records.devices] == [0, 1]
+    assert records.fleets[0]["sampled"] == 2 and records.fleets[0]["devices"] == 5
+    assert empty.devices == [] and empty.fleets[0]["sampled"] == 0
+    assert state.sim_s == IDLE_S

@@ -344,3 +344,30 @@ def test_the_cli_refuses_a_bad_strategy_in_one_line(
     # Assert
     err = capsys.readouterr().err.strip()
     assert code == 2 and says in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["FedAvg", "FedAvgM", "FedProx", "Krum"])
+def test_per_round_samples_through_the_strategy_among_the_available_only(name: str) -> None:
+    # Prepare: 100 devices, 40 of them online; a strategy that would wait for 60 nodes
+    agg = aggregation.build(name, {"min_available_nodes": 60, "min_train_nodes": 2}, 100)
+    online = list(range(0, 100, 5)) + list(range(1, 100, 5))
+    state = {"w": torch.zeros(2)}
+    # Execute
+    picks = [agg.sample(r, state, online, seed=r, wanted=5)[0] for r in (1, 2)]
+    again = agg.sample(1, state, online, seed=1, wanted=5)[0]
+    few = agg.sample(3, state, [7, 9], seed=3, wanted=5)[0]
+    every = agg.sample(4, state, online, seed=4)[0]  # no per_round: the strategy's own count
+    none = agg.sample(5, state, [], seed=5, wanted=5)[0]
+    # Assert: exactly 5, all online, repeatable, different across rounds; never waits
+    assert all(len(p) == 5 and set(p) <= set(online) for p in picks)
+    assert again == picks[0] != picks[1]
+    assert sorted(few) == [7, 9] and len(every) == 40 and none == []
+    strategy = agg.strategy  # type: ignore[attr-defined]
+    assert (strategy.min_available_nodes, strategy.min_train_nodes) == (60, 2)
+    assert strategy.fraction_train == 1.0  # the strategy's own values, restored
+
+
+def test_per_round_and_a_fraction_train_are_not_given_together() -> None:
+    fleets = [{"task": "synthetic", "devices": 4, "aggregation_args": {"fraction_train": 0.5}}]
+    with pytest.raises(ConfigError, match="give per_round or aggregation_args fraction_train"):
+        spec_from_dict({**MINIMAL, "fleets": fleets, "per_round": 2})

@@ -18,7 +18,12 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fleet", default=str(DEFAULT_FLEET), help="fleet spec TOML (default: %(default)s)"
     )
-    p.add_argument("--devices", type=int, help="devices in all, spread over the fleets")
+    p.add_argument(
+        "--devices", type=int, help="the population: devices in all, spread over the fleets"
+    )
+    p.add_argument(
+        "--per-round", type=int, help="devices each fleet samples a round among the available"
+    )
     p.add_argument(
         "--profile", help="profile mix: `rpi4` or `rpi4:30,phone-low:20` (or .toml paths)"
     )
@@ -33,8 +38,20 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
         "--aggregation-args",
         help="the strategy's keyword arguments as JSON, e.g. '{\"eta\": 0.01}'",
     )
-    p.add_argument("--split", choices=["iid", "dirichlet"])
-    p.add_argument("--dirichlet-alpha", type=float)
+    p.add_argument(
+        "--protocol", choices=["vtab-1k", "full"], help="the task's training split devices share"
+    )
+    p.add_argument(
+        "--partitioner",
+        help="a Flower Datasets partitioner (Iid, Dirichlet, InnerDirichlet, Pathological, "
+        "Shard, Linear, Square, Exponential; any case)",
+    )
+    p.add_argument(
+        "--partitioner-args", help="its keyword arguments as JSON, e.g. '{\"alpha\": 0.3}'"
+    )
+    p.add_argument(
+        "--availability", help="always | dropout:P | diurnal[:HOURS] | trace:PATH (docs/fleets.md)"
+    )
     p.add_argument("--rounds", type=int)
     p.add_argument("--local-epochs", type=int)
     p.add_argument("--lr", type=float)
@@ -42,9 +59,12 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="devices' (and the central reference's) batch")
     p.add_argument("--k", type=int, help="gather depth for mist (-1: all blocks)")
     p.add_argument("--wire-dtype", type=wire_arg, help=WIRE_HELP)
-    p.add_argument("--dropout", type=float, help="probability a device skips a round")
     p.add_argument("--deadline-s", type=float, help="round deadline in device seconds")
-    p.add_argument("--train-per-device", type=int)
+    p.add_argument(
+        "--train-per-device",
+        type=int,
+        help="partition only devices x N images of the split (0: all of it)",
+    )
     p.add_argument("--test-per-device", type=int)
     p.add_argument(
         "--eval-images", type=int, help="test images the global and central models are scored on"
@@ -117,6 +137,8 @@ def bench(args: argparse.Namespace) -> int:
     from mist_fed.fleet.runtime.sim_bench import bench_sim
 
     spec = resolve_assets(load_spec(args))
+    if args.population:
+        return _bench_population(args, spec)
     result = bench_sim(
         spec,
         simulate,
@@ -143,6 +165,38 @@ def bench(args: argparse.Namespace) -> int:
         print(f"\nwritten to {out}")
     ok = all(set(m.statuses) <= {"ok"} for m in result.runs)
     return 0 if ok else 1
+
+
+def _bench_population(args: argparse.Namespace, spec: Any) -> int:
+    import json
+
+    from mist_fed.errors import ConfigError
+    from mist_fed.fleet.flower.simulation import simulate
+    from mist_fed.fleet.runtime.population_bench import bench_population
+
+    try:
+        sizes = [int(n) for n in args.population.split(",") if n.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--population takes sizes like 1000,100000, got {args.population!r}"
+        ) from None
+    engines = tuple(e for e in args.engines.split(",") if e)
+    if not sizes or not set(engines) <= {"plain", "flower"}:
+        raise ConfigError("give --population 1000,100000 and --engines plain,flower")
+    result = bench_population(
+        spec, sizes, simulate, engines, cloud=args.cloud, ray_cpus=args.ray_cpus,
+        verbose=max(0, args.verbose - 1),
+    )  # fmt: skip
+    lines = result.lines()
+    print("\n".join(lines))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text("\n".join(lines) + "\n")
+        data = {"rows": result.rows(), "ratios": result.ratios(), "cloud": result.cloud}
+        (out / "bench.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        print(f"\nwritten to {out}")
+    return 0
 
 
 def register(sub: Any) -> None:
@@ -185,6 +239,14 @@ def add_bench_parser(bsub: Any) -> None:
         type=int,
         default=50,
         help="the smaller fleet measured beside --devices (default: %(default)s)",
+    )
+    b.add_argument(
+        "--population",
+        help="instead: the driver's peak RSS at these populations (e.g. 1000,100000) with the "
+        "fleet's per_round (simulations/fleets/population.toml)",
+    )
+    b.add_argument(
+        "--engines", default="plain,flower", help="population case: plain, flower or both"
     )
     b.add_argument("--out", help="also write table.md and bench.json into this directory")
     b.set_defaults(handler=bench)

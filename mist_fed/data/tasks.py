@@ -123,8 +123,15 @@ def task_entry(name: str) -> TaskEntry:
 def get_task(spec: str, **options: Any) -> Task:
     """Build the task named by ``spec`` (``name`` or ``prefix:arg``).
 
+    A spec may end with ``@PROTOCOL`` (``fashion-mnist@full``): the protocol travels with the
+    task's name (a fleet's devices ask the cloud for ``fashion-mnist@full`` rows).
     Options: ``protocol`` (``vtab-1k`` default, ``few-shot``, ``full``), ``shots`` (few-shot),
     ``seed`` (split seed, default 0), ``download`` (allow a download when online, default True).
     """
+    from mist_fed.data.protocols import PROTOCOLS
+
+    base, at, protocol = spec.rpartition("@")
+    if at and protocol in PROTOCOLS:  # ``fashion-mnist@full``: the protocol in the spec
+        spec, options = base, {**options, "protocol": protocol}
     name, _, arg = spec.partition(":")
     return _TASKS.get(name).factory(arg or None, **options)

@@ -43,11 +43,17 @@ class Aggregator(Protocol):
     """One fleet's sampling and aggregation, over device numbers."""
 
     def sample(
-        self, rnd: int, current: StateDict, available: Sequence[int], seed: int
+        self,
+        rnd: int,
+        current: StateDict,
+        available: Sequence[int],
+        seed: int,
+        wanted: int | None = None,
     ) -> tuple[list[int], dict[str, Any]]:
         """The devices among ``available`` that train in round ``rnd`` from ``current`` (the
-        global model), repeatable for ``seed``, and the config the aggregator sends them
-        (e.g. ``proximal-mu``)."""
+        global model), repeatable for ``seed``: ``wanted`` of them (the fleet's ``per_round``;
+        at most all available), else as many as the aggregator's own arguments say; and the
+        config the aggregator sends them (e.g. ``proximal-mu``)."""
         ...
 
     def aggregate(self, rnd: int, current: StateDict, updates: list[Update]) -> StateDict | None:

@@ -1,116 +1,226 @@
-"""Splitting a task's images across the devices of its fleet: IID or Dirichlet over labels.
+"""Each device's share of a task's training images, from Flower Datasets' partitioners.
 
-Pure functions of ids, labels and a seed: the same arguments give the same split everywhere.
+A fleet names its partitioner as Flower Datasets spells it, with or without the ``Partitioner``
+suffix (``partitioner = "Dirichlet"``, any case) and its keyword arguments
+(``partitioner_args = { alpha = 0.3, partition_by = "label" }``). :func:`canonical` and
+:func:`check` refuse an unknown name or argument, or a value the partitioner itself rejects, in
+one line, when the spec is loaded. ``num_partitions`` is the fleet's device count (not the
+user's); ``partition_by`` defaults to ``"label"`` and ``seed`` to the run's seed.
+
+:class:`Shares` applies the partitioner to a local ``datasets.Dataset`` of two columns, ``idx``
+(a row of the fleet's pool) and ``label`` (no hub is reached: the dataset is built in memory).
+The pool is the task split's rows in a seeded order (all of them, or the first
+``devices x train_per_device``); with ``share_images`` (an explicit choice, recorded in the run's
+``config.toml``) a pool larger than the split repeats it in further seeded orders, so devices
+share images. A device's share is resolved only when asked (:meth:`Shares.indices`, when the
+device is first sampled); the partitioner keeps its own index table (one list per partition,
+inside Flower Datasets), the plan nothing per device.
+
+Left out, and why: ``NaturalId``/``GroupedNaturalId`` partition by a natural-id column a task
+split does not have; ``Distribution``, ``Continuous``, ``Size`` and ``IdToSizeFnc`` take a
+per-partition table or function a TOML key cannot carry; the vertical partitioners split
+columns, not rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mist_fed.errors import ConfigError
 
+log = logging.getLogger(__name__)
 
-def sample_pool(n_total: int, n_wanted: int, seed: int, stream: int = 0) -> list[int]:
-    """The first ``n_wanted`` indices of a seeded permutation of ``range(n_total)``.
+# The partitioners a fleet may name: the short name -> Flower Datasets' class name.
+PARTITIONERS = {
+    n: f"{n}Partitioner"
+    for n in (
+        "Iid",
+        "Dirichlet",
+        "InnerDirichlet",
+        "Pathological",
+        "Shard",
+        "Linear",
+        "Square",
+        "Exponential",
+    )
+}
+OWNED = ("num_partitions",)  # the fleet's device count
+LABEL = "label"
+LABEL_PLOT_DEVICES = 40  # devices shown in the label-distribution plot
+SIZE_PLOT_DEVICES = 5000  # devices whose share sizes the histogram counts (the first ones)
 
-    A larger pool contains every smaller one with the same seed, so fleets that share a task
-    ask the cloud for overlapping images rather than new ones. ``stream`` > 0 draws another
-    permutation from the same seed (the later groups of a fleet that shares images).
-    """
-    if n_wanted > n_total:
+
+def _cls(name: str) -> Any:
+    import flwr_datasets.partitioner as fp
+
+    return getattr(fp, PARTITIONERS[name])
+
+
+def canonical(name: str) -> str:
+    """The short registered name of a partitioner given in any case, with or without
+    ``Partitioner``."""
+    key = str(name).strip().lower().removesuffix("partitioner")
+    by_lower = {n.lower(): n for n in PARTITIONERS}
+    if key not in by_lower:
         raise ConfigError(
-            f"the fleet needs {n_wanted} images but the split has {n_total}; "
-            "use fewer devices or fewer images per device"
+            f"unknown partitioner {name!r}; choose one of {', '.join(PARTITIONERS)} "
+            "(Flower Datasets' partitioners)"
         )
-    key = [seed, 7919] if stream == 0 else [seed, 7919, stream]
-    perm = np.random.default_rng(key).permutation(n_total)
-    return perm[:n_wanted].tolist()
+    return by_lower[key]
 
 
-def share_images(
-    labels: Sequence[int],
-    parts: int,
-    per_part: int,
-    kind: str,
-    seed: int,
-    alpha: float = 0.5,
-) -> list[list[int]]:
-    """Each of ``parts`` devices' indices into ``labels`` (a split): ``per_part`` each (IID).
+def allowed_args(name: str) -> dict[str, inspect.Parameter]:
+    """The keyword arguments a fleet may give partitioner ``name``."""
+    params = inspect.signature(_cls(canonical(name)).__init__).parameters
+    return {k: p for k, p in params.items() if k != "self" and k not in OWNED}
 
-    When the split holds ``parts x per_part`` images, the shares are disjoint: a seeded pool
-    of that size split by :func:`split_indices`. When it does not, devices share images: they
-    are taken in groups of ``len(labels) // per_part`` devices, and each group splits its own
-    seeded pool the same way (group 0 exactly as a fleet that fits), so shares are disjoint
-    within a group, overlap across groups, and every device's images are distinct.
-    """
-    n_total = len(labels)
-    if per_part > n_total:
+
+def _kwargs(name: str, args: Mapping[str, Any], devices: int, seed: int, n: int) -> dict[str, Any]:
+    """The partitioner's keyword arguments: the fleet's, its device count, and defaults for
+    ``partition_by`` (the label), ``seed`` (the run's) and InnerDirichlet's sizes (even)."""
+    allowed = allowed_args(name)
+    unknown = sorted(set(args) - set(allowed))
+    if unknown:
+        takes = ", ".join(sorted(allowed)) or "no arguments"
         raise ConfigError(
-            f"a device wants {per_part} images but the split has {n_total}; "
-            "use fewer images per device"
+            f"partitioner {name} has no argument(s) {', '.join(unknown)}; it takes {takes}"
         )
-    group = max(1, n_total // per_part)
-    out: list[list[int]] = []
-    for g, start in enumerate(range(0, parts, group)):
-        members = min(group, parts - start)
-        pool = sample_pool(n_total, members * per_part, seed, stream=g)
-        sub = split_indices([labels[i] for i in pool], members, kind, seed + 104_729 * g, alpha)
-        out.extend([pool[i] for i in share] for share in sub)
-    return out
+    kw = dict(args)
+    if "partition_by" in allowed:
+        kw.setdefault("partition_by", LABEL)
+    if "seed" in allowed:
+        kw.setdefault("seed", seed)
+    if name == "InnerDirichlet" and "partition_sizes" not in kw:
+        kw["partition_sizes"] = [len(a) for a in np.array_split(np.arange(n), devices)]
+    if "num_partitions" in inspect.signature(_cls(name).__init__).parameters:
+        kw["num_partitions"] = devices
+    missing = [
+        k for k, p in allowed.items() if p.default is inspect.Parameter.empty and k not in kw
+    ]
+    if missing:
+        raise ConfigError(f"partitioner {name} needs {', '.join(missing)} in partitioner_args")
+    return kw
 
 
-def shared(parts: int, per_part: int, n_total: int) -> bool:
-    """Whether ``parts`` devices of ``per_part`` images each must share a split of ``n_total``."""
-    return parts * per_part > n_total
+def build(name: str, args: Mapping[str, Any], devices: int, seed: int = 0, n: int = 0) -> Any:
+    """Flower Datasets' partitioner ``name`` for ``devices`` (no dataset yet); its own
+    checks' refusals become one :class:`~mist_fed.errors.ConfigError` line."""
+    name = canonical(name)
+    kw = _kwargs(name, args, devices, seed, max(n, devices))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _cls(name)(**kw)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"partitioner {name}: {e}".splitlines()[0]) from e
 
 
-def iid_split(n: int, parts: int, seed: int) -> list[list[int]]:
-    """``range(n)`` shuffled and cut into ``parts`` shares of near-equal size."""
-    if parts < 1 or n < parts:
-        raise ConfigError(f"cannot split {n} items into {parts} non-empty parts")
-    perm = np.random.default_rng([seed, 1]).permutation(n)
-    return [sorted(chunk.tolist()) for chunk in np.array_split(perm, parts)]
+def check(name: str, args: Mapping[str, Any], devices: int) -> str:
+    """Refuse an unknown partitioner, argument or value in one line; the canonical name."""
+    name = canonical(name)
+    build(name, args, devices)
+    return name
 
 
-def dirichlet_split(
-    labels: Sequence[int], parts: int, alpha: float, seed: int, min_size: int = 1
-) -> list[list[int]]:
-    """Label-skewed split: each class is spread over parts by proportions ~ Dir(alpha).
-
-    Small ``alpha`` gives each device few classes. Redraws (up to 100 times) until every part
-    has at least ``min_size`` items, then moves single items from the largest parts.
-    """
-    y = np.asarray(labels)
-    if parts < 1 or len(y) < parts * min_size:
-        raise ConfigError(f"cannot split {len(y)} items into {parts} parts of >= {min_size}")
-    rng = np.random.default_rng([seed, 2])
-    classes = np.unique(y)
-    best: list[list[int]] = []
-    for _ in range(100):
-        shares: list[list[int]] = [[] for _ in range(parts)]
-        for c in classes:
-            idx = rng.permutation(np.flatnonzero(y == c))
-            props = rng.dirichlet(np.full(parts, alpha))
-            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
-            for p, chunk in enumerate(np.split(idx, cuts)):
-                shares[p].extend(chunk.tolist())
-        best = shares
-        if min(len(s) for s in shares) >= min_size:
-            break
-    while min(len(s) for s in best) < min_size:  # rebalance the rare leftovers
-        big = max(range(parts), key=lambda p: len(best[p]))
-        small = min(range(parts), key=lambda p: len(best[p]))
-        best[small].append(best[big].pop())
-    return [sorted(s) for s in best]
+def pool_indices(
+    n_total: int, wanted: int | None, seed: int, share_images: bool = False
+) -> np.ndarray:
+    """The fleet's pool: rows of a split of ``n_total`` in a seeded order (as Flower Datasets'
+    ``FederatedDataset`` shuffles a split before partitioning it: its ``IidPartitioner`` cuts
+    contiguous shards). ``wanted`` None: every row; else the first ``wanted``, continued (only
+    with ``share_images``) by further seeded orders of the split when it holds fewer."""
+    if wanted is None:
+        wanted = n_total
+    if wanted > n_total and not share_images:
+        raise ConfigError(
+            f"the fleet needs {wanted:,} training images but the split has {n_total:,}; use "
+            "fewer devices or images per device, --protocol full, or share_images = true "
+            "(devices then share images, recorded)"
+        )
+    parts: list[np.ndarray] = []
+    stream = 0
+    while sum(len(p) for p in parts) < wanted:
+        key = [seed, 7919] if stream == 0 else [seed, 7919, stream]
+        parts.append(np.random.default_rng(key).permutation(n_total))
+        stream += 1
+    return np.concatenate(parts)[:wanted]
 
 
-def split_indices(
-    labels: Sequence[int], parts: int, kind: str, seed: int, alpha: float = 0.5
-) -> list[list[int]]:
-    if kind == "iid":
-        return iid_split(len(labels), parts, seed)
-    if kind == "dirichlet":
-        return dirichlet_split(labels, parts, alpha, seed)
-    raise ConfigError(f"unknown split {kind!r}; use iid or dirichlet")
+class Shares:
+    """One fleet's pool of a split and its partitioner, applied to a local dataset."""
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        pool: np.ndarray,
+        name: str,
+        args: Mapping[str, Any],
+        devices: int,
+        seed: int,
+    ) -> None:
+        from datasets import Dataset
+
+        self.pool = pool
+        self.devices = devices
+        self.name = canonical(name)
+        y = np.asarray(labels, dtype=np.int64)[pool]
+        self.partitioner = build(self.name, args, devices, seed, len(pool))
+        self.partitioner.dataset = Dataset.from_dict({"idx": np.arange(len(pool)), LABEL: y})
+
+    def indices(self, device: int) -> list[int]:
+        """The split rows of device ``device`` (0-based in its fleet), each once."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rows = self.partitioner.load_partition(device)["idx"]
+        except (ValueError, KeyError, IndexError) as e:
+            raise ConfigError(f"partitioner {self.name}: {e}".splitlines()[0]) from e
+        return list(dict.fromkeys(int(i) for i in self.pool[np.asarray(rows, dtype=np.int64)]))
+
+    @property
+    def distinct(self) -> int:
+        return len(np.unique(self.pool))
+
+    def plot(self, out: Path, title: str = "") -> list[Path]:
+        """The per-device label distribution (Flower Datasets' own plot, the first
+        :data:`LABEL_PLOT_DEVICES` devices) and a histogram of share sizes (the first
+        :data:`SIZE_PLOT_DEVICES`); the files written."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from flwr_datasets.visualization import plot_label_distributions
+
+        out.mkdir(parents=True, exist_ok=True)
+        shown = min(self.devices, LABEL_PLOT_DEVICES)
+        fig, _, _ = plot_label_distributions(
+            self.partitioner,
+            LABEL,
+            plot_type="bar",
+            size_unit="absolute",
+            max_num_partitions=shown,
+            legend=True,
+            verbose_labels=False,
+            title=f"{title} label distribution ({self.name}; devices 0-{shown - 1})",
+        )
+        labels_png = out / "label_distribution.png"
+        fig.savefig(labels_png, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        counted = min(self.devices, SIZE_PLOT_DEVICES)
+        sizes = [len(self.partitioner.load_partition(d)) for d in range(counted)]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.hist(sizes, bins=min(50, max(5, len(set(sizes)))))
+        ax.set_xlabel("training images per device")
+        ax.set_ylabel("devices")
+        ax.set_title(f"{title} share sizes ({self.name}; {counted:,} devices)")
+        sizes_png = out / "share_sizes.png"
+        fig.savefig(sizes_png, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return [labels_png, sizes_png]

@@ -3,8 +3,11 @@
 back, and each fleet's
 :class:`~mist_fed.fleet.aggregation.Aggregator`.
 
-A round (:meth:`SyncRounds.round`): each federated fleet's aggregator samples among its
-available devices; the sampled devices that drop out are recorded and sent nothing; the others
+A round (:meth:`SyncRounds.round`): each federated fleet's aggregator samples (``per_round``,
+through the aggregator's own sampling: Flower's strategies') among the devices its availability
+model has online at the run's simulated time (:meth:`SyncRounds.available`); a device's job is
+made only then (:meth:`~mist_fed.fleet.plan.FleetPlan.job`); the sampled devices that drop out
+are recorded and sent nothing; the others
 get their job and the model they start from; replies arrive in any order; an ``ok`` reply past
 the deadline becomes a straggler (never averaged in); each federated fleet aggregates its ``ok``
 replies into a new global model, which the server scores
@@ -14,7 +17,7 @@ every round: the run session writes its tables there (a checkpoint: a run stoppe
 keeps whole rounds).
 
 Everything one round changes lives in :class:`RoundState` (global and device models, clocks,
-records), so another loop (an event-driven asynchronous one, over the same transport and
+the run's simulated time, records), so another loop (an event-driven asynchronous one, over the same transport and
 aggregators) can sit beside :class:`SyncRounds`, and a run can resume from a saved state.
 No Flower and no Ray: the Flower Grid (:mod:`mist_fed.fleet.flower.grid`) and the
 in-process loop (:class:`~mist_fed.fleet.worker.LocalTransport`) are two transports.
@@ -43,6 +46,7 @@ from mist_fed.fleet.scoring import (
     central_epochs,
     fleet_row,
     mark_straggler,
+    round_seconds,
 )
 from mist_fed.fleet.spec import FleetSpec
 from mist_fed.fleet.state import DriverRandom, StateProvider, register_state_class, restore
@@ -50,6 +54,8 @@ from mist_fed.fleet.storage import RunStorage
 from mist_fed.fleet.transport import Reply, RunStopped, Transport
 
 log = logging.getLogger(__name__)
+
+IDLE_S = 600.0  # simulated seconds a round lasts when no device of any fleet ran in it
 
 
 @register_state_class
@@ -79,6 +85,7 @@ class RoundState:
     global_state: dict[str, StateDict] = field(default_factory=dict)  # fleet -> model
     device_state: dict[int, StateDict] = field(default_factory=dict)  # local fleets' devices
     clocks: dict[str, FleetClock] = field(default_factory=dict)
+    sim_s: float = 0.0  # the run's virtual clock: when the next round starts (simulated s)
     central: dict[str, CentralResult] = field(default_factory=dict)
     records: RunRecords = field(default_factory=RunRecords)
 
@@ -133,7 +140,8 @@ class SyncRounds:
             state.global_state[f.name] = self.scorer.initial_state(f, self.plan.num_classes(f.name))
             state.clocks[f.name] = FleetClock()
         for f in self.spec.fleets:
-            state.central[f.name] = self._central(f.name, state.global_state[f.name])
+            if self.spec.central:
+                state.central[f.name] = self._central(f.name, state.global_state[f.name])
         return state
 
     def resume(self, saved: dict[str, Any]) -> RoundState:
@@ -158,39 +166,40 @@ class SyncRounds:
 
     def share(self, fleet: str) -> float:
         """The expected share of ``fleet``'s devices that train in a round."""
-        n = self.plan.fleet(fleet).devices
+        f = self.plan.fleet(fleet)
         agg = self.aggregators[fleet]
-        sampled = n if agg is None else agg.sampled(n)
-        return sampled / n * (1.0 - self.spec.dropout)
+        if agg is None or self.spec.per_round is not None:
+            sampled = self.spec.per_round_of(f)
+        else:
+            sampled = agg.sampled(f.devices)
+        return sampled / f.devices * (1.0 - self.plan.availability.drop_p)
 
     # -- one round ---------------------------------------------------------------------------
-    def available(self, fleet: str, rnd: int) -> list[DeviceJob]:
-        """``fleet``'s devices that can be sampled in round ``rnd``: all of them (an
-        availability model narrows this; a sampled device may still drop out)."""
-        return self.plan.members(fleet)
+    def available(self, fleet: str, rnd: int, sim_s: float = 0.0) -> list[int]:
+        """``fleet``'s devices that can be sampled in round ``rnd``, which starts at simulated
+        second ``sim_s``: those its availability model has online then (a sampled device may
+        still drop out)."""
+        devices = np.asarray(self.plan.devices_of(fleet))
+        return devices[self.plan.availability.online(devices, sim_s)].tolist()
 
     def sample(
-        self, fleet: str, rnd: int, current: StateDict
+        self, fleet: str, rnd: int, current: StateDict, sim_s: float = 0.0
     ) -> tuple[list[DeviceJob], dict[str, Any]]:
         """The devices ``fleet``'s aggregator picks for round ``rnd`` (its global model:
-        ``current``), and its config for them."""
-        members = self.available(fleet, rnd)
+        ``current``; the round starts at ``sim_s``), as jobs made now, and its config."""
+        members = self.available(fleet, rnd, sim_s)
         agg = self.aggregators[fleet]
-        if agg is None:  # local: every available device trains its own model
-            return members, {}
         index = [f.name for f in self.spec.fleets].index(fleet)
         seed = sample_seed(self.spec.seed, rnd, index)
-        chosen, config = agg.sample(rnd, current, [d.device for d in members], seed)
-        by_id = {d.device: d for d in members}
-        return [by_id[i] for i in sorted(chosen)], config
-
-    def dropped(self, rnd: int) -> set[int]:
-        if self.spec.dropout <= 0:
-            return set()
-        draws = np.random.default_rng([self.spec.seed, 4241, rnd]).random(len(self.plan.devices))
-        return {
-            d.device for d, u in zip(self.plan.devices, draws, strict=True) if u < self.spec.dropout
-        }
+        wanted = self.spec.per_round
+        if agg is None:  # local: the available devices (per_round of them) train their own
+            if wanted is not None and len(members) > wanted:
+                pick = np.random.default_rng([seed, 31]).choice(len(members), wanted, False)
+                members = [members[i] for i in pick]
+            chosen, config = members, dict[str, Any]()
+        else:
+            chosen, config = agg.sample(rnd, current, members, seed, wanted)
+        return [self.plan.job(i) for i in sorted(chosen)], config
 
     def _model_for(self, state: RoundState, d: DeviceJob) -> StateDict:
         if self.aggregators[d.fleet] is None and d.device in state.device_state:
@@ -207,15 +216,33 @@ class SyncRounds:
             proximal_mu=float(config.get("proximal-mu", 0.0)),
         )
 
+    def _advance(self, state: RoundState, results: dict[int, Reply]) -> float:
+        """The run's clock after this round: its slowest fleet's round time (fleets run side
+        by side), or :data:`IDLE_S` when no device ran (nothing was available)."""
+        by_fleet: dict[str, list[DeviceResult]] = {}
+        for dev, (res, _) in results.items():
+            by_fleet.setdefault(self.plan.fleet_of(dev), []).append(res)
+        times = [round_seconds(rs, self.spec) for rs in by_fleet.values()]
+        ran = any(r.status != DROPPED for rs in by_fleet.values() for r in rs)
+        return state.sim_s + (max(times, default=0.0) if ran else IDLE_S)
+
     def round(self, state: RoundState) -> None:
         """Run round ``state.round + 1``; ``state`` holds its outcome."""
         rnd = state.round + 1
         log.info("round %d of %d", rnd, self.spec.rounds)
         picked: list[tuple[DeviceJob, dict[str, Any]]] = []
         for f in self.spec.fleets:
-            chosen, config = self.sample(f.name, rnd, state.global_state[f.name])
+            chosen, config = self.sample(f.name, rnd, state.global_state[f.name], state.sim_s)
             picked += [(d, config) for d in chosen]
-        gone = self.dropped(rnd) & {d.device for d, _ in picked}
+        jobs = {d.device: d for d, _ in picked}
+        # sent nothing: the availability model's dropouts, and devices whose share is empty
+        # (a partitioner may leave some of a large population without images)
+        gone = {
+            d: "dropout" for d in self.plan.availability.dropped(list(jobs), rnd, self.spec.seed)
+        }
+        gone.update(
+            {d: "empty share: no training images" for d, j in jobs.items() if not j.train_ids}
+        )
         active = [
             (self._job(d, rnd, c), self._model_for(state, d))
             for d, c in picked
@@ -235,14 +262,14 @@ class SyncRounds:
                     self.on_result(res)
         self.check_stop()  # replies to a run being stopped do not make a completed round
         for dev in sorted(gone):
-            results[dev] = (DeviceResult(dev, rnd, DROPPED, "dropout"), None)
+            results[dev] = (DeviceResult(dev, rnd, DROPPED, gone[dev]), None)
             if self.on_result:
                 self.on_result(results[dev][0])
         scores = self._aggregate_and_score(rnd, state, results)
-        by_id = {d.device: d for d in self.plan.devices}
+        now = self._advance(state, results)
         rows = []
         for dev in sorted(results):
-            d, res = by_id[dev], results[dev][0]
+            d, res = jobs[dev], results[dev][0]
             fleet = self.plan.fleet(d.fleet)
             rows.append({
                 "round": rnd, "device": dev, "fleet": d.fleet, "task": d.task,
@@ -252,21 +279,22 @@ class SyncRounds:
             })  # fmt: skip
         fleet_rows = []
         for f in self.spec.fleets:
-            rs = [results[d][0] for d in sorted(results) if by_id[d].fleet == f.name]
+            rs = [results[d][0] for d in sorted(results) if jobs[d].fleet == f.name]
             row = fleet_row(self.plan, f, rnd, rs, scores.get(f.name), state.clocks[f.name],
-                            state.central.get(f.name))  # fmt: skip
+                            state.central.get(f.name), now)  # fmt: skip
             fleet_rows.append(dataclasses.asdict(row))
         # A round's rows land together, so a run stopped mid-round leaves whole rounds.
         state.records.devices.extend(rows)
         state.records.fleets.extend(fleet_rows)
         state.round = rnd
+        state.sim_s = now
 
     def _aggregate_and_score(
         self, rnd: int, state: RoundState, results: dict[int, Reply]
     ) -> dict[str, float]:
         """Aggregate each federated fleet and score its global model on the server."""
         scores: dict[str, float] = {}
-        fleet_of = {d.device: d.fleet for d in self.plan.devices}
+        fleet_of = {dev: self.plan.fleet_of(dev) for dev in results}
         for f in self.spec.fleets:
             done = [
                 Update(dev, st, res.num_examples)

@@ -19,7 +19,9 @@ device):
   devices' batch size and learning rate; then scored on the same evaluation images.
 
 A round's simulated time is its slowest participating device's transfer + compute (FedScale's
-virtual clock), capped by the deadline; a device past the deadline is a straggler.
+virtual clock), capped by the deadline; a device past the deadline is a straggler. Fleets run
+their rounds side by side: the run's clock (:attr:`~mist_fed.fleet.rounds.RoundState.sim_s`)
+moves by the slowest fleet's round, and every fleet's row reads it (``sim_time_s``).
 """
 
 from __future__ import annotations
@@ -119,8 +121,9 @@ class Scorer:
 
     def _score(self, device: EdgeDevice, fleet: TaskFleet, net: torch.nn.Module) -> float:
         s = self.spec
+        task = self.plan.data_task(fleet.name)
         test = device.features(
-            fleet.task, "test", fleet.method, s.k, s.wire_dtype, ids=self.eval_ids(fleet.task)
+            task, "test", fleet.method, s.k, s.wire_dtype, ids=self.eval_ids(fleet.task)
         )
         return device.evaluate(net, test)
 
@@ -138,7 +141,12 @@ class Scorer:
         try:
             with self._device(src) as device:
                 train = device.features(
-                    fleet.task, "train", fleet.method, s.k, s.wire_dtype, ids=tuple(train_ids)
+                    self.plan.data_task(fleet.name),
+                    "train",
+                    fleet.method,
+                    s.k,
+                    s.wire_dtype,
+                    ids=tuple(train_ids),
                 )
                 net = device.new_net(fleet.method, num_classes, s.k, state=state, wire=s.wire_dtype)
                 cfg = TrainConfig.for_method(
@@ -166,22 +174,29 @@ def mark_straggler(res: DeviceResult, deadline_s: float | None) -> bool:
     return True
 
 
+def round_seconds(results: Sequence[DeviceResult], spec: FleetSpec) -> float:
+    """A fleet's round in simulated seconds: its slowest device that ran, capped by the
+    deadline."""
+    round_s = max((r.device_s for r in results if r.status != DROPPED), default=0.0)
+    return round_s if spec.deadline_s is None else min(round_s, spec.deadline_s)
+
+
 @register_state_class
 @dataclass
 class FleetClock:
-    """One fleet's virtual clock across rounds: simulated seconds, device-hours, sample-steps."""
+    """One fleet's account across rounds: the run's simulated seconds at its last round,
+    device-hours, sample-steps."""
 
     sim_s: float = 0.0
     device_hours: float = 0.0
     sample_steps: int = 0
 
-    def advance(self, results: Sequence[DeviceResult], spec: FleetSpec) -> float:
-        """Charge one round of ``results``; its simulated seconds."""
+    def advance(self, results: Sequence[DeviceResult], spec: FleetSpec, now: float) -> float:
+        """Charge one round of ``results``, which the run's clock ends at ``now``; the fleet's
+        own round seconds."""
         times = [r.device_s for r in results if r.status != DROPPED]
-        round_s = max(times, default=0.0)
-        if spec.deadline_s is not None:
-            round_s = min(round_s, spec.deadline_s)
-        self.sim_s += round_s
+        round_s = round_seconds(results, spec)
+        self.sim_s = now
         self.device_hours += sum(times) / 3600.0
         self.sample_steps += sum(
             spec.local_epochs * r.num_examples for r in results if r.status == OK
@@ -201,22 +216,23 @@ def fleet_row(
     score: float | None,
     clock: FleetClock,
     central: CentralResult | None,
+    now: float,
 ) -> FleetRow:
-    """One fleet's row of ``fleets.parquet`` for round ``rnd`` (``clock`` advances by it).
+    """One fleet's row of ``fleets.parquet`` for round ``rnd`` (``clock`` advances by it; the
+    run's clock ends the round at ``now``).
 
     ``score``: the global model's accuracy on the server; ``None`` for a local fleet, whose
     accuracy is each device's own model on its own test images."""
     spec = plan.spec
     ok = [r for r in results if r.status == OK]
-    test_n = {d.device: len(d.test_ids) for d in plan.members(fleet.name)}
-    if score is None:
-        w = sum(test_n[r.device] for r in ok)
-        acc = sum(r.accuracy * test_n[r.device] for r in ok) / w if w else math.nan
+    if score is None:  # every device of a fleet has as many test images
+        w = plan.test_size(fleet.name) * len(ok)
+        acc = _mean([r.accuracy for r in ok]) if ok else math.nan
         eval_images = w
     else:
         acc, eval_images = score, len(plan.eval_ids[fleet.task])
     hours = clock.device_hours
-    round_s = clock.advance(results, spec)
+    round_s = clock.advance(results, spec, now)
     slots, distinct = plan.sharing(fleet.name)
     ms = [r.metrics for r in results]
     images = sum(m.images_down for m in ms)

@@ -19,10 +19,10 @@ from typing import Any
 from mist_fed.assets.defaults import OFFLINE_BACKBONE
 from mist_fed.cloud.backbone import BackboneSpec
 from mist_fed.errors import BackboneError, ConfigError
-from mist_fed.fleet import aggregation
+from mist_fed.fleet import aggregation, availability, partition
 from mist_fed.wire.dtypes import check_wire
 
-SPLITS = ("iid", "dirichlet")
+PROTOCOLS = ("vtab-1k", "full")  # the task split the devices' shares come from
 FLEET_METHODS = ("mist", "mist_pool", "linear", "partial1", "side")
 
 
@@ -69,9 +69,15 @@ class FleetSpec:
     fleets: tuple[TaskFleet, ...]
     profiles: tuple[tuple[str, int], ...] = (("rpi4", 1),)
     backbone: BackboneSpec = _DEFAULT_BACKBONE_SPEC  # shared by every fleet of a run
-    split: str = "iid"
-    dirichlet_alpha: float = 0.5
-    train_per_device: int = 20
+    protocol: str = "vtab-1k"  # the task's training split: VTAB-1k's 800, or the full one
+    partitioner: str = "Iid"  # a Flower Datasets partitioner (fleet/partition.py)
+    partitioner_args: dict[str, Any] = field(default_factory=dict, compare=False)
+    # None: every image of the split is partitioned; else the first devices x train_per_device
+    # of a seeded order (more than the split only with share_images: devices share images)
+    train_per_device: int | None = None
+    share_images: bool = False
+    per_round: int | None = None  # devices each fleet samples a round; None: all available
+    availability: str = "always"  # always | dropout:P | diurnal[:H] | trace:PATH
     test_per_device: int = 10
     eval_images: int = 1000  # the task's test images the global and central models are scored on
     rounds: int = 3
@@ -81,11 +87,11 @@ class FleetSpec:
     lr_decay: float = 1.0  # the devices' learning rate in round r is lr * lr_decay ** (r - 1)
     k: int | None = None  # gather depth for mist; None = N (all blocks)
     wire_dtype: str = "float16"
-    dropout: float = 0.0
     deadline_s: float | None = None  # round deadline in device seconds (stragglers miss it)
     seed: int = 0
     fallback_task: str | None = None  # used with fallback_backbone when real assets are missing
     fallback_backbone: BackboneSpec | None = None
+    central: bool = True  # train the central reference (off: population benchmarks)
 
     def __post_init__(self) -> None:
         if not self.fleets:
@@ -95,12 +101,27 @@ class FleetSpec:
             raise ConfigError(f"fleet names must be unique; got {names} (set `name` per fleet)")
         if not self.profiles or any(n <= 0 for _, n in self.profiles):
             raise ConfigError(f"profile mix needs positive counts, got {self.profiles}")
-        if self.split not in SPLITS:
-            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
-        if self.dirichlet_alpha <= 0:
-            raise ConfigError("dirichlet_alpha must be > 0")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(
+                f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"
+            )
+        for f in self.fleets:
+            object.__setattr__(
+                self, "partitioner", partition.check(self.partitioner, self.partitioner_args,
+                                                     f.devices)
+            )  # fmt: skip
+        availability.parse(self.availability)
+        for key in ("train_per_device", "per_round"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1 (or left out), got {getattr(self, key)}")
+        if self.per_round is not None:
+            for f in self.fleets:
+                if "fraction_train" in f.aggregation_args:
+                    raise ConfigError(
+                        f"fleet {f.name!r}: give per_round or aggregation_args fraction_train, "
+                        "not both"
+                    )
         for key in (
-            "train_per_device",
             "test_per_device",
             "eval_images",
             "rounds",
@@ -110,8 +131,6 @@ class FleetSpec:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         check_wire(self.wire_dtype, ConfigError, "wire_dtype")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout is a probability in [0, 1), got {self.dropout}")
         if self.deadline_s is not None and self.deadline_s <= 0:
             raise ConfigError("deadline_s must be > 0 (or left out for no deadline)")
         if self.lr <= 0:
@@ -121,7 +140,22 @@ class FleetSpec:
 
     @property
     def num_devices(self) -> int:
+        """The population: every device of every fleet."""
         return sum(f.devices for f in self.fleets)
+
+    def per_round_of(self, fleet: TaskFleet) -> int:
+        """The most devices ``fleet`` samples in a round."""
+        return fleet.devices if self.per_round is None else min(self.per_round, fleet.devices)
+
+    @property
+    def round_slots(self) -> int:
+        """The most devices a round sends jobs to, over all fleets."""
+        return sum(self.per_round_of(f) for f in self.fleets)
+
+    def data_task(self, task: str) -> str:
+        """The task spec devices and the cloud use for ``task`` under the fleet's protocol
+        (``fashion-mnist@full``; :func:`mist_fed.data.get_task` reads the suffix)."""
+        return task if self.protocol == "vtab-1k" else f"{task}@{self.protocol}"
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -255,15 +289,17 @@ OVERRIDES = (
     "method",
     "aggregation",
     "aggregation_args",
-    "split",
-    "dirichlet_alpha",
+    "protocol",
+    "partitioner",
+    "partitioner_args",
+    "per_round",
+    "availability",
     "rounds",
     "local_epochs",
     "lr",
     "lr_decay",
     "k",
     "wire_dtype",
-    "dropout",
     "deadline_s",
     "seed",
     "train_per_device",
@@ -293,7 +329,11 @@ def apply_overrides(spec: FleetSpec, **kw: Any) -> FleetSpec:
         base = fleets[0]
         fleets = [dataclasses.replace(base, task=t, name="") for t in tasks]
     if "aggregation_args" in kw and isinstance(kw["aggregation_args"], str):
-        kw["aggregation_args"] = _json_args(kw["aggregation_args"])
+        kw["aggregation_args"] = _json_args(kw["aggregation_args"], "aggregation")
+    if "partitioner_args" in kw and isinstance(kw["partitioner_args"], str):
+        kw["partitioner_args"] = _json_args(kw["partitioner_args"], "partitioner")
+    if "partitioner" in kw and "partitioner_args" not in kw:
+        kw["partitioner_args"] = {}  # another partitioner's arguments do not carry over
     fleet_kw = {k: kw.pop(k) for k in ("method", "aggregation", "aggregation_args") if k in kw}
     if "aggregation" in fleet_kw and "aggregation_args" not in fleet_kw:
         fleet_kw["aggregation_args"] = {}  # another strategy's arguments do not carry over
@@ -306,19 +346,21 @@ def apply_overrides(spec: FleetSpec, **kw: Any) -> FleetSpec:
         kw["profiles"] = parse_profile_mix(str(kw.pop("profile")))
     if kw.get("k") is not None and int(kw["k"]) < 0:
         kw["k"] = None
+    for key in ("train_per_device", "per_round"):  # 0: unset (the whole split; every device)
+        if kw.get(key) is not None and int(kw[key]) <= 0:
+            kw[key] = None
     return dataclasses.replace(spec, fleets=tuple(fleets), **kw)
 
 
-def _json_args(text: str) -> dict[str, Any]:
+def _json_args(text: str, what: str) -> dict[str, Any]:
     """``--aggregation-args '{"eta": 0.01}'`` -> a dict (one clear line when it is not one)."""
+    example = '{"eta": 0.01}' if what == "aggregation" else '{"alpha": 0.3}'
     try:
         value = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"aggregation args must be a JSON object, e.g. '{{\"eta\": 0.01}}': {e}"
-        ) from e
+        raise ConfigError(f"{what} args must be a JSON object, e.g. '{example}': {e}") from e
     if not isinstance(value, dict):
-        raise ConfigError(f"aggregation args must be a JSON object, got {text!r}")
+        raise ConfigError(f"{what} args must be a JSON object, e.g. '{example}', got {text!r}")
     return value
 
 

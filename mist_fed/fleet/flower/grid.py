@@ -37,7 +37,12 @@ def _check(stop: threading.Event | None) -> None:
 
 
 class GridTransport:
-    """Device jobs through a Flower Grid; device ``d`` is the Grid's node ``node_ids[d]``.
+    """Device jobs through a Flower Grid: device ``d`` is the Grid's node ``node_ids[d]`` when
+    the Grid has a node for every device of the population (real SuperNodes, one a device);
+    with fewer nodes (a simulation of a large population sampled per round) the nodes are
+    slots: a round's ``i``-th job goes to node ``node_ids[i % len(node_ids)]``, and since the
+    ClientApp keeps nothing between jobs and a device's files are named by its job's storage,
+    any node runs any device.
 
     ``window``: at most this many jobs in flight (pushed, not yet answered); a reply makes
     room for the next. In a simulation the devices run a few at a time (one per Ray actor)
@@ -68,23 +73,26 @@ class GridTransport:
         self.stop = stop
         self.window = window
         self.on_reply: Callable[[], None] | None = None
-        self._todo: deque[tuple[DeviceJob, StateDict]] = deque()
+        self._todo: deque[tuple[DeviceJob, StateDict, int]] = deque()
         self._job_of: dict[str, DeviceJob] = {}  # message id -> job, while in flight
         self._weights: dict[int, ArrayRecord] = {}  # one serialized copy per distinct state
 
     def submit(self, jobs: Sequence[tuple[DeviceJob, StateDict]]) -> None:
-        self._todo.extend(jobs)
+        by_device = all(j.device < len(self.node_ids) for j, _ in jobs)
+        for i, (j, s) in enumerate(jobs):
+            node = self.node_ids[j.device if by_device else i % len(self.node_ids)]
+            self._todo.append((j, s, node))
 
     def _push(self, n: int) -> None:
         batch = [self._todo.popleft() for _ in range(min(n, len(self._todo)))]
         msgs = []
-        for j, s in batch:
+        for j, s, node in batch:
             arrays = self._weights.get(id(s))
             if arrays is None:
                 arrays = self._weights[id(s)] = ArrayRecord.from_torch_state_dict(s)
-            msgs.append(job_message(j, arrays, self.node_ids[j.device]))
+            msgs.append(job_message(j, arrays, node))
         ids = list(self.grid.push_messages(msgs))
-        self._job_of.update(zip(ids, (j for j, _ in batch), strict=True))
+        self._job_of.update(zip(ids, (j for j, _, _ in batch), strict=True))
 
     def replies(self) -> Iterator[Reply]:
         """Each device's unpacked reply (a Message is dropped as soon as it is read)."""
@@ -110,7 +118,7 @@ class GridTransport:
                     self._push(got if self.window is not None else len(self._todo))
                 if not got:
                     time.sleep(POLL_S)
-            late = [*self._job_of.values(), *(j for j, _ in self._todo)]
+            late = [*self._job_of.values(), *(j for j, _, _ in self._todo)]
             for job in sorted(late, key=lambda j: j.device):
                 yield DeviceResult(job.device, job.round, FAILED, "no reply in time"), None
         finally:

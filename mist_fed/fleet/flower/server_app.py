@@ -45,13 +45,16 @@ EXIT_WAIT_S = 20.0  # bound on the fleet's own stop when Flower's runtime exits
 
 
 def _rounds_on_grid(grid: Grid, session: RunSession, nodes: list[int] | None = None) -> None:
-    """The session's rounds with device ``d`` on the Grid's ``d``-th node (sorted ids)."""
+    """The session's rounds with device ``d`` on the Grid's ``d``-th node (sorted ids), or,
+    with fewer nodes than devices, a round's jobs spread over the nodes as slots
+    (:class:`GridTransport`)."""
     spec, stop = session.spec, session.stop.event
-    nodes = nodes or wait_for_nodes(grid, spec.num_devices, stop=stop)
-    if len(nodes) < spec.num_devices:
+    nodes = nodes or wait_for_nodes(grid, spec.round_slots, stop=stop)
+    if len(nodes) < spec.round_slots:
         raise ConfigError(
-            f"the fleet has {spec.num_devices} devices but only {len(nodes)} Flower nodes; "
-            f"run with num-supernodes = {spec.num_devices} (or lower --devices)"
+            f"a round of the fleet sends up to {spec.round_slots} jobs but there are only "
+            f"{len(nodes)} Flower nodes; run with num-supernodes = {spec.round_slots} "
+            "(or lower --devices / --per-round)"
         )
     window = in_flight_window(spec)  # None: no Ray in this process (real SuperNodes)
     transport = GridTransport(grid, nodes, stop=stop, window=window, needs_ray=window is not None)
@@ -159,11 +162,11 @@ def _run_app(grid: Grid, context: Context, stop: RunStop) -> None:
         # Relative fleet paths resolve against the app's root (the installed FAB, or a checkout).
         app_root = Path(__file__).resolve().parents[3]
         spec = resolve_assets(spec_from_run_config(rc, base_dir=app_root))
-    if spec.num_devices > len(nodes):
+    if spec.round_slots > len(nodes):
         raise ConfigError(
-            f"the fleet has {spec.num_devices} devices but the federation {len(nodes)} "
-            f'SuperNodes: run with --federation-config "num-supernodes={spec.num_devices}" '
-            f"or --run-config devices={len(nodes)}"
+            f"a round of the fleet sends up to {spec.round_slots} jobs but the federation has "
+            f'{len(nodes)} SuperNodes: run with --federation-config "num-supernodes='
+            f'{spec.round_slots}", or lower --run-config devices / per-round'
         )
     cloud = str(rc.get("cloud") or "") or None
     run_id = resume.run_id if resume else str(rc.get("run-id") or f"flwr-{context.run_id}")

@@ -87,7 +87,8 @@ def simulate(
                 run_simulation(
                     server_app=app,
                     client_app=client_app,
-                    num_supernodes=spec.num_devices,
+                    # one node per job of a round: a sampled population runs on M slots
+                    num_supernodes=spec.round_slots,
                     backend_config=backend_config,
                     verbose_logging=verbose > 1,
                 )

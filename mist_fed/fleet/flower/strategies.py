@@ -139,11 +139,29 @@ class FlowerAggregator:
         self.strategy = strategy
 
     def sample(
-        self, rnd: int, current: StateDict, available: Sequence[int], seed: int
+        self,
+        rnd: int,
+        current: StateDict,
+        available: Sequence[int],
+        seed: int,
+        wanted: int | None = None,
     ) -> tuple[list[int], dict[str, Any]]:
         """The strategy's ``configure_train`` over the available devices, its sampling seeded
-        (the strategy keeps ``current``: its server-side optimizers step from it)."""
-        with local_identity(), quiet(), seeded_sampling(seed):
+        (the strategy keeps ``current``: its server-side optimizers step from it).
+
+        Flower's strategies sample ``max(int(nodes x fraction_train), min_train_nodes)`` of
+        the Grid's nodes and wait (forever) while fewer than ``min_available_nodes`` are
+        connected; for this round only, :func:`sampling` sets those public attributes so the
+        strategy samples ``wanted`` (the fleet's ``per_round``) and never waits on devices
+        the availability model has offline. No device available: nobody is sampled."""
+        if not available:
+            return [], {}
+        with (
+            local_identity(),
+            quiet(),
+            seeded_sampling(seed),
+            sampling(self.strategy, len(available), wanted),
+        ):
             msgs = list(
                 self.strategy.configure_train(
                     rnd, ArrayRecord(current), ConfigRecord(), cast(Grid, FleetView(available))
@@ -234,6 +252,26 @@ def quiet() -> Iterator[None]:
         yield
     finally:
         flwr.setLevel(level)
+
+
+@contextlib.contextmanager
+def sampling(strategy: fs.Strategy, available: int, wanted: int | None) -> Iterator[None]:
+    """For one ``configure_train``: at most ``available`` nodes asked for and waited on, and
+    exactly ``wanted`` (capped by ``available``) when given; the strategy's own values after."""
+    keys = ("fraction_train", "min_train_nodes", "min_available_nodes")
+    saved = {k: getattr(strategy, k) for k in keys if hasattr(strategy, k)}
+    try:
+        for key in ("min_available_nodes", "min_train_nodes"):
+            if key in saved:
+                setattr(strategy, key, min(int(saved[key]), available))
+        if wanted is not None and "fraction_train" in saved:
+            # int(nodes x fraction) is 0 for a fraction this small: min_train_nodes decides
+            setattr(strategy, "fraction_train", 1e-12)  # noqa: B010
+            setattr(strategy, "min_train_nodes", min(wanted, available))  # noqa: B010
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(strategy, k, v)
 
 
 @contextlib.contextmanager

@@ -93,7 +93,7 @@ def serve_config(
         random_init=b.random_init,
         seed=b.seed,
         model_kwargs=dict(b.model_kwargs),
-        tasks=tuple(dict.fromkeys(f.task for f in spec.fleets)),
+        tasks=tuple(dict.fromkeys(spec.data_task(f.task) for f in spec.fleets)),
         default_dtype=spec.wire_dtype,
     )
 

@@ -101,8 +101,10 @@ def write_results(
     run_id: str,
     facts: dict[str, Any],
     plots: bool = True,
+    plan: FleetPlan | None = None,
 ) -> Path | None:
-    """Write the run's files and (``plots``) its plots; ``results_dir=None`` writes nothing."""
+    """Write the run's files and (``plots``) its plots, with ``plan``'s per-device label
+    distribution and share sizes; ``results_dir=None`` writes nothing."""
     if results_dir is None:
         return None
     from mist_fed.report.plots import plot_run
@@ -112,6 +114,8 @@ def write_results(
     write_run(run_dir, spec_to_dict(spec), records.devices, records.fleets, facts)
     if plots:
         plot_run(run_dir, device_frame(records.devices), fleet_frame(records.fleets))
+        if plan is not None:
+            plan.plot_shares(run_dir)
         log.info("results in %s", run_dir)
     return run_dir
 
@@ -171,7 +175,7 @@ class RunSession:
             self._wall_before = float(resume.facts.get("wall_s", 0.0))
             resumes = int(resume.facts.get("resumes", 0)) + 1
             self.facts.update(resumes=resumes, resumed_from_round=done)
-        self.progress = Progress((spec.rounds - done) * spec.num_devices, progress)
+        self.progress = Progress((spec.rounds - done) * spec.round_slots, progress)
         self.stop = stop or RunStop()
         self.sigint = sigint
         self.raise_stopped = raise_stopped
@@ -220,7 +224,9 @@ class RunSession:
         wall = time.perf_counter() - self._t0
         facts = self._facts(**{f"cloud_{k}": v for k, v in cloud_stats.items() if k in CLOUD_FACTS})
         if self.completed:
-            run_dir = write_results(self.spec, self.records, self.results_dir, self.run_id, facts)
+            run_dir = write_results(
+                self.spec, self.records, self.results_dir, self.run_id, facts, plan=self.plan
+            )
             if run_dir is not None:
                 ckpt.remove(run_dir)  # nothing is left to resume
             self.result = RunResult(run_dir, wall, self.records, cloud_stats, facts)

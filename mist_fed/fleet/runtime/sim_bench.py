@@ -175,11 +175,11 @@ def warm_cloud(specs: list[FleetSpec], location: str) -> int:
     wanted: dict[tuple[str, str, int | None, str, str], set[str]] = {}
     for spec in specs:
         plan = plan_fleet(spec)
-        for d in plan.devices:
+        for d in map(plan.job, range(plan.population)):
             key = (d.task, d.method, spec.k, spec.wire_dtype)
             wanted.setdefault((*key, "train"), set()).update(d.train_ids)
             wanted.setdefault((*key, "test"), set()).update(d.test_ids)
-            wanted[(*key, "test")].update(plan.eval_ids[d.task])
+            wanted[(*key, "test")].update(plan.eval_ids[plan.fleet(d.fleet).task])
     with FlightSource(location) as src:
         blocks = src.geometry().num_blocks
         for (task, method, k, dtype, split), ids in wanted.items():
