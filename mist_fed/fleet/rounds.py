@@ -14,8 +14,12 @@ every round: the run session writes its tables there (a checkpoint: a run stoppe
 keeps whole rounds).
 
 Everything one round changes lives in :class:`RoundState` (global and device models, clocks,
-records), so another loop (an event-driven asynchronous one, over the same transport and
-aggregators) can sit beside :class:`SyncRounds`, and a run can resume from a saved state.
+records), so the event-driven loop of asynchronous fleets
+(:class:`~mist_fed.fleet.async_rounds.AsyncRounds`, over the same transport, scorer and state)
+sits beside :class:`SyncRounds`, and a run can resume from a saved state. :class:`SyncRounds`
+runs the synchronous fleets' rounds (FedAvg and every Flower strategy, ``local``); it also
+starts every fleet (initial model, central reference) and builds every fleet's aggregator,
+asynchronous ones included, which it leaves to the event-driven loop.
 No Flower and no Ray: the Flower Grid (:mod:`mist_fed.fleet.flower.grid`) and the
 in-process loop (:class:`~mist_fed.fleet.worker.LocalTransport`) are two transports.
 """
@@ -32,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from mist_fed.fleet import aggregation
-from mist_fed.fleet.aggregation import Aggregator, Update
+from mist_fed.fleet.aggregation import Aggregator, AsyncAggregator, Update
 from mist_fed.fleet.job import DROPPED, OK, DeviceJob, DeviceResult, StateDict, state_digest
 from mist_fed.fleet.plan import FleetPlan
 from mist_fed.fleet.scoring import (
@@ -76,6 +80,8 @@ class RoundState:
     clocks: dict[str, FleetClock] = field(default_factory=dict)
     central: dict[str, CentralResult] = field(default_factory=dict)
     records: RunRecords = field(default_factory=RunRecords)
+    # asynchronous fleets' event state (fleet -> mist_fed.fleet.async_rounds.AsyncFleetState)
+    asynchronous: dict[str, Any] = field(default_factory=dict)
 
 
 def sample_seed(seed: int, rnd: int, fleet_index: int) -> int:
@@ -90,7 +96,8 @@ class SyncRounds:
     ``storage``: the run's device storage (each job names its device's directory in it);
     ``stop``, once set, ends the run with :class:`RunStopped` between rounds and after a
     round's replies; ``on_result`` sees each result as it is decided, ``on_round`` the state
-    after each round; ``aggregators``: each fleet's, by name (default: built from the spec).
+    after each round; ``aggregators``: each synchronous fleet's, by name, and
+    ``async_aggregators`` each asynchronous fleet's (default: built from the spec).
     """
 
     plan: FleetPlan
@@ -102,11 +109,22 @@ class SyncRounds:
     on_result: Callable[[DeviceResult], None] | None = None
     on_round: Callable[[RoundState], None] | None = None
     aggregators: dict[str, Aggregator | None] = field(default_factory=dict)
+    async_aggregators: dict[str, AsyncAggregator] = field(default_factory=dict)
     spec: FleetSpec = field(init=False)
+    sync_fleets: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.spec = self.plan.spec
+        self.sync_fleets = []
         for f in self.spec.fleets:
+            if f.name in self.async_aggregators:
+                continue
+            if f.name not in self.aggregators and aggregation.is_async(f.aggregation):
+                self.async_aggregators[f.name] = aggregation.build_async(
+                    f.aggregation, f.aggregation_args, f.devices
+                )
+                continue
+            self.sync_fleets.append(f.name)
             if f.name not in self.aggregators:
                 self.aggregators[f.name] = aggregation.build(
                     f.aggregation, f.aggregation_args, f.devices
@@ -139,7 +157,7 @@ class SyncRounds:
     def share(self, fleet: str) -> float:
         """The expected share of ``fleet``'s devices that train in a round."""
         n = self.plan.fleet(fleet).devices
-        agg = self.aggregators[fleet]
+        agg = self.async_aggregators.get(fleet) or self.aggregators[fleet]
         sampled = n if agg is None else agg.sampled(n)
         return sampled / n * (1.0 - self.spec.dropout)
 
@@ -192,8 +210,8 @@ class SyncRounds:
         rnd = state.round + 1
         log.info("round %d of %d", rnd, self.spec.rounds)
         picked: list[tuple[DeviceJob, dict[str, Any]]] = []
-        for f in self.spec.fleets:
-            chosen, config = self.sample(f.name, rnd, state.global_state[f.name])
+        for name in self.sync_fleets:
+            chosen, config = self.sample(name, rnd, state.global_state[name])
             picked += [(d, config) for d in chosen]
         gone = self.dropped(rnd) & {d.device for d, _ in picked}
         active = [
@@ -231,7 +249,7 @@ class SyncRounds:
                 "received_digest": received.get(dev, ""),
             })  # fmt: skip
         fleet_rows = []
-        for f in self.spec.fleets:
+        for f in map(self.plan.fleet, self.sync_fleets):
             rs = [results[d][0] for d in sorted(results) if by_id[d].fleet == f.name]
             row = fleet_row(self.plan, f, rnd, rs, scores.get(f.name), state.clocks[f.name],
                             state.central.get(f.name))  # fmt: skip
@@ -247,7 +265,7 @@ class SyncRounds:
         """Aggregate each federated fleet and score its global model on the server."""
         scores: dict[str, float] = {}
         fleet_of = {d.device: d.fleet for d in self.plan.devices}
-        for f in self.spec.fleets:
+        for f in map(self.plan.fleet, self.sync_fleets):
             done = [
                 Update(dev, st, res.num_examples)
                 for dev, (res, st) in sorted(results.items())
@@ -276,10 +294,11 @@ class SyncRounds:
 
     # -- the run -----------------------------------------------------------------------------
     def run(self, state: RoundState | None = None) -> RunRecords:
-        """Every round after ``state``'s (from round 0 when none is given)."""
+        """Every round of the synchronous fleets after ``state``'s (from round 0 when none is
+        given); nothing when every fleet is asynchronous."""
         if state is None:
             state = self.start()
-        while state.round < self.spec.rounds:
+        while state.round < self.spec.rounds and self.sync_fleets:
             self.check_stop()
             self.round(state)
             if self.on_round:

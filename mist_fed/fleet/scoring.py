@@ -19,7 +19,9 @@ device):
   devices' batch size and learning rate; then scored on the same evaluation images.
 
 A round's simulated time is its slowest participating device's transfer + compute (FedScale's
-virtual clock), capped by the deadline; a device past the deadline is a straggler.
+virtual clock), capped by the deadline; a device past the deadline is a straggler. An
+asynchronous fleet's clock is its event time instead: a server step happens when the update
+that fills its buffer finishes (:meth:`FleetClock.advance_to`).
 """
 
 from __future__ import annotations
@@ -179,11 +181,22 @@ class FleetClock:
         if spec.deadline_s is not None:
             round_s = min(round_s, spec.deadline_s)
         self.sim_s += round_s
-        self.device_hours += sum(times) / 3600.0
+        self._charge(results, spec)
+        return round_s
+
+    def advance_to(self, sim_s: float, results: Sequence[DeviceResult], spec: FleetSpec) -> float:
+        """Move to simulated second ``sim_s`` (an asynchronous fleet's server step) charging
+        ``results`` (the jobs consumed since the last step); the seconds it moved."""
+        step_s = sim_s - self.sim_s
+        self.sim_s = sim_s
+        self._charge(results, spec)
+        return step_s
+
+    def _charge(self, results: Sequence[DeviceResult], spec: FleetSpec) -> None:
+        self.device_hours += sum(r.device_s for r in results if r.status != DROPPED) / 3600.0
         self.sample_steps += sum(
             spec.local_epochs * r.num_examples for r in results if r.status == OK
         )
-        return round_s
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -198,8 +211,10 @@ def fleet_row(
     score: float | None,
     clock: FleetClock,
     central: CentralResult | None,
+    sim_time_s: float | None = None,
 ) -> FleetRow:
-    """One fleet's row of ``fleets.parquet`` for round ``rnd`` (``clock`` advances by it).
+    """One fleet's row of ``fleets.parquet`` for round ``rnd`` (``clock`` advances by it; to
+    ``sim_time_s`` when given: an asynchronous fleet's server step).
 
     ``score``: the global model's accuracy on the server; ``None`` for a local fleet, whose
     accuracy is each device's own model on its own test images."""
@@ -213,7 +228,10 @@ def fleet_row(
     else:
         acc, eval_images = score, len(plan.eval_ids[fleet.task])
     hours = clock.device_hours
-    round_s = clock.advance(results, spec)
+    if sim_time_s is None:
+        round_s = clock.advance(results, spec)
+    else:
+        round_s = clock.advance_to(sim_time_s, results, spec)
     slots, distinct = plan.sharing(fleet.name)
     ms = [r.metrics for r in results]
     images = sum(m.images_down for m in ms)

@@ -30,8 +30,9 @@ FLEET_METHODS = ("mist", "mist_pool", "linear", "partial1", "side")
 class TaskFleet:
     """Devices sharing one task (and one method): they federate or stay local.
 
-    ``aggregation``: a registered aggregation's name (any case; Flower's strategies, see
-    :mod:`mist_fed.fleet.aggregation`) or ``local``; ``aggregation_args``: its keyword arguments,
+    ``aggregation``: a registered aggregation's name (any case; Flower's strategies, the
+    asynchronous FedBuff and FedAsync, see :mod:`mist_fed.fleet.aggregation`) or ``local``;
+    ``aggregation_args``: its keyword arguments,
     checked here by name and kind (the aggregator itself is built once per run, by the plan).
     """
 
@@ -116,6 +117,12 @@ class FleetSpec:
             raise ConfigError("deadline_s must be > 0 (or left out for no deadline)")
         if self.lr <= 0:
             raise ConfigError("lr must be > 0")
+        asynchronous = [f.name for f in self.fleets if aggregation.is_async(f.aggregation)]
+        if asynchronous and self.dropout > 0:
+            raise ConfigError(
+                f"dropout applies to rounds; asynchronous fleet(s) {', '.join(asynchronous)} "
+                "have none: set dropout = 0 (devices come and go by the availability model)"
+            )
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr_decay is a factor in (0, 1], got {self.lr_decay}")
 

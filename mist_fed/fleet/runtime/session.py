@@ -6,7 +6,8 @@ ServerApp of :mod:`mist_fed.fleet.flower.server_app`, where Flower's runtime own
 and Ray), the plain in-process loop (:func:`run_plain`) and ``mist-fed bench sim``: it plans the
 devices, makes the run's device storage, finds or starts the cloud, owns the run's one stop
 (:class:`~mist_fed.fleet.runtime.stop.RunStop`), runs the rounds over the transport an engine
-gives it (:meth:`RunSession.run_rounds`), writes the results tables after every round (a
+gives it (:meth:`RunSession.run_rounds`: the synchronous fleets' rounds, then the
+asynchronous fleets' server steps on the virtual clock, over the same transport), writes the results tables after every round (a
 checkpoint: ``config.toml`` says ``interrupted`` and ``rounds_completed`` until the run ends)
 and, at the end, the finished run with its plots, or what a stopped run completed.
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 from mist_fed.defaults import DEFAULT_HOST
 from mist_fed.errors import Interrupted, MistError
+from mist_fed.fleet.async_rounds import AsyncRounds
 from mist_fed.fleet.job import DeviceResult
 from mist_fed.fleet.plan import FleetPlan, plan_fleet
 from mist_fed.fleet.rounds import RoundState, RunRecords, SyncRounds
@@ -210,8 +212,9 @@ class RunSession:
 
     # -- the rounds --------------------------------------------------------------------------
     def checkpoint(self, state: RoundState) -> None:
-        """After each round: its tables, marked as a run still going (``rounds_completed``)."""
-        facts = self._facts(interrupted=True, rounds_completed=state.round)
+        """After each round (or asynchronous server step): its tables, marked as a run still
+        going (``rounds_completed``: of the fleet furthest on)."""
+        facts = self._facts(interrupted=True, rounds_completed=state.records.rounds_completed)
         write_results(self.spec, state.records, self.results_dir, self.run_id, facts, plots=False)
 
     def run_rounds(self, transport: Transport, progress_bars: bool = False) -> None:
@@ -226,7 +229,9 @@ class RunSession:
             on_result=self.progress, on_round=self.checkpoint,
         )  # fmt: skip
         try:
-            rounds.run(rounds.start(self.records))
+            state = rounds.start(self.records)
+            rounds.run(state)
+            AsyncRounds(rounds, on_step=self.checkpoint).run(state)
             self.completed = True
             self.records.timing["end"] = time.perf_counter()
         except RunStopped:
