@@ -221,30 +221,35 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another() -> None:
 
 
 def test_a_sync_and_an_async_fleet_run_in_one_run() -> None:
-    # Prepare: a synchronous fleet (2 of 3 a round) and a FedBuff fleet of the same task
+    # Prepare: two synchronous fleets (2 of 3 a round; one for 1 round) and a FedBuff fleet
+    # of the same task, for 3 server steps
     fleets = (
         TaskFleet("t", 3, name="sync"),
-        TaskFleet("t", 3, name="async", aggregation="FedBuff", aggregation_args={"buffer_size": 2}),
-    )
+        TaskFleet("t", 3, name="short", rounds=1),
+        TaskFleet(
+            "t", 3, name="async", aggregation="FedBuff", aggregation_args={"buffer_size": 2},
+            rounds=3,
+        ),
+    )  # fmt: skip
     plan = _plan(rounds=2, fleets=fleets)
     transport = ClockedDevices()
     # Execute: the asynchronous fleet's aggregator is built from its name
     rounds = SyncRounds(
         plan, transport, FakeScorer(), "fake://", RunStorage(Path("/nowhere"), "run-x"),  # type: ignore[arg-type]
-        aggregators={"sync": MeanOfFirst(2)},
+        aggregators={"sync": MeanOfFirst(2), "short": MeanOfFirst(2)},
     )  # fmt: skip
     state = rounds.start()
     rounds.run(state)
     AsyncRounds(rounds).run(state)
     # Assert: both fleets have two rows, each with its own clock; staleness only asynchronous
-    rows = {
-        name: [r for r in state.records.fleets if r["fleet"] == name] for name in ("sync", "async")
-    }
-    assert [r["round"] for r in rows["sync"]] == [1, 2] == [r["round"] for r in rows["async"]]
+    rows = {n: [r for r in state.records.fleets if r["fleet"] == n] for n in ("sync", "async")}
+    assert [r["round"] for r in rows["sync"]] == [1, 2]
+    assert [r["round"] for r in rows["async"]] == [1, 2, 3]
+    assert [r["round"] for r in state.records.fleets if r["fleet"] == "short"] == [1]
     assert isinstance(rounds.async_aggregators["async"], FedBuff)
     assert rows["sync"][0]["staleness_mean"] != rows["sync"][0]["staleness_mean"]  # NaN
     assert rows["async"][1]["staleness_mean"] >= 0
-    assert set(state.records.final_states) == {"sync", "async"}
+    assert set(state.records.final_states) == {"sync", "short", "async"}
 
 
 def test_no_available_device_is_one_clear_error() -> None:

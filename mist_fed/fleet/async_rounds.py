@@ -109,7 +109,7 @@ class AsyncFleetState:
 @dataclass
 class AsyncRounds:
     """The asynchronous fleets of ``rounds``' plan, one after another, each for
-    ``spec.rounds`` server steps (see the module docstring). ``on_step`` sees the state
+    its ``rounds`` server steps (see the module docstring). ``on_step`` sees the state
     after every server step (the run session writes its tables there)."""
 
     rounds: SyncRounds
@@ -136,17 +136,18 @@ class AsyncRounds:
             fs.models[0] = state.global_state[name]
             state.asynchronous[name] = fs
         agg = r.async_aggregators[name]
-        log.info("fleet %s: %d asynchronous server steps", name, r.spec.rounds)
+        steps = r.spec.rounds_of(name)
+        log.info("fleet %s: %d asynchronous server steps", name, steps)
         try:
             self._fill(state, fs, name, agg)
-            while fs.step < r.spec.rounds:
+            while fs.step < steps:
                 r.check_stop()
                 event = fs.next_event()
                 if event is None:
                     self._receive(fs, name)
                     continue
                 self._consume(state, fs, name, agg, event)
-                if fs.step < r.spec.rounds:
+                if fs.step < steps:
                     self._fill(state, fs, name, agg)
         finally:
             if isinstance(self._replies, Generator):

@@ -148,7 +148,8 @@ class SyncRounds:
         # the same sample-steps as the fleet's (slots / distinct images as many).
         ids = self.plan.union(name)
         slots, distinct = self.plan.sharing(name)
-        epochs = central_epochs(self.spec, self.share(name) * slots / distinct)
+        share = self.share(name) * slots / distinct
+        epochs = central_epochs(self.spec, share, self.spec.rounds_of(name))
         log.info("fleet %s: central reference on %d images, %d epochs", name, len(ids), epochs)
         central = self.scorer.central(fleet, self.plan.num_classes(name), ids, initial, epochs)
         log.info("fleet %s: central accuracy %.4f", name, central.accuracy)
@@ -162,6 +163,15 @@ class SyncRounds:
         return sampled / n * (1.0 - self.spec.dropout)
 
     # -- one round ---------------------------------------------------------------------------
+    @property
+    def last_round(self) -> int:
+        """The synchronous fleets' last round (0: none is synchronous)."""
+        return max((self.spec.rounds_of(n) for n in self.sync_fleets), default=0)
+
+    def active(self, rnd: int) -> list[str]:
+        """The synchronous fleets that run round ``rnd`` (a fleet may have fewer rounds)."""
+        return [n for n in self.sync_fleets if rnd <= self.spec.rounds_of(n)]
+
     def available(self, fleet: str, rnd: int) -> list[DeviceJob]:
         """``fleet``'s devices that can be sampled in round ``rnd``: all of them (an
         availability model narrows this; a sampled device may still drop out)."""
@@ -208,9 +218,9 @@ class SyncRounds:
     def round(self, state: RoundState) -> None:
         """Run round ``state.round + 1``; ``state`` holds its outcome."""
         rnd = state.round + 1
-        log.info("round %d of %d", rnd, self.spec.rounds)
+        log.info("round %d of %d", rnd, self.last_round)
         picked: list[tuple[DeviceJob, dict[str, Any]]] = []
-        for name in self.sync_fleets:
+        for name in self.active(rnd):
             chosen, config = self.sample(name, rnd, state.global_state[name])
             picked += [(d, config) for d in chosen]
         gone = self.dropped(rnd) & {d.device for d, _ in picked}
@@ -249,7 +259,7 @@ class SyncRounds:
                 "received_digest": received.get(dev, ""),
             })  # fmt: skip
         fleet_rows = []
-        for f in map(self.plan.fleet, self.sync_fleets):
+        for f in map(self.plan.fleet, self.active(rnd)):
             rs = [results[d][0] for d in sorted(results) if by_id[d].fleet == f.name]
             row = fleet_row(self.plan, f, rnd, rs, scores.get(f.name), state.clocks[f.name],
                             state.central.get(f.name))  # fmt: skip
@@ -265,7 +275,7 @@ class SyncRounds:
         """Aggregate each federated fleet and score its global model on the server."""
         scores: dict[str, float] = {}
         fleet_of = {d.device: d.fleet for d in self.plan.devices}
-        for f in map(self.plan.fleet, self.sync_fleets):
+        for f in map(self.plan.fleet, self.active(rnd)):
             done = [
                 Update(dev, st, res.num_examples)
                 for dev, (res, st) in sorted(results.items())
@@ -298,7 +308,7 @@ class SyncRounds:
         given); nothing when every fleet is asynchronous."""
         if state is None:
             state = self.start()
-        while state.round < self.spec.rounds and self.sync_fleets:
+        while state.round < self.last_round:
             self.check_stop()
             self.round(state)
             if self.on_round:

@@ -56,10 +56,10 @@ class CentralResult:
     host_s: float
 
 
-def central_epochs(spec: FleetSpec, share: float) -> int:
+def central_epochs(spec: FleetSpec, share: float, rounds: int) -> int:
     """Epochs over the union that match the fleet's sample-steps: ``rounds x local_epochs``
-    scaled by the share of devices a round trains (sampling and dropout), at least 1."""
-    return max(1, round(spec.rounds * spec.local_epochs * share))
+    scaled by the share of devices a round (or server step) trains, at least 1."""
+    return max(1, round(rounds * spec.local_epochs * share))
 
 
 class Scorer:

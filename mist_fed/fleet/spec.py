@@ -42,10 +42,14 @@ class TaskFleet:
     aggregation: str = "FedAvg"
     name: str = ""
     aggregation_args: dict[str, Any] = field(default_factory=dict, compare=False)
+    # this fleet's rounds (server steps for an asynchronous one); None: the spec's ``rounds``
+    rounds: int | None = None
 
     def __post_init__(self) -> None:
         if self.devices < 1:
             raise ConfigError(f"fleet {self.task!r}: devices must be >= 1, got {self.devices}")
+        if self.rounds is not None and self.rounds < 1:
+            raise ConfigError(f"fleet {self.task!r}: rounds must be >= 1, got {self.rounds}")
         if self.method not in FLEET_METHODS:
             raise ConfigError(
                 f"fleet {self.task!r}: unknown method {self.method!r}; "
@@ -129,6 +133,11 @@ class FleetSpec:
     @property
     def num_devices(self) -> int:
         return sum(f.devices for f in self.fleets)
+
+    def rounds_of(self, fleet: str) -> int:
+        """Fleet ``fleet``'s rounds (server steps when asynchronous): its own, or the spec's."""
+        own = next(f.rounds for f in self.fleets if f.name == fleet)
+        return self.rounds if own is None else own
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -306,6 +315,8 @@ def apply_overrides(spec: FleetSpec, **kw: Any) -> FleetSpec:
         fleet_kw["aggregation_args"] = {}  # another strategy's arguments do not carry over
     if fleet_kw:
         fleets = [dataclasses.replace(f, name="", **fleet_kw) for f in fleets]
+    if "rounds" in kw:  # --rounds: every fleet's
+        fleets = [dataclasses.replace(f, rounds=None) for f in fleets]
     if "devices" in kw:
         counts = spread(int(kw.pop("devices")), len(fleets))
         fleets = [dataclasses.replace(f, devices=n) for f, n in zip(fleets, counts, strict=True)]

@@ -173,6 +173,11 @@ def time_to_accuracy(fleet_rows: pd.DataFrame, target: float) -> float:
     return float(numeric(rows, "sim_time_s").iloc[int(hit.argmax())]) if hit.any() else math.nan
 
 
+def _hours(seconds: float) -> str:
+    """Simulated hours to three significant digits (short runs last a fraction of one)."""
+    return "-" if math.isnan(seconds) else f"{seconds / 3600:.3g}"
+
+
 def tta_table(fleets: pd.DataFrame) -> pd.DataFrame:
     """Each fleet's simulated hours to a common target of its task: the lowest final accuracy
     among the task's fleets (every fleet of the task reached it), beside its total hours."""
@@ -188,9 +193,9 @@ def tta_table(fleets: pd.DataFrame) -> pd.DataFrame:
             rows.append({
                 "fleet": name, "agg": g["aggregation"].iloc[-1], "steps": int(g["round"].iloc[-1]),
                 "accuracy": finals[name], "target": target,
-                "h to target": time_to_accuracy(g, target) / 3600,
-                "h to 95%": time_to_fraction(g) / 3600,
-                "sim h": float(numeric(g, "sim_time_s").iloc[-1]) / 3600,
+                "h to target": _hours(time_to_accuracy(g, target)),
+                "h to 95%": _hours(time_to_fraction(g)),
+                "sim h": _hours(float(numeric(g, "sim_time_s").iloc[-1])),
                 "staleness": float(numeric(g, "staleness_mean").mean()),
             })  # fmt: skip
     return pd.DataFrame(rows)

@@ -140,7 +140,8 @@ class RunSession:
         self.run_id = run_id or new_run_id()
         self.cloud_args = (cloud, cloud_bind, cloud_advertise)
         self.facts = {"cloud": cloud or "embedded", **(facts or {})}
-        self.progress = Progress(spec.rounds * spec.num_devices, progress)
+        total = sum(spec.rounds_of(f.name) * f.devices for f in spec.fleets)
+        self.progress = Progress(total, progress)
         self.stop = stop or RunStop()
         self.sigint = sigint
         self.raise_stopped = raise_stopped
