@@ -50,7 +50,16 @@ MINIMAL = {"fleets": [{"task": "synthetic", "devices": 4}], "profiles": "rpi4"}
 # -- fleet spec ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["default.toml", "mixed.toml", "synthetic.toml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "default.toml",
+        "mixed.toml",
+        "synthetic.toml",
+        "async-vs-sync.toml",
+        "async-vs-sync-digits.toml",
+    ],
+)
 def test_shipped_fleets_load(name: str) -> None:
     # Execute
     spec = load_fleet(FLEETS / name)
