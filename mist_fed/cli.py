@@ -1,9 +1,9 @@
-"""`mist-fed`: the command line. Each subcommand lives in :mod:`mist_fed.commands`."""
+"""`mist-fed`: the entry point. Every parser lives in :mod:`mist_fed.commands` (one module per
+subcommand); this module runs the chosen one and turns errors into one line and an exit code."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -11,28 +11,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from mist_fed.commands import build_parser
 from mist_fed.errors import MistError
 
 Handler = Callable[[argparse.Namespace], int]
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what shells report for Ctrl-C
 STUCK_GRACE_S = 10.0
 log = logging.getLogger("mist_fed.cli")
-
-# Subcommand modules under mist_fed/commands/, in help order; each has register(subparsers).
-COMMANDS = ("inspect", "profiles", "tasks", "cloud", "client", "bench", "simulate", "compare")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mist-fed", description="Separated tuning of frozen cloud ViTs by tiny edge networks."
-    )
-    parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more logging (-vv debug)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    for module in COMMANDS:
-        importlib.import_module(f"mist_fed.commands.{module}").register(sub)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

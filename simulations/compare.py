@@ -11,7 +11,7 @@ Every row is trained and measured by an ``EdgeDevice`` (``--profile``, default l
 feature cache (``--device-dir``, default one per run id) a rerun or ``--resume`` reuses.
 Writes ``results/<run-id>/compare.md``, ``compare.parquet`` (one row per seed),
 ``compare_summary.parquet`` (mean and std over seeds) and a plot of accuracy vs bytes per image
-with a JPEG of the same images for reference (see :mod:`mist_fed.report.compare`); with MIST on
+with a JPEG of the same images for reference (see :mod:`mist_fed.report.comparison`); with MIST on
 the float32 wire and other wires, each wire's paired difference to it and the wire chosen on
 validation under 10,000 bytes per image.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mist_fed.experiments.cli import main
+from mist_fed.commands.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

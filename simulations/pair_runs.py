@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
 
-from mist_fed.report.compare import paired_runs
+from mist_fed.report.comparison import paired_runs
 
 
 def main(argv: list[str]) -> int:

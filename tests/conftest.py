@@ -48,6 +48,6 @@ def pickle_bomb():
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
-    from mist_fed.model.backbone import create_backbone
+    from mist_fed.cloud.backbone import create_backbone
 
     return create_backbone("vit_tiny_patch16_224", random_init=True, seed=0, **TINY_VIT)

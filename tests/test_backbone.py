@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mist_fed.cloud.backbone import create_backbone
+from mist_fed.cloud.gather import GatherSpec, gather
 from mist_fed.core.methods import build_edge_net, method_gather
 from mist_fed.errors import BackboneError, WeightsUnavailableError
-from mist_fed.model.backbone import create_backbone
-from mist_fed.model.gather import GatherSpec, gather
 from tests.conftest import TINY_VIT
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mist_fed.cli import build_parser
+from mist_fed.commands import build_parser
 from mist_fed.fleet.runtime.sim_bench import BenchResult, Measured
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,6 +6,7 @@ shuffled batches: exactly those of a shuffle of the whole split held in memory.
 """
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -191,7 +192,7 @@ def test_a_class_grouped_task_trains_as_a_shuffle_in_memory(
     from mist_fed.cloud.runner import running_cloud
     from mist_fed.data import get_task
     from mist_fed.device.source import FlightSource
-    from mist_fed.wire.client import FeatureClient
+    from mist_fed.wire.flight import FeatureClient
 
     # Prepare: the task on disk, grouped by class; a real cloud serving it
     if layout == "imagefolder":
@@ -226,3 +227,24 @@ def test_a_class_grouped_task_trains_as_a_shuffle_in_memory(
     assert abs(streamed_acc - reference_acc) <= 0.01, (streamed_acc, reference_acc)
     for a, b in zip(streamed.state_dict().values(), reference.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_writer_killed_mid_write_leaves_no_temp_file_behind(tmp_path):
+    import subprocess
+    import sys
+
+    from mist_fed.device.cache import FeatureCache
+
+    # Prepare: temp files of a writer that has exited, of a live process (pid 1) and of this one
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    tmp_path.mkdir(exist_ok=True)
+    orphan = tmp_path / f"abc.arrow.{int(dead.stdout)}.tmp"
+    live = tmp_path / "abc.arrow.1.tmp"
+    mine = tmp_path / f"abc.json.{os.getpid()}.tmp"
+    for f in (orphan, live, mine):
+        f.write_bytes(b"partial")
+    # Execute
+    FeatureCache(tmp_path)
+    # Assert: only the dead writer's file is gone
+    assert not orphan.exists() and live.exists() and mine.exists()

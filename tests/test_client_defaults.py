@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from mist_fed.cli import build_parser
+from mist_fed.assets.defaults import STUDIED_METHOD, STUDIED_WIRE
+from mist_fed.commands import build_parser
 from mist_fed.core.specs import Geometry
-from mist_fed.defaults import STUDIED_METHOD, STUDIED_WIRE
 from mist_fed.device.client import ClientConfig, default_dtype
 
 WIDE = Geometry("dinov2", "w", 12, 384, 257, 1, 224, 6)

@@ -22,8 +22,8 @@ from mist_fed.errors import (
     WireError,
 )
 from mist_fed.wire import edge_init
-from mist_fed.wire.client import FeatureClient, encode_png
-from mist_fed.wire.codec import UPLOAD_SCHEMA, decode
+from mist_fed.wire.codec import UPLOAD_SCHEMA, decode, encode_png
+from mist_fed.wire.flight import FeatureClient
 from mist_fed.wire.request import FeatureRequest
 
 pytestmark = pytest.mark.network
@@ -407,8 +407,8 @@ def test_config_from_toml_and_validation(tmp_path):
 
 
 def test_bench_measures_both_ratios(tiny_backbone):
+    from mist_fed.assets.defaults import DEFAULT_HOST
     from mist_fed.cloud.bench import BenchConfig, bench_embed, bench_stream
-    from mist_fed.defaults import DEFAULT_HOST
 
     cfg = BenchConfig(images=8, batch=4, reps=1, stream_reps=2)
     stream = bench_stream(tiny_backbone, cfg, DEFAULT_HOST)
@@ -418,7 +418,7 @@ def test_bench_measures_both_ratios(tiny_backbone):
 
 
 def test_cli_has_cloud_serve_and_bench():
-    from mist_fed.cli import build_parser
+    from mist_fed.commands import build_parser
 
     args = build_parser().parse_args(["cloud", "serve", "--port", "0", "--random-init"])
     assert args.port == 0 and args.random_init
@@ -441,3 +441,26 @@ def test_backbone_device_is_validated_and_cpu_serves(tiny_backbone, tmp_path):
     with running_cloud(cfg, backbone=tiny_backbone) as loc:
         fs = FeatureClient(loc).get(TASK, "val", "mist", 1)
     assert len(fs) == len(get_task(TASK).split("val"))
+
+
+def test_warm_by_ids_or_limit_fills_the_store_so_a_stream_embeds_nothing(tiny_backbone, tmp_path):
+    # Prepare: a fresh store; two ids of the train split
+    ids = list(get_task(TASK).split("train").ids)
+    n_val = len(get_task(TASK).split("val"))
+    with running_cloud(_config(tmp_path), backbone=tiny_backbone) as loc:
+        client = FeatureClient(loc)
+        # Execute: warm those two ids, then the first 5 rows of val, two pairs at once
+        by_ids = client.warm(TASK, "train", [("mist", 2, "float16")], ids=[ids[3], ids[7]])
+        by_limit = client.warm(TASK, "val", [("mist", 2, "int8"), ("final", None, "float16")], 5)
+        before = client.stats()["images_embedded"]
+        fs = client.get(TASK, "train", "mist", 2, "float16", ids=[ids[7], ids[3]])
+        client.get(TASK, "val", "final", None, "float16")
+        after = client.stats()["images_embedded"]
+        body = {"task": TASK, "split": "val", "pairs": [{}], "ids": [1]}
+        with pytest.raises(flight.FlightServerError, match="warm ids must be a list of strings"):
+            list(flight.connect(loc).do_action(flight.Action("warm", json.dumps(body).encode())))
+    # Assert: warm embedded exactly what it was asked; streaming the warmed rows embeds none
+    assert by_ids == {"images_embedded": 2, "rows": 2}
+    assert by_limit == {"images_embedded": 5, "rows": 5}
+    assert fs.ids == [ids[7], ids[3]]
+    assert after - before == n_val - 5  # only the val rows past the warmed five

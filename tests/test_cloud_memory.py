@@ -12,7 +12,7 @@ import pytest
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.cloud.store import SHARD_PREFIX
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 
 pytestmark = [
     pytest.mark.network,

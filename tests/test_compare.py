@@ -11,14 +11,14 @@ import pytest
 
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
+from mist_fed.commands.compare import config_from_args, parser, resumed_rows
 from mist_fed.core.cost import edge_cost
 from mist_fed.core.methods import METHODS
 from mist_fed.data import get_task
-from mist_fed.data.registry import Task
+from mist_fed.data.tasks import Task
 from mist_fed.device.metrics import DeviceMetrics
 from mist_fed.device.profiles import load_profile
 from mist_fed.errors import ConfigError
-from mist_fed.experiments.cli import config_from_args, parser, resumed_rows
 from mist_fed.experiments.compare import (
     CompareConfig,
     Comparison,
@@ -27,7 +27,7 @@ from mist_fed.experiments.compare import (
     few_shot_ids,
     run_compare,
 )
-from mist_fed.report.compare import (
+from mist_fed.report.comparison import (
     COMPARE_COLUMNS,
     aggregate,
     choose_wire,
@@ -36,7 +36,7 @@ from mist_fed.report.compare import (
     pareto_front,
     write_compare,
 )
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 from tests.conftest import TINY_VIT
 from tests.fakes import GEOMETRY, MemorySource
 
@@ -482,7 +482,7 @@ def test_a_wire_is_chosen_among_mist_rows_only():
 def test_two_runs_pair_seed_by_seed():
     import pandas as pd
 
-    from mist_fed.report.compare import paired_runs
+    from mist_fed.report.comparison import paired_runs
 
     # Prepare: the same two rows over three seeds; the other run is 1 point higher on mist only
     def run(shift):

@@ -144,3 +144,15 @@ def test_a_stream_cut_while_caching_leaves_no_file(tmp_path):
     assert not list((tmp_path / "device" / "features").glob("*"))
     with _device(src, tmp_path) as dev:
         assert len(dev.features("t", "train", "mist", 3, "float16")) == 48
+
+
+def test_best_k_is_the_one_rule_of_every_k_selection():
+    from mist_fed.device.metrics import best_k
+    from mist_fed.errors import ConfigError
+
+    # Best validation accuracy wins; a tie goes to the smaller k; no candidate is an error
+    assert best_k({1: 0.5, 2: 0.7, 4: 0.6}) == 2
+    assert best_k({4: 0.7, 2: 0.7, 8: 0.1}) == 2
+    assert best_k({None: 0.3}) is None
+    with pytest.raises(ConfigError, match="at least one candidate"):
+        best_k({})

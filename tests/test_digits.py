@@ -12,7 +12,7 @@ import pytest
 
 from mist_fed.data import digits as digits_mod
 from mist_fed.data import get_task, registered_tasks, task_entry
-from mist_fed.data.registry import named_tasks
+from mist_fed.data.tasks import named_tasks
 from mist_fed.errors import TaskError
 
 # sha256 of the sorted ids, one per line: pinned so a change in the split (numpy's generator,

@@ -17,7 +17,7 @@ from mist_fed.device.checkpoint import load_checkpoint
 from mist_fed.device.client import ClientConfig, run_client
 from mist_fed.device.trainer import TrainConfig, evaluate
 from mist_fed.errors import CloudUnavailableError, ResourceLimitError, WireError
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -117,8 +117,8 @@ def test_partial1_client_starts_from_the_clouds_pretrained_last_block(
 ):
     # Prepare: a cloud whose backbone is not the seed-0 random init of the same architecture
     # (a client that built its own random backbone would get that one)
+    from mist_fed.cloud.backbone import create_backbone
     from mist_fed.device import edge
-    from mist_fed.model.backbone import create_backbone
 
     cloud_bb = create_backbone(
         tiny_backbone.name, random_init=True, seed=5, **tiny_backbone.spec.model_kwargs
@@ -173,7 +173,7 @@ def test_predict_runs_on_the_device_that_charges_link_clock_and_meter(cloud, tmp
     from mist_fed.device.profiles import load_profile
     from mist_fed.device.source import FlightSource
     from mist_fed.device.trainer import predict
-    from mist_fed.wire.client import encode_png
+    from mist_fed.wire.codec import encode_png
 
     run_client(ClientConfig(TASK, cloud, "laptop", str(tmp_path / "m"), ks=(2,), train=FAST))
     net, mcfg = load_checkpoint(tmp_path / "m")

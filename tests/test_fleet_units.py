@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from mist_fed.cloud.backbone import BackboneSpec
 from mist_fed.device.metrics import DeviceMetrics
 from mist_fed.errors import ConfigError
 from mist_fed.fleet.job import DeviceJob, DeviceResult, StateDict
@@ -37,7 +38,6 @@ from mist_fed.fleet.spec import (
 )
 from mist_fed.fleet.storage import RunStorage, device_storage, resolve, run_name
 from mist_fed.fleet.worker import run_device
-from mist_fed.model.backbone import BackboneSpec
 from mist_fed.report.results import DEVICE_COLUMNS, FLEET_COLUMNS, summary_table, write_run
 from tests.fakes import TINY_DEVICE, MemorySource
 from tests.fleets import hand_plan, make_rounds, run_all
@@ -426,7 +426,7 @@ def test_the_device_worker_imports_no_backbone_code() -> None:
     # Execute: what a Ray worker imports to serve the fleet's ClientApp
     code = (
         "import sys, mist_fed.fleet.flower.client_app; "
-        "print(sorted({'timm', 'mist_fed.model.backbone'} & set(sys.modules)))"
+        "print(sorted({'timm', 'mist_fed.cloud.backbone'} & set(sys.modules)))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],

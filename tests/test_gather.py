@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from mist_fed.errors import ConfigError
-from mist_fed.model.gather import (
+from mist_fed.cloud.gather import (
     GatherSpec,
     candidate_ks,
     feature_shape,
@@ -12,6 +11,7 @@ from mist_fed.model.gather import (
     gather_many,
     pooled_grid,
 )
+from mist_fed.errors import ConfigError
 
 
 def hand_loop(model, x):

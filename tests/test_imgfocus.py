@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from mist_fed.assets import imgfocus
+from mist_fed.cloud.backbone import create_backbone, registered_backbones
 from mist_fed.errors import BackboneError, WeightsUnavailableError
-from mist_fed.model import imgfocus
-from mist_fed.model.backbone import create_backbone, registered_backbones
 
 LAYER_OUTPUTS = (
     ["/backbone/embeddings/Add_output_0"]

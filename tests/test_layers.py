@@ -2,8 +2,8 @@
 only an edge's needs.
 
 ``core`` <- ``wire`` <- ``cloud`` / ``device`` <- ``fleet`` / ``experiments`` <- ``cli``, with
-``data`` (the assets: tasks on disk) and ``report`` beside them; ``model`` is the backbone code
-that still waits to be folded into ``core`` and ``cloud`` (it sits with ``wire``). Inside
+``assets`` (defaults, the offline switch, where weights come from) under every package,
+``data`` (tasks on disk) and ``report`` beside them. Inside
 ``fleet``: the domain (``fleet/*.py``) <- ``fleet/runtime/`` <- ``fleet/flower/``; only
 ``fleet/flower/`` imports ``flwr``, and the domain imports no ``ray``. Imports are read
 anywhere in a module, inside functions too: a lazy import still points one way.
@@ -18,26 +18,24 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "mist_fed"
 
-BASE = {"errors", "registry", "defaults"}  # the foundations every package may use
+BASE = {"errors", "registry", "assets"}  # the foundations every package may use
 # package -> the mist_fed packages its modules may import (anywhere)
 ALLOWED = {
     "errors": set(),
     "registry": {"errors"},
-    "defaults": set(),
+    "assets": {"errors"},
     "core": BASE,
     "wire": BASE | {"core"},
-    "model": BASE | {"core"},
-    "data": BASE | {"model"},
+    "data": BASE,
     "report": BASE,
-    "cloud": BASE | {"core", "wire", "model", "data"},
+    "cloud": BASE | {"core", "wire", "data"},
     "device": BASE | {"core", "wire", "data"},
-    "fleet": BASE | {"core", "wire", "model", "data", "report", "cloud", "device"},
-    "experiments": BASE | {"core", "wire", "model", "data", "report", "cloud", "device"},
+    "fleet": BASE | {"core", "wire", "data", "report", "cloud", "device"},
+    "experiments": BASE | {"core", "wire", "data", "report", "cloud", "device"},
     "commands": BASE
     | {
         "core",
         "wire",
-        "model",
         "data",
         "report",
         "cloud",
@@ -145,7 +143,7 @@ def test_only_the_flower_adapters_import_flwr_and_the_fleet_domain_no_ray() -> N
 def test_the_edge_imports_no_cloud_fleet_or_report_libraries():
     code = (
         "import sys, mist_fed.device.client, mist_fed.device.edge\n"
-        "heavy = ('timm', 'torchvision', 'flwr', 'ray', 'pandas', 'matplotlib', 'mist_fed.model',"
+        "heavy = ('timm', 'torchvision', 'flwr', 'ray', 'pandas', 'matplotlib',"
         " 'mist_fed.cloud', 'mist_fed.data', 'torch.utils.flop_counter')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
@@ -196,3 +194,21 @@ def test_the_fleet_modules_import_each_other_without_a_cycle():
     assert "runtime.session" in graph["flower.simulation"]  # the graph is the real one
     assert "rounds" in graph["runtime.session"]
     assert cycles == []
+
+
+def test_no_two_modules_share_a_name_and_none_is_over_450_lines():
+    # Prepare: every module of the package but __init__.py, commands/ and bench.py (the names
+    # that say the same thing everywhere: one module per subcommand, each package's benchmark)
+    modules = [p for p in PKG.rglob("*.py") if p.name not in ("__init__.py", "bench.py")]
+    named: dict[str, list[str]] = {}
+    for p in modules:
+        if p.relative_to(PKG).parts[0] != "commands":
+            named.setdefault(p.name, []).append(str(p.relative_to(PKG)))
+    # Execute
+    shared = {n: paths for n, paths in named.items() if len(paths) > 1}
+    long = {
+        str(p.relative_to(PKG)): n for p in modules if (n := len(p.read_text().splitlines())) > 450
+    }
+    # Assert
+    assert shared == {}, shared
+    assert long == {}, long

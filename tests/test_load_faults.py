@@ -24,9 +24,9 @@ from pathlib import Path
 import pyarrow.flight as flight
 import pytest
 
+from mist_fed.assets.defaults import DEFAULT_HOST
 from mist_fed.cloud.store import read_shard
-from mist_fed.defaults import DEFAULT_HOST
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 from tests.conftest import sigint_as_in_a_terminal
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
+from mist_fed.cloud import numerics as nm
 from mist_fed.cloud.config import ServeConfig
+from mist_fed.cloud.gather import GatherSpec, candidate_ks, gather_many
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.cloud.server import FeatureServer
 from mist_fed.errors import ConfigError, WireError
-from mist_fed.model import numerics as nm
-from mist_fed.model.gather import GatherSpec, candidate_ks, gather_many
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 
 TASK = "synthetic"
 
@@ -105,10 +105,10 @@ def test_store_keys_and_streams_differ_by_numerics(tiny_backbone, tmp_path):
     bf16 = FeatureServer(config("bfloat16"), backbone=tiny_backbone)
     try:
         # Assert: separate store partitions, and the identity the wire carries differs
-        assert f32.store.root != bf16.store.root
-        assert f32.backbone.weights_id == tiny_backbone.weights_id  # float32: the bare id
-        assert bf16.backbone.weights_id.endswith("@bfloat16")
-        assert bf16.stats()["numerics"] == "bfloat16"
+        assert f32.service.store.root != bf16.service.store.root
+        assert f32.service.backbone.weights_id == tiny_backbone.weights_id  # float32: the bare id
+        assert bf16.service.backbone.weights_id.endswith("@bfloat16")
+        assert bf16.service.stats()["numerics"] == "bfloat16"
     finally:
         f32.shutdown()
         bf16.shutdown()
@@ -131,8 +131,8 @@ def test_store_keys_and_streams_differ_by_numerics(tiny_backbone, tmp_path):
 
 @pytest.mark.network
 def test_bench_numerics_reports_ratio_fidelity_and_peak_fraction():
+    from mist_fed.assets.defaults import DEFAULT_HOST
     from mist_fed.cloud.bench_numerics import NumericsBenchConfig, bench_numerics, format_numerics
-    from mist_fed.defaults import DEFAULT_HOST
     from tests.conftest import TINY_VIT
 
     # Prepare

@@ -11,7 +11,7 @@ from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.cloud.server import FeatureServer
 from mist_fed.wire import progress
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 
 pytestmark = pytest.mark.network
 
@@ -23,13 +23,13 @@ class SlowEmbed(FeatureServer):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        columns = self.embedder.columns
+        columns = self.service.embedder.columns
 
         def slow(*args, **kwargs):
             time.sleep(0.1)
             return columns(*args, **kwargs)
 
-        self.embedder.columns = slow
+        self.service.embedder.columns = slow
 
 
 def test_progress_lines_appear_for_a_slow_cold_split(tiny_backbone, tmp_path, caplog, monkeypatch):

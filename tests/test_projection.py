@@ -25,10 +25,10 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from mist_fed.cli import build_parser
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.projections import Projections
 from mist_fed.cloud.runner import running_cloud
+from mist_fed.commands import build_parser
 from mist_fed.core.methods import METHODS, PROJECTABLE_EDGES, build_edge_net, starts_from_backbone
 from mist_fed.data import get_task
 from mist_fed.device.checkpoint import EdgeModelConfig, save_checkpoint
@@ -39,8 +39,7 @@ from mist_fed.device.source import FlightSource
 from mist_fed.device.trainer import TrainConfig
 from mist_fed.errors import CloudRequestError, ConfigError, WireError
 from mist_fed.fleet.spec import FleetSpec, TaskFleet
-from mist_fed.wire.client import FeatureClient, encode_png
-from mist_fed.wire.codec import WireMeta, decode_ipc, encode, ipc_options
+from mist_fed.wire.codec import WireMeta, decode_ipc, encode, encode_png, ipc_options
 from mist_fed.wire.dtypes import (
     LEVELS,
     MAX_PROJECTED_DIM,
@@ -51,6 +50,7 @@ from mist_fed.wire.dtypes import (
     wire_dim,
     wire_shape,
 )
+from mist_fed.wire.flight import FeatureClient
 from mist_fed.wire.projection import Basis, BasisFit, projection_id
 from tests.fakes import MemorySource
 

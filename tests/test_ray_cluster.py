@@ -347,6 +347,69 @@ def test_a_fleet_runs_on_both_nodes_of_a_cluster_each_with_its_own_storage(
         assert (root / "devices").is_dir() and not list((root / "devices").iterdir()), name
 
 
+WARM_TASK = "synthetic:classes=3,train=48,val=8,test=8"
+SERVE = f"""\
+[server]
+port = 0
+tasks = ["{WARM_TASK}"]
+
+[backbone]
+backbone = "vit_tiny_patch16_224"
+random_init = true
+model_kwargs = {{ img_size = 32, patch_size = 8, depth = 2, embed_dim = 32, num_heads = 2 }}
+numerics = "float32"
+runtime = "torch"
+
+[store]
+batch_size = 4
+"""
+
+
+def test_a_warm_spreads_over_both_nodes_and_the_service_writes_every_row(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    from mist_fed.wire.flight import FeatureClient
+
+    # Prepare: `mist-fed cloud serve` joined to the cluster, two Ray embedding workers
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(SERVE)
+    cmd = [sys.executable, "-m", "mist_fed.cli", "cloud", "serve", "--config", str(cfg)]
+    cmd += ["--cache-dir", str(tmp_path / "store"), "--ray", cluster.address, "--warm-workers", "2"]
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=_driver_env(cluster), cwd=ROOT
+    )
+    try:
+        deadline = time.monotonic() + RUN_S
+        port = None
+        while port is None and time.monotonic() < deadline:
+            match = re.search(r"on 127\.0\.0\.1:(\d+)", (tmp_path / "serve.log").read_text())
+            port = int(match.group(1)) if match else None
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert port, (tmp_path / "serve.log").read_text()[-3000:]
+        # Execute: warm the train split through the CLI, then stream it
+        warm = subprocess.run(
+            [sys.executable, "-m", "mist_fed.cli", "cloud", "warm", "--cloud", f"grpc://127.0.0.1:{port}",
+             "--task", WARM_TASK, "--splits", "train", "--method", "mist", "--k", "2"],
+            capture_output=True, text=True, env=_driver_env(cluster), cwd=ROOT, timeout=RUN_S,
+        )  # fmt: skip
+        with FeatureClient(f"grpc://127.0.0.1:{port}") as client:
+            before = client.stats()["images_embedded"]
+            fs = client.get(WARM_TASK, "train", "mist", 2, "float16")
+            after = client.stats()["images_embedded"]
+    finally:
+        server.terminate()
+        code = server.wait(STOP_S)
+        log.close()
+    # Assert: 48 images on both nodes' workers, written by the service; the stream embeds none
+    print(f"cloud warm on the cluster: {warm.stdout.strip()}")
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert "48 rows, 48 images embedded on 2 Ray nodes" in warm.stdout, warm.stdout
+    assert before == after == 48 and len(fs.ids) == 48
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
 def test_stopping_the_cluster_leaves_no_process(cluster: Cluster) -> None:
     # Prepare: every process of both nodes, workers included (they carry the nodes' tag)
     before = _tagged(cluster.tag)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mist_fed.defaults import DEFAULT_HOST
+from mist_fed.assets.defaults import DEFAULT_HOST
 from mist_fed.errors import ConfigError, ResourceLimitError
 from mist_fed.fleet.runtime import cluster as ray_env
 from mist_fed.fleet.runtime import provision as lifecycle

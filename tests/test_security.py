@@ -15,11 +15,11 @@ import pyarrow.flight as flight
 import pytest
 import torch
 
+from mist_fed.assets.defaults import DEFAULT_HOST
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.core.specs import Geometry
 from mist_fed.data import get_task
-from mist_fed.defaults import DEFAULT_HOST
 from mist_fed.device.checkpoint import (
     WEIGHTS_FILE,
     EdgeModelConfig,
@@ -28,8 +28,8 @@ from mist_fed.device.checkpoint import (
     save_checkpoint,
 )
 from mist_fed.errors import CloudAuthError, CloudUnavailableError, ConfigError
-from mist_fed.wire.client import FeatureClient, encode_png
-from mist_fed.wire.codec import UPLOAD_SCHEMA
+from mist_fed.wire.codec import UPLOAD_SCHEMA, encode_png
+from mist_fed.wire.flight import FeatureClient
 from mist_fed.wire.request import FeatureRequest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
+from mist_fed.assets import defaults as asset_defaults
+from mist_fed.assets import imgfocus
+from mist_fed.assets.defaults import DEFAULT_HOST, DEFAULT_PORT, PAPER_BACKBONE
 from mist_fed.cloud.config import DEFAULT_MAX_GB, ServeConfig
-from mist_fed.data import defaults as data_defaults
-from mist_fed.data.registry import named_tasks
-from mist_fed.defaults import DEFAULT_BACKBONE, DEFAULT_HOST, DEFAULT_PORT
+from mist_fed.data.tasks import named_tasks
 from mist_fed.errors import ConfigError, WeightsUnavailableError
-from mist_fed.model import imgfocus
 
 
 def test_default_config_is_loopback_8815_every_named_task():
@@ -33,7 +33,7 @@ def test_tasks_narrow_or_add():
     assert "imagefolder:/data/birds" in added and "flowers102" in added
 
 
-def _fake_hub_cache(root, name=DEFAULT_BACKBONE):
+def _fake_hub_cache(root, name=PAPER_BACKBONE):
     repo = root / f"models--timm--{name}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("abc123")
@@ -50,9 +50,9 @@ def test_backbone_is_vit_b_when_its_weights_are_cached(tmp_path, monkeypatch):
     path = _fake_hub_cache(tmp_path)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     # Execute
-    choice = data_defaults.choose_backbone()
+    choice = asset_defaults.choose_backbone()
     # Assert
-    assert choice.name == DEFAULT_BACKBONE and choice.weights == str(path)
+    assert choice.name == PAPER_BACKBONE and choice.weights == str(path)
     assert "cached" in choice.why
 
 
@@ -61,9 +61,32 @@ def test_backbone_is_offline_dinov2_without_cached_vit_b(tmp_path, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(imgfocus, "find_onnx", lambda download=True: tmp_path / "vit_s_focus.onnx")
-    choice = data_defaults.choose_backbone()
+    choice = asset_defaults.choose_backbone()
     assert choice.name == "dinov2_s14_imgfocus" and choice.weights is None
     assert "not in the local Hugging Face cache" in choice.why
+
+
+def test_defaults_come_from_local_state_never_a_network_probe(tmp_path, monkeypatch):
+    # Prepare: no connection may be opened; the paper's ViT-B/16 cached, CIFAR-100 on disk or not
+    import socket
+
+    from huggingface_hub import constants
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a default asked the network")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("MIST_FED_DATA", str(tmp_path / "data"))
+    (tmp_path / "hub").mkdir()
+    # Execute / Assert: nothing cached -> the offline pair
+    assert asset_defaults.default_backbone() == asset_defaults.OFFLINE_BACKBONE
+    assert asset_defaults.default_task() == asset_defaults.OFFLINE_TASK
+    _fake_hub_cache(tmp_path / "hub")
+    assert asset_defaults.default_backbone() == PAPER_BACKBONE
+    assert asset_defaults.default_task() == asset_defaults.OFFLINE_TASK  # its data is not here
+    (tmp_path / "data" / asset_defaults.PAPER_TASK_FOLDER).mkdir(parents=True)
+    assert asset_defaults.default_task() == asset_defaults.PAPER_TASK
 
 
 def _no_backbone_here(tmp_path, monkeypatch):
@@ -84,7 +107,7 @@ def test_no_backbone_here_is_one_line_saying_what_to_do(tmp_path, monkeypatch, c
     _no_backbone_here(tmp_path, monkeypatch)
     # Execute
     with pytest.raises(WeightsUnavailableError, match="make install"):
-        data_defaults.choose_backbone()
+        asset_defaults.choose_backbone()
     code = main(["cloud", "serve", "--port", "0"])
     # Assert
     err = capsys.readouterr().err.strip().splitlines()
@@ -92,7 +115,7 @@ def test_no_backbone_here_is_one_line_saying_what_to_do(tmp_path, monkeypatch, c
 
 
 def test_serve_flags_parse():
-    from mist_fed.cli import build_parser
+    from mist_fed.commands import build_parser
     from mist_fed.commands.cloud import _task_list
 
     args = build_parser().parse_args(
@@ -108,7 +131,7 @@ def test_serve_flags_parse():
 def test_default_server_refuses_unlisted_specs(tiny_backbone, tmp_path):
     from mist_fed.cloud.runner import running_cloud
     from mist_fed.errors import CloudRequestError
-    from mist_fed.wire.client import FeatureClient
+    from mist_fed.wire.flight import FeatureClient
 
     cfg = ServeConfig(port=0, random_init=True, cache_dir=str(tmp_path))
     with running_cloud(cfg, backbone=tiny_backbone) as loc, FeatureClient(loc) as client:
@@ -122,9 +145,9 @@ def test_client_defaults_to_the_local_cloud_and_a_runs_dir(tmp_path, monkeypatch
     import json
 
     import mist_fed.device.client as edge_client
+    from mist_fed.assets.defaults import cloud_location
     from mist_fed.cli import main
     from mist_fed.commands.client import default_out
-    from mist_fed.defaults import cloud_location
 
     # Prepare: the device run itself is stubbed; this checks the command's defaults only
     seen = {}
@@ -150,10 +173,10 @@ def test_client_defaults_to_the_local_cloud_and_a_runs_dir(tmp_path, monkeypatch
 
 
 def test_a_weights_file_without_a_name_is_the_papers_backbone():
-    from mist_fed.cloud.server import resolve_backbone
+    from mist_fed.cloud.service import resolve_backbone
 
     cfg, why = resolve_backbone(ServeConfig(weights="/models/backbone.safetensors"))
-    assert cfg.backbone == DEFAULT_BACKBONE and cfg.weights == "/models/backbone.safetensors"
+    assert cfg.backbone == PAPER_BACKBONE and cfg.weights == "/models/backbone.safetensors"
     assert "weights file" in why
     named, _ = resolve_backbone(ServeConfig(backbone="vit_small_patch16_224"))
     assert named.backbone == "vit_small_patch16_224"
@@ -165,7 +188,7 @@ def test_unreadable_images_are_one_clear_refusal(tiny_backbone, tmp_path):
 
     from mist_fed.cloud.runner import running_cloud
     from mist_fed.errors import CloudRequestError
-    from mist_fed.wire.client import FeatureClient
+    from mist_fed.wire.flight import FeatureClient
 
     # Prepare: an image folder (opted in with +) where one test image is not an image
     root = tmp_path / "birds"
@@ -186,7 +209,7 @@ def test_unreadable_images_are_one_clear_refusal(tiny_backbone, tmp_path):
 
 
 def test_store_cap_from_toml_and_flag(tmp_path):
-    from mist_fed.cli import build_parser
+    from mist_fed.commands import build_parser
 
     p = tmp_path / "serve.toml"
     p.write_text("[store]\nmax_gb = 2.5\n")

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 
 from mist_fed.cloud import store as store_mod
+from mist_fed.cloud.gather import GatherSpec
 from mist_fed.cloud.store import SHARD_PREFIX, FeatureStore
-from mist_fed.model.gather import GatherSpec
 from mist_fed.wire.codec import WireMeta, encode_arrays
 
 SPEC = GatherSpec("mist", 2)
@@ -183,7 +183,7 @@ def test_a_shard_written_by_another_store_is_seen_at_once(tmp_path):
 def test_service_counts_re_embeds_under_a_tiny_cap(tiny_backbone, tmp_path):
     from mist_fed.cloud.config import ServeConfig
     from mist_fed.cloud.runner import running_cloud
-    from mist_fed.wire.client import FeatureClient
+    from mist_fed.wire.flight import FeatureClient
 
     def twice(max_gb: float) -> dict:
         cfg = ServeConfig(

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from mist_fed.cloud.gather import GatherSpec
 from mist_fed.cloud.store import SHARD_PREFIX, FeatureStore
-from mist_fed.model.gather import GatherSpec
 from mist_fed.wire.codec import WireMeta, encode_arrays
 
 SPEC = GatherSpec("mist", 2)
@@ -132,7 +132,7 @@ def test_read_only_cache_dir_serves_from_memory_and_reads_what_is_there(
 def test_server_with_an_unwritable_cache_dir_serves_from_memory(tiny_backbone, caplog):
     from mist_fed.cloud.config import ServeConfig
     from mist_fed.cloud.runner import running_cloud
-    from mist_fed.wire.client import FeatureClient
+    from mist_fed.wire.flight import FeatureClient
 
     # Prepare: /proc refuses new directories, even to root
     cfg = ServeConfig(port=0, random_init=True, cache_dir="/proc/self/mist-fed-store")

@@ -12,7 +12,7 @@ from mist_fed.cloud.runner import running_cloud
 from mist_fed.cloud.server import FeatureServer
 from mist_fed.data import get_task
 from mist_fed.errors import CloudUnavailableError
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 
 pytestmark = pytest.mark.network
 
@@ -52,7 +52,7 @@ def test_a_long_healthy_stream_outlives_the_call_deadline_without_breaking(
     # Execute
     with (
         _serve(tmp_path, tiny_backbone, Slow) as loc,
-        caplog.at_level(logging.WARNING, logger="mist_fed.wire.client"),
+        caplog.at_level(logging.WARNING, logger="mist_fed.wire.flight"),
         FeatureClient(loc, timeout_s=1.0, stall_s=1.0) as client,
     ):
         with FeatureClient(loc, stall_s=None) as warm:  # the store filled: only the gaps remain
@@ -77,7 +77,7 @@ def test_a_stalled_stream_is_cut_and_resumed_without_losing_a_row(tmp_path, tiny
     # Execute
     with (
         _serve(tmp_path, tiny_backbone, Stall) as loc,
-        caplog.at_level(logging.WARNING, logger="mist_fed.wire.client"),
+        caplog.at_level(logging.WARNING, logger="mist_fed.wire.flight"),
         FeatureClient(loc, stall_s=0.5, backoff_s=0.01) as client,
     ):
         fs = client.get(TASK, "train", "mist", 2)
@@ -104,19 +104,19 @@ def test_a_server_that_never_answers_ends_in_one_clear_error(tmp_path, tiny_back
 def test_a_long_upload_outlives_the_call_deadline(tmp_path, tiny_backbone):
     from PIL import Image
 
-    from mist_fed.wire.client import encode_png
+    from mist_fed.wire.codec import encode_png
 
     # Prepare: each uploaded batch answered 0.4 s late; 6 batches against a 1 s call deadline
     class SlowEmbed(FeatureServer):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
-            columns = self.embedder.columns
+            columns = self.service.embedder.columns
 
             def slow(*args, **kwargs):
                 time.sleep(0.4)
                 return columns(*args, **kwargs)
 
-            self.embedder.columns = slow
+            self.service.embedder.columns = slow
 
     images = [(f"img{i}", encode_png(Image.new("RGB", (8, 8), (i, 0, 0)))) for i in range(12)]
     # Execute

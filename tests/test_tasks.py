@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mist_fed.assets.defaults import DEBIAN_FASHION_MNIST
 from mist_fed.data import get_task, registered_tasks, task_entry
 from mist_fed.data import vision as vision_mod
 from mist_fed.data.protocols import Source, apply_protocol
-from mist_fed.defaults import DEBIAN_FASHION_MNIST
 from mist_fed.errors import TaskError
 
 REAL_TASKS = ["flowers102", "cifar100", "dtd", "pets", "svhn", "eurosat", "caltech101"]
@@ -104,11 +104,13 @@ def test_imagefolder_with_and_without_val(tmp_path):
         get_task(f"imagefolder:{tmp_path / 'missing'}")
 
 
-def test_tasks_command_and_offline_defaults(monkeypatch, capsys):
-    from mist_fed.cli import main
-    from mist_fed.data.defaults import default_backbone, default_task
+def test_tasks_command_and_offline_defaults(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from mist_fed.assets.defaults import default_backbone, default_task
+    from mist_fed.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # no ViT-B/16 cached here
     monkeypatch.setenv("MIST_FED_OFFLINE", "1")
     assert default_backbone() == "dinov2_s14_imgfocus"
     assert default_task() == "fashion-mnist"

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow.flight as flight
 import pytest
 
-from mist_fed.defaults import DEFAULT_HOST
+from mist_fed.assets.defaults import DEFAULT_HOST
 from tests.layouts import make_flowers102, skip_md5_source
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]

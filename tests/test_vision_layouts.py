@@ -75,7 +75,7 @@ def test_unreadable_data_is_one_clear_error(data_root):
 def test_flowers102_features_through_the_cloud(data_root, tiny_backbone, tmp_path):
     from mist_fed.cloud.config import ServeConfig
     from mist_fed.cloud.runner import running_cloud
-    from mist_fed.wire.client import FeatureClient
+    from mist_fed.wire.flight import FeatureClient
 
     # Prepare: the server's default task list (every registered named task)
     make_flowers102(data_root)

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 import torch
 
+from mist_fed.cloud.gather import GatherSpec, gather_many
 from mist_fed.errors import WireError
-from mist_fed.model.gather import GatherSpec, gather_many
 from mist_fed.wire import edge_init
 from mist_fed.wire.codec import Stats, WireMeta, decode, encode, feature_schema, ipc_options
 from mist_fed.wire.dtypes import (

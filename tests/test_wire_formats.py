@@ -16,16 +16,15 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from mist_fed.cli import build_parser
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.cloud.server import FeatureServer
+from mist_fed.commands import build_parser
 from mist_fed.device.edge import EdgeDevice
 from mist_fed.device.profiles import load_profile
 from mist_fed.device.source import FlightSource
 from mist_fed.errors import ConfigError
 from mist_fed.fleet.spec import FleetSpec, TaskFleet
-from mist_fed.wire.client import FeatureClient
 from mist_fed.wire.codec import (
     WireMeta,
     batch_nbytes,
@@ -44,6 +43,7 @@ from mist_fed.wire.dtypes import (
     scale_shape,
     wire_shape,
 )
+from mist_fed.wire.flight import FeatureClient
 from mist_fed.wire.request import FeatureRequest
 
 NEW = ("int4", "int4ch", *(d for d in WIRE_DTYPES if "+" in d))

@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import torch
 
+from mist_fed.cloud.backbone import Backbone, create_backbone
 from mist_fed.cloud.config import ServeConfig
+from mist_fed.cloud.gather import GatherSpec, candidate_ks, gather_many
 from mist_fed.cloud.runner import running_cloud
-from mist_fed.model.backbone import Backbone, create_backbone
-from mist_fed.model.gather import GatherSpec, candidate_ks, gather_many
 from mist_fed.wire.request import FeatureRequest
 
 log = logging.getLogger(__name__)

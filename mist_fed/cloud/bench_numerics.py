@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
+from mist_fed.cloud.backbone import Backbone, create_backbone
 from mist_fed.cloud.config import ServeConfig
+from mist_fed.cloud.gather import gather_many
+from mist_fed.cloud.macs import cloud_macs
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.core.specs import GatherSpec, candidate_ks
 from mist_fed.data import get_task, task_entry
-from mist_fed.model.backbone import Backbone, create_backbone
-from mist_fed.model.cost import cloud_macs
-from mist_fed.model.gather import gather_many
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ their keys map one to one onto the flat dataclass fields below (unknown keys are
 Command-line flags override with :meth:`ServeConfig.override`.
 
 Defaults that work offline with no file and no flag: loopback on port 8815; the backbone chosen
-from local state (``backbone`` unset: :func:`mist_fed.data.defaults.choose_backbone`); every
+from local state (``backbone`` unset: :func:`mist_fed.assets.defaults.choose_backbone`); every
 registered named task offered (``tasks`` unset). ``tasks`` narrows that list; a ``+SPEC``
 entry adds a spec to it instead (``+imagefolder:/data/birds``): image folders and parametrised
 specs (``synthetic:classes=4``) are served only when listed. The feature store keeps at most
@@ -23,17 +23,17 @@ from typing import Any
 
 import torch
 
-from mist_fed import defaults
-from mist_fed.errors import ConfigError
-from mist_fed.model.numerics import (
+from mist_fed.assets import defaults
+from mist_fed.cloud.numerics import (
     check_numerics,
     check_runtime,
     resolve_numerics,
     resolve_runtime,
 )
+from mist_fed.errors import ConfigError
 from mist_fed.wire.dtypes import check_wire
 
-SECTIONS = ("server", "backbone", "store", "limits", "tls")
+SECTIONS = ("server", "backbone", "store", "warm", "limits", "tls")
 DEFAULT_MAX_GB = 32.0  # a full comparison's features (about 17 GB) fit
 
 
@@ -54,7 +54,7 @@ class ServeConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"  # where the backbone runs: cpu, cuda, cuda:N, or auto (cuda when present)
     # the backbone's precision (auto: float16 on CUDA, bfloat16 on a CPU with native bfloat16,
-    # else float32) and what runs it (auto: openvino on a CPU); see mist_fed/model/numerics.py
+    # else float32) and what runs it (auto: openvino on a CPU); see mist_fed/cloud/numerics.py
     numerics: str = "auto"
     runtime: str = "auto"
     # [store]
@@ -67,6 +67,9 @@ class ServeConfig:
     # images (pca<D>task-: on the requested task's); see mist_fed/cloud/projections.py
     projection_sample: str = "digits"
     projection_images: int = 1000
+    # [warm]: a warm's embedding spread over a Ray cluster (see mist_fed/cloud/ray_warm.py)
+    ray: str | None = None  # None: no Ray; "local": a Ray of the service's own; else an address
+    warm_workers: int = 0  # Ray embedding workers per warm (0: the service embeds itself)
     # [limits]
     max_ticket_bytes: int = 1 << 20
     max_ids_per_ticket: int = 100_000
@@ -84,6 +87,10 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.projection_images < 2:
             raise ConfigError(f"projection_images must be >= 2, got {self.projection_images}")
+        if self.warm_workers < 0:
+            raise ConfigError(f"warm_workers must be >= 0, got {self.warm_workers}")
+        if self.warm_workers and self.ray is None:
+            raise ConfigError("warm_workers needs a Ray to run on: set ray (an address or local)")
         if self.max_upload_images < 1 or self.max_image_bytes < 1:
             raise ConfigError("max_upload_images and max_image_bytes must be >= 1")
         check_wire(self.default_dtype, ConfigError, "default_dtype")
@@ -102,7 +109,7 @@ class ServeConfig:
 
     def offered_tasks(self) -> tuple[str, ...]:
         """The task specs this service offers (``tasks`` resolved against the registry)."""
-        from mist_fed.data.registry import named_tasks
+        from mist_fed.data.tasks import named_tasks
 
         if self.tasks is None:
             return tuple(named_tasks())

@@ -20,23 +20,24 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import pyarrow as pa
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mist_fed.cloud.store import FeatureStore, content_hash
-from mist_fed.errors import WireError
-from mist_fed.model.backbone import Backbone
-from mist_fed.model.gather import (
+from mist_fed.cloud.backbone import Backbone
+from mist_fed.cloud.gather import (
     DEPTH_GATHERS,
     GatherSpec,
     candidate_ks,
     feature_shape,
     gather_many,
 )
+from mist_fed.cloud.store import FeatureStore, content_hash
+from mist_fed.errors import WireError
 from mist_fed.wire.codec import WireMeta, encode_arrays
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,7 @@ class Embedder:
         self._count_lock = threading.Lock()
 
     def meta(self, spec: GatherSpec, dtype: str) -> WireMeta:
-        return WireMeta(
-            backbone=self.backbone.name,
-            weights=self.backbone.weights_id,
-            gather=spec.kind,
-            k=spec.k,
-            dtype=dtype,
-            shape=feature_shape(self.backbone, spec),
-        )
+        return backbone_meta(self.backbone, spec, dtype)
 
     def family(self, spec: GatherSpec) -> list[GatherSpec]:
         """Every spec one pass for ``spec`` computes and stores."""
@@ -165,57 +159,145 @@ class Embedder:
                 self.counters.images_reembedded += again
             log.debug("embedded %d images (%s)", len(todo), ",".join(s.label() for s in family))
 
+    def encode(
+        self, images: Sequence[Image.Image], needed: Needed
+    ) -> dict[tuple[GatherSpec, str], dict[str, pa.Array]]:
+        """One backbone pass over ``images``; each pair's encoded columns for its rows."""
+        return encode_pairs(self.backbone, self.transform, self.device, images, needed)
+
     def warm(
         self,
         pairs: Sequence[tuple[GatherSpec, str]],
         hashes: Sequence[str],
         load: ImageLoader,
+        pool: EmbedPool | None = None,
     ) -> int:
         """Store exactly the ``(spec, dtype)`` pairs for the images ``hashes`` (no family).
 
         ``load(i)`` gives image ``i``. One backbone pass per image computes every pair it lacks;
         pairs already stored for an image are not written again. Returns images embedded.
+        With a ``pool`` (:class:`~mist_fed.cloud.ray_warm.RayEmbedPool`), its workers run the
+        passes, each loading image ``i`` itself; this embedder still writes every row.
         """
         wanted = list(dict.fromkeys(pairs))
         first: dict[str, int] = {}
         for i, h in enumerate(hashes):
             first.setdefault(h, i)
         keys = list(first)
-        embedded = 0
-        start = time.perf_counter()
+        jobs: list[WarmJob] = []
         for b in range(0, len(keys), self.batch_size):
             chunk = keys[b : b + self.batch_size]
-            with self._forward_lock:  # per batch: requests are served between batches
-                needed: dict[tuple[GatherSpec, str], list[int]] = {}
-                for pair in wanted:
-                    locs = self.store.lookup(*pair, chunk)
-                    idx = [j for j, loc in enumerate(locs) if loc is None]
-                    if idx:
-                        needed[pair] = idx
-                rows = sorted({j for idx in needed.values() for j in idx})
-                if not rows:
-                    continue
+            needed: Needed = {}
+            for pair in wanted:
+                idx = [j for j, loc in enumerate(self.store.lookup(*pair, chunk)) if loc is None]
+                if idx:
+                    needed[pair] = idx
+            rows = sorted({j for idx in needed.values() for j in idx})
+            if rows:  # needed's indices re-based on the images this job loads
                 pos = {j: n for n, j in enumerate(rows)}
-                specs = sorted({s for s, _ in needed}, key=lambda s: s.label())
-                x = torch.stack(
-                    [self.transform(load(first[chunk[j]]).convert("RGB")) for j in rows]
+                rebased = {pair: [pos[j] for j in idx] for pair, idx in needed.items()}
+                jobs.append(
+                    WarmJob([chunk[j] for j in rows], [first[chunk[j]] for j in rows], rebased)
                 )
-                out = gather_many(self.backbone, x.to(self.device), specs)
-                again = 0
-                for (s, dtype), idx in needed.items():
-                    feats = out[s][[pos[j] for j in idx]].cpu()
-                    cols = encode_arrays(self.meta(s, dtype), feats)
-                    again = max(again, self.store.put(s, dtype, [chunk[j] for j in idx], cols))
-            embedded += len(rows)
+        results: Iterator[tuple[WarmJob, dict[tuple[GatherSpec, str], dict[str, pa.Array]]]]
+        if pool is None:
+            results = (
+                (job, self._warm_local(job, load)) for job in jobs
+            )  # per job: requests are served between jobs
+        else:
+            results = pool.run(jobs, self)
+        embedded = 0
+        start = time.perf_counter()
+        for job, out in results:
+            again = 0
+            for (s, dtype), idx in job.needed.items():
+                meta = self.meta(s, dtype)
+                check_columns(meta, out[(s, dtype)], len(idx))  # a worker's rows: checked
+                again = max(
+                    again, self.store.put(s, dtype, [job.hashes[j] for j in idx], out[(s, dtype)])
+                )
+            embedded += len(job.hashes)
             with self._count_lock:
-                self.counters.images_embedded += len(rows)
+                self.counters.images_embedded += len(job.hashes)
                 self.counters.images_reembedded += again
                 self.counters.forward_batches += 1
             log.info(
-                "warm: %d/%d images checked, %d embedded (%.1f img/s)",
-                min(b + self.batch_size, len(keys)),
-                len(keys),
+                "warm: %d/%d images embedded (%.1f img/s)%s",
                 embedded,
+                sum(len(j.hashes) for j in jobs),
                 embedded / max(time.perf_counter() - start, 1e-9),
+                "" if pool is None else f" on {pool.workers} Ray workers",
             )
         return embedded
+
+    def _warm_local(
+        self, job: WarmJob, load: ImageLoader
+    ) -> dict[tuple[GatherSpec, str], dict[str, pa.Array]]:
+        with self._forward_lock:
+            return self.encode([load(i) for i in job.items], job.needed)
+
+
+#: (gather spec, stored dtype) -> the indices, into a job's images, of the rows it needs
+Needed = dict[tuple[GatherSpec, str], list[int]]
+
+
+@dataclass(frozen=True)
+class WarmJob:
+    """One forward batch of a warm: the images' hashes, their indices for the loader (rows of
+    the warmed split), and which rows each pair needs."""
+
+    hashes: list[str]
+    items: list[int]
+    needed: Needed
+
+
+class EmbedPool(Protocol):
+    """Workers that run a warm's jobs elsewhere; results come back in any order."""
+
+    workers: int
+
+    def run(
+        self, jobs: Sequence[WarmJob], embedder: Embedder
+    ) -> Iterator[tuple[WarmJob, dict[tuple[GatherSpec, str], dict[str, pa.Array]]]]: ...
+
+
+def encode_pairs(
+    backbone: Backbone,
+    transform: Callable[[Any], torch.Tensor],
+    device: torch.device,
+    images: Sequence[Image.Image],
+    needed: Needed,
+) -> dict[tuple[GatherSpec, str], dict[str, pa.Array]]:
+    """One backbone pass over ``images``: each ``(spec, dtype)`` pair's encoded columns for the
+    rows ``needed`` names (what a warm job computes, in the service or on a Ray worker)."""
+    specs = sorted({s for s, _ in needed}, key=lambda s: s.label())
+    x = torch.stack([transform(im.convert("RGB")) for im in images])
+    out = gather_many(backbone, x.to(device), specs)
+    return {
+        (s, dtype): encode_arrays(backbone_meta(backbone, s, dtype), out[s][idx].cpu())
+        for (s, dtype), idx in needed.items()
+    }
+
+
+def backbone_meta(backbone: Backbone, spec: GatherSpec, dtype: str) -> WireMeta:
+    """The wire metadata of ``backbone``'s ``spec`` features in ``dtype``."""
+    return WireMeta(
+        backbone=backbone.name,
+        weights=backbone.weights_id,
+        gather=spec.kind,
+        k=spec.k,
+        dtype=dtype,
+        shape=feature_shape(backbone, spec),
+    )
+
+
+def check_columns(meta: WireMeta, cols: dict[str, pa.Array], rows: int) -> None:
+    """Refuse encoded columns that are not ``rows`` rows of ``meta``'s features."""
+    want = encode_arrays(meta, torch.zeros(1, *meta.shape))
+    if set(cols) != set(want) or any(
+        len(cols[n]) != rows or cols[n].type != want[n].type for n in want
+    ):
+        raise WireError(
+            f"embedded columns do not match {meta.gather} k={meta.k} {meta.dtype} "
+            f"({rows} rows of {meta.shape}); the worker runs another backbone or version"
+        )

@@ -8,9 +8,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from mist_fed.cloud.backbone import Backbone
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.server import FeatureServer
-from mist_fed.model.backbone import Backbone
 
 log = logging.getLogger(__name__)
 

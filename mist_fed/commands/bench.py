@@ -8,8 +8,8 @@ import argparse
 import json
 from typing import Any
 
-from mist_fed.defaults import DEFAULT_HOST
-from mist_fed.model.numerics import NUMERICS_CHOICES, RUNTIME_CHOICES, RUNTIME_HELP
+from mist_fed.assets.defaults import DEFAULT_HOST
+from mist_fed.cloud.numerics import NUMERICS_CHOICES, RUNTIME_CHOICES, RUNTIME_HELP
 from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
 
 
@@ -68,6 +68,14 @@ def bench_cloud(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_edge(args: Any) -> int:
+    from mist_fed.device.bench import bench_edge, report_lines
+
+    r = bench_edge(args.tokens, args.dim, args.batch, steps=args.steps, rows=args.rows)
+    print(json.dumps(r, indent=2) if args.json else "\n".join(report_lines(r)))
+    return 0
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("bench", help="throughput benchmarks against bare baselines")
     bsub = p.add_subparsers(dest="bench_command", required=True)
@@ -103,9 +111,14 @@ def register(sub: Any) -> None:
     n.add_argument("--cold-reps", type=int, default=3, help="interleaved rounds (best kept)")
     n.add_argument("--forward-batch", type=int, help="images per forward (default: the service's)")
     c.set_defaults(handler=bench_cloud)
-    from mist_fed.device.bench import add_parser as add_edge
-
-    add_edge(bsub)
+    e = bsub.add_parser("edge", help="peak memory of the EdgeDevice path vs the paper's Pi 4")
+    e.add_argument("--tokens", type=int, default=197)
+    e.add_argument("--dim", type=int, default=768)
+    e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--steps", type=int, default=3, help="steps of the naive loop")
+    e.add_argument("--rows", type=int, default=256, help="cached rows the device trains on")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(handler=bench_edge)
     from mist_fed.commands.simulate import add_bench_parser as add_sim
 
     add_sim(bsub)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mist_fed.defaults import (
+from mist_fed.assets.defaults import (
     DEFAULT_PROFILE,
     STUDIED_METHOD,
     STUDIED_WIRE,
@@ -37,7 +37,8 @@ def default_out(task: str, method: str, now: float | None = None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mist_fed.device.client import ClientConfig, default_task, run_client
+    from mist_fed.assets.defaults import default_task
+    from mist_fed.device.client import ClientConfig, run_client
     from mist_fed.device.trainer import TrainConfig, with_overrides
 
     task = args.task or default_task()

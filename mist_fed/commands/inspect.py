@@ -11,10 +11,10 @@ from mist_fed.wire.dtypes import FIXED_SIZE
 
 
 def run(args: argparse.Namespace) -> int:
+    from mist_fed.cloud.backbone import create_backbone
+    from mist_fed.cloud.macs import method_cost
     from mist_fed.core.methods import METHODS, PAPER_METHODS, method_gather
     from mist_fed.core.specs import candidate_ks
-    from mist_fed.model.backbone import create_backbone
-    from mist_fed.model.cost import method_cost
     from mist_fed.wire.dtypes import feature_bytes
 
     backbone = create_backbone(args.backbone, weights=args.weights, random_init=args.random_init)

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mist_fed.defaults import DEFAULT_HOST
+from mist_fed.assets.defaults import DEFAULT_HOST
 from mist_fed.wire.dtypes import WIRE_HELP, wire_arg
 
 DEFAULT_FLEET = Path(__file__).resolve().parents[2] / "simulations" / "fleets" / "default.toml"

@@ -8,8 +8,8 @@ from typing import Any
 
 
 def run(args: argparse.Namespace) -> int:
+    from mist_fed.assets.defaults import default_backbone, default_task
     from mist_fed.data import registered_tasks, task_entry
-    from mist_fed.data.defaults import default_backbone, default_task
 
     rows = []
     for name in registered_tasks():

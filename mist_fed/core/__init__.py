@@ -2,5 +2,5 @@
 
 Nothing here imports timm, torchvision, flwr, pandas or matplotlib; :mod:`mist_fed.core.specs`
 imports not even torch. The cloud-side backbone and gather functions live in
-:mod:`mist_fed.model`.
+:mod:`mist_fed.cloud` (backbone.py, gather.py).
 """

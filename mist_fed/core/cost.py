@@ -5,7 +5,7 @@ FLOPs / 2); parameters come from the modules themselves. Edge nets are counted b
 on their ``Linear``, ``Conv`` and :class:`~mist_fed.core.edge_nets.Attend` modules
 (:func:`forward_macs`): torch's flop counter costs about 80 MB of imports, more than a device's
 whole training working set, so the edge never imports it. The cloud's MACs
-(:func:`mist_fed.model.cost.cloud_macs`, timm's modules) use torch's counter, :func:`count_macs`.
+(:func:`mist_fed.cloud.macs.cloud_macs`, timm's modules) use torch's counter, :func:`count_macs`.
 Transfer bytes are passed in (the wire's dtypes say what one image costs:
 :func:`mist_fed.wire.dtypes.feature_bytes`, exact for the fixed-size dtypes, int4's packed
 bytes included; a compressed dtype such as ``int4ch+zstd`` has no predicted cost, its bytes are

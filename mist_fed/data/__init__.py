@@ -5,7 +5,7 @@ from mist_fed.data import imagefolder as _imagefolder  # noqa: F401  (registers 
 from mist_fed.data import synthetic as _synthetic  # noqa: F401  (registers `synthetic`)
 from mist_fed.data import vision as _vision  # noqa: F401  (registers the torchvision tasks)
 from mist_fed.data.protocols import PROTOCOLS, SHOTS
-from mist_fed.data.registry import (
+from mist_fed.data.tasks import (
     SPLITS,
     Availability,
     Task,

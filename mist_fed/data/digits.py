@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from mist_fed.data.protocols import Source, apply_protocol, carve
-from mist_fed.data.registry import Availability, Task, register_task
+from mist_fed.data.tasks import Availability, Task, register_task
 from mist_fed.errors import TaskError
 
 NAME = "digits"

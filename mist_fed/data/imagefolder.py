@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 
 from mist_fed.data.protocols import Source, apply_protocol
-from mist_fed.data.registry import Task, register_task
+from mist_fed.data.tasks import Task, register_task
 from mist_fed.errors import TaskError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from mist_fed.data.registry import Task, register_task
+from mist_fed.data.tasks import Task, register_task
 from mist_fed.errors import TaskError
 
 DEFAULTS = {"classes": 4, "train": 32, "val": 8, "test": 16, "size": 32, "seed": 0}

@@ -2,7 +2,7 @@
 
 Registered: ``flowers102``, ``cifar100``, ``dtd``, ``pets``, ``svhn``, ``eurosat``,
 ``caltech101``, ``fashion-mnist``, ``mnist``. Data is read from a local root
-(:func:`mist_fed.defaults.data_dir`, ``$MIST_FED_DATA``) when present, and downloaded there by
+(:func:`mist_fed.assets.defaults.data_dir`, ``$MIST_FED_DATA``) when present, and downloaded there by
 torchvision when the dataset's host is reachable. Offline, a missing dataset fails at once with a
 :class:`TaskError` saying where it looked and how to get it.
 
@@ -25,10 +25,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mist_fed.data.net import url_reachable
+from mist_fed.assets.defaults import (
+    DATASET_HOSTS,
+    DEBIAN_FASHION_MNIST,
+    PAPER_TASK_FOLDER,
+    data_dir,
+)
+from mist_fed.assets.net import url_reachable
 from mist_fed.data.protocols import Source, apply_protocol, carve
-from mist_fed.data.registry import Availability, Task, register_task
-from mist_fed.defaults import DATASET_HOSTS, DEBIAN_FASHION_MNIST, data_dir
+from mist_fed.data.tasks import Availability, Task, register_task
 from mist_fed.errors import TaskError
 
 log = logging.getLogger(__name__)
@@ -65,7 +70,7 @@ SPECS = {
             "CIFAR100",
             100,
             {"train": {"train": True}, "test": {"train": False}},
-            "cifar-100-python",
+            PAPER_TASK_FOLDER,
         ),
         VisionSpec(
             "mnist", "MNIST", 10, {"train": {"train": True}, "test": {"train": False}}, "MNIST"

@@ -234,27 +234,6 @@ def report_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def add_parser(bsub: Any) -> None:
-    """Add the ``edge`` target to ``mist-fed bench``'s sub-parsers."""
-    e = bsub.add_parser("edge", help="peak memory of the EdgeDevice path vs the paper's Pi 4")
-    e.add_argument("--tokens", type=int, default=197)
-    e.add_argument("--dim", type=int, default=768)
-    e.add_argument("--batch", type=int, default=32)
-    e.add_argument("--steps", type=int, default=3, help="steps of the naive loop")
-    e.add_argument("--rows", type=int, default=256, help="cached rows the device trains on")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.set_defaults(handler=run_command)
-
-
-def run_command(args: Any) -> int:
-    r = bench_edge(args.tokens, args.dim, args.batch, steps=args.steps, rows=args.rows)
-    if args.json:
-        print(json.dumps(r, indent=2))
-    else:
-        print("\n".join(report_lines(r)))
-    return 0
-
-
 if __name__ == "__main__":
     case, where, *nums = sys.argv[1:]
     if case not in CASES:

@@ -153,6 +153,17 @@ class FeatureCache:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._clear_orphans()
+
+    def _clear_orphans(self) -> None:
+        """Remove the temp files of writers that died mid-write (``<key>.<ext>.<pid>.tmp``
+        whose process is gone): a killed client leaves no partial file behind for good."""
+        for tmp in self.root.glob("*.*.tmp") if self.root.is_dir() else ():
+            pid = tmp.suffixes[-2].lstrip(".") if len(tmp.suffixes) >= 2 else ""
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                    log.info("removed %s, left by a writer that died mid-write", tmp.name)
 
     def _paths(self, key: CacheKey) -> tuple[Path, Path]:
         base = self.root / key.digest()
@@ -308,3 +319,14 @@ def _file_crcs(path: Path) -> list[int]:
     with pa.OSFile(str(path), "rb", memory_pool=pool) as f:
         reader = pa.ipc.open_file(f, memory_pool=pool)
         return [_batch_crc(reader.get_batch(i)) for i in range(reader.num_record_batches)]
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 asks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True

@@ -18,22 +18,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mist_fed.assets.defaults import DEFAULT_PROFILE, STUDIED_WIRE, cache_dir
 from mist_fed.core.methods import PROJECTABLE_EDGES, get_method
 from mist_fed.core.specs import Geometry
-from mist_fed.defaults import DEFAULT_PROFILE, STUDIED_WIRE, cache_dir
 from mist_fed.device.checkpoint import EdgeModelConfig, load_checkpoint, save_checkpoint
 from mist_fed.device.edge import EdgeDevice
 from mist_fed.device.profiles import DeviceProfile, load_profile
 from mist_fed.device.source import FlightSource
 from mist_fed.device.trainer import TrainConfig
-from mist_fed.errors import ConfigError, TaskError
-from mist_fed.wire.client import encode_png
+from mist_fed.errors import ConfigError
+from mist_fed.wire.codec import encode_png
 from mist_fed.wire.dtypes import check_wire, parse_wire
 from mist_fed.wire.shaping import LinkShaper
 
 log = logging.getLogger(__name__)
-
-REAL_DEFAULT_TASKS = ("fashion-mnist", "flowers102")
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ class ClientConfig:
 
 def default_dtype(method: str, geometry: Geometry) -> str:
     """The wire a client uses unless told: the one the wire study chose
-    (:data:`~mist_fed.defaults.STUDIED_WIRE`) for a method whose edge net reads a projection,
+    (:data:`~mist_fed.assets.defaults.STUDIED_WIRE`) for a method whose edge net reads a projection,
     on a backbone wide enough for it; float16 otherwise (half of float32's bytes at no
     measured cost)."""
     projectable = get_method(method).edge in PROJECTABLE_EDGES
@@ -83,25 +81,6 @@ def default_dtype(method: str, geometry: Geometry) -> str:
 def default_device_dir() -> Path:
     """Where a client keeps what it downloaded (``$MIST_FED_CACHE/device``)."""
     return cache_dir() / "device"
-
-
-def default_task() -> str:
-    """The real offline task when this build registers one, else a clear error."""
-    from mist_fed.data import registered_tasks
-
-    try:  # the data package's own choice, where this build has it
-        from mist_fed.data.defaults import default_task as data_default  # type: ignore[import-not-found,unused-ignore]
-
-        return str(data_default())
-    except ImportError:
-        pass
-    for name in REAL_DEFAULT_TASKS:
-        if name in registered_tasks():
-            return name
-    raise TaskError(
-        "no real offline task is registered in this build (looked for "
-        f"{', '.join(REAL_DEFAULT_TASKS)}); pass --task, e.g. --task synthetic:classes=4"
-    )
 
 
 def _task_info(task: str) -> tuple[int | None, list[str]]:

@@ -42,7 +42,7 @@ from mist_fed.core.specs import GatherSpec, Geometry
 from mist_fed.device.cache import CachedSplit, CacheKey, FeatureCache
 from mist_fed.device.clock import EVAL_FLOPS_PER_MAC, TRAIN_FLOPS_PER_MAC, DeviceClock
 from mist_fed.device.memory import MemoryGuard, check_fits, estimate_train_mb, tune_allocator
-from mist_fed.device.metrics import DeviceMetrics, KSelection, Prediction
+from mist_fed.device.metrics import DeviceMetrics, KSelection, Prediction, best_k
 from mist_fed.device.profiles import DeviceProfile, profile_resources
 from mist_fed.device.source import FeatureSource
 from mist_fed.device.trainer import (
@@ -405,8 +405,8 @@ class EdgeDevice:
 
         Each net starts from the same seed; a method without ``k`` trains once.
         """
-        best: tuple[float, int | None, nn.Module, FitResult] | None = None
         val_acc: dict[int | None, float] = {}
+        kept: tuple[nn.Module, FitResult] | None = None
         for k in sorted(self.candidate_ks(method, ks), key=lambda v: -1 if v is None else v):
             train = self.features(task, "train", method, k, dtype, train_ids)
             val = self.features(task, "val", method, k, dtype)
@@ -415,12 +415,12 @@ class EdgeDevice:
             fitted = self.train(net, train, cfg)
             val_acc[k] = self.evaluate(net, val)
             log.info("k=%s: val accuracy %.4f", k, val_acc[k])
-            if best is None or val_acc[k] > best[0]:
-                best = (val_acc[k], k, net, fitted)
-        if best is None:
-            raise ConfigError("select_k needs at least one candidate k")
-        self._runs(best[2], self.feature_shape(method, best[1], dtype))  # the one it keeps
-        return KSelection(k=best[1], val_acc=val_acc, net=best[2], fit=best[3])
+            if best_k(val_acc) == k:  # the best so far: keep its net, drop the one before
+                kept = (net, fitted)
+        chosen = best_k(val_acc)  # ConfigError when there is no candidate
+        assert kept is not None
+        self._runs(kept[0], self.feature_shape(method, chosen, dtype))  # the one it keeps
+        return KSelection(k=chosen, val_acc=val_acc, net=kept[0], fit=kept[1])
 
 
 def _rows_bar(batches: Iterator[pa.RecordBatch], desc: str) -> Iterator[pa.RecordBatch]:

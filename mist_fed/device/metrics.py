@@ -4,6 +4,7 @@ and a prediction."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from mist_fed.device.trainer import FitResult
+from mist_fed.errors import ConfigError
 
 
 @dataclass
@@ -45,6 +47,14 @@ class Prediction:
     ids: list[str]  # the images the cloud could read, in order
     probs: torch.Tensor  # [len(ids), classes]
     errors: dict[str, str]  # image id -> why the cloud could not read it
+
+
+def best_k(val_acc: Mapping[int | None, float]) -> int | None:
+    """The rule every k selection follows: the best validation accuracy, ties to the smaller k
+    (``None``, a method without k, counts as 0)."""
+    if not val_acc:
+        raise ConfigError("k selection needs at least one candidate k")
+    return max(val_acc, key=lambda k: (val_acc[k], -(k or 0)))
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A :class:`FeatureSource` describes the cloud backbone (:class:`~mist_fed.core.specs.Geometry`,
 whatever the task), streams a split's feature batches, serves a method's initial edge weights
 and embeds a device's own images. :class:`FlightSource` is the real one, over
-:class:`~mist_fed.wire.client.FeatureClient`: it pins the backbone and weights on first
+:class:`~mist_fed.wire.flight.FeatureClient`: it pins the backbone and weights on first
 contact, so every later stream must come from the same ones, and passes every received batch
 through the device's link shaper (which may sleep to pace it).
 """
@@ -17,9 +17,9 @@ from typing import Protocol
 import pyarrow as pa
 
 from mist_fed.core.specs import GatherSpec, Geometry
-from mist_fed.wire.client import FeatureClient
 from mist_fed.wire.edge_init import EdgeInit
 from mist_fed.wire.features import FeatureSet
+from mist_fed.wire.flight import FeatureClient
 from mist_fed.wire.shaping import LinkShaper
 
 log = logging.getLogger(__name__)

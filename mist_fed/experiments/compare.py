@@ -15,7 +15,7 @@ streams them batch by batch into the trainer, evaluates on val and test, and rep
   cloud streamed for them divided by their rows; recorded in the cache when first paid, so a
   cached rerun reports the same figure while its ``feature_bytes`` is 0);
 * ``cloud_macs``: the backbone's MACs per image for the method's gather
-  (:func:`~mist_fed.model.cost.cloud_macs`);
+  (:func:`~mist_fed.cloud.macs.cloud_macs`);
 * ``accuracy`` (test), ``val_accuracy``, ``k`` and the row's identity.
 
 ``peak_mem_mb`` is the job's peak RSS rise while it trains and evaluates, reading its features
@@ -40,23 +40,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from mist_fed.assets.defaults import cache_dir
+from mist_fed.cloud.backbone import create_backbone
 from mist_fed.cloud.config import ServeConfig
+from mist_fed.cloud.macs import cloud_macs
 from mist_fed.cloud.runner import running_cloud
 from mist_fed.core.methods import get_method, method_gather
 from mist_fed.core.specs import GatherSpec, candidate_ks
 from mist_fed.data import get_task
-from mist_fed.data.registry import Task
-from mist_fed.defaults import cache_dir
+from mist_fed.data.tasks import Task
 from mist_fed.device.cache import CachedSplit
 from mist_fed.device.edge import EdgeDevice
 from mist_fed.device.memory import tune_allocator
-from mist_fed.device.metrics import DeviceMetrics
+from mist_fed.device.metrics import DeviceMetrics, best_k
 from mist_fed.device.profiles import DeviceProfile, load_profile
 from mist_fed.device.source import FeatureSource, FlightSource
 from mist_fed.device.trainer import TrainConfig
 from mist_fed.errors import ConfigError
-from mist_fed.model.backbone import create_backbone
-from mist_fed.model.cost import cloud_macs
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class CompareConfig:
     cache_dir: str | None = None  # the cloud's feature store (None: under MIST_FED_CACHE)
     profile: str = DEFAULT_PROFILE  # the edge device every row runs on (name or .toml path)
     device_dir: str | None = None  # the device's storage; None: default_device_dir()
-    numerics: str = "auto"  # the cloud backbone's numerics (mist_fed/model/numerics.py)
+    numerics: str = "auto"  # the cloud backbone's numerics (mist_fed/cloud/numerics.py)
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -344,9 +344,9 @@ class Comparison:
             return cache[key]
 
         def selected(v: Variant) -> RowResult:
-            rows = [row(v, k) for k in self.ks_for(v)]
-            best = max(rows, key=lambda r: (r.val_accuracy, -(r.k or 0)))
-            return replace(best, label=v.label, group=v.group)
+            rows = {k: row(v, k) for k in self.ks_for(v)}
+            k = best_k({k: r.val_accuracy for k, r in rows.items()})  # the device's own rule
+            return replace(rows[k], label=v.label, group=v.group)
 
         mist_k: list[int | None] = []
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mist_fed.assets.defaults import OFFLINE_BACKBONE
+from mist_fed.cloud.backbone import BackboneSpec
 from mist_fed.errors import BackboneError, ConfigError
 from mist_fed.fleet import aggregation
-from mist_fed.model.backbone import BackboneSpec
-from mist_fed.model.imgfocus import NAME as DEFAULT_BACKBONE
 from mist_fed.wire.dtypes import check_wire
 
 SPLITS = ("iid", "dirichlet")
@@ -64,7 +64,7 @@ class TaskFleet:
             object.__setattr__(self, "name", f"{self.task}/{self.method}")
 
 
-_DEFAULT_BACKBONE_SPEC = BackboneSpec(DEFAULT_BACKBONE)
+_DEFAULT_BACKBONE_SPEC = BackboneSpec(OFFLINE_BACKBONE)
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def _backbone(d: Mapping[str, Any], where: str) -> BackboneSpec:
     allowed = {f.name for f in dataclasses.fields(BackboneSpec)}
     _reject_unknown(d, allowed, where)
     try:
-        return BackboneSpec(**{"name": DEFAULT_BACKBONE, **d})
+        return BackboneSpec(**{"name": OFFLINE_BACKBONE, **d})
     except BackboneError as e:
         raise ConfigError(f"{where}: {e}") from e
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from mist_fed.defaults import cache_dir
+from mist_fed.assets.defaults import cache_dir
 from mist_fed.errors import ConfigError
 
 

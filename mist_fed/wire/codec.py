@@ -24,6 +24,7 @@ float32/float16); the quantized dtypes are dequantized to float32.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import warnings
 from collections.abc import Iterable, Sequence
@@ -374,3 +375,10 @@ def ipc_body_nbytes(batch: pa.RecordBatch, options: pa.ipc.IpcWriteOptions | Non
         if msg.type == "record batch":
             return int(msg.body.size)
     raise WireError("writing a record batch gave no record-batch message")  # pragma: no cover
+
+
+def encode_png(img: Any) -> bytes:
+    """PNG bytes of a PIL image: what an upload (:data:`UPLOAD_SCHEMA`) carries per image."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

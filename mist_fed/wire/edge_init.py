@@ -3,9 +3,9 @@
 Partial-1 tunes the backbone's last block on the device, starting from the pretrained block,
 but a device cannot run (or hold) the backbone. The cloud answers the Flight action
 :data:`ACTION` (body: ``{"method": NAME}`` as JSON) with one result: a safetensors blob of the
-method's :meth:`~mist_fed.model.backbone.Backbone.edge_init_state` whose metadata names the method and
+method's :meth:`~mist_fed.cloud.backbone.Backbone.edge_init_state` whose metadata names the method and
 the backbone and weights id it came from, so the device can check it matches the features.
-Pure encode/decode here; the server and :class:`~mist_fed.wire.client.FeatureClient` use them.
+Pure encode/decode here; the server and :class:`~mist_fed.wire.flight.FeatureClient` use them.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from mist_fed.device.edge import EdgeDevice
 from mist_fed.device.profiles import load_profile
 from mist_fed.device.source import FlightSource
 from mist_fed.device.trainer import TrainConfig
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 
 run, cloud, device_dir = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 m = json.loads((run / "metrics.json").read_text())

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mist_fed.assets.defaults import default_backbone
+from mist_fed.cloud.backbone import create_backbone
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
-from mist_fed.data.defaults import default_backbone
 from mist_fed.device.edge import EdgeDevice
 from mist_fed.device.profiles import load_profile
 from mist_fed.device.source import FlightSource
-from mist_fed.model.backbone import create_backbone
 
 bb = create_backbone(default_backbone())
 cfg = ServeConfig(port=0, tasks=("fashion-mnist",), backbone=default_backbone())

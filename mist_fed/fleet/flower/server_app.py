@@ -21,7 +21,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from mist_fed.defaults import cache_dir
+from mist_fed.assets.defaults import cache_dir
 from mist_fed.errors import ConfigError
 from mist_fed.fleet.flower.grid import (
     GridTransport,

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from mist_fed.defaults import DEFAULT_HOST
+from mist_fed.assets.defaults import DEFAULT_HOST
 from mist_fed.fleet.runtime.cluster import client_resources, fit_cluster, ray_runtime
 from mist_fed.fleet.runtime.provision import resolve_assets
 from mist_fed.fleet.runtime.session import RunResult, RunSession

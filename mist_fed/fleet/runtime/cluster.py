@@ -35,7 +35,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from mist_fed.defaults import WILDCARD_HOSTS
+from mist_fed.assets.defaults import WILDCARD_HOSTS
 from mist_fed.device.profiles import load_profile, profile_resources, profiles_dir
 from mist_fed.errors import ConfigError, ResourceLimitError
 from mist_fed.fleet.storage import remove_run

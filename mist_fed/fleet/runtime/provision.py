@@ -16,13 +16,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from mist_fed.assets.defaults import DEFAULT_HOST
+from mist_fed.cloud.backbone import Backbone, BackboneSpec, create_backbone
 from mist_fed.cloud.config import ServeConfig
 from mist_fed.cloud.runner import running_cloud
-from mist_fed.defaults import DEFAULT_HOST
 from mist_fed.errors import BackboneError, ConfigError, MistError, TaskError
 from mist_fed.fleet.spec import FleetSpec
-from mist_fed.model.backbone import Backbone, BackboneSpec, create_backbone
-from mist_fed.wire.client import FeatureClient
+from mist_fed.wire.flight import FeatureClient
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mist_fed.defaults import DEFAULT_HOST
+from mist_fed.assets.defaults import DEFAULT_HOST
 from mist_fed.errors import Interrupted, MistError
 from mist_fed.fleet.async_rounds import AsyncRounds
 from mist_fed.fleet.job import DeviceResult

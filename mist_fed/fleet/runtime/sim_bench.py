@@ -36,7 +36,6 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import resource
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -167,26 +166,25 @@ def measure_apart(
 
 def warm_cloud(specs: list[FleetSpec], location: str) -> int:
     """Have the cloud embed every image the runs of ``specs`` will ask for (devices' shares
-    and the server's evaluation images), through a device's own fetch path; untimed.
+    and the server's evaluation images) with its ``warm`` action; untimed.
     Returns the number of distinct images asked for."""
-    from mist_fed.device.edge import EdgeDevice
-    from mist_fed.device.profiles import load_profile
+    from mist_fed.core.methods import method_gather
     from mist_fed.device.source import FlightSource
     from mist_fed.fleet.plan import plan_fleet
 
-    wanted: dict[tuple[str, str, str, int | None, str, str], set[str]] = {}
+    wanted: dict[tuple[str, str, int | None, str, str], set[str]] = {}
     for spec in specs:
         plan = plan_fleet(spec)
         for d in plan.devices:
-            key = (d.task, d.method, d.profile, spec.k, spec.wire_dtype)
+            key = (d.task, d.method, spec.k, spec.wire_dtype)
             wanted.setdefault((*key, "train"), set()).update(d.train_ids)
             wanted.setdefault((*key, "test"), set()).update(d.test_ids)
             wanted[(*key, "test")].update(plan.eval_ids[d.task])
-    with tempfile.TemporaryDirectory(prefix="bench-warm-") as tmp, FlightSource(location) as src:
-        for (task, method, profile, k, dtype, split), ids in wanted.items():
-            device = EdgeDevice(load_profile(profile), src, tmp, counts_runtime=False)
-            with device:
-                device.features(task, split, method, k, dtype, ids=sorted(ids))
+    with FlightSource(location) as src:
+        blocks = src.geometry().num_blocks
+        for (task, method, k, dtype, split), ids in wanted.items():
+            g = method_gather(method, blocks, k)
+            src.client.warm(task, split, [(g.kind, g.k, dtype)], ids=sorted(ids))
     return len({(key[0], key[-1], i) for key, ids in wanted.items() for i in ids})
 
 

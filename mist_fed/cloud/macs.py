@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from mist_fed.cloud.backbone import Backbone
+from mist_fed.cloud.gather import gather
 from mist_fed.core.cost import MethodCost, count_macs, edge_cost
 from mist_fed.core.methods import method_gather
-from mist_fed.model.backbone import Backbone
-from mist_fed.model.gather import gather
 
 
 def cloud_macs(backbone: Backbone, method: str, k: int | None = None) -> int:

@@ -23,7 +23,6 @@ one. ``timeout_s`` is the deadline of the other, short calls.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import threading
@@ -355,8 +354,10 @@ class FeatureClient:
         split: str,
         pairs: Sequence[tuple[str, int | None, str]],
         limit: int | None = None,
+        ids: Sequence[str] | None = None,
     ) -> dict[str, int]:
-        """Have the cloud store ``(gather, k, dtype)`` pairs for a split's first ``limit`` rows.
+        """Have the cloud store ``(gather, k, dtype)`` pairs for a split's rows ``ids``, else
+        its first ``limit`` rows (else all).
 
         One backbone pass per image on the cloud; no features come back. No deadline (a big
         split takes minutes); refusals and unreachable clouds raise as for :meth:`get`.
@@ -368,6 +369,8 @@ class FeatureClient:
         }
         if limit is not None:
             body["limit"] = limit
+        if ids is not None:
+            body["ids"] = list(ids)
         action = flight.Action(WARM_ACTION, json.dumps(body).encode())
         results = self._retrying(lambda: list(self._client.do_action(action, self._stream_options)))
         return dict(json.loads(results[0].body.to_pybytes()))
@@ -441,10 +444,3 @@ def _stall_guard(reader: Any, stall_s: float | None) -> Iterator[None]:
         raise
     finally:
         timer.cancel()
-
-
-def encode_png(img: Any) -> bytes:
-    """PNG bytes of a PIL image (helper for ``embed``)."""
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()

@@ -16,7 +16,7 @@ appends the numerics to the backbone's weights id (float32 keeps the bare id, so
 caches filled before numerics existed stay valid).
 
 *Runtime* is what runs the forward: ``torch`` (eager) or ``openvino`` (the backbone exported
-once to ONNX and compiled for this CPU; see :mod:`mist_fed.model.engine`). ``auto``: OpenVINO
+once to ONNX and compiled for this CPU; see :mod:`mist_fed.cloud.engine`). ``auto``: OpenVINO
 on a CPU for float32 (and bfloat16 where the CPU has it), torch otherwise (CUDA; emulated
 bfloat16, which OpenVINO would silently run in float32). The runtime does not change the features beyond float32 rounding
 (relative error 2e-7 measured), so it is not part of their identity.

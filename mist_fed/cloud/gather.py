@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from mist_fed.cloud.backbone import Backbone
 from mist_fed.core.specs import (  # noqa: F401  (re-exported for the cloud's modules)
     DEPTH_GATHERS,
     GATHERS,
@@ -31,7 +32,6 @@ from mist_fed.core.specs import (  # noqa: F401  (re-exported for the cloud's mo
     patch_grid,
     pooled_grid,
 )
-from mist_fed.model.backbone import Backbone
 from mist_fed.registry import Registry
 
 

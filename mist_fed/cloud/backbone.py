@@ -25,12 +25,12 @@ import timm
 import torch
 from torch import nn
 
+from mist_fed.assets.net import hub_reachable
+from mist_fed.cloud.engine import openvino_trunk
+from mist_fed.cloud.numerics import NUMERICS, RUNTIMES, autocast_dtype, features_id
 from mist_fed.core.methods import starts_from_backbone
 from mist_fed.core.specs import Geometry
 from mist_fed.errors import BackboneError, WeightsUnavailableError
-from mist_fed.model.engine import openvino_trunk
-from mist_fed.model.hub import hub_reachable
-from mist_fed.model.numerics import NUMERICS, RUNTIMES, autocast_dtype, features_id
 from mist_fed.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]
 
 def _register_builtins() -> None:
     """Import the modules that register built-in backbones (idempotent)."""
-    import mist_fed.model.imgfocus  # noqa: F401  (registers dinov2_s14_imgfocus)
+    import mist_fed.cloud.onnx_vit  # noqa: F401  (registers dinov2_s14_imgfocus)
 
 
 def registered_backbones() -> list[str]:
@@ -136,7 +136,7 @@ def _create_timm(spec: BackboneSpec) -> tuple[nn.Module, str]:
     if not hub_reachable():
         raise WeightsUnavailableError(
             f"cannot fetch pretrained weights for {spec.name!r}: the model hub is not reachable "
-            f"(offline, or HF_HUB_OFFLINE is set). {_OFFLINE_HINT}"
+            f"(offline, or MIST_FED_OFFLINE or HF_HUB_OFFLINE is set). {_OFFLINE_HINT}"
         )
     try:
         model = timm.create_model(spec.name, pretrained=True, **kwargs)
@@ -189,7 +189,7 @@ class Backbone(nn.Module):
     @property
     def weights_id(self) -> str:
         """The identity of this backbone's features: its weights, and its numerics unless
-        float32 (:func:`~mist_fed.model.numerics.features_id`)."""
+        float32 (:func:`~mist_fed.cloud.numerics.features_id`)."""
         return features_id(self.base_weights_id, self.numerics)
 
     def configured(self, numerics: str, runtime: str) -> Backbone:
