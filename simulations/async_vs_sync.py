@@ -3,15 +3,16 @@
 seeds, through the plain loop (no Flower runtime, no Ray: the same rounds, engine, devices
 and scoring as ``simulations/run.py``; only the transport differs).
 
-    python simulations/async_vs_sync.py --seeds 0 1 2 --deadline-s 4 \\
+    python simulations/async_vs_sync.py --fleet simulations/fleets/async-vs-sync-digits.toml \\
+        --seeds 0 1 2 --deadline-s 1.0 \\
         --results docs/results/async-vs-sync
 
 For each seed: one run of ``--fleet`` (its synchronous and asynchronous fleets, the same
 devices' data) and one run of its synchronous fleets alone with ``--deadline-s``; then
-``README.md`` in ``--results`` with, per fleet, the final accuracy, the simulated time, and the
+``table.md`` in ``--results`` with, per fleet, the final accuracy, the simulated time, and the
 simulated time until the fleet first reached the synchronous fleet's final accuracy (the
 first fleet of the spec, no deadline), each a mean over the seeds. ``--table`` rewrites the
-README from the runs already there.
+table from the completed runs already there.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import math
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 import pandas as pd
@@ -53,19 +55,26 @@ def runs(args: argparse.Namespace) -> None:
 
 
 def table(results: Path) -> str:
-    rows = []
+    rows, reference = [], ""
     for run in sorted(results.glob("seed*/fleets.parquet")):
+        facts = tomllib.loads((run.parent / "config.toml").read_text()).get("run", {})
+        if facts.get("interrupted"):
+            continue  # a run stopped part-way: its checkpointed rounds only
         seed = run.parent.name.removeprefix("seed").removesuffix("-deadline")
-        rows.append(pd.read_parquet(run).assign(seed=int(seed)))
-    if not rows:
+        frame = pd.read_parquet(run)
+        if not run.parent.name.endswith("-deadline"):
+            reference = str(frame["fleet"].iloc[0])  # the spec's first fleet: synchronous
+        rows.append(frame.assign(seed=int(seed)))
+    if not rows or not reference:
         return "(no runs)"
     fleets = pd.concat(rows, ignore_index=True)
-    reference = str(fleets["fleet"].iloc[0])  # the spec's first fleet: synchronous
     out = []
     for name, g in fleets.groupby("fleet", sort=False):
         per_seed = []
         for seed, s in g.groupby("seed"):
             ref = fleets[(fleets["fleet"] == reference) & (fleets["seed"] == seed)]
+            if ref.empty:
+                continue  # that seed's mixed run did not complete
             ref = ref.sort_values("round")
             target = float(numeric(ref, "accuracy").iloc[-1])
             s = s.sort_values("round")
@@ -77,6 +86,8 @@ def table(results: Path) -> str:
                 "steps": int(s["round"].iloc[-1]),
                 "staleness": float(numeric(s, "staleness_mean").mean()),
             })  # fmt: skip
+        if not per_seed:
+            continue
         p = pd.DataFrame(per_seed)
         reached = p["to_ref_s"].notna().sum()
         out.append({
@@ -84,8 +95,8 @@ def table(results: Path) -> str:
             "steps": int(p["steps"].iloc[0]),
             "final acc %": " / ".join(f"{100 * a:.1f}" for a in p["final"]),
             "mean %": 100 * p["final"].mean(),
-            "sim min": p["sim_s"].mean() / 60,
-            "min to sync final": p["to_ref_s"].mean() / 60 if reached == len(p) else math.nan,
+            "sim s": p["sim_s"].mean(),
+            "s to sync final": p["to_ref_s"].mean() if reached == len(p) else math.nan,
             "reached": f"{reached}/{len(p)}",
             "time / sync's": (p["to_ref_s"] / p["ref_sim_s"]).mean()
             if reached == len(p) else math.nan,
