@@ -203,6 +203,7 @@ def test_flwr_run_runs_an_asynchronous_fleet_through_the_same_engine(flwr, tmp_p
     # Assert: three server steps of two updates each, on the virtual clock
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
+    assert (results / "async" / "fleets.parquet").is_file(), log[-6000:]
     fleets = pd.read_parquet(results / "async" / "fleets.parquet")
     dev = pd.read_parquet(results / "async" / "devices.parquet")
     assert fleets["aggregation"].tolist() == ["FedBuff"] * 3, log[-4000:]

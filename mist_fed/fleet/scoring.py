@@ -26,6 +26,7 @@ that fills its buffer finishes (:meth:`FleetClock.advance_to`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from mist_fed.device.edge import EdgeDevice
-from mist_fed.device.profiles import load_profile
+from mist_fed.device.profiles import detect_host_memory_mb, load_profile
 from mist_fed.device.source import FeatureSource, FlightSource
 from mist_fed.device.trainer import TrainConfig
 from mist_fed.fleet.job import DROPPED, FAILED, OK, STRAGGLER, DeviceResult, StateDict
@@ -85,8 +86,12 @@ class Scorer:
         return self.plan.eval_ids[task]
 
     def _device(self, src: FeatureSource) -> EdgeDevice:
+        # The server is not a simulated device: on a host with less memory available than a
+        # laptop's (a shared host), it takes what there is rather than failing the run.
+        profile = load_profile(SERVER_PROFILE)
+        memory_mb = min(profile.memory_mb, detect_host_memory_mb())
         return EdgeDevice(
-            load_profile(SERVER_PROFILE),
+            dataclasses.replace(profile, memory_mb=memory_mb),
             src,
             self.storage,
             counts_runtime=False,
