@@ -1,6 +1,6 @@
 """Fleet rounds without Flower or Ray: a plan made by hand, transports and scorers to drive.
 
-``hand_plan`` gives devices of a spec's first fleet their own ``train-*``/``test-*`` ids (the
+``hand_plan`` gives each fleet's devices their own ``train-*``/``test-*`` ids (the
 ids :class:`tests.fakes.MemorySource` serves); ``FnTransport`` hands each round's jobs to a
 plain function; ``StubScorer`` scores a model by a fixed rule and skips the central training;
 ``make_rounds`` wires them into the real :class:`~mist_fed.fleet.rounds.SyncRounds`.
@@ -29,21 +29,29 @@ TrainFn = Callable[[Sequence[DeviceJob], Sequence[StateDict]], list[Reply]]
 
 
 def hand_plan(
-    spec: FleetSpec, train: int = 6, test: int = 1, eval_ids: Sequence[str] = ("test-0",)
+    spec: FleetSpec,
+    train: int = 6,
+    test: int = 1,
+    eval_ids: Sequence[str] = ("test-0",),
+    num_classes: int = 3,
+    profiles: Sequence[int] | None = None,
 ) -> FleetPlan:
-    """Device ``d`` of the first fleet holds ``train-{train*d}..`` and ``test-{test*d}..``
-    (Flower Datasets' IID partitioner over a pool in order: contiguous shards)."""
-    fleet = spec.fleets[0]
-    n = fleet.devices
-    shares = Shares([0] * (train * n), np.arange(train * n), "Iid", {}, n, 0)
-    data = FleetData(
-        fleet, 0, n, fleet.task, 3, [f"train-{i}" for i in range(train * n)],
-        [f"test-{i}" for i in range(test * n)], list(range(test * n)), shares,
-    )  # fmt: skip
-    avail = parse(spec.availability).bind(n)
-    return FleetPlan(
-        spec, {fleet.name: data}, {fleet.task: tuple(eval_ids)}, avail, np.zeros(n, np.uint8)
-    )
+    """Device ``d`` of each fleet holds ``train-{train*d}..`` and ``test-{test*d}..`` (its
+    number within its fleet; Flower Datasets' IID partitioner over a pool in order: contiguous
+    shards); ``profiles``: each device's index into the spec's profile mix (default: the first)."""
+    fleets, first = {}, 0
+    for fleet in spec.fleets:
+        n = fleet.devices
+        shares = Shares([0] * (train * n), np.arange(train * n), "Iid", {}, n, 0)
+        fleets[fleet.name] = FleetData(
+            fleet, first, n, fleet.task, num_classes, [f"train-{i}" for i in range(train * n)],
+            [f"test-{i}" for i in range(test * n)], list(range(test * n)), shares,
+        )  # fmt: skip
+        first += n
+    avail = parse(spec.availability).bind(first)
+    index = np.zeros(first, np.uint8) if profiles is None else np.asarray(profiles, np.uint8)
+    evals = {f.task: tuple(eval_ids) for f in spec.fleets}
+    return FleetPlan(spec, fleets, evals, avail, index)
 
 
 class FnTransport:

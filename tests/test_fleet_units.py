@@ -41,7 +41,15 @@ MINIMAL = {"fleets": [{"task": "synthetic", "devices": 4}], "profiles": "rpi4"}
 
 @pytest.mark.parametrize(
     "name",
-    ["default.toml", "mixed.toml", "synthetic.toml", "population.toml", "cross-device-fmnist.toml"],
+    [
+        "default.toml",
+        "mixed.toml",
+        "synthetic.toml",
+        "population.toml",
+        "cross-device-fmnist.toml",
+        "async-vs-sync.toml",
+        "async-vs-sync-digits.toml",
+    ],
 )
 def test_shipped_fleets_load(name: str) -> None:
     # Execute

@@ -185,6 +185,34 @@ def test_flwr_run_writes_the_run_and_records_failed_devices(flwr, tmp_path: Path
     assert _wait_left_empty(tag, STOP_LIMIT_S) == []
 
 
+def test_flwr_run_runs_an_asynchronous_fleet_through_the_same_engine(flwr, tmp_path: Path) -> None:
+    # Prepare: the fleet as FedBuff, a buffer of 2 of its 3 devices, 3 server steps
+    run, tag, _ = flwr
+    (tmp_path / "fleet.toml").write_text(FLEET)
+    results = tmp_path / "results"
+    config = (
+        f"fleet='{tmp_path / 'fleet.toml'}' profile='rpi4:1,phone-low:1,jetson-nano:1' "
+        f"rounds=3 aggregation='FedBuff' aggregation-args='{{\"buffer_size\": 2}}' "
+        f"results-dir='{results}' run-id='async'"
+    )
+    # Execute
+    proc = run(
+        "run", ".", "--stream", "--federation-config", "num-supernodes=3 init-args-num-cpus=2",
+        "--run-config", config,
+    )  # fmt: skip
+    # Assert: three server steps of two updates each, on the virtual clock
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert (results / "async" / "fleets.parquet").is_file(), log[-6000:]
+    fleets = pd.read_parquet(results / "async" / "fleets.parquet")
+    dev = pd.read_parquet(results / "async" / "devices.parquet")
+    assert fleets["aggregation"].tolist() == ["FedBuff"] * 3, log[-4000:]
+    assert fleets["round"].tolist() == [1, 2, 3] and (fleets["ok"] == 2).all()
+    assert fleets["sim_time_s"].is_monotonic_increasing and dev["staleness"].notna().all()
+    assert (results / "async" / "staleness.png").is_file()
+    assert _wait_left_empty(tag, STOP_LIMIT_S) == []
+
+
 def test_flwr_stop_keeps_completed_rounds_and_leaves_no_process(flwr, tmp_path: Path) -> None:
     # Prepare: stopped once round 1 is written, while device 0 hangs in round 2 (a busy job:
     # the case Flower's runtime mishandles, see fleet/flower/workarounds.py::on_runtime_exit)

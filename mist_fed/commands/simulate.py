@@ -32,11 +32,13 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--aggregation",
         help="a Flower strategy (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx, "
-        "FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan; any case) or local",
+        "FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan), an asynchronous one (FedBuff, "
+        "FedAsync: rounds count server steps; docs/fleets.md), any case, or local",
     )
     p.add_argument(
         "--aggregation-args",
-        help="the strategy's keyword arguments as JSON, e.g. '{\"eta\": 0.01}'",
+        help="the strategy's keyword arguments as JSON, e.g. '{\"eta\": 0.01}' or "
+        '\'{"buffer_size": 10, "max_concurrency": 50}\'',
     )
     p.add_argument(
         "--protocol", choices=["vtab-1k", "full"], help="the task's training split devices share"

@@ -9,9 +9,11 @@ on from its own model.
 
 Aggregators register themselves by kind (:func:`register_aggregator`). The registry loads the
 modules of :data:`PROVIDERS` on first use, by name (as Python's entry points would), so the
-domain depends on none of them: today Flower's strategies
-(:mod:`mist_fed.fleet.flower.strategies`); an asynchronous aggregator (FedBuff) would register
-beside them. An aggregator sees device numbers and state dicts only.
+domain depends on none of them: Flower's strategies (:mod:`mist_fed.fleet.flower.strategies`),
+synchronous, and the asynchronous FedBuff and FedAsync (:mod:`mist_fed.fleet.async_aggregation`,
+an :class:`AsyncAggregator` each, which the event-driven engine of
+:mod:`mist_fed.fleet.async_rounds` drives). An aggregator sees device numbers and state dicts
+only.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from typing import Any, Protocol
 
 from mist_fed.errors import ConfigError
 from mist_fed.fleet.job import StateDict
+from mist_fed.fleet.state import register_state_class
 
 LOCAL = "local"
 # Modules that register aggregators when imported (loaded once, on the registry's first use).
-PROVIDERS = ("mist_fed.fleet.flower.strategies",)
+PROVIDERS = ("mist_fed.fleet.flower.strategies", "mist_fed.fleet.async_aggregation")
 
 
+@register_state_class
 @dataclass(frozen=True)
 class Update:
     """One device's trained model as an aggregator takes it."""
@@ -37,6 +41,7 @@ class Update:
     state: StateDict
     num_examples: int
     staleness: int = 0  # server steps since the model it trained from (0 in synchronous rounds)
+    base: StateDict | None = None  # the model it trained from (asynchronous aggregators' deltas)
 
 
 class Aggregator(Protocol):
@@ -66,13 +71,38 @@ class Aggregator(Protocol):
         ...
 
 
+class AsyncAggregator(Protocol):
+    """One asynchronous fleet's server step over buffered updates (FedBuff, FedAsync): the
+    event-driven engine (:mod:`mist_fed.fleet.async_rounds`) keeps the buffer and the clock."""
+
+    buffer_size: int  # updates a server step takes
+    max_concurrency: int | None  # devices training at once in simulated time (None: all)
+    max_staleness: int | None  # updates staler than this are dropped (None: none)
+
+    def weight(self, staleness: int) -> float:
+        """The staleness weight of an update ``staleness`` server steps old."""
+        ...
+
+    def step(self, current: StateDict, updates: list[Update]) -> StateDict:
+        """The new global model from ``current`` and ``buffer_size`` updates (each with its
+        ``base`` and ``staleness``), in ``current``'s dtypes."""
+        ...
+
+    def sampled(self, devices: int) -> int:
+        """Updates a server step takes from a fleet of ``devices`` (the central reference's
+        share per step)."""
+        ...
+
+
 @dataclass(frozen=True)
 class AggregatorKind:
     """A registered aggregation: how to check its arguments and how to build it."""
 
     name: str
     check: Callable[[Mapping[str, Any]], None]  # raises ConfigError, one line
-    build: Callable[[Mapping[str, Any], int], Aggregator]  # (args, devices of the fleet)
+    # (args, devices of the fleet) -> the aggregator
+    build: Callable[[Mapping[str, Any], int], Aggregator | AsyncAggregator]
+    asynchronous: bool = False  # driven by the event-driven engine, not by rounds
 
 
 _KINDS: dict[str, AggregatorKind] = {}
@@ -116,8 +146,28 @@ def check_args(name: str, args: Mapping[str, Any]) -> None:
     kinds()[name].check(args)
 
 
+def is_async(name: str) -> bool:
+    """Whether aggregation ``name`` (any case) is asynchronous (FedBuff, FedAsync)."""
+    name = canonical(name)
+    return name != LOCAL and kinds()[name].asynchronous
+
+
 def build(name: str, args: Mapping[str, Any], devices: int) -> Aggregator | None:
-    """Aggregation ``name`` for a fleet of ``devices`` (``None`` for ``local``)."""
+    """Synchronous aggregation ``name`` for a fleet of ``devices`` (``None`` for ``local``)."""
     name = canonical(name)
     check_args(name, args)
-    return None if name == LOCAL else kinds()[name].build(args, devices)
+    if name == LOCAL:
+        return None
+    agg = kinds()[name].build(args, devices)
+    if kinds()[name].asynchronous:
+        raise ConfigError(f"aggregation {name} is asynchronous: the round loop cannot run it")
+    return agg  # type: ignore[return-value]
+
+
+def build_async(name: str, args: Mapping[str, Any], devices: int) -> AsyncAggregator:
+    """Asynchronous aggregation ``name`` (FedBuff, FedAsync) for a fleet of ``devices``."""
+    name = canonical(name)
+    check_args(name, args)
+    if not is_async(name):
+        raise ConfigError(f"aggregation {name} is not asynchronous")
+    return kinds()[name].build(args, devices)  # type: ignore[return-value]

@@ -20,12 +20,15 @@ from typing import Any
 import torch
 
 from mist_fed.device.metrics import DeviceMetrics
+from mist_fed.fleet.state import register_state_class
 
 StateDict = dict[str, torch.Tensor]
 
 OK, FAILED, DROPPED, STRAGGLER = "ok", "failed", "dropped", "straggler"
+register_state_class(DeviceMetrics)  # a result waiting in an asynchronous fleet's queue
 
 
+@register_state_class
 @dataclass(frozen=True)
 class DeviceJob:
     """One device's orders for one round (``round = 0``: the device as the plan made it)."""
@@ -72,6 +75,7 @@ class DeviceJob:
         return cls(**d)
 
 
+@register_state_class
 @dataclass
 class DeviceResult:
     """What one device job produced: its fleet-level outcome and its device's metrics."""

@@ -17,8 +17,12 @@ every round: the run session writes its tables there (a checkpoint: a run stoppe
 keeps whole rounds).
 
 Everything one round changes lives in :class:`RoundState` (global and device models, clocks,
-the run's simulated time, records), so another loop (an event-driven asynchronous one, over the same transport and
-aggregators) can sit beside :class:`SyncRounds`, and a run can resume from a saved state.
+the run's simulated time, records, asynchronous fleets' event state), so the event-driven loop
+of asynchronous fleets (:class:`~mist_fed.fleet.async_rounds.AsyncRounds`, over the same
+transport, scorer and state) sits beside :class:`SyncRounds`, and a run can resume from a saved
+state. :class:`SyncRounds` runs the synchronous fleets' rounds (FedAvg and every Flower
+strategy, ``local``); it also starts every fleet (initial model, central reference) and builds
+every fleet's aggregator, asynchronous ones included, which it leaves to the event-driven loop.
 No Flower and no Ray: the Flower Grid (:mod:`mist_fed.fleet.flower.grid`) and the
 in-process loop (:class:`~mist_fed.fleet.worker.LocalTransport`) are two transports.
 """
@@ -36,7 +40,7 @@ import numpy as np
 
 from mist_fed.errors import ConfigError
 from mist_fed.fleet import aggregation
-from mist_fed.fleet.aggregation import Aggregator, Update
+from mist_fed.fleet.aggregation import Aggregator, AsyncAggregator, Update
 from mist_fed.fleet.job import DROPPED, OK, DeviceJob, DeviceResult, StateDict, state_digest
 from mist_fed.fleet.plan import FleetPlan
 from mist_fed.fleet.scoring import (
@@ -88,6 +92,8 @@ class RoundState:
     sim_s: float = 0.0  # the run's virtual clock: when the next round starts (simulated s)
     central: dict[str, CentralResult] = field(default_factory=dict)
     records: RunRecords = field(default_factory=RunRecords)
+    # asynchronous fleets' event state (fleet -> mist_fed.fleet.async_rounds.AsyncFleetState)
+    asynchronous: dict[str, Any] = field(default_factory=dict)
 
 
 def sample_seed(seed: int, rnd: int, fleet_index: int) -> int:
@@ -102,7 +108,8 @@ class SyncRounds:
     ``storage``: the run's device storage (each job names its device's directory in it);
     ``stop``, once set, ends the run with :class:`RunStopped` between rounds and after a
     round's replies; ``on_result`` sees each result as it is decided, ``on_round`` the state
-    after each round; ``aggregators``: each fleet's, by name (default: built from the spec).
+    after each round; ``aggregators``: each synchronous fleet's, by name, and
+    ``async_aggregators`` each asynchronous fleet's (default: built from the spec).
     ``providers``: the state outside :class:`RoundState` a checkpoint saves, by name (each
     aggregator that has any, the driver's random generators).
     """
@@ -116,12 +123,23 @@ class SyncRounds:
     on_result: Callable[[DeviceResult], None] | None = None
     on_round: Callable[[RoundState], None] | None = None
     aggregators: dict[str, Aggregator | None] = field(default_factory=dict)
+    async_aggregators: dict[str, AsyncAggregator] = field(default_factory=dict)
     spec: FleetSpec = field(init=False)
     providers: dict[str, StateProvider] = field(init=False, default_factory=dict)
+    sync_fleets: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.spec = self.plan.spec
+        self.sync_fleets = []
         for f in self.spec.fleets:
+            if f.name in self.async_aggregators:
+                continue
+            if f.name not in self.aggregators and aggregation.is_async(f.aggregation):
+                self.async_aggregators[f.name] = aggregation.build_async(
+                    f.aggregation, f.aggregation_args, f.devices
+                )
+                continue
+            self.sync_fleets.append(f.name)
             if f.name not in self.aggregators:
                 self.aggregators[f.name] = aggregation.build(
                     f.aggregation, f.aggregation_args, f.devices
@@ -158,7 +176,8 @@ class SyncRounds:
         # the same sample-steps as the fleet's (slots / distinct images as many).
         ids = self.plan.union(name)
         slots, distinct = self.plan.sharing(name)
-        epochs = central_epochs(self.spec, self.share(name) * slots / distinct)
+        share = self.share(name) * slots / distinct
+        epochs = central_epochs(self.spec, share, self.spec.rounds_of(name))
         log.info("fleet %s: central reference on %d images, %d epochs", name, len(ids), epochs)
         central = self.scorer.central(fleet, self.plan.num_classes(name), ids, initial, epochs)
         log.info("fleet %s: central accuracy %.4f", name, central.accuracy)
@@ -167,7 +186,7 @@ class SyncRounds:
     def share(self, fleet: str) -> float:
         """The expected share of ``fleet``'s devices that train in a round."""
         f = self.plan.fleet(fleet)
-        agg = self.aggregators[fleet]
+        agg = self.async_aggregators.get(fleet) or self.aggregators[fleet]
         if agg is None or self.spec.per_round is not None:
             sampled = self.spec.per_round_of(f)
         else:
@@ -175,6 +194,15 @@ class SyncRounds:
         return sampled / f.devices * (1.0 - self.plan.availability.drop_p)
 
     # -- one round ---------------------------------------------------------------------------
+    @property
+    def last_round(self) -> int:
+        """The synchronous fleets' last round (0: none is synchronous)."""
+        return max((self.spec.rounds_of(n) for n in self.sync_fleets), default=0)
+
+    def active(self, rnd: int) -> list[str]:
+        """The synchronous fleets that run round ``rnd`` (a fleet may have fewer rounds)."""
+        return [n for n in self.sync_fleets if rnd <= self.spec.rounds_of(n)]
+
     def available(self, fleet: str, rnd: int, sim_s: float = 0.0) -> list[int]:
         """``fleet``'s devices that can be sampled in round ``rnd``, which starts at simulated
         second ``sim_s``: those its availability model has online then (a sampled device may
@@ -229,10 +257,10 @@ class SyncRounds:
     def round(self, state: RoundState) -> None:
         """Run round ``state.round + 1``; ``state`` holds its outcome."""
         rnd = state.round + 1
-        log.info("round %d of %d", rnd, self.spec.rounds)
+        log.info("round %d of %d", rnd, self.last_round)
         picked: list[tuple[DeviceJob, dict[str, Any]]] = []
-        for f in self.spec.fleets:
-            chosen, config = self.sample(f.name, rnd, state.global_state[f.name], state.sim_s)
+        for name in self.active(rnd):
+            chosen, config = self.sample(name, rnd, state.global_state[name], state.sim_s)
             picked += [(d, config) for d in chosen]
         jobs = {d.device: d for d, _ in picked}
         # sent nothing: the availability model's dropouts, and devices whose share is empty
@@ -278,7 +306,7 @@ class SyncRounds:
                 "received_digest": received.get(dev, ""),
             })  # fmt: skip
         fleet_rows = []
-        for f in self.spec.fleets:
+        for f in map(self.plan.fleet, self.active(rnd)):
             rs = [results[d][0] for d in sorted(results) if jobs[d].fleet == f.name]
             row = fleet_row(self.plan, f, rnd, rs, scores.get(f.name), state.clocks[f.name],
                             state.central.get(f.name), now)  # fmt: skip
@@ -295,7 +323,7 @@ class SyncRounds:
         """Aggregate each federated fleet and score its global model on the server."""
         scores: dict[str, float] = {}
         fleet_of = {dev: self.plan.fleet_of(dev) for dev in results}
-        for f in self.spec.fleets:
+        for f in map(self.plan.fleet, self.active(rnd)):
             done = [
                 Update(dev, st, res.num_examples)
                 for dev, (res, st) in sorted(results.items())
@@ -324,10 +352,11 @@ class SyncRounds:
 
     # -- the run -----------------------------------------------------------------------------
     def run(self, state: RoundState | None = None) -> RunRecords:
-        """Every round after ``state``'s (from round 0 when none is given)."""
+        """Every round of the synchronous fleets after ``state``'s (from round 0 when none is
+        given); nothing when every fleet is asynchronous."""
         if state is None:
             state = self.start()
-        while state.round < self.spec.rounds:
+        while state.round < self.last_round:
             self.check_stop()
             self.round(state)
             if self.on_round:

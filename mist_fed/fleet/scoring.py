@@ -21,11 +21,14 @@ device):
 A round's simulated time is its slowest participating device's transfer + compute (FedScale's
 virtual clock), capped by the deadline; a device past the deadline is a straggler. Fleets run
 their rounds side by side: the run's clock (:attr:`~mist_fed.fleet.rounds.RoundState.sim_s`)
-moves by the slowest fleet's round, and every fleet's row reads it (``sim_time_s``).
+moves by the slowest fleet's round, and every fleet's row reads it (``sim_time_s``). An
+asynchronous fleet's clock is its event time instead: a server step happens when the update
+that fills its buffer finishes (``FleetClock.advance(..., step=True)``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 
 from mist_fed.device.edge import EdgeDevice
-from mist_fed.device.profiles import load_profile
+from mist_fed.device.profiles import detect_host_memory_mb, load_profile
 from mist_fed.device.source import FeatureSource, FlightSource
 from mist_fed.device.trainer import TrainConfig
 from mist_fed.fleet.job import DROPPED, FAILED, OK, STRAGGLER, DeviceResult, StateDict
@@ -58,10 +61,10 @@ class CentralResult:
     host_s: float
 
 
-def central_epochs(spec: FleetSpec, share: float) -> int:
+def central_epochs(spec: FleetSpec, share: float, rounds: int) -> int:
     """Epochs over the union that match the fleet's sample-steps: ``rounds x local_epochs``
-    scaled by the share of devices a round trains (sampling and dropout), at least 1."""
-    return max(1, round(spec.rounds * spec.local_epochs * share))
+    scaled by the share of devices a round (or server step) trains, at least 1."""
+    return max(1, round(rounds * spec.local_epochs * share))
 
 
 class Scorer:
@@ -87,8 +90,12 @@ class Scorer:
         return self.plan.eval_ids[task]
 
     def _device(self, src: FeatureSource) -> EdgeDevice:
+        # The server is not a simulated device: on a host with less memory available than a
+        # laptop's (a shared host), it takes what there is rather than failing the run.
+        profile = load_profile(SERVER_PROFILE)
+        memory_mb = min(profile.memory_mb, detect_host_memory_mb())
         return EdgeDevice(
-            load_profile(SERVER_PROFILE),
+            dataclasses.replace(profile, memory_mb=memory_mb),
             src,
             self.storage,
             counts_runtime=False,
@@ -191,17 +198,20 @@ class FleetClock:
     device_hours: float = 0.0
     sample_steps: int = 0
 
-    def advance(self, results: Sequence[DeviceResult], spec: FleetSpec, now: float) -> float:
-        """Charge one round of ``results``, which the run's clock ends at ``now``; the fleet's
-        own round seconds."""
+    def advance(
+        self, results: Sequence[DeviceResult], spec: FleetSpec, now: float, step: bool = False
+    ) -> float:
+        """Charge ``results``, which end at the run's simulated second ``now``: one round (the
+        fleet's own round seconds returned) or, ``step``, an asynchronous fleet's server step
+        (the seconds since its last one)."""
         times = [r.device_s for r in results if r.status != DROPPED]
-        round_s = round_seconds(results, spec)
+        moved = now - self.sim_s if step else round_seconds(results, spec)
         self.sim_s = now
         self.device_hours += sum(times) / 3600.0
         self.sample_steps += sum(
             spec.local_epochs * r.num_examples for r in results if r.status == OK
         )
-        return round_s
+        return moved
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -217,9 +227,11 @@ def fleet_row(
     clock: FleetClock,
     central: CentralResult | None,
     now: float,
+    step: bool = False,
 ) -> FleetRow:
     """One fleet's row of ``fleets.parquet`` for round ``rnd`` (``clock`` advances by it; the
-    run's clock ends the round at ``now``).
+    run's clock ends the round at ``now``; ``step``: an asynchronous fleet's server step at its
+    event time ``now``).
 
     ``score``: the global model's accuracy on the server; ``None`` for a local fleet, whose
     accuracy is each device's own model on its own test images."""
@@ -232,7 +244,7 @@ def fleet_row(
     else:
         acc, eval_images = score, len(plan.eval_ids[fleet.task])
     hours = clock.device_hours
-    round_s = clock.advance(results, spec, now)
+    round_s = clock.advance(results, spec, now, step)
     slots, distinct = plan.sharing(fleet.name)
     ms = [r.metrics for r in results]
     images = sum(m.images_down for m in ms)

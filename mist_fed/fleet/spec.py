@@ -30,8 +30,9 @@ FLEET_METHODS = ("mist", "mist_pool", "linear", "partial1", "side")
 class TaskFleet:
     """Devices sharing one task (and one method): they federate or stay local.
 
-    ``aggregation``: a registered aggregation's name (any case; Flower's strategies, see
-    :mod:`mist_fed.fleet.aggregation`) or ``local``; ``aggregation_args``: its keyword arguments,
+    ``aggregation``: a registered aggregation's name (any case; Flower's strategies, the
+    asynchronous FedBuff and FedAsync, see :mod:`mist_fed.fleet.aggregation`) or ``local``;
+    ``aggregation_args``: its keyword arguments,
     checked here by name and kind (the aggregator itself is built once per run, by the plan).
     """
 
@@ -41,10 +42,14 @@ class TaskFleet:
     aggregation: str = "FedAvg"
     name: str = ""
     aggregation_args: dict[str, Any] = field(default_factory=dict, compare=False)
+    # this fleet's rounds (server steps for an asynchronous one); None: the spec's ``rounds``
+    rounds: int | None = None
 
     def __post_init__(self) -> None:
         if self.devices < 1:
             raise ConfigError(f"fleet {self.task!r}: devices must be >= 1, got {self.devices}")
+        if self.rounds is not None and self.rounds < 1:
+            raise ConfigError(f"fleet {self.task!r}: rounds must be >= 1, got {self.rounds}")
         if self.method not in FLEET_METHODS:
             raise ConfigError(
                 f"fleet {self.task!r}: unknown method {self.method!r}; "
@@ -135,6 +140,12 @@ class FleetSpec:
             raise ConfigError("deadline_s must be > 0 (or left out for no deadline)")
         if self.lr <= 0:
             raise ConfigError("lr must be > 0")
+        asynchronous = [f.name for f in self.fleets if aggregation.is_async(f.aggregation)]
+        if asynchronous and availability.parse(self.availability).drop_p > 0:
+            raise ConfigError(
+                f"a dropout applies to rounds; asynchronous fleet(s) {', '.join(asynchronous)} "
+                "have none: use availability always, diurnal or trace"
+            )
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr_decay is a factor in (0, 1], got {self.lr_decay}")
 
@@ -156,6 +167,11 @@ class FleetSpec:
         """The task spec devices and the cloud use for ``task`` under the fleet's protocol
         (``fashion-mnist@full``; :func:`mist_fed.data.get_task` reads the suffix)."""
         return task if self.protocol == "vtab-1k" else f"{task}@{self.protocol}"
+
+    def rounds_of(self, fleet: str) -> int:
+        """Fleet ``fleet``'s rounds (server steps when asynchronous): its own, or the spec's."""
+        own = next(f.rounds for f in self.fleets if f.name == fleet)
+        return self.rounds if own is None else own
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -339,6 +355,8 @@ def apply_overrides(spec: FleetSpec, **kw: Any) -> FleetSpec:
         fleet_kw["aggregation_args"] = {}  # another strategy's arguments do not carry over
     if fleet_kw:
         fleets = [dataclasses.replace(f, name="", **fleet_kw) for f in fleets]
+    if "rounds" in kw:  # --rounds: every fleet's
+        fleets = [dataclasses.replace(f, rounds=None) for f in fleets]
     if "devices" in kw:
         counts = spread(int(kw.pop("devices")), len(fleets))
         fleets = [dataclasses.replace(f, devices=n) for f, n in zip(fleets, counts, strict=True)]

@@ -8,7 +8,7 @@ aggregator, whose Flower strategy keeps momentum or adaptive moments, and the dr
 random generators). :func:`restore` gives the state back and loads every provider.
 
 Everything is turned into plain data by :func:`to_plain` (numbers, strings, lists, tuples,
-dicts, tensors; numpy arrays as bytes; dataclasses registered with
+dicts, tensors; numpy arrays as bytes; numpy generators as their state; dataclasses registered with
 :func:`register_state_class`), so a checkpoint loads through torch's weights-only unpickler and
 no code in a checkpoint file ever runs.
 
@@ -51,7 +51,7 @@ class StateProvider(Protocol):
 
 
 _CLASSES: dict[str, type] = {}
-_DATACLASS, _NDARRAY = "__dataclass__", "__ndarray__"
+_DATACLASS, _NDARRAY, _RNG = "__dataclass__", "__ndarray__", "__generator__"
 
 
 def register_state_class(cls: type[T]) -> type[T]:
@@ -85,6 +85,8 @@ def to_plain(x: Any) -> Any:
         return {_NDARRAY: [x.dtype.str, list(x.shape), data]}
     if isinstance(x, np.generic):
         return x.item()
+    if isinstance(x, np.random.Generator):  # its bit generator's state: names and integers
+        return {_RNG: to_plain(x.bit_generator.state)}
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         fields = {f.name: to_plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
         return {_DATACLASS: _class_name(type(x)), **fields}
@@ -104,6 +106,16 @@ def from_plain(x: Any) -> Any:
             dtype, shape, data = x[_NDARRAY]
             raw = bytearray(data.numpy().tobytes())  # writable, as the array was
             return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape)
+        if _RNG in x:
+            state = from_plain(x[_RNG])
+            bits = getattr(np.random, state["bit_generator"], None)
+            if bits is None:
+                raise ConfigError(
+                    f"the checkpoint holds an unknown generator {state['bit_generator']}"
+                )
+            gen = np.random.Generator(bits())
+            gen.bit_generator.state = state
+            return gen
         if _DATACLASS in x:
             cls = _CLASSES.get(x[_DATACLASS])
             if cls is None:

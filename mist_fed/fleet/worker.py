@@ -151,9 +151,12 @@ class LocalTransport:
         self._todo.extend(jobs)
 
     def replies(self) -> Iterator[Reply]:
-        while self._todo:
-            if self.stop is not None and self.stop.is_set():
-                self._todo.clear()
-                raise RunStopped("the fleet run was stopped")
-            job, state = self._todo.popleft()
-            yield run_device(job, state, self.source, self.root)
+        """Jobs submitted while this runs are run too; closing it drops the jobs not run."""
+        try:
+            while self._todo:
+                if self.stop is not None and self.stop.is_set():
+                    raise RunStopped("the fleet run was stopped")
+                job, state = self._todo.popleft()
+                yield run_device(job, state, self.source, self.root)
+        finally:
+            self._todo.clear()

@@ -1,6 +1,7 @@
 """Plots of a fleet run (matplotlib, Agg backend): accuracy vs bytes, accuracy per round and
-against simulated time (each with the fleet's central reference, dashed), device time split
-into transfer and compute."""
+against simulated time (each with the fleet's central reference, dashed; synchronous and
+asynchronous fleets on one chart), device time split into transfer and compute, and the
+staleness of asynchronous fleets' updates."""
 
 from __future__ import annotations
 
@@ -113,7 +114,9 @@ def plot_accuracy_vs_sim_time(fleets: pd.DataFrame, path: Path) -> Path:
         t = numeric(g, "sim_time_s") / scale
         if t.isna().all():
             continue
-        (line,) = ax.plot(t, numeric(g, "accuracy"), marker="o", label=str(name))
+        label = f"{name} ({g['aggregation'].iloc[-1]})" if "aggregation" in g else str(name)
+        marker = "o" if len(g) <= 40 else None  # a FedAsync fleet steps once per update
+        (line,) = ax.plot(t, numeric(g, "accuracy"), marker=marker, markersize=3, label=label)
         centrals.append(_central_line(ax, g, line.get_color()))
     ax.set_xlabel(f"simulated time ({unit})")
     ax.set_ylabel("accuracy")
@@ -141,10 +144,35 @@ def plot_device_time(devices: pd.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_staleness(devices: pd.DataFrame, path: Path) -> Path | None:
+    """Histogram of the staleness of asynchronous fleets' consumed updates (server steps between
+    the model a device trained from and the step that took its update), one series per fleet;
+    None and no file when no fleet is asynchronous."""
+    stale = numeric(devices, "staleness")
+    rows = devices[stale.notna()].assign(staleness=stale[stale.notna()])
+    if rows.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    top = int(rows["staleness"].max())
+    bins = [b - 0.5 for b in range(top + 2)]
+    for name, g in rows.groupby("fleet"):
+        label = f"{name} ({g['aggregation'].iloc[-1]})"
+        ax.hist(g["staleness"], bins=bins, alpha=0.6, label=label)
+    ax.set_xlabel("staleness (server steps)")
+    ax.set_ylabel("updates")
+    ax.set_title("Staleness of asynchronous updates")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    return save_figure(fig, path)
+
+
 def plot_run(run_dir: Path, devices: pd.DataFrame, fleets: pd.DataFrame) -> list[Path]:
-    return [
+    paths = [
         plot_accuracy_vs_bytes(fleets, run_dir / "accuracy_vs_bytes.png"),
         plot_accuracy_per_round(fleets, run_dir / "accuracy_per_round.png"),
         plot_accuracy_vs_sim_time(fleets, run_dir / "accuracy_vs_sim_time.png"),
         plot_device_time(devices, run_dir / "device_time.png"),
     ]
+    stale = plot_staleness(devices, run_dir / "staleness.png")
+    return paths + ([stale] if stale is not None else [])

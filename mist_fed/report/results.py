@@ -43,6 +43,9 @@ DEVICE_COLUMNS = (
     "images_down",
     "received_digest",
     "node",
+    "staleness",
+    "sim_start_s",
+    "sim_end_s",
 )
 
 
@@ -82,6 +85,10 @@ class FleetRow:
     mean_device_accuracy: float
     feature_bytes: int
     images_down: int
+    # asynchronous fleets (FedBuff, FedAsync): each row is a server step; the staleness (server
+    # steps since the model a device trained from) of the updates it consumed; NaN otherwise
+    staleness_mean: float = math.nan
+    staleness_max: float = math.nan
 
 
 FLEET_COLUMNS = tuple(f.name for f in fields(FleetRow))
@@ -168,6 +175,41 @@ def time_to_fraction(fleet_rows: pd.DataFrame, fraction: float = T_FRACTION) -> 
     ``sim_time_s`` (an older run)."""
     row = _reaching(fleet_rows, fraction)
     return math.nan if row is None else float(row["sim_time_s"])
+
+
+def time_to_accuracy(fleet_rows: pd.DataFrame, target: float) -> float:
+    """Simulated seconds until one fleet's accuracy first reached ``target`` (NaN: never)."""
+    rows = fleet_rows.sort_values("round", kind="stable")
+    hit = (numeric(rows, "accuracy") >= target).to_numpy()
+    return float(numeric(rows, "sim_time_s").iloc[int(hit.argmax())]) if hit.any() else math.nan
+
+
+def _hours(seconds: float) -> str:
+    """Simulated hours to three significant digits (short runs last a fraction of one)."""
+    return "-" if math.isnan(seconds) else f"{seconds / 3600:.3g}"
+
+
+def tta_table(fleets: pd.DataFrame) -> pd.DataFrame:
+    """Each fleet's simulated hours to a common target of its task: the lowest final accuracy
+    among the task's fleets (every fleet of the task reached it), beside its total hours."""
+    if fleets.empty:
+        return pd.DataFrame()
+    rows = []
+    for _, t in fleets.sort_values("round", kind="stable").groupby("task", sort=False):
+        finals = {
+            n: float(numeric(g, "accuracy").iloc[-1]) for n, g in t.groupby("fleet", sort=False)
+        }
+        target = min((a for a in finals.values() if not math.isnan(a)), default=math.nan)
+        for name, g in t.groupby("fleet", sort=False):
+            rows.append({
+                "fleet": name, "agg": g["aggregation"].iloc[-1], "steps": int(g["round"].iloc[-1]),
+                "accuracy": finals[name], "target": target,
+                "h to target": _hours(time_to_accuracy(g, target)),
+                "h to 95%": _hours(time_to_fraction(g)),
+                "sim h": _hours(float(numeric(g, "sim_time_s").iloc[-1])),
+                "staleness": float(numeric(g, "staleness_mean").mean()),
+            })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def summary_table(fleets: pd.DataFrame) -> pd.DataFrame:
@@ -358,6 +400,17 @@ def write_run(
         "## Federated gap and time to accuracy",
         "",
         *(gap_lines(fl) or ["(no rows)"]),
+        "",
+        "## Time to accuracy in simulated hours",
+        "",
+        format_table(tta_table(fl)),
+        "",
+        "`target`: the lowest final accuracy among the fleets of the task (each reached it);",
+        "`h to target`: simulated hours until a fleet's global model first scored at least that;",
+        "`steps`: rounds, or server steps of an asynchronous fleet (FedBuff, FedAsync, whose",
+        "clock is its event time: a step happens when the update that fills its buffer ends);",
+        "`staleness`: the mean over steps of the server steps between an update's model and the",
+        "step that took it (asynchronous fleets; `-` otherwise).",
         "",
         *(["## Shared images", "", *sharing_lines(shared), ""] if shared else []),
         "## Run",

@@ -93,6 +93,11 @@ class GridTransport:
             msgs.append(job_message(j, arrays, node))
         ids = list(self.grid.push_messages(msgs))
         self._job_of.update(zip(ids, (j for j, _, _ in batch), strict=True))
+        # A serialized copy lives while a job still to push needs it (an asynchronous fleet
+        # sends many models through one ``replies``; an id is unique only while its state lives,
+        # and the queued jobs keep theirs alive).
+        queued = {id(s) for _, s, _ in self._todo}
+        self._weights = {k: v for k, v in self._weights.items() if k in queued}
 
     def replies(self) -> Iterator[Reply]:
         """Each device's unpacked reply (a Message is dropped as soon as it is read)."""

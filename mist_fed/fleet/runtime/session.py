@@ -6,13 +6,14 @@ ServerApp of :mod:`mist_fed.fleet.flower.server_app`, where Flower's runtime own
 and Ray), the plain in-process loop (:func:`run_plain`) and ``mist-fed bench sim``: it plans the
 devices, makes the run's device storage, finds or starts the cloud, owns the run's one stop
 (:class:`~mist_fed.fleet.runtime.stop.RunStop`), runs the rounds over the transport an engine
-gives it (:meth:`RunSession.run_rounds`), writes a checkpoint and the results tables after
-every round (``checkpoint.pt``, :mod:`mist_fed.fleet.runtime.resume`; ``config.toml`` says
+gives it (:meth:`RunSession.run_rounds`: the synchronous fleets' rounds, then the
+asynchronous fleets' server steps on the virtual clock, over the same transport), writes a checkpoint and the results tables after
+every round or server step (``checkpoint.pt``, :mod:`mist_fed.fleet.runtime.resume`; ``config.toml`` says
 ``interrupted`` and ``rounds_completed`` until the run ends) and, at the end, the finished run
 with its plots, or what a stopped run completed.
 
 A session opened with ``resume=`` (a :class:`~mist_fed.fleet.runtime.resume.Checkpoint`)
-goes on from the checkpoint's round: the engine's state and providers come back from it,
+goes on from the checkpoint's round or server step: the engine's state and providers come back from it,
 the central reference is not trained again, and the run's device storage is used again where
 it is still there. A run that stops, fails or is killed before its end keeps its checkpoint
 and its device storage (``--resume RUN_ID`` continues it); a finished one removes both.
@@ -31,6 +32,7 @@ from typing import Any
 from mist_fed.assets.defaults import DEFAULT_HOST
 from mist_fed.device.source import FlightSource
 from mist_fed.errors import ConfigError, Interrupted, MistError
+from mist_fed.fleet.async_rounds import AsyncRounds
 from mist_fed.fleet.job import DeviceResult
 from mist_fed.fleet.plan import FleetPlan, plan_fleet
 from mist_fed.fleet.rounds import RoundState, RunRecords, SyncRounds
@@ -175,7 +177,10 @@ class RunSession:
             self._wall_before = float(resume.facts.get("wall_s", 0.0))
             resumes = int(resume.facts.get("resumes", 0)) + 1
             self.facts.update(resumes=resumes, resumed_from_round=done)
-        self.progress = Progress((spec.rounds - done) * spec.round_slots, progress)
+        total = sum(
+            max(spec.rounds_of(f.name) - done, 0) * spec.per_round_of(f) for f in spec.fleets
+        )
+        self.progress = Progress(total, progress)
         self.stop = stop or RunStop()
         self.sigint = sigint
         self.raise_stopped = raise_stopped
@@ -274,9 +279,10 @@ class RunSession:
         return partial(FlightSource, token=self.cloud_token)
 
     def checkpoint(self, state: RoundState) -> None:
-        """After each round: the checkpoint (written atomically), then its tables, marked as
-        a run still going (``rounds_completed``). No results directory: neither."""
-        facts = self._facts(interrupted=True, rounds_completed=state.round)
+        """After each round or asynchronous server step: the checkpoint (written atomically),
+        then its tables, marked as a run still going (``rounds_completed``: of the fleet
+        furthest on). No results directory: neither."""
+        facts = self._facts(interrupted=True, rounds_completed=state.records.rounds_completed)
         if self.results_dir is None:
             return
         saved = ckpt.Checkpoint(
@@ -314,6 +320,7 @@ class RunSession:
                 self.records.timing["start"] = start
                 log.info("run %s resumes after round %d", self.run_id, state.round)
             rounds.run(state)
+            AsyncRounds(rounds, on_step=self.checkpoint).run(state)
             self.completed = True
             self.records.timing["end"] = time.perf_counter()
         except RunStopped:
