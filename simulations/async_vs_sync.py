@@ -12,7 +12,7 @@ devices' data) and one run of its synchronous fleets alone with ``--deadline-s``
 ``table.md`` in ``--results`` with, per fleet, the final accuracy, the simulated time, and the
 simulated time until the fleet first reached the synchronous fleet's final accuracy (the
 first fleet of the spec, no deadline), each a mean over the seeds. ``--table`` rewrites the
-table from the completed runs already there.
+table from the completed runs already there; a rerun skips the runs already completed.
 """
 
 from __future__ import annotations
@@ -45,13 +45,23 @@ def runs(args: argparse.Namespace) -> None:
     sync = tuple(f for f in base.fleets if not aggregation.is_async(f.aggregation))
     for seed in args.seeds:
         spec = resolve_assets(dataclasses.replace(base, seed=seed))
-        run_plain(spec, args.results, run_id=f"seed{seed}")
+        if not completed(args.results / f"seed{seed}"):
+            run_plain(spec, args.results, run_id=f"seed{seed}")
         late = dataclasses.replace(
             spec,
             fleets=tuple(dataclasses.replace(f, name=f"{f.name}-deadline") for f in sync),
             deadline_s=args.deadline_s,
         )
-        run_plain(late, args.results, run_id=f"seed{seed}-deadline")
+        if not completed(args.results / f"seed{seed}-deadline"):
+            run_plain(late, args.results, run_id=f"seed{seed}-deadline")
+
+
+def completed(run: Path) -> bool:
+    """A run already there and finished (a rerun of the script goes on with the rest)."""
+    config = run / "config.toml"
+    if not config.is_file():
+        return False
+    return not tomllib.loads(config.read_text()).get("run", {}).get("interrupted", False)
 
 
 def table(results: Path) -> str:

@@ -71,6 +71,15 @@ def tiny_backbone():
     return create_backbone("vit_tiny_patch16_224", random_init=True, seed=0, **TINY_VIT)
 
 
+def served_id(backbone) -> str:
+    """The identity a default-configured cloud serves ``backbone``'s features under: its weights
+    and the numerics the cloud picks on this host (``@bfloat16`` on a CPU with bfloat16)."""
+    from mist_fed.cloud.config import ServeConfig
+    from mist_fed.cloud.numerics import features_id
+
+    return features_id(backbone.weights_id, ServeConfig().backbone_numerics()[0])
+
+
 def _local(address: object) -> bool:
     """A loopback IP, a local (AF_UNIX) socket path, or ``localhost``."""
     if isinstance(address, str | bytes):  # AF_UNIX

@@ -25,6 +25,7 @@ from mist_fed.wire import edge_init
 from mist_fed.wire.codec import UPLOAD_SCHEMA, decode, encode_png
 from mist_fed.wire.flight import FeatureClient
 from mist_fed.wire.request import FeatureRequest
+from tests.conftest import served_id
 
 pytestmark = pytest.mark.network
 
@@ -67,7 +68,7 @@ def test_plain_pyarrow_client_reads_features(cloud, tiny_backbone):
         tiny_backbone.num_tokens,
         tiny_backbone.embed_dim,
     ]
-    assert table.schema.metadata[b"mist_fed.weights"] == tiny_backbone.weights_id.encode()
+    assert table.schema.metadata[b"mist_fed.weights"] == served_id(tiny_backbone).encode()
     assert decode(table).features.shape == (
         len(split),
         tiny_backbone.num_tokens,
@@ -203,7 +204,7 @@ def test_edge_init_serves_the_backbones_last_block(cloud, tiny_backbone):
     assert (init.method, init.backbone, init.weights) == (
         "partial1",
         tiny_backbone.name,
-        tiny_backbone.weights_id,
+        served_id(tiny_backbone),
     )
     for prefix, module in (
         ("block", tiny_backbone.model.blocks[-1]),
@@ -227,7 +228,7 @@ def test_feature_client_edge_init_checks_the_backbone(cloud, tiny_backbone):
     pinned = FeatureClient(
         cloud,
         expect_backbone=tiny_backbone.name,
-        expect_weights=tiny_backbone.weights_id,
+        expect_weights=served_id(tiny_backbone),
         on_batch=seen.append,
     )
     # Execute
@@ -237,7 +238,7 @@ def test_feature_client_edge_init_checks_the_backbone(cloud, tiny_backbone):
     assert seen == [init.nbytes, scratch.nbytes] and init.nbytes > 4 * sum(
         v.numel() for v in init.state.values()
     )
-    assert scratch.state == {} and scratch.weights == tiny_backbone.weights_id
+    assert scratch.state == {} and scratch.weights == served_id(tiny_backbone)
     with pytest.raises(WireError, match="weights 'random:"):
         FeatureClient(cloud, expect_weights="file:0123").edge_init("partial1")
 
@@ -300,7 +301,7 @@ def test_edge_init_needs_a_token_but_no_task_scope(secured, tiny_backbone):
         FeatureClient(secured, token="wrong-token").edge_init("partial1")
     # backbone weights are not a task's data: any valid token may fetch them
     init = FeatureClient(secured, token="bob-secret-22").edge_init("partial1")
-    assert init.weights == tiny_backbone.weights_id and init.state
+    assert init.weights == served_id(tiny_backbone) and init.state
 
 
 def test_feature_client_sends_token(secured, caplog):

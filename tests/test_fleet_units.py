@@ -240,7 +240,7 @@ def test_a_job_names_its_storage_relative_to_the_root_of_the_node_that_runs_it(
         job = _job(run.location("t/mist", 0), 1)
         monkeypatch.setenv("MIST_FED_CACHE", str(tmp_path / "node"))
         # Execute
-        res, _ = run_device(job, None, lambda cloud: MemorySource())
+        res, _ = run_device(job, None, lambda cloud, **kw: MemorySource())
         # Assert: the job names no path; the device stored under its own process's cache
         assert res.status == "ok", res.reason
         assert job.storage == f"{run.name}/t_mist/0" and run.name.startswith("run-")
@@ -257,7 +257,7 @@ def test_an_absolute_or_escaping_storage_is_refused(storage: str, tmp_path: Path
     with pytest.raises(ConfigError, match="relative to a node's device storage") as e:
         resolve(storage, tmp_path)
     assert "\n" not in str(e.value)
-    res, state = run_device(_job(storage, 1), None, lambda cloud: MemorySource(), tmp_path)
+    res, state = run_device(_job(storage, 1), None, lambda cloud, **kw: MemorySource(), tmp_path)
     assert res.status == "failed" and res.reason.startswith("ConfigError") and state is None
     assert list(tmp_path.iterdir()) == []
 
@@ -267,9 +267,9 @@ def test_a_device_pays_for_its_features_once_and_reads_its_cache_after(tmp_path:
     src = MemorySource()
     storage = RunStorage(tmp_path, "run-1").location("t/mist", 0)
     # Execute: two rounds of the same device, the second from the first's weights
-    first, state = run_device(_job(storage, 1), None, lambda cloud: src, tmp_path)
+    first, state = run_device(_job(storage, 1), None, lambda cloud, **kw: src, tmp_path)
     asked = len(src.streams)
-    second, again = run_device(_job(storage, 2), state, lambda cloud: src, tmp_path)
+    second, again = run_device(_job(storage, 2), state, lambda cloud, **kw: src, tmp_path)
     # Assert
     assert first.status == second.status == "ok", (first.reason, second.reason)
     assert state is not None and again is not None

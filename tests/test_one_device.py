@@ -18,10 +18,10 @@ from mist_fed.device.source import FlightSource
 from mist_fed.device.trainer import TrainConfig
 from mist_fed.experiments.compare import CompareConfig, Comparison, Variant
 from mist_fed.fleet.job import DeviceJob
-from mist_fed.fleet.plan import FleetPlan
 from mist_fed.fleet.scoring import Scorer
 from mist_fed.fleet.spec import FleetSpec, TaskFleet
 from mist_fed.fleet.worker import run_device
+from tests.fleets import hand_plan
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -60,7 +60,7 @@ def test_client_fleet_and_comparison_measure_one_device_alike(tiny_backbone, tmp
             k=K, wire_dtype=DTYPE, epochs=EPOCHS, seed=0,
         )  # fmt: skip
         spec = FleetSpec(fleets=(TaskFleet(TASK, 1),), k=K, wire_dtype=DTYPE, seed=0)
-        server = Scorer(FleetPlan(spec, (), {}), loc, tmp_path / "server")
+        server = Scorer(hand_plan(spec), loc, tmp_path / "server")
         state = server.initial_state(spec.fleets[0], task.num_classes)
         fleet, _ = run_device(job, state, root=tmp_path)
         # Execute 3: the comparison's row

@@ -300,7 +300,7 @@ def _population_run(population: int, tmp_path: Path) -> dict[str, int]:
                 for j, s in zip(jobs, states, strict=True)]  # fmt: skip
 
     src = MemorySource(classes=10)
-    rounds = make_rounds(plan, train, lambda c: src, tmp_path)
+    rounds = make_rounds(plan, train, lambda c, **kw: src, tmp_path)
     records, _ = run_all(rounds)
     dirs = [p for p in tmp_path.rglob("*") if p.is_dir() and p.name.isdigit()]
     return {

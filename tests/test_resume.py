@@ -351,7 +351,7 @@ def test_rounds_resumed_from_any_round_match_the_rounds_that_never_stopped(
         "aggregation_args": {"server_momentum": 0.9, "fraction_train": 0.5}}]})  # fmt: skip
     plan = hand_plan(spec)
     src = MemorySource()
-    source = lambda c: src  # noqa: E731
+    source = lambda c, **kw: src  # noqa: E731
     saved: list[dict] = []
     whole = make_rounds(plan, _train, source, tmp_path / "a",
                         on_round=lambda s: saved.append(snapshot(s, whole.providers)))  # fmt: skip

@@ -48,7 +48,7 @@ def _spec() -> Any:
         "fleets": [{"task": TASK, "devices": 4, "aggregation": "FedAvgM",
                     "aggregation_args": {"server_momentum": 0.9, "fraction_train": 0.5}}],
         "profiles": "laptop", "rounds": 3, "train_per_device": 6, "test_per_device": 3,
-        "local_epochs": 1, "batch_size": 4, "seed": 7, "dropout": 0.25,
+        "local_epochs": 1, "batch_size": 4, "seed": 7, "availability": "dropout:0.25",
     })  # fmt: skip
 
 

@@ -123,8 +123,10 @@ def kinds() -> dict[str, AggregatorKind]:
 
 
 def names() -> tuple[str, ...]:
-    """Every aggregation a fleet may name, ``local`` last."""
-    return (*kinds(), LOCAL)
+    """Every aggregation a fleet may name: synchronous ones first, then asynchronous ones (each
+    in its module's order, whatever was imported first), ``local`` last."""
+    every = kinds()
+    return (*sorted(every, key=lambda n: every[n].asynchronous), LOCAL)  # a stable sort
 
 
 def canonical(name: str) -> str:
