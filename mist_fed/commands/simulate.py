@@ -132,7 +132,6 @@ def bench(args: argparse.Namespace) -> int:
     """Flower + Ray against a plain loop at two fleet sizes: the overhead per device-round,
     Ray's start-up apart, and the driver's peak RSS (`mist_fed.fleet.runtime.sim_bench`)."""
     import dataclasses
-    import json
 
     from mist_fed.fleet.flower.simulation import simulate
     from mist_fed.fleet.runtime.provision import resolve_assets
@@ -150,27 +149,18 @@ def bench(args: argparse.Namespace) -> int:
         ray_cpus=args.ray_cpus,
         verbose=max(0, args.verbose - 1),  # -v: the bench's progress; -vv: the runs' logs too
     )
-    lines = result.lines()
-    print("\n".join(lines))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "table.md").write_text("\n".join(lines) + "\n")
-        data = {
-            "spec": {"fleet": args.fleet, "devices": spec.num_devices, "rounds": spec.rounds},
-            "rows": result.rows(),
-            "runs": [dataclasses.asdict(m) for m in result.runs],
-            "distinct_images": result.distinct_images,
-            "cloud": result.cloud,
-        }
-        (out / "bench.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-        print(f"\nwritten to {out}")
+    _report(args.out, result.lines(), {
+        "spec": {"fleet": args.fleet, "devices": spec.num_devices, "rounds": spec.rounds},
+        "rows": result.rows(),
+        "runs": [dataclasses.asdict(m) for m in result.runs],
+        "distinct_images": result.distinct_images,
+        "cloud": result.cloud,
+    })  # fmt: skip
     ok = all(set(m.statuses) <= {"ok"} for m in result.runs)
     return 0 if ok else 1
 
 
 def _bench_population(args: argparse.Namespace, spec: Any) -> int:
-    import json
 
     from mist_fed.errors import ConfigError
     from mist_fed.fleet.flower.simulation import simulate
@@ -189,15 +179,9 @@ def _bench_population(args: argparse.Namespace, spec: Any) -> int:
         spec, sizes, simulate, engines, cloud=args.cloud, ray_cpus=args.ray_cpus,
         verbose=max(0, args.verbose - 1),
     )  # fmt: skip
-    lines = result.lines()
-    print("\n".join(lines))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "table.md").write_text("\n".join(lines) + "\n")
-        data = {"rows": result.rows(), "ratios": result.ratios(), "cloud": result.cloud}
-        (out / "bench.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-        print(f"\nwritten to {out}")
+    _report(args.out, result.lines(), {
+        "rows": result.rows(), "ratios": result.ratios(), "cloud": result.cloud
+    })  # fmt: skip
     return 0
 
 
@@ -252,3 +236,16 @@ def add_bench_parser(bsub: Any) -> None:
     )
     b.add_argument("--out", help="also write table.md and bench.json into this directory")
     b.set_defaults(handler=bench)
+
+
+def _report(out_dir: str | None, lines: list[str], data: dict[str, Any]) -> None:
+    """Print a bench's table; with ``out_dir``, write it (``table.md``) and ``bench.json``."""
+    import json
+
+    print("\n".join(lines))
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text("\n".join(lines) + "\n")
+        (out / "bench.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        print(f"\nwritten to {out}")

@@ -1,5 +1,7 @@
 """The cloud's RSS (VmRSS, RssAnon, RssFile of the server process) while a client streams a
-cold split: ``probe.py TASK SPLIT N DTYPE [serve flags...]`` (see README.md beside it)."""
+cold split: ``probe.py TASK SPLIT N DTYPE [serve flags...]`` (see README.md beside it);
+``PROBE_METHOD`` picks the gather (default ``mist``), ``PROBE_STORE`` the store's folder (default
+a new one in /tmp), which is kept for a later ``cloud serve --cache-dir``."""
 
 import json
 import os
@@ -29,8 +31,10 @@ def rss(pid: int) -> dict[str, int]:
 
 def main() -> None:
     task, split, n, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    ids = tuple(get_task(task).split(split).ids[:n])
-    store = f"/tmp/memstore-{time.time():.0f}"
+    every = get_task(task).split(split).ids
+    ids = tuple(every[:n]) if n < len(every) else None  # None: the whole split (no id list)
+    store = os.environ.get("PROBE_STORE") or f"/tmp/memstore-{time.time():.0f}"
+    method = os.environ.get("PROBE_METHOD", "mist")
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
     cmd = [".venv/bin/mist-fed", "cloud", "serve", "--port", str(PORT), "--tasks", task]
     srv = subprocess.Popen([*cmd, "--cache-dir", store, *sys.argv[5:]], env=env)
@@ -55,7 +59,7 @@ def main() -> None:
 
     threading.Thread(target=sample, daemon=True).start()
     start, rows, last = time.time(), 0, 0
-    ticket = flight.Ticket(FeatureRequest(task, split, "mist", 12, dtype, ids).to_json())
+    ticket = flight.Ticket(FeatureRequest(task, split, method, 12, dtype, ids).to_json())
     for chunk in client.do_get(ticket):
         rows += chunk.data.num_rows
         if rows - last >= 256:
