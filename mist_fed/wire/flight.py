@@ -193,15 +193,28 @@ class FeatureClient:
         the call are in ``client.last`` once the iterator is exhausted.
         """
         req = FeatureRequest(task, split, gather, k, dtype, None if ids is None else tuple(ids))
+        parts = req.parts()  # a long id list goes in several requests, in order
         stats = Stats()
         self.last = stats
-        total = self._total(req) if self.progress is not None else None
-        reader, meta = self._open(req, 0)
-        batches = self._batches(req, reader, stats)
+        total = None
+        if self.progress is not None:
+            counts = [self._total(p) for p in parts]
+            total = None if None in counts else sum(c or 0 for c in counts)
+        reader, meta = self._open(parts[0], 0)
+        batches = self._chain(parts, reader, stats)
         if self.progress is not None:
             desc = f"{task}/{split} {req.spec.label()} {dtype}"
             batches = counted(batches, StreamProgress(desc, total, bar=self.progress))
         return FeatureStream(reader.schema, meta, batches)
+
+    def _chain(
+        self, parts: list[FeatureRequest], reader: flight.FlightStreamReader, stats: Stats
+    ) -> Iterator[pa.RecordBatch]:
+        """The batches of each part in turn (``reader``: the first part's, open)."""
+        yield from self._batches(parts[0], reader, stats)
+        for part in parts[1:]:
+            more, _ = self._open(part, 0)
+            yield from self._batches(part, more, stats)
 
     def _total(self, req: FeatureRequest) -> int | None:
         """The rows a stream will send (``FlightInfo`` of its stored dtype: a projected wire's

@@ -8,7 +8,7 @@ checks every field and names the one at fault; the server checks ``k`` against i
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from mist_fed.core.specs import DEPTH_GATHERS, GATHERS, GatherSpec
@@ -17,6 +17,8 @@ from mist_fed.wire.dtypes import check_wire
 
 SPLITS = ("train", "val", "test")
 _KEYS = {"task", "split", "gather", "k", "dtype", "ids", "offset"}
+MAX_REQUEST_BYTES = 1 << 20  # the cloud refuses a longer request
+PART_BYTES = MAX_REQUEST_BYTES // 2  # a client splits a longer id list into requests of this
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,27 @@ class FeatureRequest:
     def spec(self) -> GatherSpec:
         return GatherSpec(self.gather, self.k)
 
+    def parts(self, max_bytes: int | None = None) -> list[FeatureRequest]:
+        """This request as one or more, in order, each at most ``max_bytes`` long (default
+        :data:`PART_BYTES`): a long ``ids`` list (a central reference's 54,000 images) is split,
+        as the cloud refuses a request over :data:`MAX_REQUEST_BYTES`."""
+        limit = PART_BYTES if max_bytes is None else max_bytes
+        if self.ids is None or len(self.to_json()) <= limit:
+            return [self]
+        room = limit - len(replace(self, ids=()).to_json())
+        parts: list[FeatureRequest] = []
+        chunk: list[str] = []
+        size = 0
+        for i in self.ids:
+            cost = len(json.dumps(i)) + 1  # the id and its comma
+            if chunk and size + cost > room:
+                parts.append(replace(self, ids=tuple(chunk)))
+                chunk, size = [], 0
+            chunk.append(i)
+            size += cost
+        parts.append(replace(self, ids=tuple(chunk)))
+        return parts
+
     def check_depth(self, num_blocks: int) -> None:
         if self.k is not None and not 0 <= self.k <= num_blocks:
             raise WireError(f"k={self.k} is outside 0..{num_blocks} for this backbone")
@@ -66,7 +89,7 @@ class FeatureRequest:
 
     @classmethod
     def from_json(
-        cls, raw: bytes, max_bytes: int = 1 << 20, upload: bool = False
+        cls, raw: bytes, max_bytes: int = MAX_REQUEST_BYTES, upload: bool = False
     ) -> FeatureRequest:
         if len(raw) > max_bytes:
             raise WireError(f"request is {len(raw)} bytes, over the limit of {max_bytes}")
