@@ -191,6 +191,21 @@ def test_the_strategy_samples_the_round_repeatably_and_the_reference_matches_the
     assert rounds.scorer.centrals == [4]  # type: ignore[attr-defined]  # 4 rounds x 2 epochs x half
 
 
+def test_fleets_on_the_same_images_share_one_central_reference(tmp_path: Path) -> None:
+    # Prepare: FedAvg and FedAvgM on the same devices' data; a linear fleet beside them
+    fleets = [{"task": "synthetic", "devices": 3, "name": "avg"},
+              {"task": "synthetic", "devices": 3, "name": "avgm", "aggregation": "FedAvgM"},
+              {"task": "synthetic", "devices": 3, "name": "lin", "method": "linear"}]  # fmt: skip
+    spec = spec_from_dict({**MINIMAL, "fleets": fleets, "rounds": 2})
+    rounds = _rounds(spec, MemorySource(), tmp_path, lambda jobs, states: [])
+    # Execute
+    state = rounds.start()
+    # Assert: trained twice (the linear fleet's net differs), the same result for both
+    assert len(rounds.scorer.centrals) == 2  # type: ignore[attr-defined]
+    assert state.central["avg"] is state.central["avgm"]
+    assert state.central["lin"] is not state.central["avg"]
+
+
 def test_fedprox_mu_reaches_the_device_and_changes_its_loss(tmp_path: Path) -> None:
     # Prepare
     fleets = [{"task": "synthetic", "devices": 2, "aggregation": "FedProx",

@@ -30,6 +30,7 @@ in-process loop (:class:`~mist_fed.fleet.worker.LocalTransport`) are two transpo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -157,9 +158,10 @@ class SyncRounds:
         for f in self.spec.fleets:
             state.global_state[f.name] = self.scorer.initial_state(f, self.plan.num_classes(f.name))
             state.clocks[f.name] = FleetClock()
+        done: dict[tuple[Any, ...], CentralResult] = {}  # one training per distinct reference
         for f in self.spec.fleets:
             if self.spec.central:
-                state.central[f.name] = self._central(f.name, state.global_state[f.name])
+                state.central[f.name] = self._central(f.name, state.global_state[f.name], done)
         return state
 
     def resume(self, saved: dict[str, Any]) -> RoundState:
@@ -170,7 +172,12 @@ class SyncRounds:
             raise ConfigError("the checkpoint holds no round state; it is not a fleet run's")
         return state
 
-    def _central(self, name: str, initial: StateDict) -> CentralResult:
+    def _central(
+        self, name: str, initial: StateDict, done: dict[tuple[Any, ...], CentralResult]
+    ) -> CentralResult:
+        """Fleet ``name``'s central reference; one already in ``done`` with the same task,
+        method, images, epochs and initial weights (fleets of one run on the same devices'
+        data: FedAvg against FedAvgM) is the same training, so it is reused."""
         fleet = self.plan.fleet(name)
         # The union of the devices' images; where they share images, more epochs over it make
         # the same sample-steps as the fleet's (slots / distinct images as many).
@@ -178,9 +185,15 @@ class SyncRounds:
         slots, distinct = self.plan.sharing(name)
         share = self.share(name) * slots / distinct
         epochs = central_epochs(self.spec, share, self.spec.rounds_of(name))
+        images = hashlib.sha256("\n".join(ids).encode()).hexdigest()
+        key = (self.plan.data_task(name), fleet.method, epochs, state_digest(initial), images)
+        if key in done:
+            log.info("fleet %s: the central reference of a fleet with the same images", name)
+            return done[key]
         log.info("fleet %s: central reference on %d images, %d epochs", name, len(ids), epochs)
         central = self.scorer.central(fleet, self.plan.num_classes(name), ids, initial, epochs)
         log.info("fleet %s: central accuracy %.4f", name, central.accuracy)
+        done[key] = central
         return central
 
     def share(self, fleet: str) -> float:
