@@ -24,6 +24,7 @@ import tomllib
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -35,6 +36,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.network]
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_LIMIT_S = 420  # a whole small run on a loaded 2-core host (SuperLink, Ray, embedding)
+FEDERATION = "num-supernodes=3 init-args-num-cpus=2"  # Flower's simulation: 3 nodes, 2 CPUs
 STOP_LIMIT_S = 45  # from `flwr stop` to no process of the run left
 SUPERLINK = ("flower-superlink", "flower-superexec")  # Flower's, outlive runs by design
 FLEET = """\
@@ -152,7 +154,7 @@ def test_flwr_run_writes_the_run_and_records_failed_devices(flwr, tmp_path: Path
         ".",
         "--stream",
         "--federation-config",
-        "num-supernodes=3 init-args-num-cpus=2",
+        FEDERATION,
         "--run-config",
         config,
     )
@@ -197,7 +199,7 @@ def test_flwr_run_runs_an_asynchronous_fleet_through_the_same_engine(flwr, tmp_p
     )
     # Execute
     proc = run(
-        "run", ".", "--stream", "--federation-config", "num-supernodes=3 init-args-num-cpus=2",
+        "run", ".", "--stream", "--federation-config", FEDERATION,
         "--run-config", config,
     )  # fmt: skip
     # Assert: three server steps of two updates each, on the virtual clock
@@ -213,25 +215,31 @@ def test_flwr_run_runs_an_asynchronous_fleet_through_the_same_engine(flwr, tmp_p
     assert _wait_left_empty(tag, STOP_LIMIT_S) == []
 
 
-def test_flwr_stop_keeps_completed_rounds_and_leaves_no_process(flwr, tmp_path: Path) -> None:
-    # Prepare: stopped once round 1 is written, while device 0 hangs in round 2 (a busy job:
-    # the case Flower's runtime mishandles, see fleet/flower/workarounds.py::on_runtime_exit)
-    run, tag, env = flwr
+def _started_until_round_one(flwr: Any, tmp_path: Path, name: str) -> tuple[str, Path, Path]:
+    """A 3-round run ``name`` started with `flwr run`, device 0 hanging in round 2; returned
+    once round 1 is written: Flower's run id, the results directory, the run's config.toml."""
+    run, _, env = flwr
     env["MIST_FED_FAULTS"] = "hang:device=0,round=2"
     (tmp_path / "fleet.toml").write_text(FLEET)
     results = tmp_path / "results"
-    config = f"fleet='{tmp_path / 'fleet.toml'}' rounds=3 results-dir='{results}' run-id='stop'"
-    started = run(
-        "run", ".", "--format", "json", "--federation-config", "num-supernodes=3 init-args-num-cpus=2",
-        "--run-config", config,
-    )  # fmt: skip
+    config = f"fleet='{tmp_path / 'fleet.toml'}' rounds=3 results-dir='{results}' run-id='{name}'"
+    started = run("run", ".", "--format", "json", "--federation-config", FEDERATION,
+                  "--run-config", config)  # fmt: skip
     assert started.returncode == 0, started.stderr[-4000:]
     run_id = json.loads(started.stdout)["run-id"]
-    written = results / "stop" / "config.toml"
+    written = results / name / "config.toml"
     end = time.monotonic() + RUN_LIMIT_S
     while not written.is_file() and time.monotonic() < end:
-        time.sleep(1)
+        time.sleep(0.5)
     assert written.is_file(), run("log", run_id, "--show", timeout=30).stdout[-4000:]
+    return run_id, results, written
+
+
+def test_flwr_stop_keeps_completed_rounds_and_leaves_no_process(flwr, tmp_path: Path) -> None:
+    # Prepare: stopped once round 1 is written, while device 0 hangs in round 2 (a busy job:
+    # the case Flower's runtime mishandles, see fleet/flower/workarounds.py::on_runtime_exit)
+    run, tag, _ = flwr
+    run_id, results, written = _started_until_round_one(flwr, tmp_path, "stop")
     # Execute
     t0 = time.monotonic()
     stopped = run("stop", run_id, timeout=60)
@@ -264,7 +272,7 @@ def test_flwr_run_with_runtime_dependency_installation_says_how_to_run_it(
     # Execute
     t0 = time.monotonic()
     proc = run(
-        "run", ".", "--stream", "--federation-config", "num-supernodes=3 init-args-num-cpus=2",
+        "run", ".", "--stream", "--federation-config", FEDERATION,
         "--run-config", config, timeout=DEPENDENCY_LIMIT_S,
     )  # fmt: skip
     wall = time.monotonic() - t0
@@ -287,27 +295,15 @@ def test_flwr_run_with_runtime_dependency_installation_says_how_to_run_it(
 def test_flwr_run_resumes_a_stopped_run_from_its_run_config(flwr, tmp_path: Path) -> None:
     # Prepare: a 3-round run stopped with `flwr stop` once round 1 is written, while device 0
     # hangs in round 2 (once: the resumed run's device storage holds the fault's mark)
-    run, tag, env = flwr
-    env["MIST_FED_FAULTS"] = "hang:device=0,round=2"
-    (tmp_path / "fleet.toml").write_text(FLEET)
-    results = tmp_path / "results"
-    config = f"fleet='{tmp_path / 'fleet.toml'}' rounds=3 results-dir='{results}' run-id='cut'"
-    federation = "num-supernodes=3 init-args-num-cpus=2"
-    started = run("run", ".", "--format", "json", "--federation-config", federation,
-                  "--run-config", config)  # fmt: skip
-    assert started.returncode == 0, started.stderr[-4000:]
-    written = results / "cut" / "config.toml"
-    end = time.monotonic() + RUN_LIMIT_S
-    while not written.is_file() and time.monotonic() < end:
-        time.sleep(0.5)
-    assert written.is_file()
-    stopped = run("stop", json.loads(started.stdout)["run-id"], timeout=60)
+    run, tag, _ = flwr
+    run_id, results, written = _started_until_round_one(flwr, tmp_path, "cut")
+    stopped = run("stop", run_id, timeout=60)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert _wait_left_empty(tag, STOP_LIMIT_S) == []
     done = tomllib.loads(written.read_text())["run"]["rounds_completed"]
     assert (results / "cut" / "checkpoint.pt").is_file()
     # Execute: the same app, told only which run to resume
-    again = run("run", ".", "--stream", "--federation-config", federation,
+    again = run("run", ".", "--stream", "--federation-config", FEDERATION,
                 "--run-config", f"results-dir='{results}' resume='cut'")  # fmt: skip
     # Assert: the run goes on from its checkpoint to its last round, and is then whole
     log = again.stdout + again.stderr
