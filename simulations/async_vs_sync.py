@@ -67,8 +67,7 @@ def completed(run: Path) -> bool:
 def table(results: Path) -> str:
     rows, reference = [], ""
     for run in sorted(results.glob("seed*/fleets.parquet")):
-        facts = tomllib.loads((run.parent / "config.toml").read_text()).get("run", {})
-        if facts.get("interrupted"):
+        if not completed(run.parent):
             continue  # a run stopped part-way: its checkpointed rounds only
         seed = run.parent.name.removeprefix("seed").removesuffix("-deadline")
         frame = pd.read_parquet(run)

@@ -115,7 +115,7 @@ class FleetSpec:
                 self, "partitioner", partition.check(self.partitioner, self.partitioner_args,
                                                      f.devices)
             )  # fmt: skip
-        availability.parse(self.availability)
+        online = availability.parse(self.availability)
         for key in ("train_per_device", "per_round"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1 (or left out), got {getattr(self, key)}")
@@ -141,7 +141,7 @@ class FleetSpec:
         if self.lr <= 0:
             raise ConfigError("lr must be > 0")
         asynchronous = [f.name for f in self.fleets if aggregation.is_async(f.aggregation)]
-        if asynchronous and availability.parse(self.availability).drop_p > 0:
+        if asynchronous and online.drop_p > 0:
             raise ConfigError(
                 f"a dropout applies to rounds; asynchronous fleet(s) {', '.join(asynchronous)} "
                 "have none: use availability always, diurnal or trace"
