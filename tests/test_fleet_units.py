@@ -14,8 +14,11 @@ import pytest
 
 from mist_fed.cloud.backbone import BackboneSpec
 from mist_fed.device.metrics import DeviceMetrics
+from mist_fed.device.trainer import TrainConfig
 from mist_fed.errors import ConfigError
+from mist_fed.experiments.compare import CompareConfig
 from mist_fed.fleet.job import DeviceJob, DeviceResult, StateDict
+from mist_fed.fleet.scoring import central_config
 from mist_fed.fleet.spec import (
     apply_overrides,
     assign_profiles,
@@ -80,6 +83,22 @@ def test_spec_rejects_unknown_keys_and_bad_values() -> None:
         spec_from_dict({**MINIMAL, "backbone": {"weights": "w.safetensors", "random_init": True}})
     with pytest.raises(ConfigError, match="unknown key"):
         spec_from_dict({**MINIMAL, "fallback_backbone": {"name": "x", "weightz": "w"}})
+
+
+def test_the_central_reference_trains_with_the_devices_or_the_comparisons_recipe() -> None:
+    # Prepare: devices at batch 8 and lr 0.005
+    devices = spec_from_dict({**MINIMAL, "batch_size": 8, "lr": 0.005})
+    comparison = dataclasses.replace(devices, central_recipe="comparison")
+    # Execute
+    own = central_config(devices, "mist_pool", epochs=3)
+    paper = central_config(comparison, "mist_pool", epochs=3)
+    # Assert: the comparison's recipe is what simulations/compare.py trains with
+    recipe = TrainConfig.for_method("mist_pool", epochs=3, batch_size=CompareConfig.batch_size)
+    assert (own.batch_size, own.lr, own.epochs) == (8, 0.005, 3)
+    assert (paper.batch_size, paper.lr, paper.epochs) == (recipe.batch_size, recipe.lr, 3)
+    assert (paper.batch_size, paper.lr) != (8, 0.005)
+    with pytest.raises(ConfigError, match="central_recipe must be one of devices, comparison"):
+        spec_from_dict({**MINIMAL, "central_recipe": "paper"})
 
 
 def test_backbone_name_defaults_to_the_offline_dinov2() -> None:

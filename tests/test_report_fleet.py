@@ -137,6 +137,7 @@ def test_write_run_and_plot_run_write_the_gap_and_the_sim_time_plot(tmp_path: Pa
     plots = plot_run(tmp_path / "run", device_frame(devices), fleet_frame(fleets))
     # Assert
     assert (tmp_path / "run" / "accuracy_vs_sim_time.png") in plots
+    assert (tmp_path / "run" / "accuracy_vs_device_hours.png") in plots
     assert all(p.stat().st_size > 0 for p in plots)
     summary = paths["summary"].read_text()
     assert "## Federated gap and time to accuracy" in summary
@@ -167,4 +168,4 @@ def test_an_older_run_without_the_new_columns_still_writes(tmp_path: Path) -> No
         "* t/mist (FedAvg): 60.0%, no central reference; 95% of final accuracy at round 2 of 2"
         in (paths["summary"].read_text())
     )
-    assert len(plots) == 4 and all(p.is_file() for p in plots)
+    assert len(plots) == 5 and all(p.is_file() for p in plots)

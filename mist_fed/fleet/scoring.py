@@ -67,6 +67,16 @@ def central_epochs(spec: FleetSpec, share: float, rounds: int) -> int:
     return max(1, round(rounds * spec.local_epochs * share))
 
 
+def central_config(spec: FleetSpec, method: str, epochs: int) -> TrainConfig:
+    """The central reference's training: ``epochs`` at the devices' batch size and lr, or
+    (``central_recipe = "comparison"``) at the comparison's (the trainer's defaults)."""
+    if spec.central_recipe == "comparison":
+        return TrainConfig.for_method(method, epochs=epochs, seed=spec.seed)
+    return TrainConfig.for_method(
+        method, epochs=epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed
+    )
+
+
 class Scorer:
     """The server's device: initial weights, evaluation and the central reference of a run."""
 
@@ -156,9 +166,7 @@ class Scorer:
                     ids=tuple(train_ids),
                 )
                 net = device.new_net(fleet.method, num_classes, s.k, state=state, wire=s.wire_dtype)
-                cfg = TrainConfig.for_method(
-                    fleet.method, epochs=epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed
-                )
+                cfg = central_config(s, fleet.method, epochs)
                 fitted = device.train(net, train, cfg)
                 acc = self._score(device, fleet, net)
                 return CentralResult(

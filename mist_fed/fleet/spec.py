@@ -23,6 +23,7 @@ from mist_fed.fleet import aggregation, availability, partition
 from mist_fed.wire.dtypes import check_wire
 
 PROTOCOLS = ("vtab-1k", "full")  # the task split the devices' shares come from
+CENTRAL_RECIPES = ("devices", "comparison")  # whose batch size and lr the central reference uses
 FLEET_METHODS = ("mist", "mist_pool", "linear", "partial1", "side")
 
 
@@ -97,6 +98,9 @@ class FleetSpec:
     fallback_task: str | None = None  # used with fallback_backbone when real assets are missing
     fallback_backbone: BackboneSpec | None = None
     central: bool = True  # train the central reference (off: population benchmarks)
+    # The central reference's batch size and lr: the devices' (``batch_size``, ``lr``) or the
+    # comparison's recipe (the trainer's defaults for the method, as simulations/compare.py).
+    central_recipe: str = "devices"
 
     def __post_init__(self) -> None:
         if not self.fleets:
@@ -148,6 +152,11 @@ class FleetSpec:
             )
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr_decay is a factor in (0, 1], got {self.lr_decay}")
+        if self.central_recipe not in CENTRAL_RECIPES:
+            raise ConfigError(
+                f"central_recipe must be one of {', '.join(CENTRAL_RECIPES)}, "
+                f"got {self.central_recipe!r}"
+            )
 
     @property
     def num_devices(self) -> int:

@@ -99,8 +99,6 @@ def plot_accuracy_vs_sim_time(fleets: pd.DataFrame, path: Path) -> Path:
     """Accuracy against cumulative simulated time (seconds, minutes or hours, whichever reads
     best), one line per fleet with a marker per round, its central reference dashed. A fleet
     without simulated times (an older run) is left out."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    centrals = []
     longest = float(numeric(fleets, "sim_time_s").max()) if not fleets.empty else math.nan
     unit, scale = (
         ("hours", 3600.0)
@@ -109,18 +107,38 @@ def plot_accuracy_vs_sim_time(fleets: pd.DataFrame, path: Path) -> Path:
         if longest >= 120
         else ("seconds", 1.0)
     )
+    return _accuracy_against(
+        fleets, path, "sim_time_s", scale, f"simulated time ({unit})", "simulated time"
+    )
+
+
+def plot_accuracy_vs_device_hours(fleets: pd.DataFrame, path: Path) -> Path:
+    """Accuracy against the cumulative simulated device-hours the fleet's devices spent
+    (transfer and compute, every device of every round): what the fleet's accuracy costs."""
+    return _accuracy_against(
+        fleets, path, "sim_device_hours", 1.0, "simulated device-hours", "device-hours"
+    )
+
+
+def _accuracy_against(
+    fleets: pd.DataFrame, path: Path, column: str, scale: float, xlabel: str, what: str
+) -> Path:
+    """One line per fleet of accuracy against ``column / scale``, a marker per round, its
+    central reference dashed; a fleet without the column (an older run) is left out."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    centrals = []
     for name, g in fleets.groupby("fleet"):
         g = g.sort_values("round", kind="stable")
-        t = numeric(g, "sim_time_s") / scale
-        if t.isna().all():
+        x = numeric(g, column) / scale
+        if x.isna().all():
             continue
         label = f"{name} ({g['aggregation'].iloc[-1]})" if "aggregation" in g else str(name)
         marker = "o" if len(g) <= 40 else None  # a FedAsync fleet steps once per update
-        (line,) = ax.plot(t, numeric(g, "accuracy"), marker=marker, markersize=3, label=label)
+        (line,) = ax.plot(x, numeric(g, "accuracy"), marker=marker, markersize=3, label=label)
         centrals.append(_central_line(ax, g, line.get_color()))
-    ax.set_xlabel(f"simulated time ({unit})")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
-    ax.set_title("Accuracy vs simulated time, per task fleet")
+    ax.set_title(f"Accuracy vs {what}, per task fleet")
     _finish_accuracy(ax, centrals)
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
@@ -172,6 +190,7 @@ def plot_run(run_dir: Path, devices: pd.DataFrame, fleets: pd.DataFrame) -> list
         plot_accuracy_vs_bytes(fleets, run_dir / "accuracy_vs_bytes.png"),
         plot_accuracy_per_round(fleets, run_dir / "accuracy_per_round.png"),
         plot_accuracy_vs_sim_time(fleets, run_dir / "accuracy_vs_sim_time.png"),
+        plot_accuracy_vs_device_hours(fleets, run_dir / "accuracy_vs_device_hours.png"),
         plot_device_time(devices, run_dir / "device_time.png"),
     ]
     stale = plot_staleness(devices, run_dir / "staleness.png")
