@@ -97,8 +97,29 @@ def test_the_central_reference_trains_with_the_devices_or_the_comparisons_recipe
     assert (own.batch_size, own.lr, own.epochs) == (8, 0.005, 3)
     assert (paper.batch_size, paper.lr, paper.epochs) == (recipe.batch_size, recipe.lr, 3)
     assert (paper.batch_size, paper.lr) != (8, 0.005)
-    with pytest.raises(ConfigError, match="central_recipe must be one of devices, comparison"):
-        spec_from_dict({**MINIMAL, "central_recipe": "paper"})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"central_recipe": "paper"},
+            "central_recipe must be one of devices, comparison, got 'paper'",
+        ),
+        ({"protocol": "vtab"}, "protocol must be one of vtab-1k, full, got 'vtab'"),
+        (
+            {"fleets": [{"task": "synthetic", "devices": 4, "method": "lora"}]},
+            "fleet 'synthetic': method must be one of mist, mist_pool, linear, partial1, side, "
+            "got 'lora'",
+        ),
+    ],
+)
+def test_a_key_with_a_fixed_set_of_values_refuses_another_naming_them(
+    change: dict[str, object], message: str
+) -> None:
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        spec_from_dict({**MINIMAL, **change})
 
 
 def test_backbone_name_defaults_to_the_offline_dinov2() -> None:

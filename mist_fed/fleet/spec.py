@@ -27,6 +27,12 @@ CENTRAL_RECIPES = ("devices", "comparison")  # whose batch size and lr the centr
 FLEET_METHODS = ("mist", "mist_pool", "linear", "partial1", "side")
 
 
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """Refuse ``value`` for ``key`` unless it is one of ``choices``, naming them."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class TaskFleet:
     """Devices sharing one task (and one method): they federate or stay local.
@@ -51,11 +57,7 @@ class TaskFleet:
             raise ConfigError(f"fleet {self.task!r}: devices must be >= 1, got {self.devices}")
         if self.rounds is not None and self.rounds < 1:
             raise ConfigError(f"fleet {self.task!r}: rounds must be >= 1, got {self.rounds}")
-        if self.method not in FLEET_METHODS:
-            raise ConfigError(
-                f"fleet {self.task!r}: unknown method {self.method!r}; "
-                f"choose one of {', '.join(FLEET_METHODS)}"
-            )
+        _one_of(f"fleet {self.task!r}: method", self.method, FLEET_METHODS)
         try:
             object.__setattr__(self, "aggregation", aggregation.canonical(self.aggregation))
             aggregation.check_args(self.aggregation, self.aggregation_args)
@@ -110,10 +112,7 @@ class FleetSpec:
             raise ConfigError(f"fleet names must be unique; got {names} (set `name` per fleet)")
         if not self.profiles or any(n <= 0 for _, n in self.profiles):
             raise ConfigError(f"profile mix needs positive counts, got {self.profiles}")
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(
-                f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"
-            )
+        _one_of("protocol", self.protocol, PROTOCOLS)
         for f in self.fleets:
             object.__setattr__(
                 self, "partitioner", partition.check(self.partitioner, self.partitioner_args,
@@ -152,11 +151,7 @@ class FleetSpec:
             )
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr_decay is a factor in (0, 1], got {self.lr_decay}")
-        if self.central_recipe not in CENTRAL_RECIPES:
-            raise ConfigError(
-                f"central_recipe must be one of {', '.join(CENTRAL_RECIPES)}, "
-                f"got {self.central_recipe!r}"
-            )
+        _one_of("central_recipe", self.central_recipe, CENTRAL_RECIPES)
 
     @property
     def num_devices(self) -> int:
