@@ -401,6 +401,30 @@ def test_fixed_mist_k_trains_mist_at_that_k_only(tmp_path, tiny_backbone):
         run_compare(_cfg(tmp_path, variants=cfg.variants, mist_k=99))
 
 
+def test_a_wire_row_at_a_fixed_k_trains_no_float32_mist_to_read_k(
+    tmp_path, tiny_backbone, monkeypatch
+):
+    # Prepare: only the pooled MIST on int8ch, k fixed; every fit the comparison makes is recorded
+    args = parser().parse_args(
+        ["--tasks", TASK, "--methods", "mist_pool", "--wire", "int8ch", "--mist-k", "2"]
+    )
+    cfg = _cfg(tmp_path, variants=config_from_args(args).variants, mist_k=2)
+    fits: list[tuple[str, str, int | None]] = []
+    fit = Comparison.train_eval
+
+    def recorded(self, v, k, seed, train_ids):
+        fits.append((v.method, v.dtype, k))
+        return fit(self, v, k, seed, train_ids)
+
+    monkeypatch.setattr(Comparison, "train_eval", recorded)
+    # Execute
+    rows = [r.as_dict() for r in run_compare(cfg)]
+    # Assert: the one row asked for, at the fixed k, and no other fit (a float32 MIST row was
+    # trained only to read k before, pulling 257-token float32 maps of every split)
+    assert fits == [("mist_pool", "int8ch", 2)]
+    assert [(r["label"], r["wire_dtype"], r["k"]) for r in rows] == [("mist_pool", "int8ch", 2)]
+
+
 def test_resume_runs_only_the_seeds_an_earlier_run_lacks(tmp_path):
     # Prepare: an earlier run of one seed, stopped before its second
     out = tmp_path / "results"

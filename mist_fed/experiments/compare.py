@@ -351,8 +351,9 @@ class Comparison:
         mist_k: list[int | None] = []
 
         def chosen_k() -> int | None:
-            if not mist_k:
-                mist_k.append(selected(Variant("mist", "mist")).k)
+            if not mist_k:  # --mist-k fixes it: no float32 MIST row is trained just to read it
+                fixed = self.cfg.mist_k
+                mist_k.append(fixed if fixed is not None else selected(Variant("mist", "mist")).k)
             return mist_k[0]
 
         for v in variants:
