@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -428,6 +429,7 @@ def run_compare(
                 lambda m, k: cloud_macs(backbone, m, k),
             )
             pairs = cmp.pairs(variants)
+            started = time.perf_counter()
             for split in SPLITS:
                 s = task.split(split)
                 ids = cmp.ids[split]
@@ -437,6 +439,13 @@ def run_compare(
                 source.client.warm(
                     spec, split, [(g.kind, g.k, d) for g, d in pairs], limit=len(rows)
                 )
+            log.info(
+                "%s: every split's features ready in the cloud's store in %.0f s (the embedding "
+                "phase; %d gather/wire pairs)",
+                spec,
+                time.perf_counter() - started,
+                len(pairs),
+            )
             for shots in cfg.few_shot or (None,):
                 for seed in range(cfg.seeds):
                     if (spec, shots, seed) in skip:
