@@ -159,29 +159,6 @@ class RowResult:
         return d | self.device.as_dict()
 
 
-JPEG_QUALITY = 75  # PIL's default
-
-
-def jpeg_bytes_per_image(
-    task_spec: str, split: str, limit: int | None = None, size: int = 224
-) -> float:
-    """Mean bytes of a ``size``-px JPEG (:data:`JPEG_QUALITY`) of ``split``'s first ``limit``
-    images: what sending the image itself would cost, the wire's reference point."""
-    import io
-
-    from PIL import Image
-
-    s = get_task(task_spec).split(split)
-    n = len(s) if limit is None else min(limit, len(s))
-    total = 0
-    for i in range(n):
-        buf = io.BytesIO()
-        img = s.image(i).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        img.save(buf, format="JPEG", quality=JPEG_QUALITY)
-        total += buf.tell()
-    return total / max(n, 1)
-
-
 def few_shot_ids(ids: Sequence[str], labels: Sequence[int], shots: int, seed: int) -> list[str]:
     """``shots`` ids per class drawn (seeded) from a split: the few-shot train set."""
     order = np.random.default_rng(seed).permutation(len(ids))
@@ -439,13 +416,8 @@ def run_compare(
                 source.client.warm(
                     spec, split, [(g.kind, g.k, d) for g, d in pairs], limit=len(rows)
                 )
-            log.info(
-                "%s: every split's features ready in the cloud's store in %.0f s (the embedding "
-                "phase; %d gather/wire pairs)",
-                spec,
-                time.perf_counter() - started,
-                len(pairs),
-            )
+            took = time.perf_counter() - started
+            log.info("%s: embedding phase %.0f s (%d gather/wire pairs)", spec, took, len(pairs))
             for shots in cfg.few_shot or (None,):
                 for seed in range(cfg.seeds):
                     if (spec, shots, seed) in skip:
