@@ -17,7 +17,7 @@ import numpy as np
 
 from mist_fed.fleet.availability import parse
 from mist_fed.fleet.job import DeviceJob, StateDict
-from mist_fed.fleet.partition import Shares
+from mist_fed.fleet.partition import shares
 from mist_fed.fleet.plan import FleetData, FleetPlan
 from mist_fed.fleet.rounds import RoundState, RunRecords, SyncRounds
 from mist_fed.fleet.scoring import CentralResult, Scorer
@@ -42,10 +42,10 @@ def hand_plan(
     fleets, first = {}, 0
     for fleet in spec.fleets:
         n = fleet.devices
-        shares = Shares([0] * (train * n), np.arange(train * n), "Iid", {}, n, 0)
+        parts = shares([0] * (train * n), np.arange(train * n), "Iid", {}, n, 0)
         fleets[fleet.name] = FleetData(
             fleet, first, n, fleet.task, num_classes, [f"train-{i}" for i in range(train * n)],
-            [f"test-{i}" for i in range(test * n)], list(range(test * n)), shares,
+            [f"test-{i}" for i in range(test * n)], list(range(test * n)), parts,
         )  # fmt: skip
         first += n
     avail = parse(spec.availability).bind(first)

@@ -5,7 +5,7 @@ only an edge's needs.
 ``assets`` (defaults, the offline switch, where weights come from) under every package,
 ``data`` (tasks on disk) and ``report`` beside them. Inside
 ``fleet``: the domain (``fleet/*.py``) <- ``fleet/runtime/`` <- ``fleet/flower/``; only
-``fleet/flower/`` imports ``flwr``, and the domain imports no ``ray``. Imports are read
+``fleet/flower/`` imports ``flwr`` (or Flower Datasets), and the domain imports no ``ray``. Imports are read
 anywhere in a module, inside functions too: a lazy import still points one way.
 """
 
@@ -131,7 +131,12 @@ def _third_party(path: Path, top: str) -> bool:
 
 def test_only_the_flower_adapters_import_flwr_and_the_fleet_domain_no_ray() -> None:
     # Execute
-    flwr = sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if _third_party(p, "flwr"))
+    flower = ("flwr", "flwr_datasets")  # Flower and Flower Datasets
+    flwr = sorted(
+        str(p.relative_to(PKG))
+        for p in PKG.rglob("*.py")
+        if any(_third_party(p, top) for top in flower)
+    )
     ray = sorted(
         str(p.relative_to(PKG)) for p in (PKG / "fleet").glob("*.py") if _third_party(p, "ray")
     )

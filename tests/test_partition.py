@@ -15,7 +15,7 @@ from mist_fed.data import get_task
 from mist_fed.errors import ConfigError
 from mist_fed.fleet.availability import load_trace, parse
 from mist_fed.fleet.job import DeviceJob, DeviceResult, StateDict
-from mist_fed.fleet.partition import Shares, pool_indices
+from mist_fed.fleet.partition import Shares, pool_indices, shares
 from mist_fed.fleet.plan import plan_fleet
 from mist_fed.fleet.spec import FleetSpec, TaskFleet, apply_overrides, spec_from_dict, spec_to_dict
 from tests.fakes import MemorySource
@@ -26,8 +26,8 @@ MINIMAL = {"fleets": [{"task": "synthetic", "devices": 4}], "profiles": "rpi4"}
 
 
 def _sizes(name: str, args: dict, devices: int = 20) -> tuple[Shares, list[list[int]]]:
-    shares = Shares(LABELS, pool_indices(len(LABELS), None, 0), name, args, devices, seed=0)
-    return shares, [shares.indices(d) for d in range(devices)]
+    held = shares(LABELS, pool_indices(len(LABELS), None, 0), name, args, devices, seed=0)
+    return held, [held.indices(d) for d in range(devices)]
 
 
 def _classes(parts: list[list[int]]) -> float:

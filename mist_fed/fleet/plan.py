@@ -2,7 +2,7 @@
 images, resolved when the device is asked for (when it is first sampled), never held.
 
 :func:`plan_fleet` reads the tasks' splits (ids and labels, never images) and builds, per
-fleet, its :class:`~mist_fed.fleet.partition.Shares` (Flower Datasets' partitioner over the
+fleet, its :class:`~mist_fed.fleet.partition.Shares` (the spec's partitioner over the
 fleet's pool of the training split of the spec's protocol). Device numbers run across the
 fleets (fleet 0's devices first); :meth:`FleetPlan.job` makes a device's round-0
 :class:`DeviceJob` when called, so a population of 100,000 devices costs the plan its index
@@ -26,7 +26,7 @@ import numpy as np
 from mist_fed.data import get_task
 from mist_fed.fleet.availability import Availability, parse
 from mist_fed.fleet.job import DeviceJob
-from mist_fed.fleet.partition import Shares, pool_indices
+from mist_fed.fleet.partition import Shares, pool_indices, shares
 from mist_fed.fleet.spec import FleetSpec, TaskFleet, assign_profiles
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,8 @@ class FleetPlan:
     def sharing(self, fleet: str) -> tuple[int, int]:
         """``(slots, images)`` of ``fleet``'s pool: its rows, and the distinct images among
         them (equal unless the fleet shares images)."""
-        shares = self.fleets[fleet].shares
-        return len(shares.pool), shares.distinct
+        held = self.fleets[fleet].shares
+        return len(held.pool), held.distinct
 
     def union(self, fleet: str) -> list[str]:
         """The distinct training images of ``fleet``'s pool (what its devices' shares cover)."""
@@ -164,16 +164,16 @@ def plan_fleet(spec: FleetSpec) -> FleetPlan:
         labels = list(train.labels)
         wanted = None if spec.train_per_device is None else fleet.devices * spec.train_per_device
         rows = pool_indices(len(labels), wanted, spec.seed, spec.share_images)
-        shares = Shares(
+        parts = shares(
             labels, rows, spec.partitioner, spec.partitioner_args, fleet.devices, spec.seed
         )
-        shares.indices(0)  # a partitioner that cannot split the pool says so now, not mid-run
+        parts.indices(0)  # a partitioner that cannot split the pool says so now, not mid-run
         fleets[fleet.name] = FleetData(
             fleet, first, fleet.devices, data_task, task.num_classes, list(train.ids), test_ids,
-            pool, shares,
+            pool, parts,
         )  # fmt: skip
         first += fleet.devices
-        slots, distinct = len(rows), shares.distinct
+        slots, distinct = len(rows), parts.distinct
         if slots > distinct:
             log.info(
                 "fleet %s: devices share images: %s", fleet.name, sharing_note(slots, distinct)
