@@ -446,6 +446,16 @@ def test_resume_runs_only_the_seeds_an_earlier_run_lacks(tmp_path):
     assert rows[0]["accuracy"] == first[0]["accuracy"]
     assert first[0]["feature_bytes"] > 0 and new[0]["feature_bytes"] == 0
     assert new[0]["bytes_per_image"] == first[0]["bytes_per_image"]
+    # a run of two rows a seed, killed within seed 1 after its first row: that row is dropped
+    # (seed 1 runs again whole; kept, its rows would count twice in the means)
+    partial = out / "partial"
+    write_compare([first[0], {**first[0], "label": "other"}, new[0]], partial)
+    two_rows = dataclasses.replace(
+        cfg2, variants=(Variant("linear", "linear"), Variant("other", "linear"))
+    )
+    kept, done_partly = resumed_rows(partial, two_rows)
+    assert done_partly == {(TASK, None, 0)}
+    assert [(r["label"], r["seed"]) for r in kept] == [("linear", 0), ("other", 0)]
     with pytest.raises(ConfigError, match="does not exist"):
         resumed_rows(out / "missing", cfg2)
     old = out / "old"  # a run written before the device metrics: start a new run instead

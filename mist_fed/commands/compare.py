@@ -157,8 +157,9 @@ def config_from_args(args: argparse.Namespace, run_id: str = "default") -> Compa
 
 
 def resumed_rows(run_dir: Path, cfg: CompareConfig) -> tuple[list[dict[str, Any]], set[SeedKey]]:
-    """An earlier run's rows (``compare.parquet``: one per seed) and the seeds they complete."""
-    from mist_fed.experiments.compare import default_variants, seeds_done
+    """An earlier run's rows (``compare.parquet``: one per seed) of the seeds they complete,
+    and those seeds; the rows of a seed the run did not finish are dropped (it runs again)."""
+    from mist_fed.experiments.compare import default_variants, seed_key, seeds_done
 
     path = run_dir / "compare.parquet"
     if not path.exists():
@@ -176,8 +177,15 @@ def resumed_rows(run_dir: Path, cfg: CompareConfig) -> tuple[list[dict[str, Any]
         for r in frame.to_dict("records")
     ]
     done = seeds_done(rows, cfg.variants or default_variants())
-    log.info("resuming %s: %d rows, %d seed runs complete", run_dir, len(rows), len(done))
-    return rows, done
+    kept = [r for r in rows if seed_key(r) in done]
+    log.info(
+        "resuming %s: %d rows of %d complete seed runs kept, %d rows of unfinished ones dropped",
+        run_dir,
+        len(kept),
+        len(done),
+        len(rows) - len(kept),
+    )
+    return kept, done
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python simulations/compare.py") -> int:

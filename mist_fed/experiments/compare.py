@@ -353,13 +353,17 @@ class Comparison:
 SeedKey = tuple[str, int | None, int]
 
 
+def seed_key(row: dict[str, Any]) -> SeedKey:
+    """The seed run a result row belongs to."""
+    shots = row.get("shots")  # None outside few-shot mode (resumed_rows turns NaN into None)
+    return (str(row["task"]), None if shots is None else int(shots), int(row["seed"]))
+
+
 def seeds_done(rows: Sequence[dict[str, Any]], variants: Sequence[Variant]) -> set[SeedKey]:
     """The (task, shots, seed) runs for which ``rows`` (an earlier run's) hold every variant."""
     have: dict[SeedKey, set[tuple[str, str]]] = {}
     for r in rows:
-        shots = r.get("shots")  # None outside few-shot mode (resumed_rows turns NaN into None)
-        key = (str(r["task"]), None if shots is None else int(shots), int(r["seed"]))
-        have.setdefault(key, set()).add((str(r["label"]), str(r["wire_dtype"])))
+        have.setdefault(seed_key(r), set()).add((str(r["label"]), str(r["wire_dtype"])))
     want = {(v.label, v.dtype) for v in variants}
     return {key for key, got in have.items() if want <= got}
 
