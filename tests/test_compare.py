@@ -22,6 +22,7 @@ from mist_fed.errors import ConfigError
 from mist_fed.experiments.compare import (
     CompareConfig,
     Comparison,
+    RowResult,
     Variant,
     default_variants,
     few_shot_ids,
@@ -133,7 +134,7 @@ def test_mist_is_the_k_best_on_val_and_each_k_trains_once(tmp_path):
     source = MemorySource()
     cmp = _fake(tmp_path, source)
     # Execute
-    rows = cmp.run_seed(FAST_VARIANTS[1:], seed=0)
+    rows = list(cmp.run_seed(FAST_VARIANTS[1:], seed=0))
     # Assert: the mist row is the candidate best on val (ties: smaller k); the int8 row runs
     # at that k; the k=N/3 row reuses the selection's fit (each (method, dtype, k) trains once)
     mist, k1, int8 = rows
@@ -147,10 +148,10 @@ def test_mist_is_the_k_best_on_val_and_each_k_trains_once(tmp_path):
 
 def test_a_rerun_on_the_same_device_dir_downloads_nothing(tmp_path):
     # Prepare: a first run fills the device's cache
-    first = _fake(tmp_path, MemorySource()).run_seed(FAST_VARIANTS[:1], seed=0)[0]
+    (first,) = _fake(tmp_path, MemorySource()).run_seed(FAST_VARIANTS[:1], seed=0)
     # Execute: a new comparison (a rerun or --resume) with the same device directory
     source = MemorySource()
-    again = _fake(tmp_path, source).run_seed(FAST_VARIANTS[:1], seed=0)[0]
+    (again,) = _fake(tmp_path, source).run_seed(FAST_VARIANTS[:1], seed=0)
     # Assert: nothing streamed, nothing paid; the row's bytes per image still the wire's
     assert source.streams == [] and source.bytes_received == 0
     assert again.device.feature_bytes == 0 and again.device.images_down == 0
@@ -172,7 +173,7 @@ def test_limits_and_few_shot_ask_for_the_rows_they_use(tmp_path):
 def test_a_planning_comparison_cannot_train(tmp_path):
     cmp = Comparison(_cfg(tmp_path), FAKE_TASK, "fake", GEOMETRY.num_blocks)
     with pytest.raises(ConfigError, match="feature source"):
-        cmp.run_seed(FAST_VARIANTS[:1], seed=0)
+        list(cmp.run_seed(FAST_VARIANTS[:1], seed=0))
 
 
 # -- through the real cloud and wire (a tiny random ViT) ------------------------------------------
@@ -425,7 +426,7 @@ def test_a_wire_row_at_a_fixed_k_trains_no_float32_mist_to_read_k(
     assert [(r["label"], r["wire_dtype"], r["k"]) for r in rows] == [("mist_pool", "int8ch", 2)]
 
 
-def test_resume_runs_only_the_seeds_an_earlier_run_lacks(tmp_path):
+def test_resume_runs_only_the_rows_an_earlier_run_lacks(tmp_path):
     # Prepare: an earlier run of one seed, stopped before its second
     out = tmp_path / "results"
     common = ["--tasks", TASK, "--methods", "linear", "--epochs", "1", "--out", str(out)]
@@ -438,33 +439,49 @@ def test_resume_runs_only_the_seeds_an_earlier_run_lacks(tmp_path):
     write_compare(first, out / "r")
     # Execute: resume with two seeds
     cfg2 = dataclasses.replace(cfg, seeds=2)
-    rows, done = resumed_rows(out / "r", cfg2)
-    new = [r.as_dict() for r in run_compare(cfg2, skip=done)]
-    # Assert: seed 0 kept from the earlier run, only seed 1 trained now, on cached features
-    assert done == {(TASK, None, 0)}
+    rows = resumed_rows(out / "r")
+    new = [r.as_dict() for r in run_compare(cfg2, prior=rows)]
+    # Assert: seed 0 kept from the earlier run (read back whole), only seed 1 trained now, on
+    # cached features
     assert [r["seed"] for r in rows] == [0] and [r["seed"] for r in new] == [1]
-    assert rows[0]["accuracy"] == first[0]["accuracy"]
+    assert RowResult.from_dict(rows[0]).as_dict() == pytest.approx(first[0], nan_ok=True)
     assert first[0]["feature_bytes"] > 0 and new[0]["feature_bytes"] == 0
     assert new[0]["bytes_per_image"] == first[0]["bytes_per_image"]
-    # a run of two rows a seed, killed within seed 1 after its first row: that row is dropped
-    # (seed 1 runs again whole; kept, its rows would count twice in the means)
-    partial = out / "partial"
-    write_compare([first[0], {**first[0], "label": "other"}, new[0]], partial)
-    two_rows = dataclasses.replace(
-        cfg2, variants=(Variant("linear", "linear"), Variant("other", "linear"))
-    )
-    kept, done_partly = resumed_rows(partial, two_rows)
-    assert done_partly == {(TASK, None, 0)}
-    assert [(r["label"], r["seed"]) for r in kept] == [("linear", 0), ("other", 0)]
     with pytest.raises(ConfigError, match="does not exist"):
-        resumed_rows(out / "missing", cfg2)
+        resumed_rows(out / "missing")
     old = out / "old"  # a run written before the device metrics: start a new run instead
     old.mkdir()
     pd.DataFrame([{"task": TASK, "seed": 0, "transfer_bytes_per_image": 1.0}]).to_parquet(
         old / "compare.parquet"
     )
     with pytest.raises(ConfigError, match="new --run-id"):
-        resumed_rows(old, cfg2)
+        resumed_rows(old)
+
+
+def test_a_seed_stopped_midway_resumes_at_its_first_missing_row(tmp_path, monkeypatch):
+    # Prepare: a whole seed on the fake cloud, then what a run stopped after its first two rows
+    # (linear, and MIST with its selected k) left in compare.parquet; every later fit recorded
+    (*full,) = _fake(tmp_path, MemorySource()).run_seed(FAST_VARIANTS, seed=0)
+    write_compare([r.as_dict() for r in full[:2]], tmp_path / "run")
+    prior = [RowResult.from_dict(r) for r in resumed_rows(tmp_path / "run")]
+    fits: list[tuple[str, str, int | None]] = []
+    fit = Comparison.train_eval
+
+    def recorded(self, v, k, seed, train_ids):
+        fits.append((v.method, v.dtype, k))
+        return fit(self, v, k, seed, train_ids)
+
+    monkeypatch.setattr(Comparison, "train_eval", recorded)
+    # Execute
+    rows = list(_fake(tmp_path, MemorySource()).run_seed(FAST_VARIANTS, seed=0, prior=prior))
+    # Assert: only the two missing rows come out; the int8 row runs at the kept MIST row's k,
+    # and no fit is repeated (the k=N/3 row is the kept fit when MIST chose k=1)
+    mist = prior[1]
+    assert [(r.label, r.wire_dtype) for r in rows] == [("mist k=N/3", "float32"), ("mist", "int8")]
+    assert rows[1].k == mist.k == full[1].k
+    assert fits == [("mist", "float32", 1)] * (mist.k != 1) + [("mist", "int8", mist.k)]
+    if mist.k == 1:
+        assert rows[0].accuracy == mist.accuracy
 
 
 def _seed_rows(label, wire, nbytes, test, val):

@@ -20,7 +20,7 @@ from mist_fed.assets.defaults import STUDIED_WIRE, STUDIED_WIRE_SOURCE
 from mist_fed.errors import ConfigError, MistError
 
 if TYPE_CHECKING:
-    from mist_fed.experiments.compare import CompareConfig, SeedKey
+    from mist_fed.experiments.compare import CompareConfig
 
 ARGV = "compare_argv"
 
@@ -102,7 +102,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run --run-id: keep its rows, run only the seeds it lacks",
+        help="continue the run --run-id: keep its rows, run only the rows it lacks (rows are written "
+        "as each ends, so a run stopped midway loses at most the row it was training)",
     )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -156,11 +157,9 @@ def config_from_args(args: argparse.Namespace, run_id: str = "default") -> Compa
     )
 
 
-def resumed_rows(run_dir: Path, cfg: CompareConfig) -> tuple[list[dict[str, Any]], set[SeedKey]]:
-    """An earlier run's rows (``compare.parquet``: one per seed) of the seeds they complete,
-    and those seeds; the rows of a seed the run did not finish are dropped (it runs again)."""
-    from mist_fed.experiments.compare import default_variants, seed_key, seeds_done
-
+def resumed_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """An earlier run's rows (``compare.parquet``, written as each row ends): a resumed run
+    keeps them and runs only the rows they lack."""
     path = run_dir / "compare.parquet"
     if not path.exists():
         raise ConfigError(f"--resume: {path} does not exist; give the --run-id of an earlier run")
@@ -176,16 +175,8 @@ def resumed_rows(run_dir: Path, cfg: CompareConfig) -> tuple[list[dict[str, Any]
         {k: (None if k == "shots" and pd.isna(v) else v) for k, v in r.items()}
         for r in frame.to_dict("records")
     ]
-    done = seeds_done(rows, cfg.variants or default_variants())
-    kept = [r for r in rows if seed_key(r) in done]
-    log.info(
-        "resuming %s: %d rows of %d complete seed runs kept, %d rows of unfinished ones dropped",
-        run_dir,
-        len(kept),
-        len(done),
-        len(rows) - len(kept),
-    )
-    return kept, done
+    log.info("resuming %s: %d rows of the earlier run kept", run_dir, len(rows))
+    return rows
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python simulations/compare.py") -> int:
@@ -207,7 +198,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python simulations/comp
         run_id = args.run_id or new_run_id("compare")
         cfg = config_from_args(args, run_id)
         run_dir = args.out / run_id
-        rows, done = resumed_rows(run_dir, cfg) if args.resume else ([], set())
+        rows = resumed_rows(run_dir) if args.resume else []
+        prior = list(rows)
         kept = f"; resumed: {len(rows)} rows of the earlier run kept" if args.resume else ""
 
         jpeg = {
@@ -236,7 +228,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python simulations/comp
             "job's peak RSS rise (training and evaluation); device s = the job's compute time "
             f"scaled to the `{cfg.profile}` profile."
         )
-        run_compare(cfg, on_row, skip=done)
+        run_compare(cfg, on_row, prior)
         paths = write_compare(rows, run_dir, header, jpeg)
     except MistError as e:
         log.error("%s", e)

@@ -33,8 +33,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,23 @@ class RowResult:
     def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "device"}
         return d | self.device.as_dict()
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> RowResult:
+        """The inverse of :meth:`as_dict`, for a row read back from ``compare.parquet`` (where
+        a missing ``k`` or ``shots`` is NaN)."""
+
+        def opt_int(v: Any) -> int | None:
+            return None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
+
+        mine = {f.name for f in fields(cls)} - {"device"}
+        metrics = DeviceMetrics(**{f.name: row[f.name] for f in fields(DeviceMetrics)})
+        kw = {k: row[k] for k in mine} | {
+            "k": opt_int(row["k"]),
+            "shots": opt_int(row.get("shots")),
+            "seed": int(row["seed"]),
+        }
+        return cls(**kw, device=metrics)
 
 
 def few_shot_ids(ids: Sequence[str], labels: Sequence[int], shots: int, seed: int) -> list[str]:
@@ -306,14 +323,25 @@ class Comparison:
 
     # -- one seed --------------------------------------------------------------------------
     def run_seed(
-        self, variants: Sequence[Variant], seed: int, shots: int | None = None
-    ) -> list[RowResult]:
+        self,
+        variants: Sequence[Variant],
+        seed: int,
+        shots: int | None = None,
+        prior: Sequence[RowResult] = (),
+    ) -> Iterator[RowResult]:
+        """Each variant's row for ``seed``, yielded as its fit ends.
+
+        ``prior``: this seed's rows of an earlier, stopped run (``--resume``): their variants are
+        not yielded again and their fits are not repeated (a k selection reuses them too).
+        """
         train_ids = self.ids["train"]
         if shots is not None:
             split = self.task.split("train")
             train_ids = few_shot_ids(split.ids, split.labels, shots, seed)
-        out: list[RowResult] = []
-        cache: dict[tuple[str, str, int | None], RowResult] = {}
+        done = {(r.label, r.wire_dtype): r for r in prior}
+        cache: dict[tuple[str, str, int | None], RowResult] = {
+            (r.method, r.wire_dtype, r.k): r for r in prior
+        }
 
         def row(v: Variant, k: int | None) -> RowResult:
             key = (v.method, v.dtype, k)
@@ -335,48 +363,45 @@ class Comparison:
             return mist_k[0]
 
         for v in variants:
-            if v.k == "select":
+            if (v.label, v.dtype) in done:
+                r = done[v.label, v.dtype]
+            elif v.k == "select":
                 r = selected(v)
-                if v.method == "mist" and v.dtype == "float32":
-                    mist_k[:] = [r.k]
             elif v.k == "mist":
                 r = replace(row(v, chosen_k()), label=v.label, group=v.group)
             elif isinstance(v.k, int):
                 r = replace(row(v, self.ks[v.k]), label=v.label, group=v.group)
             else:
                 r = replace(row(v, None), label=v.label, group=v.group)
-            out.append(replace(r, shots=shots))
-        return out
+            if v.k == "select" and v.method == "mist" and v.dtype == "float32":
+                mist_k[:] = [r.k]
+            if (v.label, v.dtype) not in done:
+                yield replace(r, shots=shots)
 
 
 #: One seed's run of every variant on a task: (task spec, shots or None, seed).
 SeedKey = tuple[str, int | None, int]
 
 
-def seed_key(row: dict[str, Any]) -> SeedKey:
+def seed_key(row: Mapping[str, Any]) -> SeedKey:
     """The seed run a result row belongs to."""
     shots = row.get("shots")  # None outside few-shot mode (resumed_rows turns NaN into None)
     return (str(row["task"]), None if shots is None else int(shots), int(row["seed"]))
 
 
-def seeds_done(rows: Sequence[dict[str, Any]], variants: Sequence[Variant]) -> set[SeedKey]:
-    """The (task, shots, seed) runs for which ``rows`` (an earlier run's) hold every variant."""
-    have: dict[SeedKey, set[tuple[str, str]]] = {}
-    for r in rows:
-        have.setdefault(seed_key(r), set()).add((str(r["label"]), str(r["wire_dtype"])))
-    want = {(v.label, v.dtype) for v in variants}
-    return {key for key, got in have.items() if want <= got}
-
-
 def run_compare(
     cfg: CompareConfig,
     on_row: Callable[[RowResult], None] | None = None,
-    skip: Collection[SeedKey] = (),
+    prior: Sequence[Mapping[str, Any]] = (),
 ) -> list[RowResult]:
-    """Every variant x task x seed (x shots in few-shot mode) through cloud, wire and device.
+    """Every variant x task x seed (x shots in few-shot mode) through cloud, wire and device;
+    ``on_row`` sees each row as its fit ends.
 
-    ``skip``: seeds already done (:func:`seeds_done` of an earlier run's rows), not rerun.
+    ``prior``: the rows of an earlier, stopped run (``--resume``); only the rows they lack run.
     """
+    earlier: dict[SeedKey, list[RowResult]] = {}
+    for p in prior:
+        earlier.setdefault(seed_key(p), []).append(RowResult.from_dict(p))
     # Before the backbone and the embedding: their freed blocks then go back to the OS instead
     # of staying resident in the heap, where the devices' jobs would reuse them unmetered.
     tune_allocator()
@@ -424,10 +449,13 @@ def run_compare(
             log.info("%s: embedding phase %.0f s (%d gather/wire pairs)", spec, took, len(pairs))
             for shots in cfg.few_shot or (None,):
                 for seed in range(cfg.seeds):
-                    if (spec, shots, seed) in skip:
-                        log.info("%s shots=%s seed %d: done in the resumed run", spec, shots, seed)
-                        continue
-                    for r in cmp.run_seed(variants, seed, shots):
+                    kept = earlier.get((spec, shots, seed), [])
+                    if kept:
+                        log.info(
+                            "%s shots=%s seed %d: %d rows kept from the resumed run",
+                            *(spec, shots, seed, len(kept)),
+                        )
+                    for r in cmp.run_seed(variants, seed, shots, kept):
                         results.append(r)
                         if on_row is not None:
                             on_row(r)

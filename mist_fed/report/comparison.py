@@ -20,6 +20,7 @@ Per-seed rows carry the device's own :class:`~mist_fed.device.metrics.DeviceMetr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -340,8 +341,10 @@ def write_compare(
         "table": run_dir / "compare_summary.parquet",
         "markdown": run_dir / "compare.md",
     }
-    seeds.to_parquet(paths["seeds"], index=False)
-    agg.to_parquet(paths["table"], index=False)
+    for frame, key in ((seeds, "seeds"), (agg, "table")):  # a stop while writing keeps the last
+        tmp = paths[key].with_name(f".{paths[key].name}.tmp")
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, paths[key])
     few = "shots" in agg.columns
     body = fewshot_table(agg) if few else markdown_table(agg)
     if not few:
