@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class MistError(Exception):
@@ -54,3 +58,18 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str, run_dir: Path | None = None) -> None:
         super().__init__(message)
         self.run_dir = run_dir
+
+
+def one_of(key: str, value: T, choices: Collection[T], error: type[MistError] = ConfigError) -> T:
+    """``value`` for ``key`` if it is one of ``choices``; else ``error`` naming them."""
+    if value not in choices:
+        raise error(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def only_known(what: str, args: Collection[str], allowed: Collection[str]) -> None:
+    """Refuse argument names ``what`` does not take, in one line that lists those it does."""
+    unknown = sorted(set(args) - set(allowed))
+    if unknown:
+        takes = ", ".join(sorted(allowed)) or "no arguments"
+        raise ConfigError(f"{what} has no argument(s) {', '.join(unknown)}; it takes {takes}")

@@ -49,10 +49,11 @@ def test_duplicate_name_is_an_error_and_keeps_the_first() -> None:
 
 def test_the_project_registries_are_registries() -> None:
     import mist_fed.data  # noqa: F401  (registers the tasks)
-    from mist_fed.cloud.backbone import _BACKBONES
+    from mist_fed.cloud.backbone import _BACKBONES, registered_backbones
     from mist_fed.cloud.gather import _GATHER_FNS
     from mist_fed.core.edge_nets import _BLOCKS, _NETS
     from mist_fed.data.tasks import _TASKS
 
+    registered_backbones()  # the built-in backbones register on first use, not on import
     for reg in (_TASKS, _BACKBONES, _GATHER_FNS, _BLOCKS, _NETS):
         assert isinstance(reg, Registry) and len(reg) > 0

@@ -29,7 +29,7 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mist_fed.errors import ConfigError
+from mist_fed.errors import ConfigError, one_of
 
 if TYPE_CHECKING:  # torch is imported where it runs: the CLI's parsers import this module
     import torch
@@ -64,15 +64,11 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def check_numerics(value: str, field: str = "numerics") -> str:
-    if value not in NUMERICS_CHOICES:
-        raise ConfigError(f"{field} {value!r} is not one of {', '.join(NUMERICS_CHOICES)}")
-    return value
+    return one_of(field, value, NUMERICS_CHOICES)
 
 
 def check_runtime(value: str, field: str = "runtime") -> str:
-    if value not in RUNTIME_CHOICES:
-        raise ConfigError(f"{field} {value!r} is not one of {', '.join(RUNTIME_CHOICES)}")
-    return value
+    return one_of(field, value, RUNTIME_CHOICES)
 
 
 def resolve_numerics(requested: str, device: torch.device) -> tuple[str, str]:
@@ -124,8 +120,7 @@ def resolve_runtime(
 
 def features_id(weights_id: str, numerics: str) -> str:
     """The identity of features: the weights, and the numerics unless float32."""
-    if numerics not in NUMERICS:
-        raise ConfigError(f"numerics {numerics!r} is not one of {', '.join(NUMERICS)}")
+    one_of("numerics", numerics, NUMERICS)
     return weights_id if numerics == "float32" else f"{weights_id}@{numerics}"
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from mist_fed.errors import TaskError
+from mist_fed.errors import TaskError, one_of
 
 PROTOCOLS = ("vtab-1k", "few-shot", "full")
 SHOTS = (1, 2, 4, 8, 16)
@@ -110,8 +110,7 @@ def apply_protocol(
         }
     if protocol == "few-shot":
         assert shots is not None
-        if shots not in SHOTS:
-            raise TaskError(f"shots must be one of {SHOTS}, got {shots}")
+        one_of("shots", shots, SHOTS, TaskError)
         labels = np.asarray(train.labels)
         tr_idx = _per_class(labels, order, shots, set())
         if val is not None:

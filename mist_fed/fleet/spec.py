@@ -18,19 +18,13 @@ from typing import Any
 
 from mist_fed.assets.defaults import OFFLINE_BACKBONE
 from mist_fed.cloud.backbone import BackboneSpec
-from mist_fed.errors import BackboneError, ConfigError
+from mist_fed.errors import BackboneError, ConfigError, one_of
 from mist_fed.fleet import aggregation, availability, partition
 from mist_fed.wire.dtypes import check_wire
 
 PROTOCOLS = ("vtab-1k", "full")  # the task split the devices' shares come from
 CENTRAL_RECIPES = ("devices", "comparison")  # whose batch size and lr the central reference uses
 FLEET_METHODS = ("mist", "mist_pool", "linear", "partial1", "side")
-
-
-def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
-    """Refuse ``value`` for ``key`` unless it is one of ``choices``, naming them."""
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -57,7 +51,7 @@ class TaskFleet:
             raise ConfigError(f"fleet {self.task!r}: devices must be >= 1, got {self.devices}")
         if self.rounds is not None and self.rounds < 1:
             raise ConfigError(f"fleet {self.task!r}: rounds must be >= 1, got {self.rounds}")
-        _one_of(f"fleet {self.task!r}: method", self.method, FLEET_METHODS)
+        one_of(f"fleet {self.task!r}: method", self.method, FLEET_METHODS)
         try:
             object.__setattr__(self, "aggregation", aggregation.canonical(self.aggregation))
             aggregation.check_args(self.aggregation, self.aggregation_args)
@@ -112,7 +106,7 @@ class FleetSpec:
             raise ConfigError(f"fleet names must be unique; got {names} (set `name` per fleet)")
         if not self.profiles or any(n <= 0 for _, n in self.profiles):
             raise ConfigError(f"profile mix needs positive counts, got {self.profiles}")
-        _one_of("protocol", self.protocol, PROTOCOLS)
+        one_of("protocol", self.protocol, PROTOCOLS)
         for f in self.fleets:
             object.__setattr__(
                 self, "partitioner", partition.check(self.partitioner, self.partitioner_args,
@@ -151,7 +145,7 @@ class FleetSpec:
             )
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr_decay is a factor in (0, 1], got {self.lr_decay}")
-        _one_of("central_recipe", self.central_recipe, CENTRAL_RECIPES)
+        one_of("central_recipe", self.central_recipe, CENTRAL_RECIPES)
 
     @property
     def num_devices(self) -> int:

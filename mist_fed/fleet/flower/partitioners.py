@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from mist_fed.errors import ConfigError
+from mist_fed.errors import ConfigError, only_known
 from mist_fed.fleet import partition
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,7 @@ def _kwargs(name: str, args: Mapping[str, Any], devices: int, seed: int, n: int)
     """The partitioner's keyword arguments: the fleet's, its device count, and defaults for
     ``partition_by`` (the label), ``seed`` (the run's) and InnerDirichlet's sizes (even)."""
     allowed = allowed_args(name)
-    unknown = sorted(set(args) - set(allowed))
-    if unknown:
-        takes = ", ".join(sorted(allowed)) or "no arguments"
-        raise ConfigError(
-            f"partitioner {name} has no argument(s) {', '.join(unknown)}; it takes {takes}"
-        )
+    only_known(f"partitioner {name}", args, allowed)
     kw = dict(args)
     if "partition_by" in allowed:
         kw.setdefault("partition_by", LABEL)

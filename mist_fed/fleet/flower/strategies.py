@@ -34,7 +34,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as fs
 
-from mist_fed.errors import ConfigError
+from mist_fed.errors import ConfigError, only_known
 from mist_fed.fleet.aggregation import AggregatorKind, Update, register_aggregator
 from mist_fed.fleet.flower.messages import strategy_reply, to_state
 from mist_fed.fleet.flower.workarounds import local_identity
@@ -93,12 +93,7 @@ def allowed_args(name: str) -> dict[str, inspect.Parameter]:
 def check_args(name: str, args: Mapping[str, Any]) -> None:
     """Refuse arguments strategy ``name`` does not take, or of the wrong kind, in one line."""
     allowed = allowed_args(name)
-    unknown = sorted(set(args) - set(allowed))
-    if unknown:
-        takes = ", ".join(sorted(allowed)) or "no arguments"
-        raise ConfigError(
-            f"aggregation {name} has no argument(s) {', '.join(unknown)}; it takes {takes}"
-        )
+    only_known(f"aggregation {name}", args, allowed)
     for key, value in args.items():
         default = allowed[key].default
         if isinstance(default, bool) or not isinstance(default, int | float):
