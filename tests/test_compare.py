@@ -22,12 +22,12 @@ from mist_fed.errors import ConfigError
 from mist_fed.experiments.compare import (
     CompareConfig,
     Comparison,
-    RowResult,
     Variant,
     default_variants,
     few_shot_ids,
     run_compare,
 )
+from mist_fed.experiments.rows import RowResult
 from mist_fed.report.comparison import (
     COMPARE_COLUMNS,
     aggregate,

@@ -181,8 +181,9 @@ def resumed_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None, prog: str = "python simulations/compare.py") -> int:
     """Run the comparison; ``prog`` is how the command line in compare.md's header starts."""
-    from mist_fed.experiments.compare import RowResult, run_compare
+    from mist_fed.experiments.compare import run_compare
     from mist_fed.experiments.jpeg import JPEG_QUALITY, jpeg_bytes_per_image
+    from mist_fed.experiments.rows import RowResult
     from mist_fed.report.comparison import write_compare
     from mist_fed.report.results import new_run_id
 

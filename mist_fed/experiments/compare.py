@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +53,12 @@ from mist_fed.data.tasks import Task
 from mist_fed.device.cache import CachedSplit
 from mist_fed.device.edge import EdgeDevice
 from mist_fed.device.memory import tune_allocator
-from mist_fed.device.metrics import DeviceMetrics, best_k
+from mist_fed.device.metrics import best_k
 from mist_fed.device.profiles import DeviceProfile, load_profile
 from mist_fed.device.source import FeatureSource, FlightSource
 from mist_fed.device.trainer import TrainConfig
 from mist_fed.errors import ConfigError
+from mist_fed.experiments.rows import RowResult, SeedKey, seed_key
 
 log = logging.getLogger(__name__)
 
@@ -135,45 +136,6 @@ class CompareConfig:
 def default_device_dir(run_id: str = "default") -> Path:
     """Where a comparison run's device keeps its features (``$MIST_FED_CACHE/compare/<run>``)."""
     return cache_dir() / "compare" / run_id
-
-
-@dataclass
-class RowResult:
-    label: str
-    method: str
-    wire_dtype: str
-    task: str
-    seed: int
-    group: str
-    k: int | None
-    accuracy: float
-    val_accuracy: float
-    bytes_per_image: float
-    cloud_macs: int
-    profile: str
-    device: DeviceMetrics
-    shots: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "device"}
-        return d | self.device.as_dict()
-
-    @classmethod
-    def from_dict(cls, row: Mapping[str, Any]) -> RowResult:
-        """The inverse of :meth:`as_dict`, for a row read back from ``compare.parquet`` (where
-        a missing ``k`` or ``shots`` is NaN)."""
-
-        def opt_int(v: Any) -> int | None:
-            return None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
-
-        mine = {f.name for f in fields(cls)} - {"device"}
-        metrics = DeviceMetrics(**{f.name: row[f.name] for f in fields(DeviceMetrics)})
-        kw = {k: row[k] for k in mine} | {
-            "k": opt_int(row["k"]),
-            "shots": opt_int(row.get("shots")),
-            "seed": int(row["seed"]),
-        }
-        return cls(**kw, device=metrics)
 
 
 def few_shot_ids(ids: Sequence[str], labels: Sequence[int], shots: int, seed: int) -> list[str]:
@@ -377,16 +339,6 @@ class Comparison:
                 mist_k[:] = [r.k]
             if (v.label, v.dtype) not in done:
                 yield replace(r, shots=shots)
-
-
-#: One seed's run of every variant on a task: (task spec, shots or None, seed).
-SeedKey = tuple[str, int | None, int]
-
-
-def seed_key(row: Mapping[str, Any]) -> SeedKey:
-    """The seed run a result row belongs to."""
-    shots = row.get("shots")  # None outside few-shot mode (resumed_rows turns NaN into None)
-    return (str(row["task"]), None if shots is None else int(shots), int(row["seed"]))
 
 
 def run_compare(
