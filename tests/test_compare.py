@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -30,6 +31,7 @@ from mist_fed.experiments.compare import (
 from mist_fed.experiments.rows import RowResult
 from mist_fed.report.comparison import (
     COMPARE_COLUMNS,
+    accuracy_vs_bytes_figure,
     aggregate,
     choose_wire,
     markdown_table,
@@ -293,6 +295,33 @@ def test_write_compare_outputs(table_rows, tmp_path):
     md = paths["markdown"].read_text()
     assert md.startswith("# test") and "| mist | int8 |" in md and "±" in md
     assert paths["plot"].stat().st_size > 0
+
+
+def test_the_plot_has_a_panel_per_task_and_each_tasks_reference():
+    # Prepare: two tasks, the second (a run in progress) lacking one row; a JPEG per task
+    agg = pd.DataFrame(
+        [
+            {"label": label, "wire_dtype": wire, "task": task, "bytes_per_image": nbytes,
+             "accuracy": acc, "accuracy_std": 0.01}
+            for task, acc in (("a", 0.7), ("b", 0.9))
+            for label, wire, nbytes in (("linear", "float32", 1e3), ("mist", "int8", 1e5))
+            if (task, label) != ("b", "mist")
+        ]
+    )  # fmt: skip
+    refs = {"JPEG of the a test images": 4000.0, "JPEG of the b test images": 3000.0}
+    # Execute
+    fig = accuracy_vs_bytes_figure(agg, refs)
+    # Assert: one panel per task, its own rows and its own JPEG line; one legend naming every
+    # row once (taken from all panels), the task-specific reference once
+    a, b = fig.axes
+    assert (a.get_title(), b.get_title()) == ("a", "b")
+    assert [ln.get_xdata()[0] for ln in a.lines if ln.get_linestyle() == "-."] == [4000.0]
+    assert [ln.get_xdata()[0] for ln in b.lines if ln.get_linestyle() == "-."] == [3000.0]
+    assert len(a.containers) == 2 and len(b.containers) == 1  # the error bars: a row each
+    names = [t.get_text() for t in b.get_legend().get_texts()]
+    want = ["linear [float32]", "mist [int8]", "Pareto front", "JPEG of the task test images"]
+    assert sorted(names) == sorted(want)
+    plt.close(fig)
 
 
 @pytest.mark.slow

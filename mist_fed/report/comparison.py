@@ -30,6 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.figure import Figure
 
 from mist_fed.report.plots import save_figure
 
@@ -261,45 +262,57 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 def plot_accuracy_vs_bytes(
     agg: pd.DataFrame, path: Path, references: Mapping[str, float] | None = None
 ) -> Path:
-    """Accuracy (mean over tasks) vs bytes per image, log x; the Pareto front as a line;
-    ``references``: name -> bytes per image, drawn as vertical lines (a JPEG of the image)."""
-    g = (
-        agg.groupby(_KEYS, sort=False)
-        .agg(
-            mb=("bytes_per_image", "mean"),
-            acc=("accuracy", "mean"),
-            std=("accuracy_std", "mean"),
-        )
-        .reset_index()
+    """Accuracy vs bytes per image, log x, one panel per task (each row: mean ± std over seeds);
+    each panel's Pareto front as a line; ``references``: name -> bytes per image, drawn as
+    vertical lines (a JPEG of the images) in the panel of the task the name mentions (as a word)."""
+    return save_figure(accuracy_vs_bytes_figure(agg, references), path)
+
+
+def accuracy_vs_bytes_figure(
+    agg: pd.DataFrame, references: Mapping[str, float] | None = None
+) -> Figure:
+    tasks = list(dict.fromkeys(agg["task"]))
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(4.5 * len(tasks) + 3, 5.5), squeeze=False, sharex=True
     )
-    fig, ax = plt.subplots(figsize=(10, 5.5))
+    names = list(dict.fromkeys(f"{r.label} [{r.wire_dtype}]" for r in agg.itertuples()))
     cmap = plt.get_cmap("tab20")
-    colors = [cmap(i / 20) for i in range(20)]
-    for i, (_, r) in enumerate(g.iterrows()):
-        name = f"{r['label']} [{r['wire_dtype']}]"
-        ax.errorbar(
-            r["mb"],
-            100 * r["acc"],
-            yerr=100 * r["std"],
-            fmt=_MARKERS[i % len(_MARKERS)],
-            color=colors[i % len(colors)],
-            ms=6,
-            capsize=2,
-            label=name,
-        )
-    front = pareto_front(list(zip(g["mb"], g["acc"], strict=True)))
-    fr = g.iloc[front]
-    ax.plot(fr["mb"], 100 * fr["acc"], "k--", lw=1, label="Pareto front")
-    ax.scatter(fr["mb"], 100 * fr["acc"], s=140, facecolors="none", edgecolors="k")
-    for i, (name, nbytes) in enumerate((references or {}).items()):
-        ax.axvline(nbytes, color="0.4", ls=":" if i else "-.", lw=1.2, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes per image over the link (measured, log)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    return save_figure(fig, path)
+    style = {n: (_MARKERS[i % len(_MARKERS)], cmap(i % 20 / 20)) for i, n in enumerate(names)}
+    for ax, task in zip(axes[0], tasks, strict=True):
+        g = agg[agg["task"] == task]
+        for r in g.itertuples():
+            name = f"{r.label} [{r.wire_dtype}]"
+            marker, color = style[name]
+            ax.errorbar(
+                r.bytes_per_image,
+                100 * r.accuracy,
+                yerr=100 * r.accuracy_std,
+                fmt=marker,
+                color=color,
+                ms=6,
+                capsize=2,
+                label=name,
+            )
+        fr = g.iloc[pareto_front(list(zip(g["bytes_per_image"], g["accuracy"], strict=True)))]
+        ax.plot(fr["bytes_per_image"], 100 * fr["accuracy"], "k--", lw=1, label="Pareto front")
+        ax.scatter(fr["bytes_per_image"], 100 * fr["accuracy"], s=140, fc="none", ec="k")
+        for name, nbytes in (references or {}).items():
+            if f" {task} " in f" {name} ":  # the reference of this task's images
+                label = name.replace(f" {task} ", " task ")
+                ax.axvline(nbytes, color="0.4", ls="-.", lw=1.2, label=label)
+        ax.set_xscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("bytes per image over the link (measured, log)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("test accuracy (%)")
+    legend: dict[str, Any] = {}  # every panel's entries, once each (a task may lack some rows)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    axes[0][-1].legend(
+        legend.values(), legend.keys(), fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5)
+    )
+    return fig
 
 
 def plot_accuracy_vs_shots(agg: pd.DataFrame, path: Path) -> Path:
