@@ -431,22 +431,26 @@ def test_fixed_mist_k_trains_mist_at_that_k_only(tmp_path, tiny_backbone):
         run_compare(_cfg(tmp_path, variants=cfg.variants, mist_k=99))
 
 
-def test_a_wire_row_at_a_fixed_k_trains_no_float32_mist_to_read_k(
-    tmp_path, tiny_backbone, monkeypatch
-):
+@pytest.fixture
+def fits(monkeypatch) -> list[tuple[str, str, int | None]]:
+    """Every fit a comparison makes from here on: (method, wire dtype, k)."""
+    made: list[tuple[str, str, int | None]] = []
+    fit = Comparison.train_eval
+
+    def recorded(self, v, k, seed, train_ids):
+        made.append((v.method, v.dtype, k))
+        return fit(self, v, k, seed, train_ids)
+
+    monkeypatch.setattr(Comparison, "train_eval", recorded)
+    return made
+
+
+def test_a_wire_row_at_a_fixed_k_trains_no_float32_mist_to_read_k(tmp_path, tiny_backbone, fits):
     # Prepare: only the pooled MIST on int8ch, k fixed; every fit the comparison makes is recorded
     args = parser().parse_args(
         ["--tasks", TASK, "--methods", "mist_pool", "--wire", "int8ch", "--mist-k", "2"]
     )
     cfg = _cfg(tmp_path, variants=config_from_args(args).variants, mist_k=2)
-    fits: list[tuple[str, str, int | None]] = []
-    fit = Comparison.train_eval
-
-    def recorded(self, v, k, seed, train_ids):
-        fits.append((v.method, v.dtype, k))
-        return fit(self, v, k, seed, train_ids)
-
-    monkeypatch.setattr(Comparison, "train_eval", recorded)
     # Execute
     rows = [r.as_dict() for r in run_compare(cfg)]
     # Assert: the one row asked for, at the fixed k, and no other fit (a float32 MIST row was
@@ -487,20 +491,13 @@ def test_resume_runs_only_the_rows_an_earlier_run_lacks(tmp_path):
         resumed_rows(old)
 
 
-def test_a_seed_stopped_midway_resumes_at_its_first_missing_row(tmp_path, monkeypatch):
+def test_a_seed_stopped_midway_resumes_at_its_first_missing_row(tmp_path, fits):
     # Prepare: a whole seed on the fake cloud, then what a run stopped after its first two rows
     # (linear, and MIST with its selected k) left in compare.parquet; every later fit recorded
     (*full,) = _fake(tmp_path, MemorySource()).run_seed(FAST_VARIANTS, seed=0)
     write_compare([r.as_dict() for r in full[:2]], tmp_path / "run")
     prior = [RowResult.from_dict(r) for r in resumed_rows(tmp_path / "run")]
-    fits: list[tuple[str, str, int | None]] = []
-    fit = Comparison.train_eval
-
-    def recorded(self, v, k, seed, train_ids):
-        fits.append((v.method, v.dtype, k))
-        return fit(self, v, k, seed, train_ids)
-
-    monkeypatch.setattr(Comparison, "train_eval", recorded)
+    before = len(fits)
     # Execute
     rows = list(_fake(tmp_path, MemorySource()).run_seed(FAST_VARIANTS, seed=0, prior=prior))
     # Assert: only the two missing rows come out; the int8 row runs at the kept MIST row's k,
@@ -508,7 +505,7 @@ def test_a_seed_stopped_midway_resumes_at_its_first_missing_row(tmp_path, monkey
     mist = prior[1]
     assert [(r.label, r.wire_dtype) for r in rows] == [("mist k=N/3", "float32"), ("mist", "int8")]
     assert rows[1].k == mist.k == full[1].k
-    assert fits == [("mist", "float32", 1)] * (mist.k != 1) + [("mist", "int8", mist.k)]
+    assert fits[before:] == [("mist", "float32", 1)] * (mist.k != 1) + [("mist", "int8", mist.k)]
     if mist.k == 1:
         assert rows[0].accuracy == mist.accuracy
 
