@@ -171,10 +171,7 @@ def resumed_rows(run_dir: Path) -> list[dict[str, Any]]:
             f"--resume: {path} was written by an earlier version of the comparison (no "
             "bytes_per_image column); start a new --run-id"
         )
-    rows = [
-        {k: (None if k == "shots" and pd.isna(v) else v) for k, v in r.items()}
-        for r in frame.to_dict("records")
-    ]
+    rows = [{str(k): v for k, v in r.items()} for r in frame.to_dict("records")]
     log.info("resuming %s: %d rows of the earlier run kept", run_dir, len(rows))
     return rows
 
@@ -200,7 +197,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "python simulations/comp
         cfg = config_from_args(args, run_id)
         run_dir = args.out / run_id
         rows = resumed_rows(run_dir) if args.resume else []
-        prior = list(rows)
         kept = f"; resumed: {len(rows)} rows of the earlier run kept" if args.resume else ""
 
         jpeg = {
@@ -229,7 +225,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python simulations/comp
             "job's peak RSS rise (training and evaluation); device s = the job's compute time "
             f"scaled to the `{cfg.profile}` profile."
         )
-        run_compare(cfg, on_row, prior)
+        run_compare(cfg, on_row, prior=rows)
         paths = write_compare(rows, run_dir, header, jpeg)
     except MistError as e:
         log.error("%s", e)

@@ -58,7 +58,7 @@ from mist_fed.device.profiles import DeviceProfile, load_profile
 from mist_fed.device.source import FeatureSource, FlightSource
 from mist_fed.device.trainer import TrainConfig
 from mist_fed.errors import ConfigError
-from mist_fed.experiments.rows import RowResult, SeedKey, seed_key
+from mist_fed.experiments.rows import RowResult
 
 log = logging.getLogger(__name__)
 
@@ -325,8 +325,9 @@ class Comparison:
             return mist_k[0]
 
         for v in variants:
-            if (v.label, v.dtype) in done:
-                r = done[v.label, v.dtype]
+            kept = done.get((v.label, v.dtype))
+            if kept is not None:
+                r = kept
             elif v.k == "select":
                 r = selected(v)
             elif v.k == "mist":
@@ -337,7 +338,7 @@ class Comparison:
                 r = replace(row(v, None), label=v.label, group=v.group)
             if v.k == "select" and v.method == "mist" and v.dtype == "float32":
                 mist_k[:] = [r.k]
-            if (v.label, v.dtype) not in done:
+            if kept is None:
                 yield replace(r, shots=shots)
 
 
@@ -349,11 +350,12 @@ def run_compare(
     """Every variant x task x seed (x shots in few-shot mode) through cloud, wire and device;
     ``on_row`` sees each row as its fit ends.
 
-    ``prior``: the rows of an earlier, stopped run (``--resume``); only the rows they lack run.
+    ``prior``: the rows of an earlier, stopped run (``--resume``), read before any row runs;
+    only the rows they lack run.
     """
-    earlier: dict[SeedKey, list[RowResult]] = {}
-    for p in prior:
-        earlier.setdefault(seed_key(p), []).append(RowResult.from_dict(p))
+    earlier: dict[tuple[str, int | None, int], list[RowResult]] = {}  # (task, shots, seed)
+    for r in map(RowResult.from_dict, prior):
+        earlier.setdefault((r.task, r.shots, r.seed), []).append(r)
     # Before the backbone and the embedding: their freed blocks then go back to the OS instead
     # of staying resident in the heap, where the devices' jobs would reuse them unmetered.
     tune_allocator()

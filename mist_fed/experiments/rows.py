@@ -48,13 +48,3 @@ class RowResult:
             "seed": int(row["seed"]),
         }
         return cls(**kw, device=metrics)
-
-
-#: One seed's run of every variant on a task: (task spec, shots or None, seed).
-SeedKey = tuple[str, int | None, int]
-
-
-def seed_key(row: Mapping[str, Any]) -> SeedKey:
-    """The seed run a result row belongs to."""
-    shots = row.get("shots")  # None outside few-shot mode (resumed_rows turns NaN into None)
-    return (str(row["task"]), None if shots is None else int(shots), int(row["seed"]))
