@@ -73,11 +73,13 @@ def tiny_backbone():
 
 def served_id(backbone) -> str:
     """The identity a default-configured cloud serves ``backbone``'s features under: its weights
-    and the numerics the cloud picks on this host (``@bfloat16`` on a CPU with bfloat16)."""
+    and the numerics and runtime the cloud picks on this host (``@bfloat16-openvino`` on a CPU
+    with bfloat16)."""
     from mist_fed.cloud.config import ServeConfig
     from mist_fed.cloud.numerics import features_id
 
-    return features_id(backbone.weights_id, ServeConfig().backbone_numerics()[0])
+    numerics, runtime, _ = ServeConfig().backbone_numerics()
+    return features_id(backbone.weights_id, numerics, runtime)
 
 
 def _local(address: object) -> bool:

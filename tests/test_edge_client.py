@@ -108,7 +108,7 @@ def test_partial1_model_of_a_custom_sized_backbone_loads_from_its_checkpoint(
     # Execute: rebuild with nothing but the checkpoint (no backbone at hand)
     net, saved = load_checkpoint(tmp_path)
     # Assert: the cloud's backbone, in the numerics it chose for this host (its weights id says
-    # which: ``@bfloat16`` on a CPU with bfloat16, none in float32)
+    # which: ``@bfloat16-openvino`` on a CPU with bfloat16, none in float32)
     served = dataclasses.replace(tiny_backbone.geometry, weights=served_id(tiny_backbone))
     assert saved.geometry == served
     test = FeatureClient(cloud).get(TASK, "test", "block", tiny_backbone.num_blocks - 1)

@@ -51,9 +51,55 @@ def test_openvino_float32_matches_torch(tiny_backbone):
         assert _rel(ov_small[spec], want[:2]) < 1e-4, spec
 
 
-def test_features_id_names_numerics_and_keeps_float32_ids():
+def _runtime_precisions(compiled) -> dict[str, set[str]]:
+    ran: dict[str, set[str]] = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        ran.setdefault(info["layerType"].astype(str), set()).add(
+            info["runtimePrecision"].astype(str)
+        )
+    return ran
+
+
+def test_openvino_reduced_precision_keeps_patch_embedding_and_norms_float32(tiny_backbone):
+    from mist_fed.cloud.engine import KEEP_FLOAT32, openvino_trunk
+
+    # Execute: the bfloat16 graph of the tiny ViT (float32 where the CPU lacks bfloat16)
+    trunk = openvino_trunk(tiny_backbone, "bfloat16", tiny_backbone.num_blocks)
+    ran = _runtime_precisions(trunk.compiled)
+    # Assert: its convolution and layer norms ran float32; on a CPU with bfloat16 the matrix
+    # multiplies did not
+    assert ran["Convolution"] == {"f32"} and ran["MVN"] == {"f32"}, ran
+    if nm.cpu_has_bf16():
+        assert "bf16" in ran["FullyConnected"], ran
+    assert set(KEEP_FLOAT32) <= set(ran)
+
+
+def test_keep_float32_marks_exactly_the_named_layers(tmp_path):
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from mist_fed.cloud.engine import keep_float32
+
+    # Prepare: x -> layer norm (MVN) -> matmul -> out
+    x = ops.parameter([2, 8], np.float32, name="x")
+    norm = ops.mvn(x, ops.constant(np.array([1], np.int64)), True, 1e-6, "inside_sqrt")
+    out = ops.matmul(norm, ops.constant(np.ones((8, 4), np.float32)), False, False)
+    model = ov.Model([out], [x])
+    # Execute
+    marked = keep_float32(ov.Core(), model, tmp_path / "m.xml", ("MVN",))
+    # Assert: the MVN carries the attribute after the IR round trip, the matmul does not
+    keys = {op.get_type_name(): set(op.get_rt_info().keys()) for op in marked.get_ops()}
+    assert any("DisablePrecisionConversion" in k for k in keys["MVN"]), keys
+    assert not any("DisablePrecisionConversion" in k for k in keys["MatMul"]), keys
+
+
+def test_features_id_names_numerics_and_runtime_and_keeps_float32_ids():
     assert nm.features_id("file:abc", "float32") == "file:abc"
-    assert nm.features_id("file:abc", "bfloat16") == "file:abc@bfloat16"
+    assert nm.features_id("file:abc", "float32", "openvino") == "file:abc"
+    assert nm.features_id("file:abc", "bfloat16") == "file:abc@bfloat16-torch"
+    assert nm.features_id("file:abc", "bfloat16", "openvino") == "file:abc@bfloat16-openvino"
     assert nm.features_id("file:abc", "float16") != nm.features_id("file:abc", "bfloat16")
     with pytest.raises(ConfigError):
         nm.features_id("file:abc", "auto")
@@ -107,7 +153,7 @@ def test_store_keys_and_streams_differ_by_numerics(tiny_backbone, tmp_path):
         # Assert: separate store partitions, and the identity the wire carries differs
         assert f32.service.store.root != bf16.service.store.root
         assert f32.service.backbone.weights_id == tiny_backbone.weights_id  # float32: the bare id
-        assert bf16.service.backbone.weights_id.endswith("@bfloat16")
+        assert bf16.service.backbone.weights_id.endswith("@bfloat16-torch")
         assert bf16.service.stats()["numerics"] == "bfloat16"
     finally:
         f32.shutdown()

@@ -188,9 +188,9 @@ class Backbone(nn.Module):
 
     @property
     def weights_id(self) -> str:
-        """The identity of this backbone's features: its weights, and its numerics unless
-        float32 (:func:`~mist_fed.cloud.numerics.features_id`)."""
-        return features_id(self.base_weights_id, self.numerics)
+        """The identity of this backbone's features: its weights, and its numerics and runtime
+        unless float32 (:func:`~mist_fed.cloud.numerics.features_id`)."""
+        return features_id(self.base_weights_id, self.numerics, self.runtime)
 
     def configured(self, numerics: str, runtime: str) -> Backbone:
         """This backbone (the same module, no copy) run in ``numerics`` by ``runtime``."""
