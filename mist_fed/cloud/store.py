@@ -56,6 +56,7 @@ from mist_fed.cloud.shards import (
     read_shard,
 )
 from mist_fed.core.specs import GatherSpec
+from mist_fed.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,7 @@ class _Partition:
             w.write_table(table)
         data = sink.getvalue()
         final = self.root / f"{SHARD_PREFIX}{hashlib.sha256(memoryview(data)).hexdigest()}.arrow"
-        tmp = self.root / f".{final.stem}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
+        with atomic_path(final) as tmp:
             with open(tmp, "wb") as f:
                 f.write(memoryview(data))
                 f.flush()
@@ -184,11 +184,6 @@ class _Partition:
                 pa.ipc.open_file(back)
             except (ValueError, pa.ArrowInvalid) as e:
                 raise OSError(f"shard {final.name} read back wrong from disk ({e})") from e
-            os.replace(tmp, final)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
         return Shard(final, len(data), True, table.column("hash").to_pylist())
 
 

@@ -32,6 +32,7 @@ import pyarrow as pa
 import torch
 
 from mist_fed.errors import MistError, WireError
+from mist_fed.files import atomic_path
 from mist_fed.wire.codec import WireMeta, batch_nbytes, decode
 
 log = logging.getLogger(__name__)
@@ -271,11 +272,11 @@ class FeatureCache:
         """
         self.root.mkdir(parents=True, exist_ok=True)
         path, side = self._paths(key)
-        tmp = path.with_suffix(f".arrow.{os.getpid()}.tmp")
         rows = labelled = nbytes = 0
         max_label = -1
         unlabelled: list[int] = []
-        try:
+        # temp files are named <key>.<ext>.<pid>.tmp: _clear_orphans finds a dead writer's
+        with atomic_path(path, path.with_suffix(f".arrow.{os.getpid()}.tmp")) as tmp:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
                 for batch in batches:
                     for i in range(batch.num_rows):
@@ -291,10 +292,6 @@ class FeatureCache:
             if rows == 0:  # nothing to keep: a later open fetches again
                 raise WireError(f"the cloud sent no rows for {key.label()}")
             crcs = _file_crcs(tmp)  # of the rows as stored (a slice's buffers are its parent's)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
         info = {
             "version": SIDECAR_VERSION,
             "key": key.digest(),
@@ -307,9 +304,8 @@ class FeatureCache:
             "file_bytes": path.stat().st_size,
             "crcs": crcs,
         }
-        side_tmp = side.with_suffix(f".json.{os.getpid()}.tmp")
-        side_tmp.write_text(json.dumps(info) + "\n")
-        os.replace(side_tmp, side)
+        with atomic_path(side, side.with_suffix(f".json.{os.getpid()}.tmp")) as side_tmp:
+            side_tmp.write_text(json.dumps(info) + "\n")
         return self._load(key, path, side)
 
 

@@ -56,6 +56,7 @@ from mist_fed.device.trainer import (
 )
 from mist_fed.device.upload import upload_split
 from mist_fed.errors import ConfigError, WireError
+from mist_fed.files import write_bytes_atomic
 from mist_fed.wire import edge_init as init_codec
 from mist_fed.wire.codec import WireMeta
 from mist_fed.wire.dtypes import wire_projection, wire_shape
@@ -264,7 +265,7 @@ class EdgeDevice:
                 self.metrics.init_bytes_down += init.nbytes
                 self.metrics.requests += 1
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(init_codec.encode(init))
+                write_bytes_atomic(path, init_codec.encode(init))
             self._inits[method] = init.state
         return self._inits[method]
 

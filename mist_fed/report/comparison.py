@@ -20,7 +20,6 @@ Per-seed rows carry the device's own :class:`~mist_fed.device.metrics.DeviceMetr
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
+from mist_fed.files import atomic_path
 from mist_fed.report.plots import save_figure
 
 REFERENCE = ("mist", "float32")  # (label, wire): what the other wires are paired with
@@ -355,9 +355,8 @@ def write_compare(
         "markdown": run_dir / "compare.md",
     }
     for frame, key in ((seeds, "seeds"), (agg, "table")):  # a stop while writing keeps the last
-        tmp = paths[key].with_name(f".{paths[key].name}.tmp")
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, paths[key])
+        with atomic_path(paths[key]) as tmp:
+            frame.to_parquet(tmp, index=False)
     few = "shots" in agg.columns
     body = fewshot_table(agg) if few else markdown_table(agg)
     if not few:

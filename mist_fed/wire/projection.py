@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mist_fed.errors import WireError
+from mist_fed.files import atomic_path
 
 
 @dataclass(frozen=True)
@@ -87,17 +88,16 @@ class Basis:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(
-            {
-                "mean": np.ascontiguousarray(self.mean, dtype=np.float32),
-                "axes": np.ascontiguousarray(self.axes, dtype=np.float32),
-                "variance": np.ascontiguousarray(self.variance, dtype=np.float64),
-            },
-            str(tmp),
-            metadata={"fitted_on": self.fitted_on},
-        )
-        tmp.replace(path)  # whole or absent: a crash mid-write leaves no half basis
+        with atomic_path(path) as tmp:  # whole or absent: a crash mid-write leaves no half basis
+            save_file(
+                {
+                    "mean": np.ascontiguousarray(self.mean, dtype=np.float32),
+                    "axes": np.ascontiguousarray(self.axes, dtype=np.float32),
+                    "variance": np.ascontiguousarray(self.variance, dtype=np.float64),
+                },
+                str(tmp),
+                metadata={"fitted_on": self.fitted_on},
+            )
 
     @classmethod
     def load(cls, path: str | Path) -> Basis:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from mist_fed.errors import ConfigError
+from mist_fed.files import atomic_path
 from mist_fed.fleet.spec import FleetSpec, load_fleet, spec_from_dict, spec_to_dict
 from mist_fed.report.results import schema_id
 
@@ -109,23 +110,18 @@ def save(run_dir: str | Path, ckpt: Checkpoint, hook: StageHook | None = None) -
     digest = hashlib.sha256(data).hexdigest()
     header = _MAGIC + f" {FORMAT} sha256={digest} bytes={len(data)}\n".encode()
     final = path_of(run_dir)
-    tmp = run_dir / f".{CHECKPOINT}.{os.getpid()}.tmp"
     if hook:
         hook("before")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(data[: len(data) // 2])
-            if hook:
-                f.flush()
-                hook("during")
-            f.write(data[len(data) // 2 :])
+    tmp = run_dir / f".{CHECKPOINT}.{os.getpid()}.tmp"  # a torn one is found by this name
+    with atomic_path(final, tmp), open(tmp, "wb") as f:  # the file closes before the rename
+        f.write(header)
+        f.write(data[: len(data) // 2])
+        if hook:
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except Exception:
-        tmp.unlink(missing_ok=True)
-        raise
+            hook("during")
+        f.write(data[len(data) // 2 :])
+        f.flush()
+        os.fsync(f.fileno())
     _fsync_dir(run_dir)
     if hook:
         hook("after")
