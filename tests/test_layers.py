@@ -18,12 +18,13 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "mist_fed"
 
-BASE = {"errors", "registry", "assets"}  # the foundations every package may use
+BASE = {"errors", "registry", "files", "assets"}  # the foundations every package may use
 # package -> the mist_fed packages its modules may import (anywhere)
 ALLOWED = {
     "errors": set(),
     "registry": {"errors"},
-    "assets": {"errors"},
+    "files": set(),
+    "assets": {"errors", "files"},
     "core": BASE,
     "wire": BASE | {"core"},
     "data": BASE,
