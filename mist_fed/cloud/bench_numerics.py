@@ -47,8 +47,8 @@ class NumericsBenchConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm kwargs (tests: tiny ViTs)
     task: str | None = None  # None: fashion-mnist when its data is here, else synthetic
     split: str = "test"
-    images: int = 32  # rows per cold stream
-    reps: int = 3  # interleaved rounds (best and median kept)
+    images: int = 256  # rows per cold stream (over 32 a request's fixed costs weigh more)
+    reps: int = 2  # interleaved rounds (best and median kept)
     fidelity_images: int = 16
     numerics: tuple[str, ...] = ("auto",)
     runtime: str = "auto"

@@ -107,8 +107,14 @@ def register(sub: Any) -> None:
     )
     n.add_argument("--cold-random-init", action="store_true", help="random weights in (c)")
     n.add_argument("--task", help="task of (c) (default fashion-mnist, else synthetic)")
-    n.add_argument("--cold-images", type=int, default=32, help="images per cold stream")
-    n.add_argument("--cold-reps", type=int, default=3, help="interleaved rounds (best kept)")
+    n.add_argument(
+        "--cold-images",
+        type=int,
+        default=256,
+        help="images per cold stream (default 256: over 32 a cold request's fixed costs weigh "
+        "more, 1.53x against 2.08x over 256 on one host, docs/results/bench-cloud-avx512bf16)",
+    )
+    n.add_argument("--cold-reps", type=int, default=2, help="interleaved rounds (best kept)")
     n.add_argument("--forward-batch", type=int, help="images per forward (default: the service's)")
     c.set_defaults(handler=bench_cloud)
     e = bsub.add_parser("edge", help="peak memory of the EdgeDevice path vs the paper's Pi 4")
