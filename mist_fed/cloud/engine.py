@@ -14,8 +14,8 @@ the graph is written once as OpenVINO IR, and those layers get the IR's
 out of f16 compression; the CPU plugin then keeps the node's float32 for bfloat16 too), and the
 IR is read back. Measured on DINOv2-S/14, 16 Fashion-MNIST images, bfloat16 on an AVX-512 BF16
 EPYC, worst relative error of a Gather* map from float32 torch: 1.13% -> 0.53% at k = 4,
-1.51% -> 1.28% at k = 12, final class token 1.53% -> 1.23%, for 1-2% of the trunk's images/s
-(0.99x best, 0.98x median, interleaved; docs/results/bench-cloud-avx512bf16). The rest of the
+1.51% -> 1.28% at k = 12, final class token 1.53% -> 1.23%, for at most 2% of the trunk's
+images/s (0.98-0.99x median, interleaved; docs/results/bench-cloud-avx512bf16). The rest of the
 error is the bfloat16 matrix multiplies themselves (torch autocast: 2.07% at k = 12).
 
 Measured on a 2-core AVX2 EPYC shared with other work (DINOv2-S/14 at 224, float32): 1.3-2.1x
