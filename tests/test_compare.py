@@ -387,6 +387,35 @@ def test_aggregate_mean_and_spread():
     assert "60.0 ± 14.1" in markdown_table(agg)
 
 
+def test_table_k_lists_every_task_and_seed_k_in_order():
+    # Prepare: one row whose k was chosen per seed (12 on one task; 4, 12, 8 on the other)
+    base = dict(
+        label="mist",
+        method="mist",
+        wire_dtype="float32",
+        group="paper",
+        bytes_per_image=10.0,
+        edge_params=1,
+        edge_macs=2,
+        cloud_macs=3,
+        peak_mem_mb=5.0,
+        compute_s=2.0,
+        host_compute_s=1.0,
+        transfer_s=0.5,
+        profile="laptop",
+        shots=None,
+        accuracy=0.5,
+    )
+    fits = [("a", 0, 12), ("a", 1, 12), ("b", 0, 4), ("b", 1, 12), ("b", 2, 8)]
+    seeds = pd.DataFrame([{**base, "task": t, "seed": s, "k": k} for t, s, k in fits])
+    # Execute
+    agg = aggregate(seeds)
+    table = markdown_table(agg)
+    # Assert: per task in numeric order, and the table's one cell lists them all
+    assert list(agg["ks"]) == ["12", "4,8,12"]
+    assert "| mist | float32 | 4,8,12 |" in table
+
+
 def test_cli_config_filters_methods():
     args = parser().parse_args(["--tasks", TASK, "--methods", "mist", "linear", "--wire", "int8"])
     cfg = config_from_args(args)

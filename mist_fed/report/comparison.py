@@ -20,7 +20,7 @@ Per-seed rows carry the device's own :class:`~mist_fed.device.metrics.DeviceMetr
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +76,17 @@ def aggregate(seeds: pd.DataFrame) -> pd.DataFrame:
         accuracy=("accuracy", "mean"),
         accuracy_std=("accuracy", "std"),
         seeds=("seed", "nunique"),
-        ks=("k", lambda s: ",".join(sorted({str(int(v)) for v in s.dropna()}))),
+        ks=("k", lambda s: _ks(str(int(v)) for v in s.dropna())),
         profile=("profile", "first"),
     ).reset_index()
     df["accuracy_std"] = df["accuracy_std"].fillna(0.0)
     first = [c for c in COMPARE_COLUMNS if c in df.columns]
     return df[first + [c for c in df.columns if c not in first]]
+
+
+def _ks(ks: Iterable[str]) -> str:
+    """The distinct k of a row's fits, in order (``"4,8,12"``); empty when it has none."""
+    return ",".join(sorted({k for k in ks if k}, key=int))
 
 
 def _pm(mean: float, std: float, seeds: int) -> str:
@@ -111,7 +116,7 @@ def markdown_table(agg: pd.DataFrame) -> str:
         cells = [
             str(r["label"]),
             str(r["wire_dtype"]),
-            str(r["ks"]) or "-",
+            _ks(k for ks in g["ks"] for k in str(ks).split(",")) or "-",  # every task's
             f"{g['bytes_per_image'].mean() / 1e6:.4f}",
             f"{r['edge_params'] / 1e6:.3f}",
             f"{r['edge_macs'] / 1e9:.4f}",
