@@ -35,9 +35,3 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """``path.write_bytes(data)``, whole or not at all."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """``path.write_text(text)``, whole or not at all."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)

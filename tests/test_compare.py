@@ -358,28 +358,33 @@ def test_pareto_front():
     assert [pts[i] for i in pareto_front(pts)] == [(0.1, 0.7), (0.5, 0.8), (3.0, 0.9)]
 
 
+def _seed_row(**kw):
+    """One per-seed result row as ``aggregate`` reads it; ``kw`` sets what a test varies."""
+    return (
+        dict(
+            label="mist",
+            method="mist",
+            wire_dtype="int8",
+            group="wire",
+            task="t",
+            bytes_per_image=10.0,
+            edge_params=1,
+            edge_macs=2,
+            cloud_macs=3,
+            peak_mem_mb=5.0,
+            compute_s=2.0,
+            host_compute_s=1.0,
+            transfer_s=0.5,
+            profile="laptop",
+            k=4,
+            shots=None,
+        )
+        | kw
+    )
+
+
 def test_aggregate_mean_and_spread():
-    base = dict(
-        label="mist",
-        method="mist",
-        wire_dtype="int8",
-        group="wire",
-        task="t",
-        bytes_per_image=10.0,
-        edge_params=1,
-        edge_macs=2,
-        cloud_macs=3,
-        peak_mem_mb=5.0,
-        compute_s=2.0,
-        host_compute_s=1.0,
-        transfer_s=0.5,
-        profile="laptop",
-        k=4,
-        shots=None,
-    )
-    seeds = pd.DataFrame(
-        [{**base, "seed": 0, "accuracy": 0.5}, {**base, "seed": 1, "accuracy": 0.7}]
-    )
+    seeds = pd.DataFrame([_seed_row(seed=0, accuracy=0.5), _seed_row(seed=1, accuracy=0.7)])
     agg = aggregate(seeds)
     assert len(agg) == 1
     assert agg.iloc[0]["accuracy"] == pytest.approx(0.6)
@@ -389,25 +394,13 @@ def test_aggregate_mean_and_spread():
 
 def test_table_k_lists_every_task_and_seed_k_in_order():
     # Prepare: one row whose k was chosen per seed (12 on one task; 4, 12, 8 on the other)
-    base = dict(
-        label="mist",
-        method="mist",
-        wire_dtype="float32",
-        group="paper",
-        bytes_per_image=10.0,
-        edge_params=1,
-        edge_macs=2,
-        cloud_macs=3,
-        peak_mem_mb=5.0,
-        compute_s=2.0,
-        host_compute_s=1.0,
-        transfer_s=0.5,
-        profile="laptop",
-        shots=None,
-        accuracy=0.5,
-    )
     fits = [("a", 0, 12), ("a", 1, 12), ("b", 0, 4), ("b", 1, 12), ("b", 2, 8)]
-    seeds = pd.DataFrame([{**base, "task": t, "seed": s, "k": k} for t, s, k in fits])
+    seeds = pd.DataFrame(
+        [
+            _seed_row(wire_dtype="float32", group="paper", task=t, seed=s, k=k, accuracy=0.5)
+            for t, s, k in fits
+        ]
+    )
     # Execute
     agg = aggregate(seeds)
     table = markdown_table(agg)

@@ -62,7 +62,7 @@ def _runtime_precisions(compiled) -> dict[str, set[str]]:
 
 
 def test_openvino_reduced_precision_keeps_patch_embedding_and_norms_float32(tiny_backbone):
-    from mist_fed.cloud.engine import KEEP_FLOAT32, openvino_trunk
+    from mist_fed.cloud.engine import openvino_trunk
 
     # Execute: the bfloat16 graph of the tiny ViT (float32 where the CPU lacks bfloat16)
     trunk = openvino_trunk(tiny_backbone, "bfloat16", tiny_backbone.num_blocks)
@@ -72,7 +72,6 @@ def test_openvino_reduced_precision_keeps_patch_embedding_and_norms_float32(tiny
     assert ran["Convolution"] == {"f32"} and ran["MVN"] == {"f32"}, ran
     if nm.cpu_has_bf16():
         assert "bf16" in ran["FullyConnected"], ran
-    assert set(KEEP_FLOAT32) <= set(ran)
 
 
 def test_keep_float32_marks_exactly_the_named_layers(tmp_path):
